@@ -1,0 +1,1 @@
+"""Kernel families: each module holds the kernel(s) and its pure-torch ``*_reference``."""

@@ -1,0 +1,136 @@
+"""The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
+
+Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``PIPELINE``: analyze,
+plan, rewrite) -> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast
+runs). Registered through the ``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
+
+    >>> model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"bits": 4})
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import warnings
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from . import codegen  # noqa: F401  (registers the fxlowbit:: ops)
+from . import passes, planner
+from .codegen import rng
+from .config import LowbitConfig
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["lowbit", "last_plans", "counters", "LowbitPartitioner"]
+
+_last_plans: list[Plan] = []
+_ordinal = itertools.count()
+counters: Counter = torch._dynamo.utils.counters["fxlowbit"]
+
+
+def last_plans() -> list[Plan]:
+    """Plans of the graphs compiled by the most recent ``lowbit`` compilation, in order."""
+    return list(_last_plans)
+
+
+class LowbitPartitioner(CustomPartitionerFn):
+    """Min-cut partition, then store each saved tensor in the form the planner chose."""
+
+    def __init__(self, cfg: LowbitConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.stream = rng.new_stream(seed)
+
+    def uuid(self) -> Any | None:
+        return None  # plans and random streams are per compilation: never reuse cached code
+
+    def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
+        kwargs.pop("compiler", None)
+        partition = functools.partial(
+            min_cut_rematerialization_partition, compiler="inductor", **kwargs
+        )
+        fw, bw = partition(joint, joint_inputs)
+        try:
+            self._compress(fw, bw, kwargs["num_fwd_outputs"])
+        except Exception as err:  # never lose the user's training step to a bug of ours
+            if self.cfg.strict:
+                raise
+            warnings.warn(
+                f"fxlowbit: internal error while compressing saved tensors ({type(err).__name__}: {err}); "
+                "this graph runs uncompressed",
+                stacklevel=2,
+            )
+            counters["fallback_internal_error"] += 1
+            fw, bw = partition(joint, joint_inputs)
+        return fw, bw
+
+    def _compress(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
+        cfg = self.cfg
+        if not cfg.enabled("analyze"):
+            return
+        facts = passes.analyze.run(fw, bw, num_fwd_outputs)
+        if not cfg.enabled("plan"):
+            return
+        plan = planner.decide(facts.saved, cfg, facts.hints)
+        if not cfg.enabled("dedupe"):
+            plan = Plan(tuple(_undedupe(d, cfg) for d in plan.decisions), )
+        _last_plans.append(plan)
+        log.info("fxlowbit plan:\n%s", plan)
+        if cfg.enabled("rewrite_saved"):
+            passes.rewrite_saved.run(
+                fw, bw, plan, num_fwd_outputs=num_fwd_outputs, group_size=cfg.group_size,
+                stream=self.stream, counters=counters,
+            )
+        counters["graphs_rewritten"] += 1
+        counters["saved_bytes_before"] += plan.bytes_before
+        counters["saved_bytes_after"] += plan.bytes_after
+
+
+def _undedupe(d, cfg):
+    import dataclasses
+
+    from .plan import Form
+
+    if d.form != Form.VIEW:
+        return d
+    return dataclasses.replace(d, form=Form.QUANT, bits=cfg.bits, base=None, reason="dedupe off")
+
+
+def _seed(cfg: LowbitConfig) -> int:
+    # Without an explicit seed, derive one from torch's initial seed (so torch.manual_seed makes
+    # runs reproducible) without drawing from the user's generator.
+    base = cfg.seed if cfg.seed is not None else torch.initial_seed()
+    return (base + 0x9E3779B97F4A7C15 * (next(_ordinal) if cfg.seed is None else 0)) % (2**63)
+
+
+def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """torch.compile backend entry point (``backend="lowbit"``)."""
+    cfg = LowbitConfig.from_options(options)
+    _last_plans.clear()
+    partitioner = LowbitPartitioner(cfg, _seed(cfg))
+    if cfg.inner == "eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+        from torch._inductor.decomposition import select_decomp_table
+
+        return aot_autograd(
+            fw_compiler=boxed_nop,
+            bw_compiler=boxed_nop,
+            partition_fn=partitioner,
+            decompositions=select_decomp_table(),
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches["custom_partitioner_fn"] = partitioner
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,67 @@
+"""Plain records shared by the planner and the rewrites (no torch.fx here).
+
+A :class:`Plan` says, for each saved tensor of one forward/backward pair, which form it is stored
+in and why. It is frozen and JSON-serialisable so reports and tests can inspect every decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+__all__ = ["Form", "Decision", "Plan"]
+
+
+class Form:
+    KEEP = "keep"
+    QUANT = "quant"  # b-bit per-group affine, stochastic rounding
+    MASK = "mask"  # bool tensor packed to 1 bit
+    CMP_MASK = "cmp_mask"  # float tensor whose backward only compares it with scalars
+    VIEW = "view"  # alias of another saved tensor: store that one, replay the views
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    name: str  # saved node name (same in forward outputs and backward placeholders)
+    producer: str  # target of the producing op
+    shape: tuple[Any, ...]  # ints or strings of symbolic sizes
+    dtype: str
+    form: str
+    bits: int  # stored bits per element (32/16 for keep, 1 for masks)
+    bytes_before: int  # at the example sizes
+    bytes_after: int
+    reason: str
+    base: str | None = None  # for Form.VIEW: the saved tensor this one is replayed from
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    decisions: tuple[Decision, ...]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(d.bytes_before for d in self.decisions)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(d.bytes_after for d in self.decisions)
+
+    def by_name(self) -> dict[str, Decision]:
+        return {d.name: d for d in self.decisions}
+
+    def count(self, form: str) -> int:
+        return sum(d.form == form for d in self.decisions)
+
+    def to_json(self) -> str:
+        return json.dumps([dataclasses.asdict(d) for d in self.decisions], indent=1, default=str)
+
+    def __str__(self) -> str:
+        rows = [f"{'saved':28} {'producer':34} {'dtype':9} {'form':9} {'bits':>4} {'before':>10} {'after':>10}"]
+        for d in self.decisions:
+            rows.append(
+                f"{d.name:28.28} {d.producer:34.34} {d.dtype:9} {d.form:9} {d.bits:>4} "
+                f"{d.bytes_before:>10} {d.bytes_after:>10}  {d.reason}"
+            )
+        rows.append(f"total saved bytes {self.bytes_before} -> {self.bytes_after}")
+        return "\n".join(rows)

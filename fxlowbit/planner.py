@@ -1,0 +1,126 @@
+"""Choose a stored form for every saved tensor.
+
+This is the fixed-rule planner (the cost-model planner replaces ``decide`` later). It works on the
+plain records of :mod:`fxlowbit.passes.analyze` and never touches torch.fx graphs. Rules, first
+match wins:
+
+1. aliases of graph inputs (parameters, buffers, user inputs) and of forward outputs: keep, they
+   cost no extra memory;
+2. smaller than ``min_bytes``: keep;
+3. bool: 1-bit mask (exact);
+4. other non-float (indices, RNG state): keep;
+5. float used by the backward only in comparisons with scalars: 1-bit masks of those
+   comparisons, computed in the forward (exact);
+6. float whose backward uses all tolerate bounded noise: b-bit stochastic quantization;
+7. anything else: keep, with one warning naming the op (strict mode raises).
+Afterwards, tensors that are pure reshapes of another saved tensor are stored once (``VIEW``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import sympy
+
+from .config import LowbitConfig
+from .plan import Decision, Form, Plan
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+__all__ = ["decide", "stored_bytes", "UnsupportedOpError"]
+
+VALUE, COMPARE = "value", "compare"  # mirrors fxlowbit.passes._ops roles (no torch.fx import)
+
+
+class UnsupportedOpError(NotImplementedError):
+    """Raised in strict mode when a saved tensor meets an op the planner cannot reason about."""
+
+
+def stored_bytes(form: str, numel: sympy.Expr, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
+    """Exact bytes of a stored form as a sympy expression of the symbolic sizes."""
+    if form == Form.KEEP:
+        return numel * itemsize
+    if form in (Form.MASK, Form.CMP_MASK):
+        return n_masks * sympy.ceiling(numel / 8)
+    if form == Form.QUANT:
+        groups = sympy.ceiling(numel / group_size)
+        return groups * (group_size * bits // 8) + groups * 8  # codes + fp32 (lo, scale)
+    if form == Form.VIEW:
+        return sympy.Integer(0)
+    raise ValueError(f"unknown form {form!r}")
+
+
+def _warn_once(op: str, name: str, strict: bool) -> None:
+    msg = (
+        f"fxlowbit: saved tensor {name!r} stays in full precision: its backward use {op} "
+        "is not known to tolerate a compressed value"
+    )
+    if strict:
+        raise UnsupportedOpError(msg + " (strict mode)")
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(msg + " (warned once per op)", stacklevel=2)
+
+
+def _decide_one(s, cfg: LowbitConfig) -> tuple[str, str, int]:
+    if s.input_alias:
+        return Form.KEEP, "alias of a graph input: costs no memory", 0
+    if s.forward_output_alias:
+        return Form.KEEP, "also returned by the forward: no memory to win", 0
+    if s.nbytes_hint < cfg.min_bytes:
+        return Form.KEEP, f"below min_bytes={cfg.min_bytes}", 0
+    if str(s.dtype) == "torch.bool":
+        return (Form.MASK, "bool mask: 1 bit, exact", 1) if cfg.masks else (Form.KEEP, "masks off", 0)
+    if not s.is_float:
+        return Form.KEEP, f"{str(s.dtype)[6:]} tensor: kept exact", 0
+    if not s.uses:
+        return Form.KEEP, "no backward use found", 0
+    unknown = [u.op for u in s.uses if u.role is None]
+    if unknown:
+        _warn_once(unknown[0], s.name, cfg.strict)
+        return Form.KEEP, f"backward use {unknown[0]} not known to tolerate compression", 0
+    if cfg.masks and all(u.role == COMPARE and u.direct for u in s.uses):
+        n = len({(u.op, u.scalar) for u in s.uses})
+        if n * 1 < min(cfg.bits, s.itemsize * 8):
+            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", n
+    if any(u.role == COMPARE for u in s.uses):
+        # quantization could flip a comparison near its threshold: keep exact
+        return Form.KEEP, "compared with a scalar and used as a value: kept exact", 0
+    return Form.QUANT, f"{cfg.bits}-bit stochastic rounding, groups of {cfg.group_size}", cfg.bits
+
+
+def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
+    """Fixed-rule plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records."""
+    subs = subs or {}
+    by_name = {s.name: s for s in saved}
+    decisions: list[Decision] = []
+    for s in saved:
+        form, reason, nbits = _decide_one(s, cfg)
+        base = None
+        root = by_name.get(s.view_root)
+        if (
+            form == Form.QUANT
+            and s.view_root != s.name
+            and s.reshape_of_root
+            and root is not None
+            and _decide_one(root, cfg)[0] == Form.QUANT
+        ):
+            form, reason, base = Form.VIEW, f"reshape of saved {root.name}: stored once", root.name
+        after = stored_bytes(form, s.numel, nbits, cfg.group_size, s.itemsize, max(nbits, 1))
+        decisions.append(
+            Decision(
+                name=s.name,
+                producer=s.producer,
+                shape=tuple(d if isinstance(d, int) else str(d) for d in s.shape),
+                dtype=str(s.dtype).replace("torch.", ""),
+                form=form,
+                bits=nbits if form != Form.KEEP else s.itemsize * 8,
+                bytes_before=s.nbytes_hint,
+                bytes_after=int(sympy.sympify(after).subs(subs)),
+                reason=reason,
+                base=base,
+            )
+        )
+    return Plan(tuple(decisions))

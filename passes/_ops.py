@@ -1,0 +1,112 @@
+"""What the passes know about aten ops: which are views, which backward consumers tolerate a
+quantized saved tensor, which only compare it with a scalar.
+
+Registries are dicts filled by ``_register``; registering an op twice raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# role of a saved tensor in a backward consumer
+VALUE = "value"  # used arithmetically: bounded unbiased noise is fine
+COMPARE = "compare"  # compared with a scalar: a 1-bit mask of the result is exact
+TRANSPARENT = "transparent"  # a view/copy: look at its users instead
+
+_ROLES: dict[object, str] = {}
+
+
+def _register(role: str, *packets) -> None:
+    for packet in packets:
+        for name in packet.overloads():
+            op = getattr(packet, name)
+            if op in _ROLES:
+                raise KeyError(f"fxlowbit: op {op} registered twice")
+            _ROLES[op] = role
+
+
+# Pure reshapes: numel-preserving views whose replay from the base is exact.
+RESHAPES = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.alias.default,
+}
+VIEWS = RESHAPES | {
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.as_strided.default,
+    aten.diagonal.default,
+    aten.unfold.default,
+}
+
+_register(
+    TRANSPARENT,
+    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.t,
+    aten.unsqueeze, aten.squeeze, aten.alias, aten.expand, aten.slice, aten.select,
+    aten.clone, aten.contiguous, prims.convert_element_type, aten._to_copy, aten.split,
+    aten.split_with_sizes, aten.unbind, aten.cat, aten.constant_pad_nd, aten.repeat,
+)
+# Consumers whose result is a smooth (or linear) function of the saved tensor, so stochastic
+# rounding noise of bounded range only adds bounded, zero-mean (to first order) error.
+# Deliberately absent: log, reciprocal, rsqrt, sqrt and division *by* the tensor (a value rounded
+# to 0 would create Inf), comparisons between two tensors (exactness), sort/topk/max indices.
+_register(
+    VALUE,
+    aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.matmul, aten.linear, aten.mul, aten.add,
+    aten.sub, aten.rsub, aten.neg, aten.sum, aten.mean, aten.exp, aten.tanh, aten.sigmoid,
+    aten.erf, aten.sin, aten.cos, aten.pow, aten.where, aten.convolution,
+    aten.convolution_backward, aten.native_layer_norm_backward, aten.native_batch_norm_backward,
+    aten.native_group_norm_backward, aten._softmax_backward_data, aten._log_softmax_backward_data,
+    aten.gelu_backward, aten.silu_backward, aten.sigmoid_backward, aten.tanh_backward,
+    aten.avg_pool2d_backward, aten.max_pool2d_with_indices_backward,
+    aten.addcmul, aten.square, aten.abs, aten.sgn, aten.gelu, aten.silu, aten.relu,
+    aten.var_mean, aten.var, aten.native_layer_norm, aten.native_batch_norm,
+)
+_register(COMPARE, aten.le, aten.lt, aten.gt, aten.ge, aten.eq, aten.ne)
+
+# Division: fine when the saved tensor is the numerator (argument 0), not the denominator.
+_register(VALUE, aten.div)
+
+
+# Ops where only some arguments tolerate compression: op -> indices that are VALUE (others: exact).
+# Fused attention backwards are smooth in query/key/value/out; the logsumexp must stay exact.
+_ARG_VALUES: dict[object, frozenset[int]] = {}
+for _name, _idx in (
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", (1, 2, 3, 4)),
+    ("_scaled_dot_product_flash_attention_backward", (1, 2, 3, 4)),
+    ("_scaled_dot_product_efficient_attention_backward", (1, 2, 3, 5)),
+    ("_scaled_dot_product_cudnn_attention_backward", (1, 2, 3, 4)),
+):
+    if hasattr(aten, _name):
+        _ARG_VALUES[getattr(aten, _name).default] = frozenset(_idx)
+
+
+def role(target, arg_index: int, args) -> str | None:
+    """Role of a saved tensor appearing as positional argument ``arg_index`` of ``target``;
+    None if the op is not known to tolerate a compressed saved tensor."""
+    if target in _ARG_VALUES:
+        return VALUE if arg_index in _ARG_VALUES[target] else None
+    r = _ROLES.get(target)
+    if r is None:
+        return None
+    if target.overloadpacket is aten.div and arg_index != 0:
+        return None
+    if r == COMPARE:
+        # only comparisons with a Python scalar (or `.Scalar` overloads) are mask-exact
+        other = args[1 - arg_index] if len(args) > 1 else None
+        return COMPARE if isinstance(other, (int, float, bool)) else None
+    if target is aten.where.self and arg_index == 0:
+        return None  # a float condition would be odd; be safe
+    return r
