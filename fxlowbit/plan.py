@@ -33,6 +33,7 @@ class Decision:
     bytes_after: int
     reason: str
     base: str | None = None  # for Form.VIEW: the saved tensor this one is replayed from
+    masks: int = 0  # exact 1-bit masks of scalar comparisons stored beside the form (QUANT/CMP_MASK)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ class UnsupportedOpError(NotImplementedError):
     """Raised in strict mode when a saved tensor meets an op the planner cannot reason about."""
 
 
-def stored_bytes(form: str, numel: sympy.Expr, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
+def stored_bytes(form: str, numel, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
     """Exact bytes of a stored form as a sympy expression of the symbolic sizes."""
     if form == Form.KEEP:
         return numel * itemsize
@@ -64,7 +64,16 @@ def _warn_once(op: str, name: str, strict: bool) -> None:
         warnings.warn(msg + " (warned once per op)", stacklevel=2)
 
 
-def _decide_one(s, cfg: LowbitConfig) -> tuple[str, str, int]:
+def _decide_one(s, cfg: LowbitConfig) -> tuple[str, str, int, int]:
+    """(form, reason, bits per element of the main form, number of comparison masks)."""
+    form, reason, bits = _form(s, cfg)
+    masks = 0
+    if form in (Form.QUANT, Form.CMP_MASK):
+        masks = len({(u.op, u.scalar) for u in s.uses if u.role == COMPARE})
+    return form, reason, bits, masks
+
+
+def _form(s, cfg: LowbitConfig) -> tuple[str, str, int]:
     if s.input_alias:
         return Form.KEEP, "alias of a graph input: costs no memory", 0
     if s.forward_output_alias:
@@ -81,14 +90,19 @@ def _decide_one(s, cfg: LowbitConfig) -> tuple[str, str, int]:
     if unknown:
         _warn_once(unknown[0], s.name, cfg.strict)
         return Form.KEEP, f"backward use {unknown[0]} not known to tolerate compression", 0
-    if cfg.masks and all(u.role == COMPARE and u.direct for u in s.uses):
-        n = len({(u.op, u.scalar) for u in s.uses})
-        if n * 1 < min(cfg.bits, s.itemsize * 8):
-            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", n
-    if any(u.role == COMPARE for u in s.uses):
+    compares = [u for u in s.uses if u.role == COMPARE]
+    n = len({(u.op, u.scalar) for u in compares})
+    if compares and not (cfg.masks and all(u.direct for u in compares)):
         # quantization could flip a comparison near its threshold: keep exact
-        return Form.KEEP, "compared with a scalar and used as a value: kept exact", 0
-    return Form.QUANT, f"{cfg.bits}-bit stochastic rounding, groups of {cfg.group_size}", cfg.bits
+        return Form.KEEP, "compared with a scalar (through a view): kept exact", 0
+    if compares and len(compares) == len(s.uses):
+        if n < min(cfg.bits, s.itemsize * 8):
+            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", 0
+        return Form.KEEP, f"{n} distinct comparisons: masks would not save memory", 0
+    why = f"{cfg.bits}-bit stochastic rounding, groups of {cfg.group_size}"
+    if compares:
+        why += f", plus {n} exact 1-bit comparison mask(s)"
+    return Form.QUANT, why, cfg.bits
 
 
 def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
@@ -97,7 +111,7 @@ def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
     by_name = {s.name: s for s in saved}
     decisions: list[Decision] = []
     for s in saved:
-        form, reason, nbits = _decide_one(s, cfg)
+        form, reason, nbits, masks = _decide_one(s, cfg)
         base = None
         root = by_name.get(s.view_root)
         if (
@@ -105,10 +119,15 @@ def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
             and s.view_root != s.name
             and s.reshape_of_root
             and root is not None
-            and _decide_one(root, cfg)[0] == Form.QUANT
+            and masks == 0
+            and _decide_one(root, cfg)[:1] == (Form.QUANT,)
         ):
             form, reason, base = Form.VIEW, f"reshape of saved {root.name}: stored once", root.name
-        after = stored_bytes(form, s.numel, nbits, cfg.group_size, s.itemsize, max(nbits, 1))
+        mask_bytes = stored_bytes(Form.MASK, s.numel, 1, 1, 1, masks)
+        if form == Form.CMP_MASK:
+            after = mask_bytes
+        else:
+            after = stored_bytes(form, s.numel, nbits, cfg.group_size, s.itemsize) + mask_bytes
         decisions.append(
             Decision(
                 name=s.name,
@@ -116,11 +135,12 @@ def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
                 shape=tuple(d if isinstance(d, int) else str(d) for d in s.shape),
                 dtype=str(s.dtype).replace("torch.", ""),
                 form=form,
-                bits=nbits if form != Form.KEEP else s.itemsize * 8,
+                bits=(nbits + masks) if form != Form.KEEP else s.itemsize * 8,
                 bytes_before=s.nbytes_hint,
                 bytes_after=int(sympy.sympify(after).subs(subs)),
                 reason=reason,
                 base=base,
+                masks=masks,
             )
         )
     return Plan(tuple(decisions))

@@ -84,7 +84,9 @@ def size_hint(d) -> int:
 
 def _symbol_hint(d, sym) -> int:
     shape_env = d.node.shape_env
-    return int(shape_env.var_to_val.get(sym, shape_env.size_hint(sym)))
+    if sym in shape_env.var_to_val:
+        return int(shape_env.var_to_val[sym])
+    return size_hint(d)
 
 
 def _root(node: fx.Node) -> tuple[fx.Node, bool]:
@@ -111,7 +113,7 @@ def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) 
         role = _ops.role(target, index, user.args) if user.op == "call_function" else None
         if role == _ops.TRANSPARENT:
             if index == 0 or target in (torch.ops.aten.cat.default,):
-                out.extend(_uses(user, seen, direct=False))
+                out.extend(_uses(user, seen, direct=direct and target in _ops.IDENTITIES))
                 continue
             role = None
         if role is None and target is torch.ops.aten.where.self and index > 0:

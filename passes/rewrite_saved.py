@@ -15,10 +15,13 @@ import logging
 import operator
 from collections import Counter
 
+import sympy
 import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv
 
 from ..plan import Form, Plan
+from . import _ops
 
 log = logging.getLogger(__name__)
 lowbit = torch.ops.fxlowbit
@@ -28,7 +31,7 @@ __all__ = ["run"]
 
 def _fake(fn, *args):
     """Run ``fn`` on the FakeTensor values of node arguments to get the new node's meta["val"]."""
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    vals = fx.node.map_arg(list(args), lambda a: a.meta["val"])
     leaves = torch.utils._pytree.tree_leaves(vals)
     mode = next(v.fake_mode for v in leaves if isinstance(v, torch.Tensor))
     with mode:
@@ -41,6 +44,45 @@ def _call(graph: fx.Graph, target, args, name: str | None = None) -> fx.Node:
         node.name = graph._graph_namespace.create_name(name, None)
     node.meta["val"] = _fake(target, *args)
     return node
+
+
+class _SymBuilder:
+    """Materialise symbolic sizes as backward-graph nodes computed from the saved-symint
+    placeholders (the partitioner guarantees every free symbol of a saved tensor is bound there)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.bound = {}
+        for ph in graph.find_nodes(op="placeholder"):
+            val = ph.meta.get("val")
+            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+                self.bound.setdefault(val.node.expr, ph)
+
+    def __call__(self, value):
+        """Map ints, SymInts, forward SymInt nodes and lists of them to backward arguments."""
+        if isinstance(value, (list, tuple)):
+            return type(value)(self(v) for v in value)
+        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.SymInt):
+            value = value.meta["val"]
+        if isinstance(value, torch.SymInt):
+            return self._expr(value.node.expr, value)
+        return value
+
+    def _expr(self, expr, like):
+        if expr.is_Integer:
+            return int(expr)
+        if expr in self.bound:
+            return self.bound[expr]
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            fn = operator.add if isinstance(expr, sympy.Add) else operator.mul
+            args = [self._expr(a, like) for a in expr.args]
+            out = args[0]
+            for a in args[1:]:
+                out = _call(self.graph, fn, (out, a))
+            return out
+        if isinstance(expr, FloorDiv):
+            return _call(self.graph, operator.floordiv, tuple(self._expr(a, like) for a in expr.args))
+        raise NotImplementedError(f"fxlowbit: cannot rebuild symbolic size {expr} in the backward graph")
 
 
 def _first_user(graph: fx.Graph, nodes) -> fx.Node:
@@ -58,7 +100,7 @@ def _placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.
     return ph
 
 
-def _replay_views(graph: fx.Graph, base: fx.Node, fw_view: fx.Node, stop: str) -> fx.Node:
+def _replay_views(graph: fx.Graph, base: fx.Node, fw_view: fx.Node, stop: str, syms) -> fx.Node:
     chain = []
     node = fw_view
     while node.name != stop:
@@ -66,118 +108,137 @@ def _replay_views(graph: fx.Graph, base: fx.Node, fw_view: fx.Node, stop: str) -
         node = node.args[0]
     out = base
     for fw_node in reversed(chain):
-        out = _call(graph, fw_node.target, (out, *fw_node.args[1:]))
+        out = _call(graph, fw_node.target, (out, *syms(list(fw_node.args[1:]))))
     return out
+
+
+class _Rewriter:
+    def __init__(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, group_size: int,
+                 stream: int, counters: Counter):
+        self.fg, self.bg = fw.graph, bw.graph
+        self.group_size, self.stream, self.counters = group_size, stream, counters
+        self.out_node = self.fg.find_nodes(op="output")[0]
+        self.outputs = list(self.out_node.args[0])
+        self.new_outputs = self.outputs[:num_fwd_outputs]
+        self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
+        self.stored: list = []  # (old placeholder, bw part placeholders, decode (op, args), users or None)
+        self.views: list = []  # (fw view node, old placeholder, base name)
+
+    def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
+        """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
+        for p in parts:
+            if "saved_tensor_with_no_vc_check" in node.meta:
+                p.meta["saved_tensor_with_no_vc_check"] = node.meta["saved_tensor_with_no_vc_check"]
+        self.new_outputs.extend(parts)
+        return [_placeholder_like(self.bg, ph, p) for p in parts]
+
+    def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
+        val = node.meta["val"]
+        with self.fg.inserting_after(node):
+            qp = _call(self.fg, lowbit.quantize_pack.default, (node, bits, self.group_size, self.stream))
+        with self.fg.inserting_after(qp):
+            codes = _call(self.fg, operator.getitem, (qp, 0), f"{node.name}_codes")
+        with self.fg.inserting_after(codes):
+            meta = _call(self.fg, operator.getitem, (qp, 1), f"{node.name}_qmeta")
+        codes, meta = self.emit(node, ph, [codes, meta])
+        args = (codes, meta, bits, self.group_size, list(val.shape), list(val.stride()), val.dtype)
+        self.stored.append((ph, (lowbit.dequantize_unpack.default, args), None))
+        self.counters[f"saved_quant{bits}"] += 1
+
+    def mask(self, node: fx.Node, ph: fx.Node) -> None:
+        val = node.meta["val"]
+        with self.fg.inserting_after(node):
+            packed = _call(self.fg, lowbit.pack_mask.default, (node,), f"{node.name}_bits")
+        (packed,) = self.emit(node, ph, [packed])
+        self.stored.append((ph, (lowbit.unpack_mask.default, (packed, list(val.shape), list(val.stride()))), None))
+        self.counters["saved_mask"] += 1
+
+    def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
+        """Move the backward's scalar comparisons of ``node`` into the forward as 1-bit masks."""
+        groups: dict[tuple, list[fx.Node]] = {}
+        for user in _through_identities(ph):
+            if user.op == "call_function" and user.target.overloadpacket in _COMPARISONS:
+                groups.setdefault((user.target, user.args[1]), []).append(user)
+        anchor = node
+        for (target, scalar), users in groups.items():
+            with self.fg.inserting_after(anchor):
+                cmp = _call(self.fg, target, (node, scalar))
+            with self.fg.inserting_after(cmp):
+                anchor = _call(self.fg, lowbit.pack_mask.default, (cmp,), f"{node.name}_cmpbits")
+            (packed,) = self.emit(node, ph, [anchor])
+            cval = cmp.meta["val"]
+            decode = (lowbit.unpack_mask.default, (packed, list(cval.shape), list(cval.stride())))
+            self.stored.append((ph, decode, users))
+            self.counters["saved_cmp_mask"] += 1
+
+    def decode_all(self) -> None:
+        """Decode each stored value just before its first backward use."""
+        syms = _SymBuilder(self.bg)
+        decoded: dict[str, fx.Node] = {}
+        order = {n: i for i, n in enumerate(self.bg.nodes)}
+        for ph, (target, args), users in self.stored:
+            if users is None:
+                readers = [ph] + [v for _, v, base in self.views if base == ph.name]
+                first = _first_user(self.bg, readers)
+            else:
+                first = min(users, key=order.__getitem__)
+            with self.bg.inserting_before(first):
+                value = _call(self.bg, target, syms(list(args)), f"{ph.name}_decoded")
+            if users is None:
+                ph.replace_all_uses_with(value)
+                decoded[ph.name] = value
+            else:
+                for u in users:
+                    u.replace_all_uses_with(value)
+                    self.bg.erase_node(u)
+        for fw_node, ph, base in self.views:
+            with self.bg.inserting_before(_first_user(self.bg, [ph])):
+                value = _replay_views(self.bg, decoded[base], fw_node, base, syms)
+            ph.replace_all_uses_with(value)
+        for ph in dict.fromkeys([s[0] for s in self.stored] + [v[1] for v in self.views]):
+            if ph.users:
+                raise AssertionError(f"fxlowbit: placeholder {ph.name} still has users after rewrite")
+            self.bg.erase_node(ph)
+        self.out_node.args = (tuple(self.new_outputs),)
+        self.bg.eliminate_dead_code()  # identity ops left without users by moved comparisons
+
+
+def _through_identities(node: fx.Node):
+    for user in list(node.users):
+        if user.op == "call_function" and user.target in _ops.IDENTITIES:
+            yield from _through_identities(user)
+        else:
+            yield user
+
+
+_COMPARISONS = {torch.ops.aten.le, torch.ops.aten.lt, torch.ops.aten.gt, torch.ops.aten.ge,
+                torch.ops.aten.eq, torch.ops.aten.ne}
 
 
 def run(fw: fx.GraphModule, bw: fx.GraphModule, plan: Plan, *, num_fwd_outputs: int, group_size: int,
         stream: int, counters: Counter | None = None) -> None:
     """Apply ``plan`` to the partitioned pair in place."""
-    counters = Counter() if counters is None else counters
-    fg, bg = fw.graph, bw.graph
-    out_node = fg.find_nodes(op="output")[0]
-    outputs = list(out_node.args[0])
-    placeholders = {p.name: p for p in bg.find_nodes(op="placeholder")}
+    rw = _Rewriter(fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters)
     decisions = plan.by_name()
-    new_outputs = outputs[:num_fwd_outputs]
-    decoded: dict[str, fx.Node] = {}  # saved name -> decoded value in the backward graph
-    pending_views = []
-    stored_parts: list = []  # (old placeholder, bw part placeholders, decode fn, comparison users)
-
-    for node in outputs[num_fwd_outputs:]:
+    for node in rw.outputs[num_fwd_outputs:]:
         d = decisions.get(node.name) if isinstance(node, fx.Node) else None
-        ph = placeholders.get(getattr(node, "name", None))
+        ph = rw.placeholders.get(getattr(node, "name", None))
         if d is None or d.form == Form.KEEP or ph is None:
-            new_outputs.append(node)
+            rw.new_outputs.append(node)
             continue
-        val = node.meta["val"]
-        shape, stride, dtype = list(val.shape), list(val.stride()), val.dtype
-        no_vc = {k: v for k, v in node.meta.items() if k == "saved_tensor_with_no_vc_check"}
-
-        def emit(parts_fw: list[fx.Node]) -> list[fx.Node]:
-            for p in parts_fw:
-                p.meta.update(no_vc)
-            new_outputs.extend(parts_fw)
-            return [_placeholder_like(bg, ph, p) for p in parts_fw]
-
-        if d.form == Form.VIEW:
-            pending_views.append((node, ph, d.base))
-            counters["saved_view_deduped"] += 1
-            continue
+        if d.masks:
+            rw.comparisons(node, ph)
         if d.form == Form.QUANT:
-            with fg.inserting_after(node):
-                qp = _call(fg, lowbit.quantize_pack.default, (node, d.bits, group_size, stream))
-            with fg.inserting_after(qp):
-                codes = _call(fg, operator.getitem, (qp, 0), f"{node.name}_codes")
-            with fg.inserting_after(codes):
-                meta = _call(fg, operator.getitem, (qp, 1), f"{node.name}_qmeta")
-            parts = emit([codes, meta])
-            decode = (lambda p, b=d.bits, s=shape, st=stride, dt=dtype:
-                      (lowbit.dequantize_unpack.default, (p[0], p[1], b, group_size, s, st, dt)))
-            stored_parts.append((ph, parts, decode, None))
-            counters[f"saved_quant{d.bits}"] += 1
+            rw.quant(node, ph, d.bits - d.masks)
         elif d.form == Form.MASK:
-            with fg.inserting_after(node):
-                packed = _call(fg, lowbit.pack_mask.default, (node,), f"{node.name}_bits")
-            parts = emit([packed])
-            decode = lambda p, s=shape, st=stride: (lowbit.unpack_mask.default, (p[0], s, st))  # noqa: E731
-            stored_parts.append((ph, parts, decode, None))
-            counters["saved_mask"] += 1
-        elif d.form == Form.CMP_MASK:
-            comparisons: dict[tuple, list[fx.Node]] = {}
-            for user in ph.users:
-                comparisons.setdefault((user.target, user.args[1]), []).append(user)
-            anchor = node
-            for (target, scalar), users in comparisons.items():
-                with fg.inserting_after(anchor):
-                    cmp = _call(fg, target, (node, scalar))
-                with fg.inserting_after(cmp):
-                    packed = _call(fg, lowbit.pack_mask.default, (cmp,), f"{node.name}_cmpbits")
-                anchor = packed
-                parts = emit([packed])
-                cshape, cstride = list(cmp.meta["val"].shape), list(cmp.meta["val"].stride())
-                decode = lambda p, s=cshape, st=cstride: (lowbit.unpack_mask.default, (p[0], s, st))  # noqa: E731
-                stored_parts.append((ph, parts, decode, users))
-            counters["saved_cmp_mask"] += 1
-        else:
+            rw.mask(node, ph)
+        elif d.form == Form.VIEW:
+            rw.views.append((node, ph, d.base))
+            rw.counters["saved_view_deduped"] += 1
+        elif d.form != Form.CMP_MASK:
             raise ValueError(f"fxlowbit: unknown form {d.form!r} for {node.name}")
-        log.debug("%s: %s %s, %d -> %d bytes", node.name, d.form, d.bits, d.bytes_before, d.bytes_after)
-
-    # Backward: decode each stored tensor just before its first use.
-    for ph, parts, decode, users in stored_parts:
-        targets = users if users is not None else [ph]
-        if users is None and ph.name in {b for _, _, b in pending_views}:
-            first = _first_user(bg, [ph] + [pv for _, pv, b in pending_views if b == ph.name])
-        else:
-            first = _first_user(bg, targets) if users is None else min(users, key=_order(bg))
-        target, args = decode(parts)
-        with bg.inserting_before(first):
-            value = _call(bg, target, args, f"{ph.name}_decoded")
-        if users is None:
-            ph.replace_all_uses_with(value)
-            decoded[ph.name] = value
-        else:
-            for u in users:
-                u.replace_all_uses_with(value)
-                bg.erase_node(u)
-    for fw_node, ph, base in pending_views:
-        base_value = decoded[base]
-        first = _first_user(bg, [ph])
-        with bg.inserting_before(first):
-            value = _replay_views(bg, base_value, fw_node, base)
-        ph.replace_all_uses_with(value)
-    replaced = dict.fromkeys([ph for ph, *_ in stored_parts] + [ph for _, ph, _ in pending_views])
-    for ph in replaced:
-        if ph.users:
-            raise AssertionError(f"fxlowbit: placeholder {ph.name} still has users after rewrite")
-        bg.erase_node(ph)
-
-    out_node.args = (tuple(new_outputs),)
+        log.debug("%s: %s %s bits, %d -> %d bytes", node.name, d.form, d.bits, d.bytes_before, d.bytes_after)
+    rw.decode_all()
     for gm in (fw, bw):
         gm.graph.lint()
         gm.recompile()
-
-
-def _order(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return index.__getitem__
