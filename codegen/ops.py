@@ -19,7 +19,9 @@ __all__ = ["quantize_pack", "dequantize_unpack", "pack_mask", "unpack_mask"]
 
 
 @torch.library.custom_op("fxlowbit::quantize_pack", mutates_args=())
-def quantize_pack(x: torch.Tensor, bits: int, group_size: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_pack(
+    x: torch.Tensor, bits: int, group_size: int, stream: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastically quantize ``x`` to ``bits`` per element in groups of ``group_size``.
 
     Returns ``(codes uint8 (n_groups, G*bits/8), meta fp32 (n_groups, 2))``; the rounding noise

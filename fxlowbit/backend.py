@@ -21,8 +21,11 @@ import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from . import codegen  # noqa: F401  (registers the fxlowbit:: ops)
-from . import passes, planner
+from . import (
+    codegen,  # noqa: F401  (registers the fxlowbit:: ops)
+    passes,
+    planner,
+)
 from .codegen import rng
 from .config import LowbitConfig
 from .plan import Plan
@@ -51,11 +54,11 @@ class LowbitPartitioner(CustomPartitionerFn):
     def uuid(self) -> Any | None:
         return None  # plans and random streams are per compilation: never reuse cached code
 
-    def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
+    def __call__(
+        self, joint: fx.GraphModule, joint_inputs, **kwargs
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
         kwargs.pop("compiler", None)
-        partition = functools.partial(
-            min_cut_rematerialization_partition, compiler="inductor", **kwargs
-        )
+        partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor", **kwargs)
         fw, bw = partition(joint, joint_inputs)
         try:
             self._compress(fw, bw, kwargs["num_fwd_outputs"])
@@ -80,13 +83,20 @@ class LowbitPartitioner(CustomPartitionerFn):
             return
         plan = planner.decide(facts.saved, cfg, facts.hints)
         if not cfg.enabled("dedupe"):
-            plan = Plan(tuple(_undedupe(d, cfg) for d in plan.decisions), )
+            plan = Plan(
+                tuple(_undedupe(d, cfg) for d in plan.decisions),
+            )
         _last_plans.append(plan)
         log.info("fxlowbit plan:\n%s", plan)
         if cfg.enabled("rewrite_saved"):
             passes.rewrite_saved.run(
-                fw, bw, plan, num_fwd_outputs=num_fwd_outputs, group_size=cfg.group_size,
-                stream=self.stream, counters=counters,
+                fw,
+                bw,
+                plan,
+                num_fwd_outputs=num_fwd_outputs,
+                group_size=cfg.group_size,
+                stream=self.stream,
+                counters=counters,
             )
         counters["graphs_rewritten"] += 1
         counters["saved_bytes_before"] += plan.bytes_before

@@ -44,9 +44,13 @@ class MLP(nn.Module):
     def __init__(self, d_in: int = 64, hidden: int = 256, n_out: int = 10, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(d_in, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_out),
         )
 
@@ -61,8 +65,14 @@ class SmallCNN(nn.Module):
         super().__init__()
         c = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.BatchNorm2d(2 * c),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * c * 4, n_out))
 
@@ -91,8 +101,15 @@ class _Block(nn.Module):
 class TinyGPT(nn.Module):
     """A GPT-style character model; ``forward(idx, targets)`` returns the mean cross-entropy."""
 
-    def __init__(self, vocab: int = 128, dim: int = 128, layers: int = 2, heads: int = 4,
-                 block: int = 64, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab: int = 128,
+        dim: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        block: int = 64,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(block, dim)

@@ -58,7 +58,9 @@ class Plan:
         return json.dumps([dataclasses.asdict(d) for d in self.decisions], indent=1, default=str)
 
     def __str__(self) -> str:
-        rows = [f"{'saved':28} {'producer':34} {'dtype':9} {'form':9} {'bits':>4} {'before':>10} {'after':>10}"]
+        rows = [
+            f"{'saved':28} {'producer':34} {'dtype':9} {'form':9} {'bits':>4} {'before':>10} {'after':>10}"
+        ]
         for d in self.decisions:
             rows.append(
                 f"{d.name:28.28} {d.producer:34.34} {d.dtype:9} {d.form:9} {d.bits:>4} "

@@ -84,8 +84,9 @@ def size_hint(d) -> int:
 
 def _symbol_hint(d, sym) -> int:
     shape_env = d.node.shape_env
-    if sym in shape_env.var_to_val:
-        return int(shape_env.var_to_val[sym])
+    values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+    if sym in values:
+        return int(values[sym])
     return size_hint(d)
 
 

@@ -113,8 +113,15 @@ def _replay_views(graph: fx.Graph, base: fx.Node, fw_view: fx.Node, stop: str, s
 
 
 class _Rewriter:
-    def __init__(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, group_size: int,
-                 stream: int, counters: Counter):
+    def __init__(
+        self,
+        fw: fx.GraphModule,
+        bw: fx.GraphModule,
+        num_fwd_outputs: int,
+        group_size: int,
+        stream: int,
+        counters: Counter,
+    ):
         self.fg, self.bg = fw.graph, bw.graph
         self.group_size, self.stream, self.counters = group_size, stream, counters
         self.out_node = self.fg.find_nodes(op="output")[0]
@@ -150,7 +157,9 @@ class _Rewriter:
         with self.fg.inserting_after(node):
             packed = _call(self.fg, lowbit.pack_mask.default, (node,), f"{node.name}_bits")
         (packed,) = self.emit(node, ph, [packed])
-        self.stored.append((ph, (lowbit.unpack_mask.default, (packed, list(val.shape), list(val.stride()))), None))
+        self.stored.append(
+            (ph, (lowbit.unpack_mask.default, (packed, list(val.shape), list(val.stride()))), None)
+        )
         self.counters["saved_mask"] += 1
 
     def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
@@ -211,12 +220,26 @@ def _through_identities(node: fx.Node):
             yield user
 
 
-_COMPARISONS = {torch.ops.aten.le, torch.ops.aten.lt, torch.ops.aten.gt, torch.ops.aten.ge,
-                torch.ops.aten.eq, torch.ops.aten.ne}
+_COMPARISONS = {
+    torch.ops.aten.le,
+    torch.ops.aten.lt,
+    torch.ops.aten.gt,
+    torch.ops.aten.ge,
+    torch.ops.aten.eq,
+    torch.ops.aten.ne,
+}
 
 
-def run(fw: fx.GraphModule, bw: fx.GraphModule, plan: Plan, *, num_fwd_outputs: int, group_size: int,
-        stream: int, counters: Counter | None = None) -> None:
+def run(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    plan: Plan,
+    *,
+    num_fwd_outputs: int,
+    group_size: int,
+    stream: int,
+    counters: Counter | None = None,
+) -> None:
     """Apply ``plan`` to the partitioned pair in place."""
     rw = _Rewriter(fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters)
     decisions = plan.by_name()

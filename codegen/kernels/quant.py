@@ -2,6 +2,8 @@
 
 Maths. The tensor is read in logical (row-major) order and cut into groups of ``G`` elements
 (the last group is padded by repeating its last element, so padding never widens the range).
+The decode is evaluated as ``(lo + q*scale/2) + q*scale/2`` so that groups whose range exceeds
+fp32's maximum stay finite.
 Per group: ``lo = min(x)``, ``hi = max(x)`` over finite values, ``L = 2**b - 1`` levels,
 ``scale = (hi - lo) / L``, and each code is ``q = floor((x - lo) / scale + u)`` with
 ``u ~ U[0, 1)``. Then ``E[lo + q * scale] = x`` exactly (unbiased) and
@@ -64,7 +66,7 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return q
     per = 8 // bits
-    q = q.view(q.shape[0], -1, per)
+    q = q.view(q.shape[0], q.shape[1] // per, per)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
     return (q << shifts).sum(-1, dtype=torch.uint8)
 
@@ -75,7 +77,7 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     mask = (1 << bits) - 1
-    return ((codes.unsqueeze(-1) >> shifts) & mask).view(codes.shape[0], -1)
+    return ((codes.unsqueeze(-1) >> shifts) & mask).view(codes.shape[0], codes.shape[1] * (8 // bits))
 
 
 def quantize_pack_reference(
@@ -100,9 +102,14 @@ def quantize_pack_reference(
     hi = torch.where(all_special, 0.0, hi)
     usable = levels - special.to(torch.int32)  # special groups keep the top code for non-finite
     scale = (hi - lo) / usable
-    safe = torch.where(scale > 0, scale, 1.0)
+    scale = torch.where(torch.isinf(scale), hi / usable - lo / usable, scale)  # hi - lo overflowed
+    safe = torch.where(scale > 0, scale, 1.0)[:, None]
     u = torch.full_like(g, 0.5) if noise is None else noise.reshape(g.shape).float()
-    q = torch.floor((torch.where(finite, g, lo[:, None]) - lo[:, None]) / safe[:, None] + u)
+    x = torch.where(finite, g, lo[:, None])
+    v = (x - lo[:, None]) / safe
+    # groups spanning more than fp32's max: halve both sides so x - lo cannot overflow
+    v = torch.where(torch.isinf(v), (x * 0.5 - lo[:, None] * 0.5) / (safe * 0.5), v)
+    q = torch.floor(v + u)
     q = torch.minimum(q.clamp_min(0), usable[:, None].float())
     q = torch.where(finite, q, float(levels))
     # Encode the special flag and non-finite kind into the stored scale's bit pattern.
@@ -139,7 +146,8 @@ def dequantize_unpack_reference(
     special = sbits < 0
     kind = sbits & 3
     scale = torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
-    x = lo + q * scale
+    half = q * (scale * 0.5)
+    x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
     nonfinite = torch.where(
         kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
     )

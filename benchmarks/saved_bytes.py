@@ -1,0 +1,298 @@
+"""Saved-activation bytes and gradient quality: lowbit against PyTorch's own memory savers.
+
+For each model, one training step (forward + backward, fp32, CPU) under each provider:
+
+- ``aot_eager``: the fp32 reference for bytes (and for the gradients of the exact providers);
+- ``budget=B``: ``torch._functorch.config.activation_memory_budget=B`` with ``aot_eager``
+  (min-cut recompute knapsack; exact gradients without dropout. With dropout it may recompute the
+  dropout in the backward with a fresh mask, pytorch/pytorch#190758, hence ``--dropout`` 0 by
+  default so every row's gradients compare with the same reference);
+- ``fp8 pass``: Inductor's ``activation_quantization_aten_pass`` (fp8 e5m2 saved activations,
+  implemented in ``torch/_functorch/partitioners.py``) run through ``aot_eager``. With its default
+  options it only touches bf16 tensors of at least 100 MB, so on these fp32 models it does not fire
+  (the row says so); the ``fp8 pass fp32`` row forces it on with
+  ``allowed_dtypes=float32, size_in_mb=0, use_scaling=True``;
+- ``lowbit`` uncompressed (``passes={"rewrite_saved": False}``: same decompositions, partition and
+  dropout RNG; the gradient reference of the compressed rows) and ``lowbit`` at each bit width.
+
+Saved bytes are walked from ``loss.grad_fn`` after the forward (``fxlowbit.saved_activation_bytes``,
+parameters excluded). Gradient SQNR is over all parameter gradients concatenated, against the
+provider's reference (``aot_eager`` or ``lowbit`` uncompressed). Step ms is the median of a few
+forward+backward steps after compilation (noisy on shared CPUs; compile time is separate).
+
+    python benchmarks/saved_bytes.py --out benchmarks/results/saved_bytes_cpu.json
+    python benchmarks/saved_bytes.py --models gpt2,llama --bits 4 --inner inductor
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter without a GPU
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import fxlowbit
+from fxlowbit import examples
+from fxlowbit.examples import sqnr_db
+
+MODELS = ("mlp", "cnn", "tinygpt", "gpt2", "bert", "llama")
+BUDGETS = (0.5, 0.1)
+FP8_FORCED = {"allowed_dtypes": "torch.float32", "size_in_mb": 0.0, "use_scaling": True}
+VOCAB, BATCH, SEQ, MASK_ID = 128, 4, 64, 1  # char-level: ASCII codes; id 1 (SOH) never occurs
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    make: Callable[[], nn.Module]  # seeded: every call builds identical weights
+    inputs: dict[str, torch.Tensor]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+
+
+class _Classify(nn.Module):
+    """Puts the cross-entropy into the compiled graph, as a training step would."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(x), y)
+
+
+def _seeded(fn):
+    def make():
+        torch.manual_seed(0)
+        return fn()
+
+    return make
+
+
+def _text_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return next(examples.char_batches(examples.stdlib_text(), BATCH, SEQ, steps=1, seed=0))
+
+
+def hf_case(name: str, p: float) -> Case:
+    """GPT-2 / BERT / Llama from small configs (2 layers, hidden 64, 4 heads, vocab 128)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    idx, tgt = _text_batch()
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ, vocab_size=VOCAB,
+                            bos_token_id=2, eos_token_id=3, use_cache=False,
+                            resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        make, inputs = (lambda: tf.GPT2LMHeadModel(cfg)), {"input_ids": idx, "labels": idx}
+    elif name == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=176, vocab_size=VOCAB,
+                             max_position_embeddings=SEQ, use_cache=False, attention_dropout=p)
+        make, inputs = (lambda: tf.LlamaForCausalLM(cfg)), {"input_ids": idx, "labels": idx}
+    elif name == "bert":
+        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                            intermediate_size=256, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                            hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        # masked LM: 15% of positions replaced by MASK_ID, loss only there
+        masked = torch.rand(idx.shape, generator=torch.Generator().manual_seed(0)) < 0.15
+        inputs = {"input_ids": idx.masked_fill(masked, MASK_ID), "labels": idx.masked_fill(~masked, -100)}
+        make = lambda: tf.BertForMaskedLM(cfg)  # noqa: E731
+    else:
+        raise ValueError(name)
+    return Case(name, _seeded(make), inputs, lambda m, b: m(**b).loss)
+
+
+def make_case(name: str, p: float = 0.0) -> Case:
+    """Model ``name`` with dropout probability ``p`` everywhere, its batch and its loss."""
+    if name in ("gpt2", "bert", "llama"):
+        return hf_case(name, p)
+    if name == "tinygpt":
+        idx, tgt = _text_batch()
+        make = lambda: examples.TinyGPT(VOCAB, 64, 2, 4, SEQ, dropout=p)  # noqa: E731
+        return Case(name, _seeded(make), {"idx": idx, "targets": tgt}, lambda m, b: m(**b))
+    x, y = examples.digits()
+    x, y = x[:256], y[:256]
+    if name == "mlp":
+        return Case(name, _seeded(lambda: _Classify(examples.MLP(dropout=p))), {"x": x, "y": y}, lambda m, b: m(**b))
+    if name == "cnn":
+        make = lambda: _Classify(examples.SmallCNN(dropout=p))  # noqa: E731
+        return Case(name, _seeded(make), {"x": x.view(-1, 1, 8, 8), "y": y}, lambda m, b: m(**b))
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in model.parameters()
+    ])
+
+
+def measure(case: Case, backend: str, options: dict | None = None, steps: int = 3,
+            ctx=contextlib.nullcontext) -> dict:
+    """One seeded step (bytes, flat gradient), then ``steps`` timed fwd+bwd steps."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = case.make().train()
+    kwargs = {"options": options} if options is not None else {}
+    compiled = torch.compile(model, backend=backend, **kwargs)
+    with ctx(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)  # same dropout masks for a provider and its reference
+        t0 = time.perf_counter()
+        loss = case.loss(compiled, case.inputs)
+        nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
+        loss.backward()
+        first_s = time.perf_counter() - t0
+        grad = _flat_grad(model)
+        times = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            case.loss(compiled, case.inputs).backward()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "saved_bytes": nbytes,
+        "loss": loss.item(),
+        "grad": grad,
+        "first_step_s": round(first_s, 2),
+        "step_ms": round(statistics.median(times), 2) if times else None,
+        "counters": {k: dict(v) for k, v in counters.items() if k in ("fxlowbit", "inductor") and v},
+    }
+
+
+def _fp8_ctx(opts: dict):
+    return lambda: torch._inductor.config.patch(
+        post_grad_fusion_options={"activation_quantization_aten_pass": dict(opts)}
+    )
+
+
+def run_model(name: str, bits: list[int], inner: str, steps: int, p: float = 0.0) -> list[dict]:
+    case = make_case(name, p)
+    rows: list[dict] = []
+
+    def add(provider, bits_, r, ref, note=""):
+        row = {"model": name, "provider": provider, "bits": bits_, **{k: v for k, v in r.items() if k != "grad"}}
+        row["reduction"] = rows[0]["saved_bytes"] / r["saved_bytes"] if rows else 1.0
+        row["grad_sqnr_db"] = math.inf if ref is None else sqnr_db(ref, r["grad"])
+        row["note"] = note
+        rows.append(row)
+        print(_fmt(row), flush=True)
+
+    base = measure(case, "aot_eager", steps=steps)
+    add("aot_eager", 32, base, None, "reference")
+    for b in BUDGETS:
+        r = measure(case, "aot_eager", steps=steps,
+                    ctx=lambda b=b: torch._functorch.config.patch(activation_memory_budget=b))
+        add(f"budget={b}", 32, r, base["grad"], "recompute; SQNR vs aot_eager")
+    for label, opts in (("fp8 pass", {}), ("fp8 pass fp32", FP8_FORCED)):
+        r = measure(case, "aot_eager", steps=steps, ctx=_fp8_ctx(opts))
+        if not r["counters"].get("inductor", {}).get("activation_quantization_fwd_aten_pass"):
+            rows.append({"model": name, "provider": label, "bits": 8, "saved_bytes": None,
+                         "reduction": None, "grad_sqnr_db": None, "step_ms": None, "options": opts,
+                         "note": "n/a: pass did not fire (default: bf16 only, tensors >= 100 MB)"})
+            print(_fmt(rows[-1]), flush=True)
+            continue
+        add(label, 8, {**r, "options": opts}, base["grad"], "fp8 e5m2, forced on fp32; SQNR vs aot_eager")
+    opts = {"inner": inner, "seed": 0}
+    ref = measure(case, "lowbit", {**opts, "passes": {"rewrite_saved": False}}, steps=steps)
+    add("lowbit uncompressed", 32, ref, base["grad"],
+        f"inner={inner}; reference of the lowbit rows; SQNR vs aot_eager")
+    for b in bits:
+        r = measure(case, "lowbit", {**opts, "bits": b}, steps=steps)
+        add("lowbit", b, r, ref["grad"], f"inner={inner}; SQNR vs lowbit uncompressed")
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    def num(v, f):
+        return "n/a" if v is None else ("inf" if v == math.inf else format(v, f))
+
+    mb = None if row["saved_bytes"] is None else row["saved_bytes"] / 1e6
+    return (
+        f"| {row['model']} | {row['provider']} | {row['bits']} | {num(mb, '.3f')} | "
+        f"{num(row['reduction'], '.2f')}{'x' if row['reduction'] else ''} | {num(row['grad_sqnr_db'], '.1f')} | "
+        f"{num(row['step_ms'], '.1f')} | {row['note']} |"
+    )
+
+
+def _jsonable(v):
+    """Strict JSON: infinite SQNR (exact gradients) becomes the string "inf"."""
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _meta(args) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return {
+        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu}",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "args": vars(args),
+        "setup": f"fp32, train mode, dropout {args.dropout}; LMs batch {BATCH}x{SEQ} of stdlib text, MLP/CNN 256 digits",
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
+    p.add_argument("--bits", default="8,4,2", help="lowbit bit widths, comma list")
+    p.add_argument("--inner", default="eager", choices=("eager", "inductor"))
+    p.add_argument("--steps", type=int, default=3, help="timed steps after the first (0: no timing)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout probability in every model (>0 shows pytorch#190758 in the budget rows)")
+    p.add_argument("--out", help="write the rows and run metadata as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bits = [int(b) for b in args.bits.split(",")]
+    print("| model | provider | bits | saved MB | vs aot_eager | grad SQNR dB | step ms | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    t0 = time.perf_counter()
+    rows = [r for m in args.models.split(",") for r in run_model(m.strip(), bits, args.inner, args.steps, args.dropout)]
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(_jsonable({"meta": _meta(args), "rows": rows}), f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

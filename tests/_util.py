@@ -1,0 +1,40 @@
+"""Shared helpers for the compression tests: one training step, its saved bytes and gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fxlowbit
+from fxlowbit.examples import MLP, SmallCNN, TinyGPT, char_batches, stdlib_text
+
+UNCOMPRESSED = {"inner": "eager", "passes": {"rewrite_saved": False}}
+
+
+def make(name: str):
+    """(model, inputs, loss_fn) for the three reference models, deterministic."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        x = torch.randn(128, 64)
+        return MLP(hidden=512), (x,), lambda out: F.cross_entropy(out, torch.arange(128) % 10)
+    if name == "cnn":
+        x = torch.randn(64, 1, 8, 8)
+        return SmallCNN(), (x,), lambda out: F.cross_entropy(out, torch.arange(64) % 10)
+    if name == "gpt":
+        x, y = next(char_batches(stdlib_text(), 4, 64, 1))
+        return TinyGPT(), (x, y), lambda out: out
+    raise KeyError(name)
+
+
+def step(model, inputs, loss_fn, backend="lowbit", options=None, **compile_kw):
+    """Compile fresh, run forward+backward once; returns (saved bytes, flat gradient, loss)."""
+    torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    kw = {"options": options} if options is not None else {}
+    compiled = torch.compile(model, backend=backend, **kw, **compile_kw)
+    torch.manual_seed(1)  # same dropout masks for every run
+    loss = loss_fn(compiled(*inputs))
+    nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return nbytes, grad, loss.detach()

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from fxlowbit import LowbitConfig
+
+
+def test_defaults_are_valid():
+    cfg = LowbitConfig.from_options(None)
+    assert cfg.bits == 4 and cfg.inner == "inductor" and cfg.group_size == 256
+
+
+def test_unknown_option_names_it_and_lists_valid():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bitz'\].*valid options: \[.*'bits'"):
+        LowbitConfig.from_options({"bitz": 4})
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"bits": 3}, r"bits=3 is invalid; valid values: \(2, 4, 8\)"),
+        ({"inner": "tvm"}, r"inner='tvm' is invalid; valid values: \('inductor', 'eager'\)"),
+        ({"group_size": 100}, r"group_size=100 is invalid"),
+        ({"group_size": 0}, r"group_size=0 is invalid"),
+        ({"min_bytes": -1}, r"min_bytes=-1"),
+        ({"seed": "x"}, r"seed='x'"),
+        ({"strict": "yes"}, r"strict='yes' must be a bool"),
+        ({"passes": {"nope": False}}, r"unknown pass name\(s\) \['nope'\].*valid: \("),
+    ],
+)
+def test_bad_values_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        LowbitConfig.from_options(options)
+
+
+def test_bad_option_surfaces_through_torch_compile():
+    model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"bits": 5})
+    with pytest.raises(Exception, match="bits=5 is invalid"):
+        model(torch.randn(2, 4))
