@@ -82,10 +82,6 @@ class LowbitPartitioner(CustomPartitionerFn):
         if not cfg.enabled("plan"):
             return
         plan = planner.decide(facts.saved, cfg, facts.hints)
-        if not cfg.enabled("dedupe"):
-            plan = Plan(
-                tuple(_undedupe(d, cfg) for d in plan.decisions),
-            )
         _last_plans.append(plan)
         log.info("fxlowbit plan:\n%s", plan)
         if cfg.enabled("rewrite_saved"):
@@ -101,16 +97,6 @@ class LowbitPartitioner(CustomPartitionerFn):
         counters["graphs_rewritten"] += 1
         counters["saved_bytes_before"] += plan.bytes_before
         counters["saved_bytes_after"] += plan.bytes_after
-
-
-def _undedupe(d, cfg):
-    import dataclasses
-
-    from .plan import Form
-
-    if d.form != Form.VIEW:
-        return d
-    return dataclasses.replace(d, form=Form.QUANT, bits=cfg.bits, base=None, reason="dedupe off")
 
 
 def _seed(cfg: LowbitConfig) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["LowbitConfig", "PASSES"]
 
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-PASSES = ("analyze", "plan", "dedupe", "rewrite_saved")
+PASSES = ("analyze", "plan", "rewrite_saved")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (2, 4, 8),

@@ -18,7 +18,6 @@ class Form:
     QUANT = "quant"  # b-bit per-group affine, stochastic rounding
     MASK = "mask"  # bool tensor packed to 1 bit
     CMP_MASK = "cmp_mask"  # float tensor whose backward only compares it with scalars
-    VIEW = "view"  # alias of another saved tensor: store that one, replay the views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,6 @@ class Decision:
     bytes_before: int  # at the example sizes
     bytes_after: int
     reason: str
-    base: str | None = None  # for Form.VIEW: the saved tensor this one is replayed from
     masks: int = 0  # exact 1-bit masks of scalar comparisons stored beside the form (QUANT/CMP_MASK)
 
 

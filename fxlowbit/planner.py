@@ -13,7 +13,7 @@ match wins:
    comparisons, computed in the forward (exact);
 6. float whose backward uses all tolerate bounded noise: b-bit stochastic quantization;
 7. anything else: keep, with one warning naming the op (strict mode raises).
-Afterwards, tensors that are pure reshapes of another saved tensor are stored once (``VIEW``).
+A tensor read by several backward ops is stored once and decoded once for all of them.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ def stored_bytes(form: str, numel, bits: int, group_size: int, itemsize: int, n_
     if form == Form.QUANT:
         groups = sympy.ceiling(numel / group_size)
         return groups * (group_size * bits // 8) + groups * 8  # codes + fp32 (lo, scale)
-    if form == Form.VIEW:
-        return sympy.Integer(0)
     raise ValueError(f"unknown form {form!r}")
 
 
@@ -108,21 +106,9 @@ def _form(s, cfg: LowbitConfig) -> tuple[str, str, int]:
 def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
     """Fixed-rule plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records."""
     subs = subs or {}
-    by_name = {s.name: s for s in saved}
     decisions: list[Decision] = []
     for s in saved:
         form, reason, nbits, masks = _decide_one(s, cfg)
-        base = None
-        root = by_name.get(s.view_root)
-        if (
-            form == Form.QUANT
-            and s.view_root != s.name
-            and s.reshape_of_root
-            and root is not None
-            and masks == 0
-            and _decide_one(root, cfg)[:1] == (Form.QUANT,)
-        ):
-            form, reason, base = Form.VIEW, f"reshape of saved {root.name}: stored once", root.name
         mask_bytes = stored_bytes(Form.MASK, s.numel, 1, 1, 1, masks)
         if form == Form.CMP_MASK:
             after = mask_bytes
@@ -139,7 +125,6 @@ def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
                 bytes_before=s.nbytes_hint,
                 bytes_after=int(sympy.sympify(after).subs(subs)),
                 reason=reason,
-                base=base,
                 masks=masks,
             )
         )

@@ -43,7 +43,6 @@ class SavedTensor:
     nbytes_hint: int  # at the example sizes
     uses: tuple[Use, ...]
     view_root: str  # first non-view ancestor in the forward graph (itself if not a view)
-    reshape_of_root: bool  # reached from view_root by pure reshapes only (numel-preserving)
     input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
     forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
 
@@ -90,12 +89,11 @@ def _symbol_hint(d, sym) -> int:
     return size_hint(d)
 
 
-def _root(node: fx.Node) -> tuple[fx.Node, bool]:
-    pure = True
+def _root(node: fx.Node) -> fx.Node:
+    """The first non-view ancestor of ``node`` in its graph."""
     while node.op == "call_function" and node.target in _ops.VIEWS:
-        pure = pure and node.target in _ops.RESHAPES
         node = node.args[0]
-    return node, pure
+    return node
 
 
 def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) -> list[Use]:
@@ -142,7 +140,7 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
-    user_output_roots = {_root(n)[0] for n in user_outputs}
+    user_output_roots = {_root(n) for n in user_outputs}
 
     g = nx.DiGraph()
     for prefix, gm in (("fw", fw), ("bw", bw)):
@@ -160,7 +158,7 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
         if not isinstance(val, torch.Tensor):
             continue  # symints and opaque objects are never touched
         g.add_edge(f"fw:{node.name}", f"bw:{node.name}", saved=True)
-        root, pure = _root(node)
+        root = _root(node)
         numel = sympy.Integer(1)
         for d in val.shape:
             numel = numel * _expr(d)
@@ -185,7 +183,6 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 nbytes_hint=hint,
                 uses=tuple(_uses(placeholder)) if placeholder is not None else (),
                 view_root=root.name,
-                reshape_of_root=pure,
                 input_alias=root.op == "placeholder",
                 forward_output_alias=node in user_outputs or root in user_output_roots,
             )

@@ -3,8 +3,8 @@
 Forward: right after each compressed tensor's producer, insert ``quantize_pack`` / ``pack_mask``
 (for CMP_MASK first the scalar comparisons the backward would make) and return the packed parts in
 its place among the saved outputs. Backward: replace its placeholder by placeholders for the parts
-and decode them just before the first use, so only one decoded activation is live at a time; VIEW
-tensors replay their reshapes on their base's decoded value. Relies on AOTAutograd matching saved
+and decode them once, just before the first use (all backward readers share that one decode), so
+only the activations in use are live in full precision. Relies on AOTAutograd matching saved
 forward outputs and backward placeholders by position; order is kept, ``meta["val"]`` is set on
 every new node and both graphs are linted and recompiled.
 """
@@ -100,18 +100,6 @@ def _placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.
     return ph
 
 
-def _replay_views(graph: fx.Graph, base: fx.Node, fw_view: fx.Node, stop: str, syms) -> fx.Node:
-    chain = []
-    node = fw_view
-    while node.name != stop:
-        chain.append(node)
-        node = node.args[0]
-    out = base
-    for fw_node in reversed(chain):
-        out = _call(graph, fw_node.target, (out, *syms(list(fw_node.args[1:]))))
-    return out
-
-
 class _Rewriter:
     def __init__(
         self,
@@ -129,7 +117,6 @@ class _Rewriter:
         self.new_outputs = self.outputs[:num_fwd_outputs]
         self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
         self.stored: list = []  # (old placeholder, bw part placeholders, decode (op, args), users or None)
-        self.views: list = []  # (fw view node, old placeholder, base name)
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -183,28 +170,21 @@ class _Rewriter:
     def decode_all(self) -> None:
         """Decode each stored value just before its first backward use."""
         syms = _SymBuilder(self.bg)
-        decoded: dict[str, fx.Node] = {}
         order = {n: i for i, n in enumerate(self.bg.nodes)}
         for ph, (target, args), users in self.stored:
             if users is None:
-                readers = [ph] + [v for _, v, base in self.views if base == ph.name]
-                first = _first_user(self.bg, readers)
+                first = _first_user(self.bg, [ph])
             else:
                 first = min(users, key=order.__getitem__)
             with self.bg.inserting_before(first):
                 value = _call(self.bg, target, syms(list(args)), f"{ph.name}_decoded")
             if users is None:
                 ph.replace_all_uses_with(value)
-                decoded[ph.name] = value
             else:
                 for u in users:
                     u.replace_all_uses_with(value)
                     self.bg.erase_node(u)
-        for fw_node, ph, base in self.views:
-            with self.bg.inserting_before(_first_user(self.bg, [ph])):
-                value = _replay_views(self.bg, decoded[base], fw_node, base, syms)
-            ph.replace_all_uses_with(value)
-        for ph in dict.fromkeys([s[0] for s in self.stored] + [v[1] for v in self.views]):
+        for ph in dict.fromkeys(s[0] for s in self.stored):
             if ph.users:
                 raise AssertionError(f"fxlowbit: placeholder {ph.name} still has users after rewrite")
             self.bg.erase_node(ph)
@@ -255,9 +235,6 @@ def run(
             rw.quant(node, ph, d.bits - d.masks)
         elif d.form == Form.MASK:
             rw.mask(node, ph)
-        elif d.form == Form.VIEW:
-            rw.views.append((node, ph, d.base))
-            rw.counters["saved_view_deduped"] += 1
         elif d.form != Form.CMP_MASK:
             raise ValueError(f"fxlowbit: unknown form {d.form!r} for {node.name}")
         log.debug("%s: %s %s bits, %d -> %d bytes", node.name, d.form, d.bits, d.bytes_before, d.bytes_after)

@@ -47,7 +47,6 @@ def test_counters_for_mlp_including_zeros():
     assert c["saved_quant4"] == 4
     assert c["saved_mask"] == 2
     assert c["saved_cmp_mask"] == 1
-    assert c["saved_view_deduped"] == 0
     assert c["fallback_internal_error"] == 0
     assert c["saved_bytes_after"] < c["saved_bytes_before"]
 
