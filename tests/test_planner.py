@@ -1,0 +1,122 @@
+"""The fixed-rule planner on plain records: each rule, exact stored bytes, symbolic sizes."""
+
+import dataclasses
+import warnings
+
+import pytest
+import sympy
+import torch
+from fxlowbit.passes.analyze import SavedTensor, Use
+
+from fxlowbit import LowbitConfig, planner
+
+CFG = LowbitConfig(bits=4, min_bytes=1024)
+MM = Use("aten.mm.default", "value")
+LE0 = Use("aten.le.Scalar", "compare", 0)
+
+
+def saved(name="t", dtype=torch.float32, numel=4096, uses=(MM,), **kw):
+    fields = dict(
+        name=name, position=1, producer="aten.addmm.default", shape=(numel,), stride=(1,),
+        dtype=dtype, numel=sympy.Integer(numel), nbytes=sympy.Integer(numel * dtype.itemsize),
+        nbytes_hint=numel * dtype.itemsize, uses=tuple(uses), view_root=name,
+        input_alias=False, forward_output_alias=False,
+    )  # fmt: skip
+    fields.update(kw)
+    return SavedTensor(**fields)
+
+
+def decide_one(s, cfg=CFG):
+    (d,) = planner.decide((s,), cfg).decisions
+    return d
+
+
+@pytest.mark.parametrize(
+    "record,form,reason",
+    [
+        (saved(input_alias=True), "keep", "graph input"),
+        (saved(forward_output_alias=True), "keep", "returned by the forward"),
+        (saved(numel=100), "keep", "below min_bytes=1024"),
+        (saved(dtype=torch.bool), "mask", "1 bit, exact"),
+        (saved(dtype=torch.int64), "keep", "int64"),
+        (saved(uses=()), "keep", "no backward use"),
+        (saved(uses=(LE0,)), "cmp_mask", "only compares"),
+        (saved(uses=(LE0, dataclasses.replace(LE0, op="aten.gt.Scalar"))), "cmp_mask", "2 exact"),
+        (saved(uses=(MM, LE0)), "quant", "plus 1 exact 1-bit comparison mask"),
+        (saved(uses=(MM, dataclasses.replace(LE0, direct=False))), "keep", "through a view"),
+        (saved(uses=(MM, Use("aten.mul.Tensor", "value"))), "quant", "4-bit stochastic"),
+    ],
+)
+def test_rules(record, form, reason):
+    d = decide_one(record)
+    assert d.form == form
+    assert reason in d.reason
+
+
+def test_comparisons_not_worth_masking_are_kept():
+    uses = tuple(Use(f"aten.{op}.Scalar", "compare", s) for op in ("le", "gt", "lt", "ge") for s in (0, 1))
+    assert decide_one(saved(uses=uses)).form == "keep"  # 8 masks >= 4 bits
+
+
+def test_masks_off_keeps_bools():
+    assert decide_one(saved(dtype=torch.bool), LowbitConfig(masks=False, min_bytes=0)).form == "keep"
+
+
+def test_unknown_use_keeps_and_warns_once(recwarn):
+    planner._warned.clear()
+    odd = saved(uses=(MM, Use("aten.sort.default", None)))
+    assert decide_one(odd).form == "keep"
+    decide_one(odd)
+    assert [str(w.message).count("aten.sort.default") for w in recwarn.list] == [1]
+
+
+def test_unknown_use_raises_in_strict_mode():
+    planner._warned.clear()
+    with pytest.raises(planner.UnsupportedOpError, match="aten.sort.default.*strict"):
+        decide_one(saved(uses=(Use("aten.sort.default", None),)), LowbitConfig(strict=True))
+
+
+@pytest.mark.parametrize(
+    "bits,numel,group,expected",
+    [
+        (4, 1000, 256, 4 * 128 + 4 * 8),  # 4 groups: 128 code bytes + 8 meta bytes each
+        (2, 1000, 256, 4 * 64 + 4 * 8),
+        (8, 256, 256, 256 + 8),
+        (2, 1, 8, 2 + 8),
+    ],
+)
+def test_stored_bytes_quant_exact(bits, numel, group, expected):
+    assert planner.stored_bytes("quant", sympy.Integer(numel), bits, group, 4) == expected
+
+
+def test_stored_bytes_masks_and_keep():
+    assert planner.stored_bytes("mask", sympy.Integer(9), 1, 1, 1) == 2
+    assert planner.stored_bytes("mask", sympy.Integer(16), 1, 1, 1, n_masks=3) == 6
+    assert planner.stored_bytes("keep", sympy.Integer(10), 32, 1, 2) == 20
+
+
+def test_symbolic_bytes_hold_when_batch_changes():
+    s0 = sympy.Symbol("s0", positive=True, integer=True)
+    numel = s0 * 512
+    expr = planner.stored_bytes("quant", numel, 4, 256, 4)
+    for batch in (1, 7, 64):
+        assert int(expr.subs({s0: batch})) == planner.stored_bytes(
+            "quant", sympy.Integer(batch * 512), 4, 256, 4
+        )
+    rec = dataclasses.replace(saved(), numel=numel, nbytes=numel * 4, nbytes_hint=8 * 512 * 4)
+    d = planner.decide((rec,), CFG, {s0: 8}).decisions[0]
+    assert d.bytes_before == 8 * 512 * 4
+    assert d.bytes_after == int(expr.subs({s0: 8}))
+
+
+def test_plan_totals_and_bits_reported():
+    plan = planner.decide(
+        (saved(name="a"), saved(name="b", dtype=torch.bool), saved(name="c", numel=10)), CFG
+    )
+    a, b, c = plan.decisions
+    assert (a.bits, b.bits, c.bits) == (4, 1, 32)
+    assert plan.bytes_before == a.bytes_before + b.bytes_before + c.bytes_before
+    assert plan.bytes_after == a.bytes_after + b.bytes_after + c.bytes_after < plan.bytes_before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan.count("quant") == 1 and plan.count("mask") == 1
