@@ -4,9 +4,9 @@ view, and no mutation."""
 import pytest
 import sympy
 import torch
-from fxlowbit.passes import analyze
 
 from fxlowbit.examples import MLP
+from fxlowbit.passes import analyze
 
 EAGER = {"inner": "eager", "seed": 0}
 

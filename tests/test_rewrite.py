@@ -1,0 +1,75 @@
+"""The rewrite on real graphs: where packs and decodes go, one stored copy per tensor."""
+
+import pytest
+import torch
+
+import fxlowbit
+from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+from fxlowbit.passes import rewrite_saved
+
+lowbit = torch.ops.fxlowbit
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Capture (plan, forward, backward) after every rewrite."""
+    seen = []
+    original = rewrite_saved.run
+
+    def spy(fw, bw, plan, **kw):
+        original(fw, bw, plan, **kw)
+        seen.append((plan, fw, bw))
+
+    monkeypatch.setattr(rewrite_saved, "run", spy)
+    return seen
+
+
+def _calls(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+def _run_gpt():
+    torch.manual_seed(0)
+    model = TinyGPT(dim=64, layers=1)
+    x, y = next(char_batches(stdlib_text(), 2, 64, 1))
+    torch.compile(model, backend="lowbit", options={"inner": "eager", "seed": 0})(x, y).backward()
+
+
+def test_one_pack_and_one_decode_per_stored_tensor(graphs):
+    _run_gpt()
+    ((plan, fw, bw),) = graphs
+    n_quant = plan.count("quant")
+    assert n_quant > 0
+    assert len(_calls(fw, lowbit.quantize_pack.default)) == n_quant
+    decodes = _calls(bw, lowbit.dequantize_unpack.default)
+    assert len(decodes) == n_quant
+    # several backward ops read some decoded tensor, all from the one decode
+    assert max(len(d.users) for d in decodes) >= 2
+
+
+def test_pack_follows_producer_and_decode_precedes_first_use(graphs):
+    _run_gpt()
+    ((_, fw, bw),) = graphs
+    for pack in _calls(fw, lowbit.quantize_pack.default):
+        assert pack.prev is pack.args[0]  # right after its producer: the fp32 copy can die early
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    for decode in _calls(bw, lowbit.dequantize_unpack.default):
+        first_use = min(decode.users, key=order.__getitem__)
+        between = [n for n in bw.graph.nodes if order[decode] < order[n] < order[first_use]]
+        # only other decodes for the same consumer (e.g. q, k, v of an attention backward)
+        decoders = (lowbit.dequantize_unpack.default, lowbit.unpack_mask.default)
+        assert all(n.target in decoders and first_use in n.users for n in between)
+        assert order[decode] > max(order[p] for p in decode.all_input_nodes)
+
+
+def test_packed_outputs_replace_saved_tensors_in_order(graphs):
+    _run_gpt()
+    ((plan, fw, bw),) = graphs
+    out = fw.graph.find_nodes(op="output")[0].args[0]
+    placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
+    saved_names = [n.name for n in out if isinstance(n, torch.fx.Node) and n.name in placeholders]
+    # the backward reads exactly the saved forward outputs, in the same order
+    tensor_placeholders = [p for p in placeholders if p in set(saved_names)]
+    assert tensor_placeholders == saved_names
+    assert not any(d.name in placeholders for d in plan.decisions if d.form == "quant")
+    assert fxlowbit.counters["saved_quant4"] == plan.count("quant")
