@@ -11,14 +11,19 @@ For each model, one training step (forward + backward, fp32, CPU) under each pro
   implemented in ``torch/_functorch/partitioners.py``) run through ``aot_eager``. With its default
   options it only touches bf16 tensors of at least 100 MB, so on these fp32 models it does not fire
   (the row says so); the ``fp8 pass fp32`` row forces it on with
-  ``allowed_dtypes=float32, size_in_mb=0, use_scaling=True``;
+  ``allowed_dtypes=float32, size_in_mb=0, use_scaling=True`` (``use_scaling`` must be given: the
+  pass's forward half defaults it to True and its backward half to False, which corrupts gradients).
+  Forced on, it also quantizes the causal attention mask of GPT-2 and Llama; the mask holds -inf, its
+  per-tensor scale ``max_fp8 / amax`` becomes 0 and the stored mask NaN, so those gradients are NaN;
 - ``lowbit`` uncompressed (``passes={"rewrite_saved": False}``: same decompositions, partition and
   dropout RNG; the gradient reference of the compressed rows) and ``lowbit`` at each bit width.
 
 Saved bytes are walked from ``loss.grad_fn`` after the forward (``fxlowbit.saved_activation_bytes``,
 parameters excluded). Gradient SQNR is over all parameter gradients concatenated, against the
 provider's reference (``aot_eager`` or ``lowbit`` uncompressed). Step ms is the median of a few
-forward+backward steps after compilation (noisy on shared CPUs; compile time is separate).
+forward+backward steps after compilation (noisy on shared CPUs; compile time is separate; lowbit's
+pack/unpack run as pure-torch reference kernels with ``--inner eager``, so its step ms there is not a
+speed claim).
 
     python benchmarks/saved_bytes.py --out benchmarks/results/saved_bytes_cpu.json
     python benchmarks/saved_bytes.py --models gpt2,llama --bits 4 --inner inductor
@@ -98,21 +103,46 @@ def hf_case(name: str, p: float) -> Case:
     import transformers as tf
 
     tf.logging.set_verbosity_error()
-    idx, tgt = _text_batch()
+    idx, _ = _text_batch()
     if name == "gpt2":
-        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ, vocab_size=VOCAB,
-                            bos_token_id=2, eos_token_id=3, use_cache=False,
-                            resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        cfg = tf.GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=SEQ,
+            vocab_size=VOCAB,
+            bos_token_id=2,
+            eos_token_id=3,
+            use_cache=False,
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+        )
         make, inputs = (lambda: tf.GPT2LMHeadModel(cfg)), {"input_ids": idx, "labels": idx}
     elif name == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                             num_key_value_heads=4, intermediate_size=176, vocab_size=VOCAB,
-                             max_position_embeddings=SEQ, use_cache=False, attention_dropout=p)
+        cfg = tf.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=176,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            use_cache=False,
+            attention_dropout=p,
+        )
         make, inputs = (lambda: tf.LlamaForCausalLM(cfg)), {"input_ids": idx, "labels": idx}
     elif name == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                            intermediate_size=256, vocab_size=VOCAB, max_position_embeddings=SEQ,
-                            hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        cfg = tf.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=256,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p,
+        )
         # masked LM: 15% of positions replaced by MASK_ID, loss only there
         masked = torch.rand(idx.shape, generator=torch.Generator().manual_seed(0)) < 0.15
         inputs = {"input_ids": idx.masked_fill(masked, MASK_ID), "labels": idx.masked_fill(~masked, -100)}
@@ -133,7 +163,9 @@ def make_case(name: str, p: float = 0.0) -> Case:
     x, y = examples.digits()
     x, y = x[:256], y[:256]
     if name == "mlp":
-        return Case(name, _seeded(lambda: _Classify(examples.MLP(dropout=p))), {"x": x, "y": y}, lambda m, b: m(**b))
+        return Case(
+            name, _seeded(lambda: _Classify(examples.MLP(dropout=p))), {"x": x, "y": y}, lambda m, b: m(**b)
+        )
     if name == "cnn":
         make = lambda: _Classify(examples.SmallCNN(dropout=p))  # noqa: E731
         return Case(name, _seeded(make), {"x": x.view(-1, 1, 8, 8), "y": y}, lambda m, b: m(**b))
@@ -141,20 +173,28 @@ def make_case(name: str, p: float = 0.0) -> Case:
 
 
 def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in model.parameters()
-    ])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+            for p in model.parameters()
+        ]
+    )
 
 
-def measure(case: Case, backend: str, options: dict | None = None, steps: int = 3,
-            ctx=contextlib.nullcontext) -> dict:
+def measure(
+    case: Case, backend: str, options: dict | None = None, steps: int = 3, ctx=contextlib.nullcontext
+) -> dict:
     """One seeded step (bytes, flat gradient), then ``steps`` timed fwd+bwd steps."""
     torch._dynamo.reset()
     counters.clear()
+    fxlowbit.reset()
     model = case.make().train()
     kwargs = {"options": options} if options is not None else {}
     compiled = torch.compile(model, backend=backend, **kwargs)
-    with ctx(), warnings.catch_warnings():
+    # no on-disk AOTAutograd cache: a hit skips the partitioner (and fxlowbit's counters) and hides
+    # the compile time
+    no_cache = torch._functorch.config.patch(enable_autograd_cache=False)
+    with ctx(), no_cache, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(1)  # same dropout masks for a provider and its reference
         t0 = time.perf_counter()
@@ -175,7 +215,7 @@ def measure(case: Case, backend: str, options: dict | None = None, steps: int = 
         "grad": grad,
         "first_step_s": round(first_s, 2),
         "step_ms": round(statistics.median(times), 2) if times else None,
-        "counters": {k: dict(v) for k, v in counters.items() if k in ("fxlowbit", "inductor") and v},
+        "counters": {"fxlowbit": dict(fxlowbit.counters), "inductor": dict(counters["inductor"])},
     }
 
 
@@ -190,32 +230,59 @@ def run_model(name: str, bits: list[int], inner: str, steps: int, p: float = 0.0
     rows: list[dict] = []
 
     def add(provider, bits_, r, ref, note=""):
-        row = {"model": name, "provider": provider, "bits": bits_, **{k: v for k, v in r.items() if k != "grad"}}
+        row = {
+            "model": name,
+            "provider": provider,
+            "bits": bits_,
+            **{k: v for k, v in r.items() if k != "grad"},
+        }
         row["reduction"] = rows[0]["saved_bytes"] / r["saved_bytes"] if rows else 1.0
         row["grad_sqnr_db"] = math.inf if ref is None else sqnr_db(ref, r["grad"])
         row["note"] = note
+        if not torch.isfinite(r["grad"]).all():
+            row["note"] += "; NON-FINITE gradients"
         rows.append(row)
         print(_fmt(row), flush=True)
 
     base = measure(case, "aot_eager", steps=steps)
     add("aot_eager", 32, base, None, "reference")
     for b in BUDGETS:
-        r = measure(case, "aot_eager", steps=steps,
-                    ctx=lambda b=b: torch._functorch.config.patch(activation_memory_budget=b))
+        r = measure(
+            case,
+            "aot_eager",
+            steps=steps,
+            ctx=lambda b=b: torch._functorch.config.patch(activation_memory_budget=b),
+        )
         add(f"budget={b}", 32, r, base["grad"], "recompute; SQNR vs aot_eager")
     for label, opts in (("fp8 pass", {}), ("fp8 pass fp32", FP8_FORCED)):
         r = measure(case, "aot_eager", steps=steps, ctx=_fp8_ctx(opts))
         if not r["counters"].get("inductor", {}).get("activation_quantization_fwd_aten_pass"):
-            rows.append({"model": name, "provider": label, "bits": 8, "saved_bytes": None,
-                         "reduction": None, "grad_sqnr_db": None, "step_ms": None, "options": opts,
-                         "note": "n/a: pass did not fire (default: bf16 only, tensors >= 100 MB)"})
+            rows.append(
+                {
+                    "model": name,
+                    "provider": label,
+                    "bits": 8,
+                    "saved_bytes": None,
+                    "reduction": None,
+                    "grad_sqnr_db": None,
+                    "step_ms": None,
+                    "options": opts,
+                    "note": "n/a: pass did not fire (default: bf16 only, tensors >= 100 MB)",
+                }
+            )
             print(_fmt(rows[-1]), flush=True)
             continue
-        add(label, 8, {**r, "options": opts}, base["grad"], "fp8 e5m2, forced on fp32; SQNR vs aot_eager")
+        how = "forced on fp32" if opts else "default options"
+        add(label, 8, {**r, "options": opts}, base["grad"], f"fp8 e5m2, {how}; SQNR vs aot_eager")
     opts = {"inner": inner, "seed": 0}
     ref = measure(case, "lowbit", {**opts, "passes": {"rewrite_saved": False}}, steps=steps)
-    add("lowbit uncompressed", 32, ref, base["grad"],
-        f"inner={inner}; reference of the lowbit rows; SQNR vs aot_eager")
+    add(
+        "lowbit uncompressed",
+        32,
+        ref,
+        base["grad"],
+        f"inner={inner}; reference of the lowbit rows; SQNR vs aot_eager",
+    )
     for b in bits:
         r = measure(case, "lowbit", {**opts, "bits": b}, steps=steps)
         add("lowbit", b, r, ref["grad"], f"inner={inner}; SQNR vs lowbit uncompressed")
@@ -229,7 +296,8 @@ def _fmt(row: dict) -> str:
     mb = None if row["saved_bytes"] is None else row["saved_bytes"] / 1e6
     return (
         f"| {row['model']} | {row['provider']} | {row['bits']} | {num(mb, '.3f')} | "
-        f"{num(row['reduction'], '.2f')}{'x' if row['reduction'] else ''} | {num(row['grad_sqnr_db'], '.1f')} | "
+        f"{num(row['reduction'], '.2f')}{'x' if row['reduction'] else ''} | "
+        f"{num(row['grad_sqnr_db'], '.1f')} | "
         f"{num(row['step_ms'], '.1f')} | {row['note']} |"
     )
 
@@ -248,11 +316,16 @@ def _jsonable(v):
 def _meta(args) -> dict:
     import transformers
 
+    def git(*cmd):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root)
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+        commit = git("rev-parse", "HEAD").stdout.strip() or None
+        # uncommitted changes to the package itself make the commit an approximate label
+        dirty = git("diff", "--quiet", "HEAD", "--", "fxlowbit", "passes", "codegen").returncode == 1
+    except OSError:
+        commit, dirty = None, None
     cpu = platform.processor()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
@@ -264,8 +337,10 @@ def _meta(args) -> dict:
         "python": sys.version.split()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "package_dirty": dirty,
         "args": vars(args),
-        "setup": f"fp32, train mode, dropout {args.dropout}; LMs batch {BATCH}x{SEQ} of stdlib text, MLP/CNN 256 digits",
+        "setup": f"fp32, train mode, dropout {args.dropout}; "
+        f"LMs: batch {BATCH}x{SEQ} of stdlib text; MLP/CNN: 256 digits",
     }
 
 
@@ -276,8 +351,12 @@ def main(argv=None) -> None:
     p.add_argument("--inner", default="eager", choices=("eager", "inductor"))
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first (0: no timing)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout probability in every model (>0 shows pytorch#190758 in the budget rows)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout probability in every model (>0 shows pytorch#190758 in the budget rows)",
+    )
     p.add_argument("--out", help="write the rows and run metadata as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -285,7 +364,11 @@ def main(argv=None) -> None:
     print("| model | provider | bits | saved MB | vs aot_eager | grad SQNR dB | step ms | note |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
-    rows = [r for m in args.models.split(",") for r in run_model(m.strip(), bits, args.inner, args.steps, args.dropout)]
+    rows = [
+        r
+        for m in args.models.split(",")
+        for r in run_model(m.strip(), bits, args.inner, args.steps, args.dropout)
+    ]
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -11,7 +11,7 @@ does the same without the import).
 from torch._dynamo import list_backends, register_backend
 
 from . import codegen, passes  # noqa: F401
-from .backend import counters, last_plans, lowbit
+from .backend import counters, last_plans, lowbit, reset
 from .config import LowbitConfig
 from .memory import saved_activation_bytes
 from .plan import Decision, Form, Plan
@@ -22,6 +22,7 @@ if "lowbit" not in list_backends(exclude_tags=()):
 __all__ = [
     "lowbit",
     "last_plans",
+    "reset",
     "counters",
     "LowbitConfig",
     "Plan",

@@ -32,16 +32,23 @@ from .plan import Plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lowbit", "last_plans", "counters", "LowbitPartitioner"]
+__all__ = ["lowbit", "last_plans", "reset", "counters", "LowbitPartitioner"]
 
 _last_plans: list[Plan] = []
 _ordinal = itertools.count()
-counters: Counter = torch._dynamo.utils.counters["fxlowbit"]
+counters: Counter = Counter()  # what the rewrites did; tests assert it (expected zeros included)
 
 
 def last_plans() -> list[Plan]:
-    """Plans of the graphs compiled by the most recent ``lowbit`` compilation, in order."""
+    """Plans of every graph compiled since the last :func:`reset`, in compilation order (a model
+    with graph breaks has several)."""
     return list(_last_plans)
+
+
+def reset() -> None:
+    """Forget recorded plans and zero the counters (``torch._dynamo.reset()`` does not)."""
+    _last_plans.clear()
+    counters.clear()
 
 
 class LowbitPartitioner(CustomPartitionerFn):
@@ -84,16 +91,17 @@ class LowbitPartitioner(CustomPartitionerFn):
         plan = planner.decide(facts.saved, cfg, facts.hints)
         _last_plans.append(plan)
         log.info("fxlowbit plan:\n%s", plan)
-        if cfg.enabled("rewrite_saved"):
-            passes.rewrite_saved.run(
-                fw,
-                bw,
-                plan,
-                num_fwd_outputs=num_fwd_outputs,
-                group_size=cfg.group_size,
-                stream=self.stream,
-                counters=counters,
-            )
+        if not cfg.enabled("rewrite_saved"):
+            return
+        passes.rewrite_saved.run(
+            fw,
+            bw,
+            plan,
+            num_fwd_outputs=num_fwd_outputs,
+            group_size=cfg.group_size,
+            stream=self.stream,
+            counters=counters,
+        )
         counters["graphs_rewritten"] += 1
         counters["saved_bytes_before"] += plan.bytes_before
         counters["saved_bytes_after"] += plan.bytes_after
@@ -109,7 +117,6 @@ def _seed(cfg: LowbitConfig) -> int:
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``)."""
     cfg = LowbitConfig.from_options(options)
-    _last_plans.clear()
     partitioner = LowbitPartitioner(cfg, _seed(cfg))
     if cfg.inner == "eager":
         from torch._dynamo.backends.common import aot_autograd
@@ -129,4 +136,7 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches["custom_partitioner_fn"] = partitioner
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # AOTAutograd's cache would hand back a previous process's graphs without calling our
+    # partitioner (no plan, a stale random stream id): plans are per compilation, so bypass it.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)

@@ -29,6 +29,7 @@ def make(name: str):
 def step(model, inputs, loss_fn, backend="lowbit", options=None, **compile_kw):
     """Compile fresh, run forward+backward once; returns (saved bytes, flat gradient, loss)."""
     torch._dynamo.reset()
+    fxlowbit.reset()
     model.zero_grad(set_to_none=True)
     kw = {"options": options} if options is not None else {}
     compiled = torch.compile(model, backend=backend, **kw, **compile_kw)

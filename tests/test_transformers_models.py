@@ -28,38 +28,85 @@ transformers.logging.set_verbosity_error()
 MODELS = ("gpt2", "bert", "llama")
 VOCAB, BATCH, SEQ, MASK_ID = 128, 4, 64, 1  # ASCII codes; id 1 (SOH) never occurs in the corpus
 
-# Whole-gradient SQNR floors (dB) against the uncompressed reference, seed 0 of the rounding noise.
-# Measured on CPU, torch 2.13, transformers 5.23 (min over rounding seeds 0/1/2; spread = max - min):
-#   bits  gpt2             bert             llama
-#   8     53.8 (spread 1.8) 44.8 (2.5)      52.0 (1.6)
-#   4     29.3 (1.8)        20.6 (2.1)      27.4 (1.4)
-#   2     15.1 (1.4)         6.6 (2.1)      13.5 (1.6)
-# Each floor sits ~2x the largest seed spread (4-5 dB) under the lowest of the three models, so a
-# numerics-only change passes and a lost bit of precision (~6 dB per bit) or a mis-decoded tensor
-# fails. 2 bits gets a low floor: BERT's gradients are dominated by its few masked positions.
-SQNR_FLOOR_DB = {8: 40.0, 4: 16.0, 2: 2.0}
-# 4-bit saved-activation bytes vs aot_eager: measured 4.6-5.3x here; the floor is the design
-# target (~3x) so planner changes that keep a tensor or two exact do not break it.
+# Whole-gradient SQNR floors (dB) against the uncompressed reference, rounding seed 0.
+# Measured on CPU (torch 2.13, transformers 5.23) over 3 rounding seeds x model init 0, and 3 inits
+# (min - max over those 5 runs):
+#   bits  gpt2         bert         llama
+#   8     55.7 - 56.0  47.5 - 48.6  54.9 - 55.7
+#   4     30.8 - 31.2  22.8 - 23.9  30.3 - 31.2
+#   2     16.7 - 17.0   8.3 - 9.6   16.1 - 17.2
+# Largest spread 1.3 dB. Each floor is ~4.5-5 dB under the lowest measurement: 3-4x the spread, so
+# numerics-only changes pass, and under the ~6 dB one bit of precision is worth, so losing a bit or
+# mis-decoding a tensor fails. BERT sits ~8 dB lower at every width (cause not investigated; its loss
+# covers only the 15% masked positions); at 2 bits its floor is low on purpose.
+SQNR_FLOOR_DB = {
+    ("gpt2", 8): 51.0,
+    ("gpt2", 4): 26.0,
+    ("gpt2", 2): 12.0,
+    ("bert", 8): 43.0,
+    ("bert", 4): 18.0,
+    ("bert", 2): 4.0,
+    ("llama", 8): 50.0,
+    ("llama", 4): 25.5,
+    ("llama", 2): 11.5,
+}
+# 4-bit saved-activation bytes vs aot_eager: measured 6.1x (gpt2), 6.0x (bert), 4.6x (llama); the
+# floor is the ~3x asked of the backend, so planner changes that keep a tensor or two exact pass.
 MIN_REDUCTION_4BIT = 3.0
 
 
-def _config(name: str):
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads contending with other processes
+    made these tiny steps ~50x slower (1.5 s instead of 30 ms per step)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(name: str, **overrides):
     tf = transformers
     if name == "gpt2":
-        return tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ, vocab_size=VOCAB,
-                             bos_token_id=2, eos_token_id=3, use_cache=False)
+        return tf.GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=SEQ,
+            vocab_size=VOCAB,
+            bos_token_id=2,
+            eos_token_id=3,
+            use_cache=False,
+            **overrides,
+        )
     if name == "bert":
-        return tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                             intermediate_size=256, vocab_size=VOCAB, max_position_embeddings=SEQ)
-    return tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                          num_key_value_heads=4, intermediate_size=176, vocab_size=VOCAB,
-                          max_position_embeddings=SEQ, use_cache=False)
+        return tf.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=256,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            **overrides,
+        )
+    return tf.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=176,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        **overrides,
+    )
 
 
-def make_model(name: str) -> torch.nn.Module:
+def make_model(name: str, cfg: tuple = ()) -> torch.nn.Module:
+    """Seeded model; ``cfg``: config overrides as ``((key, value), ...)``."""
     torch.manual_seed(0)
     cls = {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llama": "LlamaForCausalLM"}[name]
-    return getattr(transformers, cls)(_config(name)).train()
+    return getattr(transformers, cls)(_config(name, **dict(cfg))).train()
 
 
 @functools.cache
@@ -74,15 +121,15 @@ def batch(name: str, step: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()
-    ])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()]
+    )
 
 
-def one_step(name: str, backend: str, **options) -> tuple[int, torch.Tensor, float]:
+def one_step(name: str, backend: str, cfg: tuple = (), **options) -> tuple[int, torch.Tensor, float]:
     """Saved-activation bytes, flat gradient and loss of one seeded forward+backward."""
     torch._dynamo.reset()
-    model = make_model(name)
+    model = make_model(name, cfg)
     compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
     torch.manual_seed(1)  # the same dropout masks in every run
     with warnings.catch_warnings():
@@ -96,13 +143,13 @@ def one_step(name: str, backend: str, **options) -> tuple[int, torch.Tensor, flo
 # Results are cached so the reference, aot_eager and 4-bit steps are compiled once per model
 # although several tests use them.
 @functools.cache
-def reference(name: str):
-    return one_step(name, "lowbit", inner="eager", seed=0, passes={"rewrite_saved": False})
+def reference(name: str, cfg: tuple = ()):
+    return one_step(name, "lowbit", cfg, inner="eager", seed=0, passes={"rewrite_saved": False})
 
 
 @functools.cache
-def aot_eager(name: str):
-    return one_step(name, "aot_eager")
+def aot_eager(name: str, cfg: tuple = ()):
+    return one_step(name, "aot_eager", cfg)
 
 
 @functools.cache
@@ -118,7 +165,7 @@ def test_gradient_sqnr_floor(name, bits):
     assert loss == pytest.approx(ref_loss, rel=1e-5), "the forward must not change"
     assert torch.isfinite(grad).all()
     sqnr = sqnr_db(ref_grad, grad)
-    assert sqnr >= SQNR_FLOOR_DB[bits], f"{name} {bits}-bit whole-gradient SQNR {sqnr:.1f} dB"
+    assert sqnr >= SQNR_FLOOR_DB[name, bits], f"{name} {bits}-bit whole-gradient SQNR {sqnr:.1f} dB"
     assert fxlowbit.counters["fallback_internal_error"] == 0
 
 
@@ -149,17 +196,28 @@ def test_trains_with_adamw(name):
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses), losses
-    # one fixed batch: six AdamW steps must fit it better (measured drops ~0.3-0.6 nats)
-    assert losses[-1] < losses[0] - 0.05, losses
-    assert fxlowbit.counters["graphs_rewritten"] >= 1
+    # one fixed batch: six AdamW steps must fit it (measured 4.7-4.8 -> 3.3-3.5 nats, i.e. drops of
+    # 1.2-1.45; not monotonic with GPT-2's dropout). Half of the smallest drop as the floor.
+    assert losses[-1] < losses[0] - 0.6, losses
+    assert fxlowbit.counters["saved_quant4"] > 0
+
+
+NO_DROPOUT = (("resid_pdrop", 0.0), ("embd_pdrop", 0.0), ("attn_pdrop", 0.0))
 
 
 def test_gpt2_inner_inductor():
-    """The same rewrite compiled by Inductor: gradients as close as with the eager inner compiler."""
-    _, ref_grad, ref_loss = reference("gpt2")
-    base, _, _ = aot_eager("gpt2")
-    nbytes, grad, loss = one_step("gpt2", "lowbit", inner="inductor", bits=4, seed=0)
+    """The same rewrite compiled by Inductor: gradients as close as with the eager inner compiler.
+
+    Without dropout: Inductor draws its random numbers differently from the eager inner compiler,
+    so with dropout the two runs would not see the same masks."""
+    _, ref_grad, ref_loss = reference("gpt2", NO_DROPOUT)
+    base, _, _ = aot_eager("gpt2", NO_DROPOUT)
+    # Without the on-disk AOTAutograd cache: a hit from an earlier process skips our partitioner, so
+    # the counters asserted below would stay empty (the compiled code itself is right).
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        nbytes, grad, loss = one_step("gpt2", "lowbit", NO_DROPOUT, inner="inductor", bits=4, seed=0)
     assert loss == pytest.approx(ref_loss, rel=1e-4)
-    assert sqnr_db(ref_grad, grad) >= SQNR_FLOOR_DB[4]
+    assert sqnr_db(ref_grad, grad) >= SQNR_FLOOR_DB["gpt2", 4]  # measured 31.8 dB
+    assert fxlowbit.counters["saved_quant4"] > 0
     assert base / nbytes >= MIN_REDUCTION_4BIT
     assert fxlowbit.counters["fallback_internal_error"] == 0
