@@ -10,6 +10,7 @@ runs). Registered through the ``torch_dynamo_backends`` entry point and on ``imp
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import logging
 import warnings
@@ -119,6 +120,7 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     cfg = LowbitConfig.from_options(options)
     partitioner = LowbitPartitioner(cfg, _seed(cfg))
     if cfg.inner == "eager":
+        importlib.import_module("torch._inductor.lowering")  # its max_pool2d decomposition reads it
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
         from torch._inductor.decomposition import select_decomp_table

@@ -31,7 +31,7 @@ _warned: set[str] = set()
 
 __all__ = ["decide", "stored_bytes", "UnsupportedOpError"]
 
-VALUE, COMPARE = "value", "compare"  # mirrors fxlowbit.passes._ops roles (no torch.fx import)
+VALUE, COMPARE, EXACT = "value", "compare", "exact"  # mirrors fxlowbit.passes._ops roles (no torch.fx)
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -84,6 +84,9 @@ def _form(s, cfg: LowbitConfig) -> tuple[str, str, int]:
         return Form.KEEP, f"{str(s.dtype)[6:]} tensor: kept exact", 0
     if not s.uses:
         return Form.KEEP, "no backward use found", 0
+    exact = [u.op for u in s.uses if u.role == EXACT]
+    if exact:
+        return Form.KEEP, f"backward use {exact[0]} needs it exact", 0
     unknown = [u.op for u in s.uses if u.role is None]
     if unknown:
         _warn_once(unknown[0], s.name, cfg.strict)

@@ -15,6 +15,7 @@ prims = torch.ops.prims
 VALUE = "value"  # used arithmetically: bounded unbiased noise is fine
 COMPARE = "compare"  # compared with a scalar: a 1-bit mask of the result is exact
 TRANSPARENT = "transparent"  # a view/copy: look at its users instead
+EXACT = "exact"  # a known consumer that needs this argument exact (kept, no warning)
 
 _ROLES: dict[object, str] = {}
 
@@ -151,18 +152,18 @@ for _name, _idx in (
 
 def role(target, arg_index: int, args) -> str | None:
     """Role of a saved tensor appearing as positional argument ``arg_index`` of ``target``;
-    None if the op is not known to tolerate a compressed saved tensor."""
+    EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
-        return VALUE if arg_index in _ARG_VALUES[target] else None
+        return VALUE if arg_index in _ARG_VALUES[target] else EXACT
     r = _ROLES.get(target)
     if r is None:
         return None
     if target.overloadpacket is aten.div and arg_index != 0:
-        return None
+        return EXACT  # a denominator rounded to 0 would create Inf
     if r == COMPARE:
         # only comparisons with a Python scalar (or `.Scalar` overloads) are mask-exact
         other = args[1 - arg_index] if len(args) > 1 else None
         return COMPARE if isinstance(other, (int, float, bool)) else None
     if target is aten.where.self and arg_index == 0:
-        return None  # a float condition would be odd; be safe
+        return EXACT  # a float condition would be odd; be safe
     return r

@@ -6,9 +6,9 @@ import warnings
 import pytest
 import sympy
 import torch
-from fxlowbit.passes.analyze import SavedTensor, Use
 
 from fxlowbit import LowbitConfig, planner
+from fxlowbit.passes.analyze import SavedTensor, Use
 
 CFG = LowbitConfig(bits=4, min_bytes=1024)
 MM = Use("aten.mm.default", "value")
@@ -120,3 +120,11 @@ def test_plan_totals_and_bits_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plan.count("quant") == 1 and plan.count("mask") == 1
+
+
+def test_known_exact_use_keeps_without_warning(recwarn):
+    planner._warned.clear()
+    lse = Use("aten._scaled_dot_product_flash_attention_for_cpu_backward.default", "exact")
+    d = decide_one(saved(uses=(MM, lse)))
+    assert d.form == "keep" and "needs it exact" in d.reason
+    assert not recwarn.list

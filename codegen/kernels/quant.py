@@ -80,6 +80,19 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((codes.unsqueeze(-1) >> shifts) & mask).view(codes.shape[0], codes.shape[1] * (8 // bits))
 
 
+def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
+    scale = (hi - lo) / levels
+    return torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)  # hi - lo overflowed
+
+
+def _normalise(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x - lo) / scale per group, 0 for constant groups, without overflowing x - lo."""
+    safe = torch.where(scale > 0, scale, 1.0)[:, None]
+    v = (x - lo[:, None]) / safe
+    # groups spanning more than fp32's max: halve both sides so x - lo cannot overflow
+    return torch.where(torch.isinf(v), (x * 0.5 - lo[:, None] * 0.5) / (safe * 0.5), v)
+
+
 def quantize_pack_reference(
     x: torch.Tensor, bits: int, group_size: int = 256, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,23 +106,22 @@ def quantize_pack_reference(
     _check(bits, group_size)
     levels = (1 << bits) - 1
     g = _grouped(x, group_size)  # (n, G) fp32
+    u = torch.full_like(g, 0.5) if noise is None else noise.reshape(g.shape).float()
     finite = torch.isfinite(g)
-    lo = torch.where(finite, g, torch.inf).amin(1) if g.numel() else g.new_zeros(0)
-    hi = torch.where(finite, g, -torch.inf).amax(1) if g.numel() else g.new_zeros(0)
+    if bool(finite.all()):  # the common case: no NaN/Inf anywhere, no special groups
+        lo, hi = g.amin(1), g.amax(1)
+        scale = _scale(lo, hi, levels)
+        q = torch.minimum(torch.floor(_normalise(g, lo, scale) + u).clamp_min(0), torch.tensor(levels))
+        return pack_codes(q, bits), torch.stack([lo, scale], 1)
+    lo = torch.where(finite, g, torch.inf).amin(1)
+    hi = torch.where(finite, g, -torch.inf).amax(1)
     special = ~finite.all(1)  # (n,) groups holding NaN/Inf
     all_special = torch.isinf(lo)  # no finite value at all
     lo = torch.where(all_special, 0.0, lo)
     hi = torch.where(all_special, 0.0, hi)
     usable = levels - special.to(torch.int32)  # special groups keep the top code for non-finite
-    scale = (hi - lo) / usable
-    scale = torch.where(torch.isinf(scale), hi / usable - lo / usable, scale)  # hi - lo overflowed
-    safe = torch.where(scale > 0, scale, 1.0)[:, None]
-    u = torch.full_like(g, 0.5) if noise is None else noise.reshape(g.shape).float()
-    x = torch.where(finite, g, lo[:, None])
-    v = (x - lo[:, None]) / safe
-    # groups spanning more than fp32's max: halve both sides so x - lo cannot overflow
-    v = torch.where(torch.isinf(v), (x * 0.5 - lo[:, None] * 0.5) / (safe * 0.5), v)
-    q = torch.floor(v + u)
+    scale = _scale(lo, hi, usable)
+    q = torch.floor(_normalise(torch.where(finite, g, lo[:, None]), lo, scale) + u)
     q = torch.minimum(q.clamp_min(0), usable[:, None].float())
     q = torch.where(finite, q, float(levels))
     # Encode the special flag and non-finite kind into the stored scale's bit pattern.
@@ -144,14 +156,20 @@ def dequantize_unpack_reference(
     lo = meta[:, 0:1]
     sbits = meta[:, 1:2].contiguous().view(torch.int32)
     special = sbits < 0
-    kind = sbits & 3
-    scale = torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
+    any_special = bool(special.any())
+    scale = (
+        torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
+        if any_special
+        else meta[:, 1:2]
+    )
     half = q * (scale * 0.5)
     x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
-    nonfinite = torch.where(
-        kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
-    )
-    x = torch.where(special & (q == levels), nonfinite, x)
+    if any_special:
+        kind = sbits & 3
+        nonfinite = torch.where(
+            kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
+        )
+        x = torch.where(special & (q == levels), nonfinite, x)
     numel = 1
     for s in shape:
         numel *= s

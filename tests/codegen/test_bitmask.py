@@ -6,6 +6,7 @@ hand-computed bytes; strides requested on unpack are honoured; wrong dtypes rais
 
 import pytest
 import torch
+
 from fxlowbit.codegen.kernels.bitmask import (
     pack_mask_reference,
     packed_mask_numel,

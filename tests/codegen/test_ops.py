@@ -7,11 +7,11 @@ which is what opcheck and the eager-vs-compiled comparisons use.
 
 import pytest
 import torch
-from fxlowbit.codegen import rng
-from fxlowbit.codegen.kernels.quant import quantize_pack_reference
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fxlowbit  # noqa: F401  (registers the fxlowbit:: ops)
+from fxlowbit.codegen import rng
+from fxlowbit.codegen.kernels.quant import quantize_pack_reference
 
 ops = torch.ops.fxlowbit
 NEAREST = -1

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from fxlowbit.codegen.kernels.quant import (
     BITS,
     dequantize_unpack_reference,
