@@ -64,7 +64,7 @@ from fxlowbit.examples import sqnr_db
 MODELS = ("mlp", "cnn", "tinygpt", "gpt2", "bert", "llama")
 BUDGETS = (0.5, 0.1)
 FP8_FORCED = {"allowed_dtypes": "torch.float32", "size_in_mb": 0.0, "use_scaling": True}
-VOCAB, BATCH, SEQ, MASK_ID = 128, 4, 64, 1  # char-level: ASCII codes; id 1 (SOH) never occurs
+VOCAB, SEQ, BATCH = examples.HF_VOCAB, examples.HF_SEQ, 4  # char-level: ASCII codes
 
 
 @dataclasses.dataclass
@@ -99,57 +99,10 @@ def _text_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hf_case(name: str, p: float) -> Case:
-    """GPT-2 / BERT / Llama from small configs (2 layers, hidden 64, 4 heads, vocab 128)."""
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
+    """GPT-2 / BERT / Llama from small configs (see fxlowbit.examples.hf_model)."""
     idx, _ = _text_batch()
-    if name == "gpt2":
-        cfg = tf.GPT2Config(
-            n_layer=2,
-            n_embd=64,
-            n_head=4,
-            n_positions=SEQ,
-            vocab_size=VOCAB,
-            bos_token_id=2,
-            eos_token_id=3,
-            use_cache=False,
-            resid_pdrop=p,
-            embd_pdrop=p,
-            attn_pdrop=p,
-        )
-        make, inputs = (lambda: tf.GPT2LMHeadModel(cfg)), {"input_ids": idx, "labels": idx}
-    elif name == "llama":
-        cfg = tf.LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=176,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            use_cache=False,
-            attention_dropout=p,
-        )
-        make, inputs = (lambda: tf.LlamaForCausalLM(cfg)), {"input_ids": idx, "labels": idx}
-    elif name == "bert":
-        cfg = tf.BertConfig(
-            num_hidden_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            intermediate_size=256,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            hidden_dropout_prob=p,
-            attention_probs_dropout_prob=p,
-        )
-        # masked LM: 15% of positions replaced by MASK_ID, loss only there
-        masked = torch.rand(idx.shape, generator=torch.Generator().manual_seed(0)) < 0.15
-        inputs = {"input_ids": idx.masked_fill(masked, MASK_ID), "labels": idx.masked_fill(~masked, -100)}
-        make = lambda: tf.BertForMaskedLM(cfg)  # noqa: E731
-    else:
-        raise ValueError(name)
-    return Case(name, _seeded(make), inputs, lambda m, b: m(**b).loss)
+    return Case(name, _seeded(lambda: examples.hf_model(name, p)), examples.hf_batch(name, idx),
+                lambda m, b: m(**b).loss)  # fmt: skip
 
 
 def make_case(name: str, p: float = 0.0) -> Case:

@@ -25,6 +25,8 @@ __all__ = [
     "stdlib_text",
     "char_batches",
     "sqnr_db",
+    "hf_model",
+    "hf_batch",
 ]
 
 # Standard-library sources used as the text corpus: fixed names so every machine reads the same.
@@ -125,6 +127,50 @@ class TinyGPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# Small `transformers` models (no downloads): char-level vocabulary of ASCII codes; id 1 (SOH) never
+# occurs in the corpus and serves as BERT's mask token.
+HF_VOCAB, HF_SEQ, HF_MASK_ID = 128, 64, 1
+_HF_DROPOUT_KEYS = {
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "llama": ("attention_dropout",),
+}
+
+
+def hf_model(name: str, dropout: float | None = None, **overrides) -> nn.Module:
+    """GPT-2 / BERT / Llama from small configs (2 layers, hidden 64, 4 heads, vocab 128, seq 64),
+    in train mode. ``dropout`` sets every dropout probability (None keeps the config's defaults)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    common = dict(vocab_size=HF_VOCAB, **overrides)
+    if dropout is not None:
+        common.update(dict.fromkeys(_HF_DROPOUT_KEYS[name], dropout))
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=HF_SEQ, bos_token_id=2,
+                            eos_token_id=3, use_cache=False, **common)  # fmt: skip
+        return tf.GPT2LMHeadModel(cfg).train()
+    if name == "bert":
+        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                            intermediate_size=256, max_position_embeddings=HF_SEQ, **common)  # fmt: skip
+        return tf.BertForMaskedLM(cfg).train()
+    if name == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=176,
+                             max_position_embeddings=HF_SEQ, use_cache=False, **common)  # fmt: skip
+        return tf.LlamaForCausalLM(cfg).train()
+    raise ValueError(f"unknown transformers model {name!r}; valid: gpt2, bert, llama")
+
+
+def hf_batch(name: str, idx: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keyword inputs for :func:`hf_model`: causal LMs get labels = inputs (the model shifts them);
+    BERT gets 15% of positions masked, with the loss only there."""
+    if name != "bert":
+        return {"input_ids": idx, "labels": idx}
+    masked = torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)) < 0.15
+    return {"input_ids": idx.masked_fill(masked, HF_MASK_ID), "labels": idx.masked_fill(~masked, -100)}
 
 
 @functools.cache

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 MODELS = ("gpt2", "bert", "llama")
-VOCAB, BATCH, SEQ, MASK_ID = 128, 4, 64, 1  # ASCII codes; id 1 (SOH) never occurs in the corpus
+BATCH, SEQ = 4, examples.HF_SEQ
 
 # Whole-gradient SQNR floors (dB) against the uncompressed reference, rounding seed 0.
 # Measured on CPU (torch 2.13, transformers 5.23) over 3 rounding seeds x model init 0, and 3 inits
@@ -65,48 +65,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _config(name: str, **overrides):
-    tf = transformers
-    if name == "gpt2":
-        return tf.GPT2Config(
-            n_layer=2,
-            n_embd=64,
-            n_head=4,
-            n_positions=SEQ,
-            vocab_size=VOCAB,
-            bos_token_id=2,
-            eos_token_id=3,
-            use_cache=False,
-            **overrides,
-        )
-    if name == "bert":
-        return tf.BertConfig(
-            num_hidden_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            intermediate_size=256,
-            vocab_size=VOCAB,
-            max_position_embeddings=SEQ,
-            **overrides,
-        )
-    return tf.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=176,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        use_cache=False,
-        **overrides,
-    )
-
-
 def make_model(name: str, cfg: tuple = ()) -> torch.nn.Module:
     """Seeded model; ``cfg``: config overrides as ``((key, value), ...)``."""
     torch.manual_seed(0)
-    cls = {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llama": "LlamaForCausalLM"}[name]
-    return getattr(transformers, cls)(_config(name, **dict(cfg))).train()
+    return examples.hf_model(name, **dict(cfg))
 
 
 @functools.cache
@@ -114,10 +76,7 @@ def batch(name: str, step: int = 0) -> dict[str, torch.Tensor]:
     """Causal LM: labels = inputs (the model shifts them). BERT: 15% of positions masked."""
     data = examples.stdlib_text()
     idx = list(examples.char_batches(data, BATCH, SEQ, steps=step + 1, seed=0))[step][0]
-    if name != "bert":
-        return {"input_ids": idx, "labels": idx}
-    masked = torch.rand(idx.shape, generator=torch.Generator().manual_seed(step)) < 0.15
-    return {"input_ids": idx.masked_fill(masked, MASK_ID), "labels": idx.masked_fill(~masked, -100)}
+    return examples.hf_batch(name, idx, seed=step)
 
 
 def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
