@@ -13,9 +13,25 @@ import torch
 
 from . import rng
 from .kernels.bitmask import pack_mask_reference, packed_mask_numel, unpack_mask_reference
-from .kernels.quant import dequantize_unpack_reference, packed_shapes, quantize_pack_reference
+from .kernels.quant import (
+    dequantize_unpack_reference,
+    hash_uniform,
+    packed_shapes,
+    quantize_pack_reference,
+)
 
-__all__ = ["quantize_pack", "dequantize_unpack", "pack_mask", "unpack_mask"]
+__all__ = ["quantize_pack", "dequantize_unpack", "pack_mask", "unpack_mask", "draw_seed"]
+
+
+@torch.library.custom_op("fxlowbit::draw_seed", mutates_args=())
+def draw_seed(like: torch.Tensor, stream: int) -> torch.Tensor:
+    """Next seed of random stream ``stream`` (int64 scalar on ``like``'s device)."""
+    return rng.draw_seed(stream, like.device)
+
+
+@draw_seed.register_fake
+def _(like, stream):
+    return like.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("fxlowbit::quantize_pack", mutates_args=())
@@ -24,11 +40,13 @@ def quantize_pack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastically quantize ``x`` to ``bits`` per element in groups of ``group_size``.
 
-    Returns ``(codes uint8 (n_groups, G*bits/8), meta fp32 (n_groups, 2))``; the rounding noise
-    comes from random stream ``stream`` (negative: round to nearest).
+    Returns ``(codes uint8 (n_groups, G*bits/8), meta fp32 (n_groups, 2))``; the rounding noise is
+    ``hash_uniform`` of the next seed of random stream ``stream`` (negative: round to nearest).
     """
+    if stream < 0:
+        return quantize_pack_reference(x, bits, group_size, None)
     n_groups = -(-x.numel() // group_size)
-    noise = rng.uniform(stream, (n_groups, group_size), x.device)
+    noise = hash_uniform(rng.draw_seed(stream, x.device), n_groups, group_size)
     return quantize_pack_reference(x, bits, group_size, noise)
 
 

@@ -1,7 +1,9 @@
 """Seeded random streams for stochastic rounding.
 
-Each compiled graph owns a stream id; the quantize op draws its rounding noise from that stream's
-generator, so a given seed reproduces a run exactly while successive steps still get fresh noise.
+Each compiled graph owns a stream id. Every quantization draws one 62-bit seed from its stream's
+generator (on the CPU, whatever the device) and derives the per-element noise from it with a
+counter-based hash (:func:`~fxlowbit.codegen.kernels.quant.hash_uniform`), so a given seed
+reproduces a run exactly, on any device and inner compiler, while successive steps get fresh noise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 _lock = threading.Lock()
 _next_id = itertools.count()
 _seeds: dict[int, int] = {}
-_generators: dict[tuple[int, str], torch.Generator] = {}
+_generators: dict[int, torch.Generator] = {}
 
 
 def new_stream(seed: int) -> int:
@@ -25,20 +27,15 @@ def new_stream(seed: int) -> int:
         return sid
 
 
-def generator(stream: int, device: torch.device) -> torch.Generator:
-    key = (stream, str(device))
-    gen = _generators.get(key)
+def generator(stream: int) -> torch.Generator:
+    gen = _generators.get(stream)
     if gen is None:
         if stream not in _seeds:
             raise KeyError(f"fxlowbit: unknown random stream {stream}")
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_seeds[stream])
-        _generators[key] = gen
+        gen = _generators[stream] = torch.Generator().manual_seed(_seeds[stream])
     return gen
 
 
-def uniform(stream: int, shape, device: torch.device) -> torch.Tensor:
-    """``U[0, 1)`` fp32 noise of ``shape`` from the stream (``stream < 0``: round to nearest)."""
-    if stream < 0:
-        return torch.full(shape, 0.5, device=device)
-    return torch.rand(shape, generator=generator(stream, device), device=device)
+def draw_seed(stream: int, device: torch.device) -> torch.Tensor:
+    """The next seed of ``stream``: an int64 scalar tensor in ``[0, 2**62)`` on ``device``."""
+    return torch.randint(0, 2**62, (), generator=generator(stream), dtype=torch.int64).to(device)

@@ -102,6 +102,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             group_size=cfg.group_size,
             stream=self.stream,
             counters=counters,
+            inline=cfg.inner == "inductor",
         )
         counters["graphs_rewritten"] += 1
         counters["saved_bytes_before"] += plan.bytes_before

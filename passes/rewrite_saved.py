@@ -18,10 +18,15 @@ from collections import Counter
 import sympy
 import torch
 import torch.fx as fx
+from torch._prims_common import make_contiguous_strides_for
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._sympy.functions import FloorDiv
 
+from ..codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
+from ..codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_traceable
 from ..plan import Form, Plan
 from . import _ops
+from ._inline import inline
 
 log = logging.getLogger(__name__)
 lowbit = torch.ops.fxlowbit
@@ -103,6 +108,7 @@ def _placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.
 class _Rewriter:
     def __init__(
         self,
+        inline: bool,
         fw: fx.GraphModule,
         bw: fx.GraphModule,
         num_fwd_outputs: int,
@@ -110,13 +116,14 @@ class _Rewriter:
         stream: int,
         counters: Counter,
     ):
+        self.inline = inline
         self.fg, self.bg = fw.graph, bw.graph
         self.group_size, self.stream, self.counters = group_size, stream, counters
         self.out_node = self.fg.find_nodes(op="output")[0]
         self.outputs = list(self.out_node.args[0])
         self.new_outputs = self.outputs[:num_fwd_outputs]
         self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
-        self.stored: list = []  # (old placeholder, bw part placeholders, decode (op, args), users or None)
+        self.stored: list = []  # (old placeholder, decode builder, comparison users or None)
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -126,27 +133,65 @@ class _Rewriter:
         self.new_outputs.extend(parts)
         return [_placeholder_like(self.bg, ph, p) for p in parts]
 
+    def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str]) -> list[fx.Node]:
+        """Insert the packing of ``node`` right after its producer, inlined (traced ``fn``) or as
+        the opaque ``op``; returns the packed forward nodes."""
+        with self.fg.inserting_before(node.next):
+            if self.inline:
+                if fn is quantize_pack_traceable:
+                    seed = _call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
+                    out = inline(self.fg, fn, [node, seed, *args])
+                else:
+                    out = inline(self.fg, fn, [node, *args])
+            else:
+                out = _call(self.fg, op, (node, *args, *([self.stream] if op is _QUANT_OP else [])))
+                if op is _QUANT_OP:
+                    out = tuple(_call(self.fg, operator.getitem, (out, i)) for i in range(2))
+        parts = list(out) if isinstance(out, (tuple, list)) else [out]
+        for part, name in zip(parts, names, strict=True):
+            part._rename(f"{node.name}_{name}")
+        return parts
+
+    def _decoder(self, val, traceable, op, parts: list[fx.Node], consts: tuple):
+        """A function building the decode of ``parts`` in the backward graph."""
+        shape, stride = list(val.shape), list(val.stride())
+        contiguous = all(
+            statically_known_true(a == b)
+            for a, b in zip(stride, make_contiguous_strides_for(shape), strict=True)
+        )
+
+        def build(syms) -> fx.Node:
+            if self.inline and contiguous:
+                return inline(self.bg, traceable, [*parts, *consts[:-1], syms(shape), *consts[-1:]])
+            return _call(self.bg, op, (*parts, *consts[:-1], syms(shape), syms(stride), *consts[-1:]))
+
+        return build
+
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
         val = node.meta["val"]
-        with self.fg.inserting_after(node):
-            qp = _call(self.fg, lowbit.quantize_pack.default, (node, bits, self.group_size, self.stream))
-        with self.fg.inserting_after(qp):
-            codes = _call(self.fg, operator.getitem, (qp, 0), f"{node.name}_codes")
-        with self.fg.inserting_after(codes):
-            meta = _call(self.fg, operator.getitem, (qp, 1), f"{node.name}_qmeta")
-        codes, meta = self.emit(node, ph, [codes, meta])
-        args = (codes, meta, bits, self.group_size, list(val.shape), list(val.stride()), val.dtype)
-        self.stored.append((ph, (lowbit.dequantize_unpack.default, args), None))
+        packed = self._pack(
+            node, quantize_pack_traceable, _QUANT_OP, (bits, self.group_size), ["codes", "qmeta"]
+        )
+        parts = self.emit(node, ph, packed)
+        decode = self._decoder(
+            val,
+            _dequant_traceable,
+            lowbit.dequantize_unpack.default,
+            parts,
+            (bits, self.group_size, val.dtype),
+        )
+        self.stored.append((ph, decode, None))
         self.counters[f"saved_quant{bits}"] += 1
 
-    def mask(self, node: fx.Node, ph: fx.Node) -> None:
-        val = node.meta["val"]
-        with self.fg.inserting_after(node):
-            packed = _call(self.fg, lowbit.pack_mask.default, (node,), f"{node.name}_bits")
-        (packed,) = self.emit(node, ph, [packed])
-        self.stored.append(
-            (ph, (lowbit.unpack_mask.default, (packed, list(val.shape), list(val.stride()))), None)
+    def _mask_parts(self, node: fx.Node, ph: fx.Node, source: fx.Node, name: str):
+        packed = self._pack(source, pack_mask_traceable, lowbit.pack_mask.default, (), [name])
+        parts = self.emit(node, ph, packed)
+        return self._decoder(
+            source.meta["val"], _unpack_mask_traceable, lowbit.unpack_mask.default, parts, ()
         )
+
+    def mask(self, node: fx.Node, ph: fx.Node) -> None:
+        self.stored.append((ph, self._mask_parts(node, ph, node, "bits"), None))
         self.counters["saved_mask"] += 1
 
     def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
@@ -155,29 +200,20 @@ class _Rewriter:
         for user in _through_identities(ph):
             if user.op == "call_function" and user.target.overloadpacket in _COMPARISONS:
                 groups.setdefault((user.target, user.args[1]), []).append(user)
-        anchor = node
         for (target, scalar), users in groups.items():
-            with self.fg.inserting_after(anchor):
+            with self.fg.inserting_after(node):
                 cmp = _call(self.fg, target, (node, scalar))
-            with self.fg.inserting_after(cmp):
-                anchor = _call(self.fg, lowbit.pack_mask.default, (cmp,), f"{node.name}_cmpbits")
-            (packed,) = self.emit(node, ph, [anchor])
-            cval = cmp.meta["val"]
-            decode = (lowbit.unpack_mask.default, (packed, list(cval.shape), list(cval.stride())))
-            self.stored.append((ph, decode, users))
+            self.stored.append((ph, self._mask_parts(node, ph, cmp, "cmpbits"), users))
             self.counters["saved_cmp_mask"] += 1
 
     def decode_all(self) -> None:
         """Decode each stored value just before its first backward use."""
         syms = _SymBuilder(self.bg)
         order = {n: i for i, n in enumerate(self.bg.nodes)}
-        for ph, (target, args), users in self.stored:
-            if users is None:
-                first = _first_user(self.bg, [ph])
-            else:
-                first = min(users, key=order.__getitem__)
+        for ph, build, users in self.stored:
+            first = _first_user(self.bg, [ph]) if users is None else min(users, key=order.__getitem__)
             with self.bg.inserting_before(first):
-                value = _call(self.bg, target, syms(list(args)), f"{ph.name}_decoded")
+                value = build(syms)
             if users is None:
                 ph.replace_all_uses_with(value)
             else:
@@ -190,6 +226,17 @@ class _Rewriter:
             self.bg.erase_node(ph)
         self.out_node.args = (tuple(self.new_outputs),)
         self.bg.eliminate_dead_code()  # identity ops left without users by moved comparisons
+
+
+_QUANT_OP = lowbit.quantize_pack.default
+
+
+def _dequant_traceable(codes, meta, bits, group_size, shape, dtype):
+    return dequantize_unpack_traceable(codes, meta, bits, group_size, shape, dtype)
+
+
+def _unpack_mask_traceable(packed, shape):
+    return unpack_mask_traceable(packed, shape)
 
 
 def _through_identities(node: fx.Node):
@@ -219,9 +266,13 @@ def run(
     group_size: int,
     stream: int,
     counters: Counter | None = None,
+    inline: bool = False,
 ) -> None:
-    """Apply ``plan`` to the partitioned pair in place."""
-    rw = _Rewriter(fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters)
+    """Apply ``plan`` to the partitioned pair in place. ``inline``: trace the pure-torch pack and
+    decode functions into the graphs (for Inductor to fuse) instead of calling the opaque ops."""
+    rw = _Rewriter(
+        inline, fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters
+    )
     decisions = plan.by_name()
     for node in rw.outputs[num_fwd_outputs:]:
         d = decisions.get(node.name) if isinstance(node, fx.Node) else None

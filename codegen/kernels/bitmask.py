@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_mask_reference", "unpack_mask_reference", "packed_mask_numel"]
+__all__ = [
+    "pack_mask_reference",
+    "unpack_mask_reference",
+    "pack_mask_traceable",
+    "unpack_mask_traceable",
+    "packed_mask_numel",
+]
 
 
 def packed_mask_numel(numel):
@@ -20,23 +26,32 @@ def pack_mask_reference(mask: torch.Tensor) -> torch.Tensor:
     """``mask``: bool, any shape -> uint8 ``(ceil(numel / 8),)``."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask expects a bool tensor, got {mask.dtype}")
+    return pack_mask_traceable(mask)
+
+
+def pack_mask_traceable(mask: torch.Tensor) -> torch.Tensor:
+    """Branch-free body of :func:`pack_mask_reference` (traceable with symbolic sizes)."""
     flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
     shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
     return (flat.view(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask_traceable(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Contiguous, branch-free :func:`unpack_mask_reference` (traceable with symbolic sizes)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool().view(shape)
 
 
 def unpack_mask_reference(packed: torch.Tensor, shape, stride=None) -> torch.Tensor:
     """Inverse of :func:`pack_mask_reference`."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"unpack_mask expects uint8 bytes, got {packed.dtype}")
-    numel = 1
-    for s in shape:
-        numel *= s
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool().view(shape)
+    bits = unpack_mask_traceable(packed, shape)
+    numel = bits.numel()
     if stride is not None and tuple(bits.stride()) != tuple(stride) and numel > 0:
         bits = torch.empty_strided(shape, stride, dtype=torch.bool, device=packed.device).copy_(bits)
     return bits

@@ -30,12 +30,45 @@ __all__ = [
     "BITS",
     "quantize_pack_reference",
     "dequantize_unpack_reference",
+    "quantize_pack_traceable",
+    "dequantize_unpack_traceable",
+    "hash_uniform",
     "packed_shapes",
 ]
 
 BITS = (2, 4, 8)
 _KIND_NAN, _KIND_POSINF, _KIND_NEGINF = 0, 1, 2
 _SIGN = -(2**31)  # int32 bit pattern of the sign bit
+
+
+def _i32(c: int) -> int:
+    """A uint32 constant as the int32 with the same bits."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 hash on int32 tensors holding uint32 bits (wrapping multiplies; right
+    shifts masked to be logical)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _i32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _i32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hash_uniform(seed: torch.Tensor, n_groups, group_size: int) -> torch.Tensor:
+    """Counter-based ``U[0, 1)`` noise, fp32 ``(n_groups, G)``: element ``i`` gets
+    ``hash32(hash32(i ^ s_lo) ^ s_hi) >> 8`` scaled by ``2**-24`` (uint32 arithmetic, ``i`` taken
+    mod ``2**32``), with ``seed = s_hi << 32 | s_lo``.
+
+    Pure integer arithmetic, so eager, Inductor and Triton kernels draw identical bits. The 24-bit
+    resolution biases stochastic rounding by at most ``2**-24`` of a step, below fp32's own rounding.
+    """
+    i = torch.arange(n_groups * group_size, device=seed.device, dtype=torch.int32)
+    s_lo = (seed & 0xFFFFFFFF).to(torch.int32)  # wraps to the same 32 bits
+    s_hi = ((seed >> 32) & 0xFFFFFFFF).to(torch.int32)
+    x = _hash32(_hash32(i ^ s_lo) ^ s_hi)
+    return (((x >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24).view(n_groups, group_size)
 
 
 def _check(bits: int, group_size: int) -> None:
@@ -55,20 +88,18 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     # x: any shape -> (n_groups, G) fp32, logical order, last group padded with its last element
     flat = x.reshape(-1).float()
     pad = (-flat.numel()) % group_size
-    if pad:
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    flat = torch.cat([flat, flat[-1:].expand(pad)])  # no branch: traceable with symbolic sizes
     return flat.view(-1, group_size)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """(n, G) integer codes < 2**bits -> (n, G*bits//8) uint8, lowest bits first."""
-    q = q.to(torch.uint8)
-    if bits == 8:
-        return q
+    q = q.to(torch.uint8, copy=True)  # never an alias of the input
     per = 8 // bits
-    q = q.view(q.shape[0], q.shape[1] // per, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
-    return (q << shifts).sum(-1, dtype=torch.uint8)
+    out = q[:, 0::per]
+    for j in range(1, per):  # pointwise over strided slices: vectorises where a sum would not
+        out = out | (q[:, j::per] << (j * bits))
+    return out
 
 
 def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -85,12 +116,43 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
     return torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)  # hi - lo overflowed
 
 
-def _normalise(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(x - lo) / scale per group, 0 for constant groups, without overflowing x - lo."""
+def _codes(g, u, lo, hi, usable):
+    """Stochastically rounded codes (n, G) fp32 in ``[0, usable]`` and the per-group scale."""
+    scale = _scale(lo, hi, usable)
+    # groups spanning more than fp32's max work at half scale so that x - lo cannot overflow
+    half = torch.where(torch.isinf(hi - lo), 0.5, 1.0)[:, None]
     safe = torch.where(scale > 0, scale, 1.0)[:, None]
-    v = (x - lo[:, None]) / safe
-    # groups spanning more than fp32's max: halve both sides so x - lo cannot overflow
-    return torch.where(torch.isinf(v), (x * 0.5 - lo[:, None] * 0.5) / (safe * 0.5), v)
+    v = (g * half - lo[:, None] * half) / (safe * half)
+    return torch.minimum(torch.floor(v + u).clamp_min(0), usable[:, None]), scale
+
+
+def _quantize_general(g: torch.Tensor, u: torch.Tensor, finite: torch.Tensor, bits: int):
+    """Branch-free quantization of groups ``g`` (n, G) with noise ``u``, NaN/Inf handled."""
+    levels = (1 << bits) - 1
+    lo = torch.where(finite, g, torch.inf).amin(1)
+    hi = torch.where(finite, g, -torch.inf).amax(1)
+    # One reduction names a group's non-finite values: 0 if none, else NaN, +Inf or -Inf (a mix
+    # of +Inf and -Inf sums to NaN), which is exactly what the top code will decode to.
+    nonfinite = torch.where(finite, 0.0, g).sum(1)
+    special = ~torch.isfinite(nonfinite)
+    empty = torch.isinf(lo)  # no finite value at all
+    lo = torch.where(empty, 0.0, lo)
+    hi = torch.where(empty, 0.0, hi)
+    usable = levels - special.float()  # special groups keep the top code for non-finite
+    q, scale = _codes(torch.where(finite, g, lo[:, None]), u, lo, hi, usable)
+    q = torch.where(finite, q, float(levels))
+    kind = torch.where(nonfinite > 0, _KIND_POSINF, torch.where(nonfinite < 0, _KIND_NEGINF, _KIND_NAN))
+    sbits = scale.view(torch.int32)
+    sbits = torch.where(special, (sbits & ~3) | kind.to(torch.int32) | _SIGN, sbits)
+    return pack_codes(q, bits), torch.stack([lo, sbits.view(torch.float32)], 1)
+
+
+def quantize_pack_traceable(x: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int):
+    """:func:`quantize_pack_reference` with :func:`hash_uniform` noise and no data-dependent
+    branches, so it can be traced into a graph and fused by Inductor (same results)."""
+    g = _grouped(x, group_size)
+    u = hash_uniform(seed, g.shape[0], group_size)
+    return _quantize_general(g, u, torch.isfinite(g), bits)
 
 
 def quantize_pack_reference(
@@ -110,33 +172,44 @@ def quantize_pack_reference(
     finite = torch.isfinite(g)
     if bool(finite.all()):  # the common case: no NaN/Inf anywhere, no special groups
         lo, hi = g.amin(1), g.amax(1)
-        scale = _scale(lo, hi, levels)
-        q = torch.minimum(torch.floor(_normalise(g, lo, scale) + u).clamp_min(0), torch.tensor(levels))
+        q, scale = _codes(g, u, lo, hi, torch.full_like(lo, levels))
         return pack_codes(q, bits), torch.stack([lo, scale], 1)
-    lo = torch.where(finite, g, torch.inf).amin(1)
-    hi = torch.where(finite, g, -torch.inf).amax(1)
-    special = ~finite.all(1)  # (n,) groups holding NaN/Inf
-    all_special = torch.isinf(lo)  # no finite value at all
-    lo = torch.where(all_special, 0.0, lo)
-    hi = torch.where(all_special, 0.0, hi)
-    usable = levels - special.to(torch.int32)  # special groups keep the top code for non-finite
-    scale = _scale(lo, hi, usable)
-    q = torch.floor(_normalise(torch.where(finite, g, lo[:, None]), lo, scale) + u)
-    q = torch.minimum(q.clamp_min(0), usable[:, None].float())
-    q = torch.where(finite, q, float(levels))
-    # Encode the special flag and non-finite kind into the stored scale's bit pattern.
-    has_nan = torch.isnan(g).any(1)
-    has_pos = (g == torch.inf).any(1)
-    has_neg = (g == -torch.inf).any(1)
-    kind = torch.where(
-        has_nan | (has_pos & has_neg),
-        _KIND_NAN,
-        torch.where(has_pos, _KIND_POSINF, _KIND_NEGINF),
-    ).to(torch.int32)
-    sbits = scale.view(torch.int32)
-    sbits = torch.where(special, (sbits & ~3) | kind | _SIGN, sbits)
-    meta = torch.stack([lo, sbits.view(torch.float32)], 1)
-    return pack_codes(q, bits), meta
+    return _quantize_general(g, u, finite, bits)
+
+
+def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) -> torch.Tensor:
+    """(n, G) fp32 values from codes and meta; ``specials=False`` skips the NaN/Inf decoding."""
+    levels = (1 << bits) - 1
+    q = unpack_codes(codes, bits).float()  # (n, G)
+    lo, scale = meta[:, 0:1], meta[:, 1:2]
+    if specials:
+        sbits = scale.contiguous().view(torch.int32)
+        special = sbits < 0
+        scale = torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
+    half = q * (scale * 0.5)
+    x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
+    if specials:
+        kind = sbits & 3
+        nonfinite = torch.where(
+            kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
+        )
+        x = torch.where(special & (q == levels), nonfinite, x)
+    return x
+
+
+def _numel(shape):
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel
+
+
+def dequantize_unpack_traceable(
+    codes: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, shape, dtype: torch.dtype
+) -> torch.Tensor:
+    """Branch-free :func:`dequantize_unpack_reference` (contiguous result), for tracing."""
+    x = _decode(codes, meta, bits, specials=True)
+    return x.reshape(-1)[: _numel(shape)].to(dtype).view(shape)
 
 
 def dequantize_unpack_reference(
@@ -151,28 +224,9 @@ def dequantize_unpack_reference(
     """Inverse of :func:`quantize_pack_reference`: returns a ``dtype`` tensor of ``shape``
     (with ``stride`` if given, else contiguous)."""
     _check(bits, group_size)
-    levels = (1 << bits) - 1
-    q = unpack_codes(codes, bits).float()  # (n, G)
-    lo = meta[:, 0:1]
-    sbits = meta[:, 1:2].contiguous().view(torch.int32)
-    special = sbits < 0
-    any_special = bool(special.any())
-    scale = (
-        torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
-        if any_special
-        else meta[:, 1:2]
-    )
-    half = q * (scale * 0.5)
-    x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
-    if any_special:
-        kind = sbits & 3
-        nonfinite = torch.where(
-            kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
-        )
-        x = torch.where(special & (q == levels), nonfinite, x)
-    numel = 1
-    for s in shape:
-        numel *= s
+    specials = bool((meta[:, 1].contiguous().view(torch.int32) < 0).any())
+    x = _decode(codes, meta, bits, specials)
+    numel = _numel(shape)
     out = x.reshape(-1)[:numel].to(dtype).view(shape)
     if stride is not None and tuple(out.stride()) != tuple(stride) and numel > 0:
         out = torch.empty_strided(shape, stride, dtype=dtype, device=out.device).copy_(out)

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fxlowbit  # noqa: F401  (registers the fxlowbit:: ops)
 from fxlowbit.codegen import rng
-from fxlowbit.codegen.kernels.quant import quantize_pack_reference
+from fxlowbit.codegen.kernels.quant import hash_uniform, quantize_pack_reference
 
 ops = torch.ops.fxlowbit
 NEAREST = -1
@@ -133,10 +133,10 @@ def test_ops_match_references():
     codes, meta = ops.quantize_pack(x, 4, 64, NEAREST)
     rc, rm = quantize_pack_reference(x, 4, 64, None)
     assert torch.equal(codes, rc) and torch.equal(meta, rm)
-    # a stream seeded s draws torch.rand((n_groups, G)) from a generator seeded s
+    # a stream seeded s draws one seed from a CPU generator seeded s; the noise hashes it
     codes, meta = ops.quantize_pack(x, 4, 64, rng.new_stream(11))
-    noise = torch.rand(7, 64, generator=torch.Generator().manual_seed(11))
-    rc, rm = quantize_pack_reference(x, 4, 64, noise)
+    seed = torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11), dtype=torch.int64)
+    rc, rm = quantize_pack_reference(x, 4, 64, hash_uniform(seed, 7, 64))
     assert torch.equal(codes, rc) and torch.equal(meta, rm)
     m = x > 0
     assert torch.equal(ops.unpack_mask(ops.pack_mask(m), [5, 77], [77, 1]), m)

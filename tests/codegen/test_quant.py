@@ -15,8 +15,11 @@ import torch
 from fxlowbit.codegen.kernels.quant import (
     BITS,
     dequantize_unpack_reference,
+    dequantize_unpack_traceable,
+    hash_uniform,
     pack_codes,
     quantize_pack_reference,
+    quantize_pack_traceable,
     unpack_codes,
 )
 
@@ -350,3 +353,51 @@ def test_bad_arguments_raise(bits, group_size, bad):
     codes, meta = torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8, 2)
     with pytest.raises(ValueError, match=rf"got {bad}\b"):
         dequantize_unpack_reference(codes, meta, bits, group_size, (64,), torch.float32)
+
+
+# ---------------------------------------------------------------- hash noise and traceable forms
+
+
+def _seed(s: int) -> torch.Tensor:
+    return torch.tensor(s, dtype=torch.int64)
+
+
+def test_hash_uniform_is_uniform_and_uncorrelated():
+    u = hash_uniform(_seed(0x1234_5678_9ABC), 4096, 256).flatten()  # 1M samples
+    assert u.min() >= 0 and u.max() < 1
+    # U[0,1): mean 1/2, variance 1/12; 5-sigma bounds for 2^20 samples
+    n = u.numel()
+    assert abs(u.mean().item() - 0.5) < 5 * (1 / 12) ** 0.5 / n**0.5
+    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180) ** 0.5 / n**0.5
+    # chi-square over 64 bins (63 dof: mean 63, sd ~11.2); 120 is beyond 5 sd
+    counts = torch.histc(u, 64, 0, 1)
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    assert chi2 < 120
+    # neighbours and other seeds are uncorrelated
+    v = hash_uniform(_seed(0x1234_5678_9ABD), 4096, 256).flatten()
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1]) < 0.01
+    assert torch.equal(u, hash_uniform(_seed(0x1234_5678_9ABC), 4096, 256).flatten())  # deterministic
+
+
+def test_hash_uniform_uses_both_seed_halves():
+    a = hash_uniform(_seed(5), 4, 64)
+    assert not torch.equal(a, hash_uniform(_seed(5 + (1 << 32)), 4, 64))
+    assert not torch.equal(a, hash_uniform(_seed(6), 4, 64))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("special", [False, True])
+def test_traceable_forms_equal_references(bits, special):
+    x = torch.randn(37, 29, generator=_gen(3)) * 3
+    if special:
+        x[0, :5] = torch.tensor([math.nan, math.inf, -math.inf, 1e38, -1e38])
+        x[10:12] = math.inf
+    seed = _seed(987654321)
+    codes, meta = quantize_pack_traceable(x, seed, bits, 64)
+    rc, rm = quantize_pack_reference(x, bits, 64, hash_uniform(seed, codes.shape[0], 64))
+    assert torch.equal(codes, rc)
+    assert torch.equal(meta.view(torch.int32), rm.view(torch.int32))  # bit for bit, NaN payloads too
+    got = dequantize_unpack_traceable(codes, meta, bits, 64, x.shape, torch.float32)
+    ref = dequantize_unpack_reference(codes, meta, bits, 64, x.shape, torch.float32)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
