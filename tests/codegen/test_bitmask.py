@@ -13,6 +13,8 @@ from fxlowbit.codegen.kernels.bitmask import (
     unpack_mask_reference,
 )
 
+from ._views import NONCONTIGUOUS
+
 SHAPES = ((0,), (1,), (7,), (8,), (9,), (255,), (257,), (4097,), (3, 5, 7), (0, 4), (2, 0, 3))
 
 
@@ -63,14 +65,8 @@ def test_every_byte_value_survives_unpack_pack():
 
 @pytest.mark.parametrize(
     "make",
-    [
-        lambda b: b.t(),
-        lambda b: b[:, ::3],
-        lambda b: b[1::2, 2::5].t(),
-        lambda b: b.view(3, 11, 40).permute(2, 0, 1),
-        lambda b: b[:1].expand(5, 40),
-    ],
-    ids=["transposed", "step_slice", "slice_transposed", "permuted3d", "expanded"],
+    [*NONCONTIGUOUS.values(), lambda b: b[:1].expand(5, 40)],
+    ids=[*NONCONTIGUOUS, "expanded"],
 )
 def test_noncontiguous_mask(make):
     m = make(_mask((33, 40)))

@@ -23,6 +23,8 @@ from fxlowbit.codegen.kernels.quant import (
     unpack_codes,
 )
 
+from ._views import NONCONTIGUOUS
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_SIZES = (8, 64, 256)
 SHAPES = ((1,), (255,), (257,), (4097,), (3, 5, 7))
@@ -282,16 +284,7 @@ def test_finite_group_with_range_beyond_fp32_max_decodes_finite():
 # ---------------------------------------------------------------- shapes, strides, empty
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda b: b.t(),
-        lambda b: b[:, ::3],
-        lambda b: b[1::2, 2::5].t(),
-        lambda b: b.view(3, 11, 40).permute(2, 0, 1),
-    ],
-    ids=["transposed", "step_slice", "slice_transposed", "permuted3d"],
-)
+@pytest.mark.parametrize("make", NONCONTIGUOUS.values(), ids=NONCONTIGUOUS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", BITS)
 def test_noncontiguous_input_matches_contiguous(bits, dtype, make):
