@@ -1,8 +1,10 @@
 """Rewrite: store saved tensors in the forms a :class:`~fxlowbit.plan.Plan` chose.
 
-Forward: right after each compressed tensor's producer, insert ``quantize_pack`` / ``pack_mask``
-(for CMP_MASK first the scalar comparisons the backward would make) and return the packed parts in
-its place among the saved outputs. Backward: replace its placeholder by placeholders for the parts
+Forward: right after each compressed tensor's producer, insert its packing (for comparison masks
+first the scalar comparisons the backward would make) and return the packed parts in its place
+among the saved outputs. Packing and decoding are either the opaque ``fxlowbit::`` ops or, for
+Inductor, the same pure-torch references traced into the graph so that Inductor fuses them.
+Backward: replace its placeholder by placeholders for the parts
 and decode them once, just before the first use (all backward readers share that one decode), so
 only the activations in use are live in full precision. Relies on AOTAutograd matching saved
 forward outputs and backward placeholders by position; order is kept, ``meta["val"]`` is set on
@@ -46,7 +48,7 @@ def _fake(fn, *args):
 def _call(graph: fx.Graph, target, args, name: str | None = None) -> fx.Node:
     node = graph.call_function(target, tuple(args))
     if name:
-        node.name = graph._graph_namespace.create_name(name, None)
+        node._rename(name)
     node.meta["val"] = _fake(target, *args)
     return node
 
@@ -70,32 +72,31 @@ class _SymBuilder:
         if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.SymInt):
             value = value.meta["val"]
         if isinstance(value, torch.SymInt):
-            return self._expr(value.node.expr, value)
+            return self._expr(value.node.expr)
         return value
 
-    def _expr(self, expr, like):
+    def _expr(self, expr):
         if expr.is_Integer:
             return int(expr)
         if expr in self.bound:
             return self.bound[expr]
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             fn = operator.add if isinstance(expr, sympy.Add) else operator.mul
-            args = [self._expr(a, like) for a in expr.args]
+            args = [self._expr(a) for a in expr.args]
             out = args[0]
             for a in args[1:]:
                 out = _call(self.graph, fn, (out, a))
             return out
         if isinstance(expr, FloorDiv):
-            return _call(self.graph, operator.floordiv, tuple(self._expr(a, like) for a in expr.args))
+            return _call(self.graph, operator.floordiv, tuple(self._expr(a) for a in expr.args))
         raise NotImplementedError(f"fxlowbit: cannot rebuild symbolic size {expr} in the backward graph")
 
 
-def _first_user(graph: fx.Graph, nodes) -> fx.Node:
-    users = {u for n in nodes for u in n.users}
-    for node in graph.nodes:
-        if node in users:
-            return node
-    raise AssertionError("decoded saved tensor has no user")
+def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    for candidate in graph.nodes:
+        if candidate in node.users:
+            return candidate
+    raise AssertionError(f"saved tensor {node.name} has no backward user")
 
 
 def _placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.Node:
@@ -133,20 +134,20 @@ class _Rewriter:
         self.new_outputs.extend(parts)
         return [_placeholder_like(self.bg, ph, p) for p in parts]
 
-    def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str]) -> list[fx.Node]:
-        """Insert the packing of ``node`` right after its producer, inlined (traced ``fn``) or as
-        the opaque ``op``; returns the packed forward nodes."""
+    def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False):
+        """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline) or the
+        opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op)."""
         with self.fg.inserting_before(node.next):
-            if self.inline:
-                if fn is quantize_pack_traceable:
-                    seed = _call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
-                    out = inline(self.fg, fn, [node, seed, *args])
-                else:
-                    out = inline(self.fg, fn, [node, *args])
+            if self.inline and seeded:
+                seed = _call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
+                out = inline(self.fg, fn, [node, seed, *args])
+            elif self.inline:
+                out = inline(self.fg, fn, [node, *args])
             else:
-                out = _call(self.fg, op, (node, *args, *([self.stream] if op is _QUANT_OP else [])))
-                if op is _QUANT_OP:
-                    out = tuple(_call(self.fg, operator.getitem, (out, i)) for i in range(2))
+                out = _call(self.fg, op, (node, *args, self.stream) if seeded else (node, *args))
+                if isinstance(out.meta["val"], tuple):
+                    n = len(out.meta["val"])
+                    out = tuple(_call(self.fg, operator.getitem, (out, i)) for i in range(n))
         parts = list(out) if isinstance(out, (tuple, list)) else [out]
         for part, name in zip(parts, names, strict=True):
             part._rename(f"{node.name}_{name}")
@@ -170,12 +171,17 @@ class _Rewriter:
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
         val = node.meta["val"]
         packed = self._pack(
-            node, quantize_pack_traceable, _QUANT_OP, (bits, self.group_size), ["codes", "qmeta"]
+            node,
+            quantize_pack_traceable,
+            lowbit.quantize_pack.default,
+            (bits, self.group_size),
+            ["codes", "qmeta"],
+            seeded=True,
         )
         parts = self.emit(node, ph, packed)
         decode = self._decoder(
             val,
-            _dequant_traceable,
+            dequantize_unpack_traceable,
             lowbit.dequantize_unpack.default,
             parts,
             (bits, self.group_size, val.dtype),
@@ -186,9 +192,7 @@ class _Rewriter:
     def _mask_parts(self, node: fx.Node, ph: fx.Node, source: fx.Node, name: str):
         packed = self._pack(source, pack_mask_traceable, lowbit.pack_mask.default, (), [name])
         parts = self.emit(node, ph, packed)
-        return self._decoder(
-            source.meta["val"], _unpack_mask_traceable, lowbit.unpack_mask.default, parts, ()
-        )
+        return self._decoder(source.meta["val"], unpack_mask_traceable, lowbit.unpack_mask.default, parts, ())
 
     def mask(self, node: fx.Node, ph: fx.Node) -> None:
         self.stored.append((ph, self._mask_parts(node, ph, node, "bits"), None))
@@ -211,7 +215,7 @@ class _Rewriter:
         syms = _SymBuilder(self.bg)
         order = {n: i for i, n in enumerate(self.bg.nodes)}
         for ph, build, users in self.stored:
-            first = _first_user(self.bg, [ph]) if users is None else min(users, key=order.__getitem__)
+            first = _first_user(self.bg, ph) if users is None else min(users, key=order.__getitem__)
             with self.bg.inserting_before(first):
                 value = build(syms)
             if users is None:
@@ -226,17 +230,6 @@ class _Rewriter:
             self.bg.erase_node(ph)
         self.out_node.args = (tuple(self.new_outputs),)
         self.bg.eliminate_dead_code()  # identity ops left without users by moved comparisons
-
-
-_QUANT_OP = lowbit.quantize_pack.default
-
-
-def _dequant_traceable(codes, meta, bits, group_size, shape, dtype):
-    return dequantize_unpack_traceable(codes, meta, bits, group_size, shape, dtype)
-
-
-def _unpack_mask_traceable(packed, shape):
-    return unpack_mask_traceable(packed, shape)
 
 
 def _through_identities(node: fx.Node):
