@@ -7,9 +7,9 @@ SQNR floors (whole gradient, all parameters concatenated), per bit width:
 Why these: one stochastic rounding of a Gaussian-like group of 256 values spans ~5.5 sigma, so its
 step is 5.5 sigma / (2^b - 1) and its noise std ~ step / sqrt(6): a single quantized tensor has
 SQNR ~ 41 / 16 / 2.5 dB at 8 / 4 / 2 bits. Gradients mix several such tensors (the noise adds)
-and average over the batch (it shrinks). Measured here (CPU, 3 seeds): MLP 42.5 / 18.0 / 3.9 dB,
-CNN 29.9-32.2 / 16.6-16.9 / 5.7-5.9 dB, TinyGPT 51.1-51.5 / 26.6-26.7 / 12.3-12.7 dB; seed-to-seed
-spread <= 2.3 dB. Each floor sits >= 1.9 dB below the lowest measurement and would catch a biased
+and average over the batch (it shrinks). Measured here (CPU, 3 seeds): MLP 42.6 / 17.9-18.0 / 3.9 dB,
+CNN 30.3-31.2 / 16.8-17.0 / 5.7-5.9 dB, TinyGPT 51.0-51.3 / 26.4-27.2 / 12.4-12.7 dB; seed-to-seed
+spread <= 1 dB. Each floor sits >= 1.9 dB below the lowest measurement and would catch a biased
 rounding, a wrong scale or a mis-wired decode (those give <= 0 dB).
 """
 
