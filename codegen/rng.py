@@ -15,7 +15,6 @@ import torch
 
 _lock = threading.Lock()
 _next_id = itertools.count()
-_seeds: dict[int, int] = {}
 _generators: dict[int, torch.Generator] = {}
 
 
@@ -23,17 +22,14 @@ def new_stream(seed: int) -> int:
     """Register a stream seeded with ``seed``; returns its id (baked into the graph)."""
     with _lock:
         sid = next(_next_id)
-        _seeds[sid] = int(seed)
+        _generators[sid] = torch.Generator().manual_seed(int(seed))
         return sid
 
 
 def generator(stream: int) -> torch.Generator:
-    gen = _generators.get(stream)
-    if gen is None:
-        if stream not in _seeds:
-            raise KeyError(f"fxlowbit: unknown random stream {stream}")
-        gen = _generators[stream] = torch.Generator().manual_seed(_seeds[stream])
-    return gen
+    if stream not in _generators:
+        raise KeyError(f"fxlowbit: unknown random stream {stream}")
+    return _generators[stream]
 
 
 def draw_seed(stream: int, device: torch.device) -> torch.Tensor:

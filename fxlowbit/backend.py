@@ -1,7 +1,7 @@
 """The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
 
-Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``PIPELINE``: analyze,
-plan, rewrite) -> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast
+Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``config.PASSES``:
+analyze, plan, rewrite_saved) -> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast
 runs). Registered through the ``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
 
     >>> model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"bits": 4})

@@ -62,48 +62,40 @@ def _warn_once(op: str, name: str, strict: bool) -> None:
         warnings.warn(msg + " (warned once per op)", stacklevel=2)
 
 
-def _decide_one(s, cfg: LowbitConfig) -> tuple[str, str, int, int]:
+def _form(s, cfg: LowbitConfig) -> tuple[str, str, int, int]:
     """(form, reason, bits per element of the main form, number of comparison masks)."""
-    form, reason, bits = _form(s, cfg)
-    masks = 0
-    if form in (Form.QUANT, Form.CMP_MASK):
-        masks = len({(u.op, u.scalar) for u in s.uses if u.role == COMPARE})
-    return form, reason, bits, masks
-
-
-def _form(s, cfg: LowbitConfig) -> tuple[str, str, int]:
     if s.input_alias:
-        return Form.KEEP, "alias of a graph input: costs no memory", 0
+        return Form.KEEP, "alias of a graph input: costs no memory", 0, 0
     if s.forward_output_alias:
-        return Form.KEEP, "also returned by the forward: no memory to win", 0
+        return Form.KEEP, "also returned by the forward: no memory to win", 0, 0
     if s.nbytes_hint < cfg.min_bytes:
-        return Form.KEEP, f"below min_bytes={cfg.min_bytes}", 0
+        return Form.KEEP, f"below min_bytes={cfg.min_bytes}", 0, 0
     if str(s.dtype) == "torch.bool":
-        return (Form.MASK, "bool mask: 1 bit, exact", 1) if cfg.masks else (Form.KEEP, "masks off", 0)
+        return (Form.MASK, "bool mask: 1 bit, exact", 1, 0) if cfg.masks else (Form.KEEP, "masks off", 0, 0)
     if not s.is_float:
-        return Form.KEEP, f"{str(s.dtype)[6:]} tensor: kept exact", 0
+        return Form.KEEP, f"{str(s.dtype)[6:]} tensor: kept exact", 0, 0
     if not s.uses:
-        return Form.KEEP, "no backward use found", 0
+        return Form.KEEP, "no backward use found", 0, 0
     exact = [u.op for u in s.uses if u.role == EXACT]
     if exact:
-        return Form.KEEP, f"backward use {exact[0]} needs it exact", 0
+        return Form.KEEP, f"backward use {exact[0]} needs it exact", 0, 0
     unknown = [u.op for u in s.uses if u.role is None]
     if unknown:
         _warn_once(unknown[0], s.name, cfg.strict)
-        return Form.KEEP, f"backward use {unknown[0]} not known to tolerate compression", 0
+        return Form.KEEP, f"backward use {unknown[0]} not known to tolerate compression", 0, 0
     compares = [u for u in s.uses if u.role == COMPARE]
-    n = len({(u.op, u.scalar) for u in compares})
+    n = len({(u.op, u.scalar) for u in compares})  # one mask per distinct comparison
     if compares and not (cfg.masks and all(u.direct for u in compares)):
         # quantization could flip a comparison near its threshold: keep exact
-        return Form.KEEP, "compared with a scalar (through a view): kept exact", 0
+        return Form.KEEP, "compared with a scalar (through a view): kept exact", 0, 0
     if compares and len(compares) == len(s.uses):
         if n < min(cfg.bits, s.itemsize * 8):
-            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", 0
-        return Form.KEEP, f"{n} distinct comparisons: masks would not save memory", 0
+            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", 0, n
+        return Form.KEEP, f"{n} distinct comparisons: masks would not save memory", 0, 0
     why = f"{cfg.bits}-bit stochastic rounding, groups of {cfg.group_size}"
     if compares:
         why += f", plus {n} exact 1-bit comparison mask(s)"
-    return Form.QUANT, why, cfg.bits
+    return Form.QUANT, why, cfg.bits, n
 
 
 def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
@@ -111,7 +103,7 @@ def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
     subs = subs or {}
     decisions: list[Decision] = []
     for s in saved:
-        form, reason, nbits, masks = _decide_one(s, cfg)
+        form, reason, nbits, masks = _form(s, cfg)
         mask_bytes = stored_bytes(Form.MASK, s.numel, 1, 1, 1, masks)
         if form == Form.CMP_MASK:
             after = mask_bytes

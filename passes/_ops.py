@@ -29,8 +29,8 @@ def _register(role: str, *packets) -> None:
             _ROLES[op] = role
 
 
-# Pure reshapes: numel-preserving views whose replay from the base is exact.
-RESHAPES = {
+# View ops: following their first argument leads to the tensor a saved value aliases.
+VIEWS = {
     aten.view.default,
     aten._unsafe_view.default,
     aten.reshape.default,
@@ -42,10 +42,6 @@ RESHAPES = {
     aten.squeeze.dims,
     aten.squeeze.default,
     aten.alias.default,
-}
-# Same shape, same values: a comparison of the result equals the comparison of the input.
-IDENTITIES = {aten.alias.default, aten.clone.default, aten.detach.default}
-VIEWS = RESHAPES | {
     aten.expand.default,
     aten.slice.Tensor,
     aten.select.int,
@@ -53,6 +49,8 @@ VIEWS = RESHAPES | {
     aten.diagonal.default,
     aten.unfold.default,
 }
+# Same shape, same values: a comparison of the result equals the comparison of the input.
+IDENTITIES = {aten.alias.default, aten.clone.default, aten.detach.default}
 
 _register(
     TRANSPARENT,

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from . import _ops
 
-__all__ = ["SavedTensor", "GraphFacts", "run", "size_hint"]
+__all__ = ["SavedTensor", "GraphFacts", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,23 +70,10 @@ def _expr(d) -> sympy.Expr:
     return sympy.Integer(d) if isinstance(d, int) else d.node.expr
 
 
-def size_hint(d) -> int:
-    """Concrete value of an int or SymInt at the example sizes, without adding guards."""
-    if isinstance(d, int):
-        return d
-    node = d.node
-    hint = getattr(node, "hint", None)
-    if hint is not None:
-        return int(hint)
-    return int(node.shape_env.size_hint(node.expr))
-
-
-def _symbol_hint(d, sym) -> int:
-    shape_env = d.node.shape_env
+def _symbol_hint(shape_env, sym) -> int:
+    """Value of a shape symbol at the example sizes, without adding guards."""
     values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
-    if sym in values:
-        return int(values[sym])
-    return size_hint(d)
+    return int(values[sym]) if sym in values else int(shape_env.size_hint(sym))
 
 
 def _root(node: fx.Node) -> fx.Node:
@@ -111,12 +98,10 @@ def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) 
         index = _arg_index(user, node)
         role = _ops.role(target, index, user.args) if user.op == "call_function" else None
         if role == _ops.TRANSPARENT:
-            if index == 0 or target in (torch.ops.aten.cat.default,):
+            if index == 0:  # the viewed/copied tensor (for cat: its list of inputs)
                 out.extend(_uses(user, seen, direct=direct and target in _ops.IDENTITIES))
                 continue
             role = None
-        if role is None and target is torch.ops.aten.where.self and index > 0:
-            role = _ops.VALUE
         scalar = user.args[1 - index] if role == _ops.COMPARE else None
         out.append(Use(_name(target), role, scalar, direct))
     return out
@@ -164,11 +149,8 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
             numel = numel * _expr(d)
             if not isinstance(d, int):
                 for sym in _expr(d).free_symbols:
-                    hints.setdefault(sym, _symbol_hint(d, sym))
+                    hints.setdefault(sym, _symbol_hint(d.node.shape_env, sym))
         nbytes = numel * val.dtype.itemsize
-        hint = val.dtype.itemsize
-        for d in val.shape:
-            hint *= size_hint(d)
         placeholder = bw_inputs.get(node.name)
         saved.append(
             SavedTensor(
@@ -180,7 +162,7 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 dtype=val.dtype,
                 numel=numel,
                 nbytes=nbytes,
-                nbytes_hint=hint,
+                nbytes_hint=int(nbytes.subs(hints)),
                 uses=tuple(_uses(placeholder)) if placeholder is not None else (),
                 view_root=root.name,
                 input_alias=root.op == "placeholder",
