@@ -80,7 +80,8 @@ _register(
 # Consumers whose result is a smooth (or linear) function of the saved tensor, so stochastic
 # rounding noise of bounded range only adds bounded, zero-mean (to first order) error.
 # Deliberately absent: log, reciprocal, rsqrt, sqrt and division *by* the tensor (a value rounded
-# to 0 would create Inf), comparisons between two tensors (exactness), sort/topk/max indices.
+# to 0 would create Inf), sign/sgn (a value near 0 could flip), comparisons between two tensors
+# (exactness), sort/topk/max indices.
 _register(
     VALUE,
     aten.mm,
@@ -120,7 +121,6 @@ _register(
     aten.addcmul,
     aten.square,
     aten.abs,
-    aten.sgn,
     aten.gelu,
     aten.silu,
     aten.relu,

@@ -128,3 +128,10 @@ def test_known_exact_use_keeps_without_warning(recwarn):
     d = decide_one(saved(uses=(MM, lse)))
     assert d.form == "keep" and "needs it exact" in d.reason
     assert not recwarn.list
+
+
+def test_sign_like_ops_are_not_trusted_with_compressed_values():
+    from fxlowbit.passes import _ops
+
+    for op in (torch.ops.aten.sign.default, torch.ops.aten.sgn.default):
+        assert _ops.role(op, 0, (None,)) is None
