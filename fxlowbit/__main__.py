@@ -125,16 +125,19 @@ def digits_task(kind: str = "mlp", batch: int = 64, seed: int = 0, lr: float = 2
 
 def compile_run(model: torch.nn.Module, run: str, inner: str = "inductor", seed: int = 0):
     """``run``: "eager", "inductor", "aot_eager", "uncompressed" (the lowbit pipeline with
-    ``rewrite_saved`` off: same decompositions, partition and RNG use) or "lowbit<bits>"."""
+    ``plan`` off: same decompositions, partition and RNG use), "lowbit<bits>" (every compressible
+    tensor at that width) or "budget<fraction>" (the cost-model planner under that memory budget)."""
     if run == "eager":
         return model
     if run in ("inductor", "aot_eager"):
         return torch.compile(model, backend=run)
     options: dict = {"inner": inner, "seed": seed}
     if run == "uncompressed":
-        options["passes"] = {"rewrite_saved": False}
+        options["passes"] = {"plan": False}
     elif run.startswith("lowbit"):
         options["bits"] = int(run.removeprefix("lowbit"))
+    elif run.startswith("budget"):
+        options["memory_budget"] = float(run.removeprefix("budget"))
     else:
         raise ValueError(f"unknown run {run!r}")
     return torch.compile(model, backend="lowbit", options=options)
@@ -229,7 +232,7 @@ def format_table(results: Sequence[Result]) -> str:
 
 def demo(args: argparse.Namespace) -> list[Result]:
     baseline = "inductor" if args.inner == "inductor" else "uncompressed"
-    runs = [baseline] + [f"lowbit{b}" for b in args.bits]
+    runs = [baseline] + [f"budget{b:g}" for b in args.budget] + [f"lowbit{b}" for b in args.bits]
     results: list[Result] = []
     for name in args.model:
         if name == "gpt":
@@ -262,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     d = p.add_subparsers(dest="command").add_parser("demo", help="train with and without lowbit (default)")
     arg = d.add_argument
     arg("--model", nargs="+", choices=("gpt", "mlp", "cnn"), help="models to train (default: gpt mlp)")
-    arg("--bits", nargs="+", type=int, choices=(8, 4, 2), help="lowbit bit widths (default: 8 4 2)")
+    arg("--budget", nargs="+", type=float, help="memory budgets for the planner, fractions (default: 0.1)")
+    arg("--bits", nargs="+", type=int, choices=(8, 4, 2), help="uniform bit widths to compare (default: 4 2)")
     arg(
         "--inner",
         choices=("inductor", "eager"),
@@ -290,7 +294,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
     q = args.quick
     args.model = args.model or ["gpt", "mlp"]
-    args.bits = args.bits or [8, 4, 2]
+    args.bits = args.bits or [4, 2]
+    args.budget = args.budget or [0.1]
     args.inner = args.inner or ("eager" if q else "inductor")
     args.dim = args.dim or (64 if q else 128)
     return args
@@ -309,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"total {time.perf_counter() - start:.0f} s; saved MB walked from loss.grad_fn at step 1, "
         f"ms/step after {args.warmup} warm-up steps.\n"
         "inductor: plain torch.compile; uncompressed: the lowbit pipeline with compression off; "
-        f"lowbitN: saved activations in N bits (inner={args.inner})."
+        "budgetF: the cost-model planner keeping saved activations within F of their size; "
+        f"lowbitN: every compressible saved activation in N bits (inner={args.inner})."
     )
     if args.json:
         with open(args.json, "w") as f:

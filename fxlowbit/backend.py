@@ -1,14 +1,17 @@
 """The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
 
 Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``config.PASSES``:
-analyze, plan, rewrite_saved) -> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast
-runs). Registered through the ``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
+analyze, plan, recompute, rewrite_saved) -> inner compiler (Inductor by default,
+``options={"inner": "eager"}`` for fast runs). With the cost-model planner the compiled graph is
+wrapped so that probes re-plan it as training goes (:class:`_Adaptive`). Registered through the
+``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
 
-    >>> model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"bits": 4})
+    >>> model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"memory_budget": 0.25})
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import itertools
@@ -23,19 +26,22 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import (
+    calibrate,
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
     passes,
     planner,
 )
 from .codegen import rng
 from .config import LowbitConfig
+from .costmodel import load_profile
 from .plan import Plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lowbit", "last_plans", "reset", "counters", "LowbitPartitioner"]
+__all__ = ["lowbit", "last_plans", "last_graphs", "reset", "counters", "LowbitPartitioner"]
 
 _last_plans: list[Plan] = []
+_last_graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
 _ordinal = itertools.count()
 counters: Counter = Counter()  # what the rewrites did; tests assert it (expected zeros included)
 
@@ -46,18 +52,32 @@ def last_plans() -> list[Plan]:
     return list(_last_plans)
 
 
+def last_graphs() -> list[tuple[fx.GraphModule, fx.GraphModule]]:
+    """(forward, backward) GraphModules after rewriting, as handed to the inner compiler, one pair
+    per compiled graph since the last :func:`reset` (same order as :func:`last_plans`)."""
+    return list(_last_graphs)
+
+
 def reset() -> None:
     """Forget recorded plans and zero the counters (``torch._dynamo.reset()`` does not)."""
     _last_plans.clear()
+    _last_graphs.clear()
     counters.clear()
 
 
 class LowbitPartitioner(CustomPartitionerFn):
     """Min-cut partition, then store each saved tensor in the form the planner chose."""
 
-    def __init__(self, cfg: LowbitConfig, seed: int) -> None:
+    def __init__(self, cfg: LowbitConfig, seed: int, sensitivity: dict | None = None) -> None:
         self.cfg = cfg
+        # measured sensitivities by planner.canonical_keys (names change between partitions)
+        self.sensitivity = sensitivity
         self.stream = rng.new_stream(seed)
+        self.profile = load_profile(cfg.profile)
+        self.plan: Plan | None = None
+        self.facts = None  # GraphFacts of the last partition
+        self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
+        self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
 
     def uuid(self) -> Any | None:
         return None  # plans and random streams are per compilation: never reuse cached code
@@ -68,6 +88,8 @@ class LowbitPartitioner(CustomPartitionerFn):
         kwargs.pop("compiler", None)
         partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor", **kwargs)
         fw, bw = partition(joint, joint_inputs)
+        if self.cfg.calibrate_every and self.cfg.bits is None:
+            self.pristine = (copy.deepcopy(fw), copy.deepcopy(bw), kwargs["num_fwd_outputs"])
         try:
             self._compress(fw, bw, kwargs["num_fwd_outputs"])
         except Exception as err:  # never lose the user's training step to a bug of ours
@@ -80,6 +102,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             )
             counters["fallback_internal_error"] += 1
             fw, bw = partition(joint, joint_inputs)
+        _last_graphs.append((fw, bw))
         return fw, bw
 
     def _compress(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
@@ -89,9 +112,20 @@ class LowbitPartitioner(CustomPartitionerFn):
         facts = passes.analyze.run(fw, bw, num_fwd_outputs)
         if not cfg.enabled("plan"):
             return
-        plan = planner.decide(facts.saved, cfg, facts.hints)
+        sens = None
+        if self.sensitivity is not None:
+            keys = planner.canonical_keys(facts.saved)
+            sens = {name: self.sensitivity[k] for name, k in keys.items() if k in self.sensitivity}
+        plan = planner.decide(
+            facts.saved, cfg, facts.hints, profile=self.profile, sensitivity=sens, gemms=facts.gemms
+        )
+        self.plan, self.facts = plan, facts
+        self.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
         _last_plans.append(plan)
         log.info("fxlowbit plan:\n%s", plan)
+        if cfg.enabled("recompute"):
+            recipes = {s.name: s.recompute for s in facts.saved if s.recompute is not None}
+            passes.recompute.run(fw, bw, plan, recipes, num_fwd_outputs=num_fwd_outputs, counters=counters)
         if not cfg.enabled("rewrite_saved"):
             return
         passes.rewrite_saved.run(
@@ -109,6 +143,11 @@ class LowbitPartitioner(CustomPartitionerFn):
         counters["saved_bytes_after"] += plan.bytes_after
 
 
+def _devices(args) -> list:
+    flat = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+    return sorted({a.device.index or 0 for a in flat if isinstance(a, torch.Tensor) and a.is_cuda})
+
+
 def _seed(cfg: LowbitConfig) -> int:
     # Without an explicit seed, derive one from torch's initial seed (so torch.manual_seed makes
     # runs reproducible) without drawing from the user's generator.
@@ -119,7 +158,12 @@ def _seed(cfg: LowbitConfig) -> int:
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``)."""
     cfg = LowbitConfig.from_options(options)
-    partitioner = LowbitPartitioner(cfg, _seed(cfg))
+    if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
+        return _compile(gm, example_inputs, cfg, LowbitPartitioner(cfg, _seed(cfg)), mode)
+    return _Adaptive(gm, example_inputs, cfg, mode)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, partitioner, mode: str | None):
     if cfg.inner == "eager":
         importlib.import_module("torch._inductor.lowering")  # its max_pool2d decomposition reads it
         from torch._dynamo.backends.common import aot_autograd
@@ -143,3 +187,82 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     # partitioner (no plan, a stale random stream id): plans are per compilation, so bypass it.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class _Adaptive:
+    """The compiled graph plus its re-planning: every ``calibrate_every`` training steps (the
+    first at ``min(10, calibrate_every)``) a probe measures each saved tensor's sensitivity
+    (:mod:`fxlowbit.calibrate`), the planner re-plans with it, and a changed plan switches to
+    another compiled variant of the same graph: one already compiled, a new one while fewer than
+    ``max_variants`` exist, else the current one stays (recompiles are bounded)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, mode: str | None):
+        self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
+        self.example_inputs = list(example_inputs)
+        self.cfg, self.mode = cfg, mode
+        self.partitioner = LowbitPartitioner(cfg, _seed(cfg))
+        self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
+        self._boxed_call = getattr(self.current, "_boxed_call", False)
+        self.variants = {self._signature(self.partitioner): self.current}
+        self.steps = 0
+        self.first = min(10, cfg.calibrate_every)
+        self.pending = None  # a probe waiting for the next batch's gradient
+        self.sensitivity: dict[str, float] | None = None
+        self.failed = False
+
+    @staticmethod
+    def _signature(p: LowbitPartitioner):
+        return p.plan.signature() if p.plan is not None else None
+
+    def __call__(self, *args):
+        if torch.is_grad_enabled() and not self.failed and self.partitioner.pristine is not None:
+            self.steps += 1
+            due = self.steps >= self.first and (self.steps - self.first) % self.cfg.calibrate_every == 0
+            if due or self.pending is not None:
+                try:
+                    # probes replay the forward (dropout included): leave the user's RNG untouched
+                    boxed = len(args) == 1 and isinstance(args[0], list)  # boxed calling convention
+                    with torch.random.fork_rng(devices=_devices(args)):
+                        self._calibrate(list(args[0] if boxed else args), due)
+                except Exception as err:  # a probe must never cost the user's step
+                    self.failed = True
+                    log.warning("fxlowbit: probes disabled for this graph (%s: %s)", type(err).__name__, err)
+        return self.current(*args)
+
+    def _calibrate(self, args: list, due: bool) -> None:
+        p = self.partitioner
+        if self.pending is not None:
+            probe, self.pending = self.pending, None
+            g2, _, _ = calibrate.exact_gradient(p.pristine, args)
+            var = calibrate.minibatch_variance(probe.grad, g2)
+            self.sensitivity = {k: v / var for k, v in probe.sensitivity.items()}
+            counters["probes"] += 1
+            self._replan()
+        elif due:
+            self.pending = calibrate.probe_sensitivity(
+                p.pristine, args, p.quantizable, self.cfg.group_size, seed=self.steps
+            )
+
+    def _replan(self) -> None:
+        p = self.partitioner
+        plan = planner.decide(
+            p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
+            gemms=p.facts.gemms,
+        )  # fmt: skip
+        sig = plan.signature()
+        log.info("fxlowbit re-plan at step %d:\n%s", self.steps, plan)
+        if sig in self.variants:
+            self.current = self.variants[sig]
+            return
+        if len(self.variants) >= self.cfg.max_variants:
+            log.info(
+                "fxlowbit: %d plan variants compiled already; keeping the current one", len(self.variants)
+            )
+            return
+        keys = planner.canonical_keys(p.facts.saved)
+        by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
+        q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key)
+        fn = _compile(copy.deepcopy(self.source), self.example_inputs, self.cfg, q, self.mode)
+        self.variants[sig] = fn
+        self.current = fn
+        counters["plan_variants"] += 1

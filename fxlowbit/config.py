@@ -13,12 +13,15 @@ from typing import Any
 __all__ = ["LowbitConfig", "PASSES"]
 
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-PASSES = ("analyze", "plan", "rewrite_saved")
+PASSES = ("analyze", "plan", "recompute", "rewrite_saved")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "bits": (2, 4, 8),
+    "bits": (None, 2, 4, 8),
     "inner": ("inductor", "eager"),
+    "mode": ("memory", "balanced", "speed"),
 }
+# Default memory budget of each mode, as a fraction of the uncompressed saved-activation bytes.
+MODE_BUDGET = {"memory": 0.1, "balanced": 0.2, "speed": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,15 @@ class LowbitConfig:
     passes: mapping of pass name -> bool to switch pipeline steps off.
     """
 
-    bits: int = 4
+    memory_budget: float | int | None = None
+    mode: str = "balanced"
+    max_variance_ratio: float = 0.05
+    allowed_bits: tuple[int, ...] = (2, 4, 8)
+    profile: Any = None
+    recompute: bool = True
+    calibrate_every: int = 1000
+    max_variants: int = 4
+    bits: int | None = None
     group_size: int = 256
     min_bytes: int = 8192
     masks: bool = True
@@ -59,7 +70,33 @@ class LowbitConfig:
             raise ValueError(f"fxlowbit: option min_bytes={self.min_bytes!r} must be an int >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"fxlowbit: option seed={self.seed!r} must be an int or None")
-        for key in ("masks", "strict"):
+        b = self.memory_budget
+        if b is not None and (
+            isinstance(b, bool)
+            or not isinstance(b, (int, float))
+            or b <= 0
+            or (isinstance(b, float) and 1 < b < 2)
+        ):
+            raise ValueError(
+                f"fxlowbit: option memory_budget={b!r} is invalid; give a fraction in (0, 1] of the "
+                "uncompressed saved-activation bytes or a byte count (int > 1)"
+            )
+        if not isinstance(self.max_variance_ratio, (int, float)) or not self.max_variance_ratio > 0:
+            raise ValueError(f"fxlowbit: option max_variance_ratio={self.max_variance_ratio!r} must be > 0")
+        bits = tuple(self.allowed_bits) if isinstance(self.allowed_bits, (list, tuple)) else None
+        if not bits or any(x not in (2, 4, 8) for x in bits):
+            raise ValueError(
+                f"fxlowbit: option allowed_bits={self.allowed_bits!r} is invalid; "
+                "give a non-empty subset of (2, 4, 8)"
+            )
+        object.__setattr__(self, "allowed_bits", bits)
+        for key in ("calibrate_every", "max_variants"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "calibrate_every" else 1):
+                raise ValueError(
+                    f"fxlowbit: option {key}={v!r} must be an int >= {int(key != 'calibrate_every')}"
+                )
+        for key in ("masks", "strict", "recompute"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"fxlowbit: option {key}={getattr(self, key)!r} must be a bool")
         unknown = set(self.passes) - set(PASSES)
@@ -77,6 +114,11 @@ class LowbitConfig:
         if unknown:
             raise ValueError(f"fxlowbit: unknown option(s) {unknown}; valid options: {valid}")
         return cls(**options)
+
+    @property
+    def budget(self) -> float | int:
+        """The memory budget in force: ``memory_budget`` or the mode's default fraction."""
+        return MODE_BUDGET[self.mode] if self.memory_budget is None else self.memory_budget
 
     def enabled(self, step: str) -> bool:
         return bool(self.passes.get(step, True))

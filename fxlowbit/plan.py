@@ -15,6 +15,7 @@ __all__ = ["Form", "Decision", "Plan"]
 
 class Form:
     KEEP = "keep"
+    RECOMPUTE = "recompute"  # replayed in the backward from values it has anyway
     QUANT = "quant"  # b-bit per-group affine, stochastic rounding
     MASK = "mask"  # bool tensor packed to 1 bit
     CMP_MASK = "cmp_mask"  # float tensor whose backward only compares it with scalars
@@ -32,11 +33,22 @@ class Decision:
     bytes_after: int
     reason: str
     masks: int = 0  # exact 1-bit masks of scalar comparisons stored beside the form (QUANT/CMP_MASK)
+    time_s: float = 0.0  # estimated seconds this form adds to a step
+    variance: float = 0.0  # estimated gradient variance added, in minibatch-variance units
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     decisions: tuple[Decision, ...]
+    budget: int | None = None  # saved-activation bytes allowed (None: uniform rule, no budget)
+    step_time_s: float = 0.0  # estimated uncompressed step time of the graph
+    variance_ratio: float = 0.0  # estimated added gradient variance / minibatch variance
+    status: str = "ok"  # "ok", "uniform b-bit", or why the budget or variance limit was not met
+
+    @property
+    def time_s(self) -> float:
+        """Estimated seconds the plan adds to a step."""
+        return sum(d.time_s for d in self.decisions)
 
     @property
     def bytes_before(self) -> int:
@@ -52,8 +64,12 @@ class Plan:
     def count(self, form: str) -> int:
         return sum(d.form == form for d in self.decisions)
 
+    def signature(self) -> tuple:
+        """What the rewrite depends on: two plans with equal signatures compile to the same code."""
+        return tuple((d.name, d.form, d.bits) for d in self.decisions)
+
     def to_json(self) -> str:
-        return json.dumps([dataclasses.asdict(d) for d in self.decisions], indent=1, default=str)
+        return json.dumps(dataclasses.asdict(self), indent=1, default=str)
 
     def __str__(self) -> str:
         rows = [
@@ -65,4 +81,10 @@ class Plan:
                 f"{d.bytes_before:>10} {d.bytes_after:>10}  {d.reason}"
             )
         rows.append(f"total saved bytes {self.bytes_before} -> {self.bytes_after}")
+        if self.budget is not None:
+            rows.append(
+                f"budget {self.budget} bytes, est. +{self.time_s * 1e3:.3f} ms on a "
+                f"{self.step_time_s * 1e3:.3f} ms step, variance ratio {self.variance_ratio:.3g} "
+                f"({self.status})"
+            )
         return "\n".join(rows)

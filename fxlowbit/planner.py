@@ -1,126 +1,473 @@
-"""Choose a stored form for every saved tensor.
+"""Choose a stored form for every saved tensor: keep, recompute, 1-bit masks or b-bit quantization.
 
-This is the fixed-rule planner (the cost-model planner replaces ``decide`` later). It works on the
-plain records of :mod:`fxlowbit.passes.analyze` and never touches torch.fx graphs. Rules, first
-match wins:
+Works on the plain records of :mod:`fxlowbit.passes.analyze` and never touches torch.fx graphs.
 
-1. aliases of graph inputs (parameters, buffers, user inputs) and of forward outputs: keep, they
-   cost no extra memory;
-2. smaller than ``min_bytes``: keep;
-3. bool: 1-bit mask (exact);
-4. other non-float (indices, RNG state): keep;
-5. float used by the backward only in comparisons with scalars: 1-bit masks of those
-   comparisons, computed in the forward (exact);
-6. float whose backward uses all tolerate bounded noise: b-bit stochastic quantization;
-7. anything else: keep, with one warning naming the op (strict mode raises).
-A tensor read by several backward ops is stored once and decoded once for all of them.
+1. Forms a tensor may take (:func:`candidates`): aliases of graph inputs and forward outputs,
+   tensors under ``min_bytes``, integer tensors and tensors whose backward needs exact values are
+   kept (or recomputed, when a cheap exact replay exists); bool tensors and float tensors the
+   backward only compares with scalars get exact 1-bit masks; other float tensors get b-bit
+   stochastic rounding at each allowed width, or a replay of their pointwise producers from
+   values the backward has anyway. Unknown backward uses keep the tensor with one warning naming
+   the op (strict mode raises).
+2. Each form is priced by :mod:`fxlowbit.costmodel`: stored bytes, seconds added to the step and
+   gradient variance added, in units of the minibatch gradient variance.
+3. :func:`solve` picks one form per tensor minimising ``time + w * step_time * variance`` under the
+   memory budget: exact dynamic programming over the budget (in at most ``DP_UNITS`` units, sizes
+   rounded up, so a plan found is always within budget), a documented greedy beyond ``DP_LIMIT``
+   cells. ``w`` starts at 1 (a variance ratio ``r`` costs about ``r`` more steps, i.e.
+   ``r * step_time``) and is raised until the plan's variance ratio is within
+   ``max_variance_ratio``; when the budget makes that impossible the plan with the least variance
+   within budget is used and one warning gives the best achievable figures.
+
+``bits=b`` instead asks for the fixed uniform rule (every compressible tensor at b bits), the
+baseline the cost-model plans are measured against.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import warnings
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import sympy
 
+from . import costmodel as cm
 from .config import LowbitConfig
+from .costmodel import Costs, stored_bytes
 from .plan import Decision, Form, Plan
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-__all__ = ["decide", "stored_bytes", "UnsupportedOpError"]
+__all__ = [
+    "decide",
+    "candidates",
+    "solve",
+    "stored_bytes",
+    "UnsupportedOpError",
+    "step_time",
+    "canonical_keys",
+]
 
 VALUE, COMPARE, EXACT = "value", "compare", "exact"  # mirrors fxlowbit.passes._ops roles (no torch.fx)
+DP_UNITS = 4096  # budget resolution of the exact solver
+DP_LIMIT = 4_000_000  # items x units x choices beyond which the greedy solver is used
+_W_MAX = 1e9
 
 
 class UnsupportedOpError(NotImplementedError):
     """Raised in strict mode when a saved tensor meets an op the planner cannot reason about."""
 
 
-def stored_bytes(form: str, numel, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
-    """Exact bytes of a stored form as a sympy expression of the symbolic sizes."""
-    if form == Form.KEEP:
-        return numel * itemsize
-    if form in (Form.MASK, Form.CMP_MASK):
-        return n_masks * sympy.ceiling(numel / 8)
-    if form == Form.QUANT:
-        groups = sympy.ceiling(numel / group_size)
-        return groups * (group_size * bits // 8) + groups * 8  # codes + fp32 (lo, scale)
-    raise ValueError(f"unknown form {form!r}")
+def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=stacklevel)
 
 
-def _warn_once(op: str, name: str, strict: bool) -> None:
+def _warn_unknown(op: str, name: str, strict: bool) -> None:
     msg = (
         f"fxlowbit: saved tensor {name!r} stays in full precision: its backward use {op} "
         "is not known to tolerate a compressed value"
     )
     if strict:
         raise UnsupportedOpError(msg + " (strict mode)")
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(msg + " (warned once per op)", stacklevel=2)
+    _warn_once(op, msg + " (warned once per op)", stacklevel=4)
 
 
-def _form(s, cfg: LowbitConfig) -> tuple[str, str, int, int]:
-    """(form, reason, bits per element of the main form, number of comparison masks)."""
-    if s.input_alias:
-        return Form.KEEP, "alias of a graph input: costs no memory", 0, 0
-    if s.forward_output_alias:
-        return Form.KEEP, "also returned by the forward: no memory to win", 0, 0
-    if s.nbytes_hint < cfg.min_bytes:
-        return Form.KEEP, f"below min_bytes={cfg.min_bytes}", 0, 0
-    if str(s.dtype) == "torch.bool":
-        return (Form.MASK, "bool mask: 1 bit, exact", 1, 0) if cfg.masks else (Form.KEEP, "masks off", 0, 0)
+# -- what each tensor may become ------------------------------------------------------------------
+def _exact_only(s, cfg: LowbitConfig) -> str | None:
+    """Why ``s`` must keep its exact value (None: it tolerates bounded noise)."""
     if not s.is_float:
-        return Form.KEEP, f"{str(s.dtype)[6:]} tensor: kept exact", 0, 0
+        return f"{str(s.dtype)[6:]} tensor: kept exact"
     if not s.uses:
-        return Form.KEEP, "no backward use found", 0, 0
+        return "no backward use found"
     exact = [u.op for u in s.uses if u.role == EXACT]
     if exact:
-        return Form.KEEP, f"backward use {exact[0]} needs it exact", 0, 0
+        return f"backward use {exact[0]} needs it exact"
     unknown = [u.op for u in s.uses if u.role is None]
     if unknown:
-        _warn_once(unknown[0], s.name, cfg.strict)
-        return Form.KEEP, f"backward use {unknown[0]} not known to tolerate compression", 0, 0
+        _warn_unknown(unknown[0], s.name, cfg.strict)
+        return f"backward use {unknown[0]} not known to tolerate compression"
     compares = [u for u in s.uses if u.role == COMPARE]
-    n = len({(u.op, u.scalar) for u in compares})  # one mask per distinct comparison
     if compares and not (cfg.masks and all(u.direct for u in compares)):
-        # quantization could flip a comparison near its threshold: keep exact
-        return Form.KEEP, "compared with a scalar (through a view): kept exact", 0, 0
-    if compares and len(compares) == len(s.uses):
-        if n < min(cfg.bits, s.itemsize * 8):
-            return Form.CMP_MASK, f"backward only compares it with scalars: {n} exact 1-bit mask(s)", 0, n
-        return Form.KEEP, f"{n} distinct comparisons: masks would not save memory", 0, 0
-    why = f"{cfg.bits}-bit stochastic rounding, groups of {cfg.group_size}"
-    if compares:
-        why += f", plus {n} exact 1-bit comparison mask(s)"
-    return Form.QUANT, why, cfg.bits, n
+        return "compared with a scalar (through a view): kept exact"
+    return None
 
 
-def decide(saved, cfg: LowbitConfig, subs: dict | None = None) -> Plan:
-    """Fixed-rule plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records."""
-    subs = subs or {}
-    decisions: list[Decision] = []
+def canonical_keys(saved) -> dict[str, tuple]:
+    """Name-free keys of saved tensors, equal across two partitions of the same graph (node names
+    differ between compilations): producer, shape, dtype and occurrence among equal ones."""
+    seen: dict[tuple, int] = {}
+    out = {}
     for s in saved:
-        form, reason, nbits, masks = _form(s, cfg)
-        mask_bytes = stored_bytes(Form.MASK, s.numel, 1, 1, 1, masks)
-        if form == Form.CMP_MASK:
-            after = mask_bytes
-        else:
-            after = stored_bytes(form, s.numel, nbits, cfg.group_size, s.itemsize) + mask_bytes
-        decisions.append(
-            Decision(
-                name=s.name,
-                producer=s.producer,
-                shape=tuple(d if isinstance(d, int) else str(d) for d in s.shape),
-                dtype=str(s.dtype).replace("torch.", ""),
-                form=form,
-                bits=(nbits + masks) if form != Form.KEEP else s.itemsize * 8,
-                bytes_before=s.nbytes_hint,
-                bytes_after=int(sympy.sympify(after).subs(subs)),
-                reason=reason,
-                masks=masks,
-            )
+        base = (s.producer, tuple(str(d) for d in s.shape), str(s.dtype))
+        out[s.name] = (*base, seen.get(base, 0))
+        seen[base] = seen.get(base, 0) + 1
+    return out
+
+
+def may_quantize(s, cfg: LowbitConfig) -> bool:
+    """Whether some plan may store ``s`` quantized (the tensors a probe measures)."""
+    if _fixed(s, cfg) or not s.is_float or str(s.dtype) == "torch.bool" or _exact_only(s, cfg):
+        return False
+    return _n_masks(s) < len(s.uses)
+
+
+def _n_masks(s) -> int:
+    return len({(u.op, u.scalar) for u in s.uses if u.role == COMPARE})
+
+
+def _fixed(s, cfg: LowbitConfig) -> str | None:
+    """Why ``s`` has no choice at all (None: it has)."""
+    if s.input_alias:
+        return "alias of a graph input: costs no memory"
+    if s.forward_output_alias:
+        return "also returned by the forward: no memory to win"
+    if s.nbytes_hint < cfg.min_bytes:
+        return f"below min_bytes={cfg.min_bytes}"
+    return None
+
+
+def _sensitivity(s, sens: Mapping[str, float] | None, total_numel: float, numel: int) -> tuple[float, str]:
+    if sens and s.name in sens:
+        return sens[s.name], "measured"
+    return cm.prior_sensitivity(numel, total_numel), "prior"
+
+
+def candidates(
+    s,
+    cfg: LowbitConfig,
+    profile: cm.HardwareProfile,
+    *,
+    subs: Mapping | None = None,
+    sensitivity: Mapping[str, float] | None = None,
+    total_numel: float = 1.0,
+    lossy_names: frozenset[str] = frozenset(),
+) -> tuple[list[Costs], list[str], int]:
+    """The forms ``s`` may take with their costs, a reason per form, and the comparison masks a
+    quantized form carries. ``lossy_names``: saved tensors a plan may store lossily (a replay that
+    must be exact may not read them)."""
+    subs = subs or {}
+    numel = int(sympy.sympify(s.numel).subs(subs))
+    nbytes = int(sympy.sympify(s.nbytes).subs(subs))
+    keep = Costs(Form.KEEP, 0, 0 if s.input_alias else nbytes, 0.0, 0.0)
+    fixed = _fixed(s, cfg)
+    if fixed:
+        return [keep], [fixed], 0
+    out, why = [keep], ["kept: cheapest in time within the budget"]
+    exact_reason = _exact_only(s, cfg)
+    r = s.recompute
+    if cfg.recompute and r is not None and (exact_reason is None or not lossy_names & set(r.leaves)):
+        out.append(Costs(Form.RECOMPUTE, 0, 0, profile.pointwise_time(r.nbytes_moved), 0.0))
+        leaves = ", ".join(r.leaves) or "constants"
+        why.append(f"replayed in the backward: {len(r.nodes)} pointwise op(s) on {leaves}")
+    if str(s.dtype) == "torch.bool":
+        if cfg.masks:
+            mask = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1)).subs(subs))
+            out.append(Costs(Form.MASK, 1, mask, profile.mask_time(nbytes), 0.0))
+            why.append("bool mask: 1 bit, exact")
+        return out, why, 0
+    if exact_reason:
+        why[0] = exact_reason
+        return out, why, 0
+    n = _n_masks(s)
+    mask_bytes = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1, n)).subs(subs)) if n else 0
+    mask_time = n * profile.mask_time(nbytes) if n else 0.0
+    if n and n == len(s.uses):
+        if n < s.itemsize * 8:
+            out.append(Costs(Form.CMP_MASK, 0, mask_bytes, mask_time, 0.0))
+            why.append(f"backward only compares it with scalars: {n} exact 1-bit mask(s)")
+        return out, why, n
+    sens, source = _sensitivity(s, sensitivity, total_numel, numel)
+    for b in sorted(cfg.allowed_bits):
+        q = int(sympy.sympify(stored_bytes(Form.QUANT, s.numel, b, cfg.group_size, s.itemsize)).subs(subs))
+        t = profile.pack_time(nbytes, b) + profile.unpack_time(nbytes, b) + mask_time
+        out.append(Costs(Form.QUANT, b, q + mask_bytes, t, cm.quant_variance(sens, b)))
+        extra = f", plus {n} exact 1-bit comparison mask(s)" if n else ""
+        why.append(f"{b}-bit stochastic rounding, groups of {cfg.group_size}{extra} ({source} sensitivity)")
+    return out, why, n
+
+
+# -- the solver -----------------------------------------------------------------------------------
+def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
+    """Pick one ``(bytes, cost)`` choice per item minimising total cost with total bytes <= budget;
+    None if no selection fits. Exact dynamic programming when ``items x units x choices`` is at
+    most ``DP_LIMIT`` (bytes rounded up to units of ``ceil(budget / DP_UNITS)``: exact whenever the
+    sizes are multiples of the unit, and never over budget), otherwise :func:`solve_greedy`."""
+    if budget < 0:
+        return None
+    cheapest = [min(range(len(c)), key=lambda k, c=c: (c[k][1], c[k][0])) for c in items]
+    if sum(c[k][0] for c, k in zip(items, cheapest, strict=True)) <= budget:
+        return cheapest  # the budget does not bind
+    # items with a single choice only take their bytes off the budget (no rounding for them)
+    free = [i for i, c in enumerate(items) if len(c) > 1]
+    budget -= sum(c[0][0] for c in items if len(c) == 1)
+    sub = _solve_dp([items[i] for i in free], budget)
+    if sub is None:
+        return None
+    pick = [0] * len(items)
+    for i, k in zip(free, sub, strict=True):
+        pick[i] = k
+    return pick
+
+
+def _solve_dp(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
+    if budget < 0:
+        return None
+    unit = max(1, math.ceil(budget / DP_UNITS))
+    cap = budget // unit
+    width = max((len(c) for c in items), default=1)
+    if len(items) * (cap + 1) * width > DP_LIMIT:
+        return solve_greedy(items, budget)
+    dp = np.full(cap + 1, np.inf)
+    dp[0] = 0.0
+    picks = []
+    for choices in items:
+        new = np.full(cap + 1, np.inf)
+        arg = np.zeros(cap + 1, dtype=np.int16)
+        for k, (nbytes, cost) in enumerate(choices):
+            w = -(-int(nbytes) // unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = dp[: cap + 1 - w] + cost
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = k
+        dp = new
+        picks.append(arg)
+    if not np.isfinite(dp).any():
+        return None
+    used = int(np.argmin(dp))
+    out = []
+    for choices, arg in zip(reversed(items), reversed(picks), strict=True):
+        k = int(arg[used])
+        out.append(k)
+        used -= -(-int(choices[k][0]) // unit)
+    return out[::-1]
+
+
+def solve_greedy(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
+    """Start from each item's cheapest choice; while over budget, take the move (to a smaller
+    choice of one item) with the least added cost per byte freed. Not optimal in general (the
+    classic multiple-choice knapsack greedy); used only beyond the exact solver's size."""
+    pick = [min(range(len(c)), key=lambda k, c=c: (c[k][1], c[k][0])) for c in items]
+    total = sum(c[k][0] for c, k in zip(items, pick, strict=True))
+    while total > budget:
+        best = None
+        for i, c in enumerate(items):
+            b0, c0 = c[pick[i]]
+            for k, (b, cost) in enumerate(c):
+                if b < b0:
+                    rate = (cost - c0) / (b0 - b)
+                    if best is None or rate < best[0]:
+                        best = (rate, i, k)
+        if best is None:
+            return None
+        _, i, k = best
+        total -= items[i][pick[i]][0] - items[i][k][0]
+        pick[i] = k
+    return pick
+
+
+def step_time(gemms: Sequence, profile: cm.HardwareProfile, activation_bytes: float) -> float:
+    """Rough seconds of one uncompressed step: every GEMM at the profile's throughput, plus the
+    saved activations written, read back and their gradients formed at copy bandwidth."""
+    t = sum(profile.matmul_time(g.flops, g.dtype) for g in gemms)
+    return t + 4 * activation_bytes / (profile.copy_gbps * 1e9)
+
+
+def _budget(cfg: LowbitConfig, total: int) -> int:
+    b = cfg.budget
+    return int(b * total) if b <= 1 else int(b)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def decide(
+    saved,
+    cfg: LowbitConfig,
+    subs: dict | None = None,
+    *,
+    profile: cm.HardwareProfile | None = None,
+    sensitivity: Mapping[str, float] | None = None,
+    gemms: Sequence = (),
+) -> Plan:
+    """Plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records: the cost-model
+    plan, or the uniform rule when ``cfg.bits`` is set. ``sensitivity``: measured sensitivities by
+    saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`)."""
+    subs = subs or {}
+    if cfg.bits is not None:
+        return _uniform(saved, cfg, subs)
+    profile = profile or cm.load_profile(cfg.profile)
+    quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
+    total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
+    lossy_names = frozenset(s.name for s in quantizable)
+    options = [
+        candidates(
+            s,
+            cfg,
+            profile,
+            subs=subs,
+            sensitivity=sensitivity,
+            total_numel=total_numel,
+            lossy_names=lossy_names,
+        )  # fmt: skip
+        for s in saved
+    ]
+    # A replay reads its leaves' stored values: they must exist (no comparison-only masks, no
+    # replays of replays).
+    leaves = {leaf for s, (c, _, _) in zip(saved, options, strict=True) for leaf in _replay_leaves(s, c)}
+    for i, s in enumerate(saved):
+        if s.name in leaves:
+            c, why, n = options[i]
+            keep = [k for k, x in enumerate(c) if x.form not in (Form.CMP_MASK, Form.RECOMPUTE)]
+            options[i] = ([c[k] for k in keep], [why[k] for k in keep], n)
+
+    total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
+    budget = _budget(cfg, total)
+    t_step = step_time(gemms, profile, total)
+    pick, weight, status = _choose([c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio)
+    decisions = []
+    for s, (costs, why, n), k in zip(saved, options, pick, strict=True):
+        c = costs[k]
+        decisions.append(_decision(s, c, why[k], n if c.form in (Form.QUANT, Form.CMP_MASK) else 0, subs))
+    plan = Plan(
+        tuple(decisions),
+        budget=budget,
+        step_time_s=t_step,
+        variance_ratio=sum(costs[k].variance for (costs, _, _), k in zip(options, pick, strict=True)),
+        status=status,
+    )
+    return plan
+
+
+def _replay_leaves(s, costs: list[Costs]) -> tuple[str, ...]:
+    if s.recompute is not None and any(c.form == Form.RECOMPUTE for c in costs):
+        return s.recompute.leaves
+    return ()
+
+
+def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: float):
+    """(choice per item, variance weight used, status line)."""
+
+    def run(w: float):
+        pick = solve([[(c.nbytes, c.time_s + w * t_step * c.variance) for c in it] for it in items], budget)
+        ratio = None if pick is None else sum(it[k].variance for it, k in zip(items, pick, strict=True))
+        return pick, ratio
+
+    pick, ratio = run(1.0)
+    if all(len(it) == 1 for it in items):
+        return [0] * len(items), 1.0, "nothing to choose: every saved tensor has one form"
+    if pick is None:  # even the smallest forms exceed the budget
+        pick = [min(range(len(it)), key=lambda k, it=it: (it[k].nbytes, it[k].variance)) for it in items]
+        least = sum(it[k].nbytes for it, k in zip(items, pick, strict=True))
+        msg = (
+            f"fxlowbit: memory budget of {budget} saved bytes cannot be met: the smallest plan "
+            f"stores {least} bytes; using it"
         )
-    return Plan(tuple(decisions))
+        _warn_once("budget", msg)
+        return pick, math.inf, msg
+    if ratio <= max_ratio:
+        return pick, 1.0, "ok"
+    lo, hi = 1.0, _W_MAX
+    best_pick, best_ratio = run(hi)
+    if best_ratio > max_ratio:
+        least_bytes = _least_bytes_within(items, max_ratio)
+        msg = (
+            f"fxlowbit: memory budget of {budget} saved bytes needs a gradient variance ratio of "
+            f"{best_ratio:.3g} > max_variance_ratio={max_ratio:g}; using the least-variance plan within "
+            f"budget. Within the variance limit the smallest plan stores {least_bytes} bytes"
+        )
+        _warn_once("variance", msg)
+        return best_pick, hi, msg
+    for _ in range(40):  # smallest weight meeting the limit: the fastest plan that does
+        mid = math.sqrt(lo * hi)
+        p, r = run(mid)
+        if r is not None and r <= max_ratio:
+            hi, best_pick = mid, p
+        else:
+            lo = mid
+        if hi / lo < 1.05:
+            break
+    return best_pick, hi, "ok"
+
+
+def _least_bytes_within(items: list[list[Costs]], max_ratio: float) -> int:
+    """Smallest stored bytes of a plan whose variance ratio is within ``max_ratio`` (bisection on
+    the budget with the least-variance solver)."""
+    hi = sum(it[0].nbytes for it in items)
+    lo = 0
+    while hi - lo > max(1, hi // 200):
+        mid = (lo + hi) // 2
+        pick = solve([[(c.nbytes, c.variance) for c in it] for it in items], mid)
+        ok = pick is not None and sum(it[k].variance for it, k in zip(items, pick, strict=True)) <= max_ratio
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    return hi
+
+
+def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
+    return Decision(
+        name=s.name,
+        producer=s.producer,
+        shape=tuple(d if isinstance(d, int) else str(d) for d in s.shape),
+        dtype=str(s.dtype).replace("torch.", ""),
+        form=c.form,
+        bits=(c.bits + masks)
+        if c.form in (Form.QUANT, Form.CMP_MASK, Form.MASK)
+        else (0 if c.form == Form.RECOMPUTE else s.itemsize * 8),  # fmt: skip
+        bytes_before=0 if s.input_alias else int(sympy.sympify(s.nbytes).subs(subs)),
+        bytes_after=c.nbytes,
+        reason=reason,
+        masks=masks,
+        time_s=c.time_s,
+        variance=c.variance,
+    )
+
+
+# -- the uniform rule (baseline) ------------------------------------------------------------------
+def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
+    """Every compressible tensor at ``cfg.bits`` (masks where exact), no recompute, no budget."""
+    profile = None
+    decisions = []
+    for s in saved:
+        fixed = _fixed(s, cfg)
+        if fixed:
+            c, why, n = Costs(Form.KEEP, 0, 0 if s.input_alias else _at(s.nbytes, subs), 0.0, 0.0), fixed, 0
+        else:
+            profile = profile or cm.load_profile(cfg.profile)
+            uni = LowbitConfig(
+                **{**_fields(cfg), "bits": None, "allowed_bits": (cfg.bits,), "recompute": False}
+            )
+            costs, whys, n = candidates(s, uni, profile, subs=subs)
+            k = len(costs) - 1  # the most compressed of keep / mask / quant at cfg.bits
+            c, why = costs[k], whys[k]
+            if c.form == Form.CMP_MASK and n >= cfg.bits:
+                c, why = costs[0], f"{n} distinct comparisons: masks would not save memory"
+        decisions.append(_decision(s, c, why, n if c.form in (Form.QUANT, Form.CMP_MASK) else 0, subs))
+    return Plan(tuple(decisions), status=f"uniform {cfg.bits}-bit")
+
+
+def _at(expr, subs) -> int:
+    return int(sympy.sympify(expr).subs(subs))
+
+
+def _fields(cfg: LowbitConfig) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+# The exhaustive reference the tests compare the solver with.
+def brute_force(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> tuple[float, list[int]] | None:
+    best = None
+    for pick in itertools.product(*(range(len(c)) for c in items)):
+        b = sum(items[i][k][0] for i, k in enumerate(pick))
+        if b <= budget:
+            cost = sum(items[i][k][1] for i, k in enumerate(pick))
+            if best is None or cost < best[0]:
+                best = (cost, list(pick))
+    return best

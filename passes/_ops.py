@@ -51,6 +51,29 @@ VIEWS = {
 }
 # Same shape, same values: a comparison of the result equals the comparison of the input.
 IDENTITIES = {aten.alias.default, aten.clone.default, aten.detach.default}
+# Comparisons with a scalar: the backward's uses a 1-bit mask computed in the forward replaces.
+COMPARISONS = {aten.le, aten.lt, aten.gt, aten.ge, aten.eq, aten.ne}
+# Build a tensor from sizes and scalars only: free to replay in the backward (masks, positions).
+CONSTRUCTORS = {
+    aten.full.default,
+    aten.zeros.default,
+    aten.ones.default,
+    aten.scalar_tensor.default,
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    prims.iota.default,
+    aten.empty.memory_format,
+}
+# Not pointwise, but linear-time data movement with no reduction over a large dimension: cheap to
+# replay (attention masks are built from positions with these).
+CHEAP_MOVES = {
+    aten.index.Tensor,
+    aten.cumsum.default,
+    aten.cat.default,
+    aten.clone.default,
+    aten.constant_pad_nd.default,
+}
 
 _register(
     TRANSPARENT,

@@ -1,8 +1,9 @@
 """Analysis: list every tensor the forward graph saves for the backward graph.
 
 Pure: reads the partitioned forward/backward GraphModules and returns frozen records (producer op,
-backward uses and their roles, dtype, symbolic bytes as sympy expressions, view root) plus a
-networkx view of both graphs. Relies on AOTAutograd's convention that the forward returns
+backward uses and their roles, dtype, symbolic bytes as sympy expressions, view root, how to
+recompute it from other saved values) plus the GEMM FLOPs of both graphs and a networkx view.
+Relies on AOTAutograd's convention that the forward returns
 ``[outputs..., saved tensors..., saved symints...]`` and the backward's placeholders for saved
 values carry the same node names as the forward outputs.
 """
@@ -31,6 +32,25 @@ class Use:
 
 
 @dataclasses.dataclass(frozen=True)
+class Recompute:
+    """How the backward can rebuild a saved tensor from values it has anyway: replay ``nodes``
+    (cheap deterministic pointwise/view ops of the forward, in order) on ``leaves`` (other saved
+    tensors and graph inputs)."""
+
+    nodes: tuple[str, ...]
+    leaves: tuple[str, ...]
+    nbytes_moved: int  # bytes read + written by the replayed ops at the example sizes (upper bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    op: str
+    flops: int  # at the example sizes
+    dtype: str
+    graph: str  # "fw" | "bw"
+
+
+@dataclasses.dataclass(frozen=True)
 class SavedTensor:
     name: str
     position: int  # index in the forward graph's output tuple
@@ -45,6 +65,7 @@ class SavedTensor:
     view_root: str  # first non-view ancestor in the forward graph (itself if not a view)
     input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
     forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
+    recompute: Recompute | None = None
 
     @property
     def is_float(self) -> bool:
@@ -61,6 +82,11 @@ class GraphFacts:
     num_fwd_outputs: int
     nx_graph: nx.DiGraph  # nodes "fw:<name>" / "bw:<name>", saved edges fw -> bw
     hints: dict  # sympy symbol -> value at the example sizes
+    gemms: tuple[Gemm, ...] = ()  # every matmul/conv/attention call of both graphs
+
+    @property
+    def gemm_flops(self) -> int:
+        return sum(g.flops for g in self.gemms)
 
     def by_name(self) -> dict[str, SavedTensor]:
         return {s.name: s for s in self.saved}
@@ -107,6 +133,89 @@ def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) 
     return out
 
 
+_MAX_RECOMPUTE_NODES = 64  # a bound on replay length (masks built from positions take ~40)
+
+
+def _replayable(node: fx.Node) -> bool:
+    """Deterministic pointwise, view or constant-building ops: cheap to replay in the backward."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+        return False
+    return torch.Tag.pointwise in target.tags or target in (_ops.VIEWS | _ops.CONSTRUCTORS | _ops.CHEAP_MOVES)
+
+
+def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
+    """A replay of ``node`` from saved tensors and graph inputs, or None if it needs anything else
+    (a matmul, a reduction, random numbers, a long chain)."""
+    order: list[fx.Node] = []
+    leaves: dict[str, None] = {}
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n is not node and (n.name in saved or n.op == "placeholder"):
+            leaves[n.name] = None
+            return True
+        if not isinstance(n.meta.get("val"), torch.Tensor) or not _replayable(n):
+            return False
+        for a in n.all_input_nodes:
+            if isinstance(a.meta.get("val"), torch.Tensor) and not visit(a):
+                return False
+        order.append(n)
+        return len(order) <= _MAX_RECOMPUTE_NODES
+
+    if node.op == "placeholder" or not visit(node):
+        return None
+    # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
+    vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
+    moved = sum(_hint(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
+    return Recompute(tuple(n.name for n in order), tuple(leaves), moved)
+
+
+def _numel(val: torch.Tensor) -> sympy.Expr:
+    numel = sympy.Integer(1)
+    for d in val.shape:
+        numel = numel * _expr(d)
+    return numel
+
+
+def _hint(expr, hints: dict) -> int:
+    return int(sympy.sympify(expr).subs(hints))
+
+
+def _concrete(v, hints: dict):
+    """Meta tensors / ints at the example sizes, for torch's FLOP formulas."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty([_hint(_expr(d), hints) for d in v.shape], dtype=v.dtype, device="meta")
+    if isinstance(v, torch.SymInt):
+        return _hint(v.node.expr, hints)
+    return v
+
+
+def _gemms(gm: fx.GraphModule, graph: str, hints: dict) -> list[Gemm]:
+    from torch.utils.flop_counter import flop_registry
+
+    out = []
+    for n in gm.graph.nodes:
+        packet = getattr(n.target, "overloadpacket", None)
+        if n.op != "call_function" or packet not in flop_registry:
+            continue
+        args, kwargs, val = torch.utils._pytree.tree_map(
+            lambda v: _concrete(v.meta.get("val") if isinstance(v, fx.Node) else v, hints),
+            (n.args, n.kwargs, n),
+        )
+        flops = int(flop_registry[packet](*args, **kwargs, out_val=val))
+        dtype = next(
+            (a.dtype for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None
+        )
+        out.append(Gemm(_name(n.target), flops, str(dtype).replace("torch.", ""), graph))
+    return out
+
+
 def _arg_index(user: fx.Node, node: fx.Node) -> int:
     for i, a in enumerate(user.args):
         if a is node or (isinstance(a, (list, tuple)) and any(x is node for x in a)):
@@ -135,7 +244,8 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 g.add_edge(f"{prefix}:{a.name}", f"{prefix}:{n.name}")
 
     saved = []
-    hints: dict = {}
+    hints: dict = _all_hints(fw, bw)
+    saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
     for pos, node in enumerate(outputs):
         if pos < num_fwd_outputs or not isinstance(node, fx.Node):
             continue
@@ -144,12 +254,7 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
             continue  # symints and opaque objects are never touched
         g.add_edge(f"fw:{node.name}", f"bw:{node.name}", saved=True)
         root = _root(node)
-        numel = sympy.Integer(1)
-        for d in val.shape:
-            numel = numel * _expr(d)
-            if not isinstance(d, int):
-                for sym in _expr(d).free_symbols:
-                    hints.setdefault(sym, _symbol_hint(d.node.shape_env, sym))
+        numel = _numel(val)
         nbytes = numel * val.dtype.itemsize
         placeholder = bw_inputs.get(node.name)
         saved.append(
@@ -167,6 +272,31 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 view_root=root.name,
                 input_alias=root.op == "placeholder",
                 forward_output_alias=node in user_outputs or root in user_output_roots,
+                recompute=_recompute(node, saved_names, hints),
             )
         )
-    return GraphFacts(saved=tuple(saved), num_fwd_outputs=num_fwd_outputs, nx_graph=g, hints=hints)
+    gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)
+    return GraphFacts(
+        saved=tuple(saved), num_fwd_outputs=num_fwd_outputs, nx_graph=g, hints=hints, gemms=tuple(gemms)
+    )
+
+
+def _all_hints(*gms: fx.GraphModule) -> dict:
+    """Example-size values of every shape symbol the graphs' values mention."""
+    hints: dict = {}
+    for gm in gms:
+        for n in gm.graph.nodes:
+            for v in torch.utils._pytree.tree_leaves(n.meta.get("val")):
+                dims = (
+                    list(v.shape)
+                    if isinstance(v, torch.Tensor)
+                    else [v]
+                    if isinstance(v, torch.SymInt)
+                    else []
+                )
+                for d in dims:
+                    if isinstance(d, torch.SymInt):
+                        for sym in d.node.expr.free_symbols:
+                            if sym not in hints:
+                                hints[sym] = _symbol_hint(d.node.shape_env, sym)
+    return hints

@@ -17,93 +17,22 @@ import logging
 import operator
 from collections import Counter
 
-import sympy
 import torch
 import torch.fx as fx
 from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.utils._sympy.functions import FloorDiv
 
 from ..codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
 from ..codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_traceable
 from ..plan import Form, Plan
 from . import _ops
+from ._graph import SymBuilder, call, first_user, placeholder_like, through_identities
 from ._inline import inline
 
 log = logging.getLogger(__name__)
 lowbit = torch.ops.fxlowbit
 
 __all__ = ["run"]
-
-
-def _fake(fn, *args):
-    """Run ``fn`` on the FakeTensor values of node arguments to get the new node's meta["val"]."""
-    vals = fx.node.map_arg(list(args), lambda a: a.meta["val"])
-    leaves = torch.utils._pytree.tree_leaves(vals)
-    mode = next(v.fake_mode for v in leaves if isinstance(v, torch.Tensor))
-    with mode:
-        return fn(*vals)
-
-
-def _call(graph: fx.Graph, target, args, name: str | None = None) -> fx.Node:
-    node = graph.call_function(target, tuple(args))
-    if name:
-        node._rename(name)
-    node.meta["val"] = _fake(target, *args)
-    return node
-
-
-class _SymBuilder:
-    """Materialise symbolic sizes as backward-graph nodes computed from the saved-symint
-    placeholders (the partitioner guarantees every free symbol of a saved tensor is bound there)."""
-
-    def __init__(self, graph: fx.Graph):
-        self.graph = graph
-        self.bound = {}
-        for ph in graph.find_nodes(op="placeholder"):
-            val = ph.meta.get("val")
-            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
-                self.bound.setdefault(val.node.expr, ph)
-
-    def __call__(self, value):
-        """Map ints, SymInts, forward SymInt nodes and lists of them to backward arguments."""
-        if isinstance(value, (list, tuple)):
-            return type(value)(self(v) for v in value)
-        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.SymInt):
-            value = value.meta["val"]
-        if isinstance(value, torch.SymInt):
-            return self._expr(value.node.expr)
-        return value
-
-    def _expr(self, expr):
-        if expr.is_Integer:
-            return int(expr)
-        if expr in self.bound:
-            return self.bound[expr]
-        if isinstance(expr, (sympy.Add, sympy.Mul)):
-            fn = operator.add if isinstance(expr, sympy.Add) else operator.mul
-            args = [self._expr(a) for a in expr.args]
-            out = args[0]
-            for a in args[1:]:
-                out = _call(self.graph, fn, (out, a))
-            return out
-        if isinstance(expr, FloorDiv):
-            return _call(self.graph, operator.floordiv, tuple(self._expr(a) for a in expr.args))
-        raise NotImplementedError(f"fxlowbit: cannot rebuild symbolic size {expr} in the backward graph")
-
-
-def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    for candidate in graph.nodes:
-        if candidate in node.users:
-            return candidate
-    raise AssertionError(f"saved tensor {node.name} has no backward user")
-
-
-def _placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.Node:
-    with graph.inserting_before(before):
-        ph = graph.placeholder(fw_node.name)
-    ph.meta.update({k: v for k, v in fw_node.meta.items() if k in ("val", "tensor_meta")})
-    return ph
 
 
 class _Rewriter:
@@ -132,22 +61,22 @@ class _Rewriter:
             if "saved_tensor_with_no_vc_check" in node.meta:
                 p.meta["saved_tensor_with_no_vc_check"] = node.meta["saved_tensor_with_no_vc_check"]
         self.new_outputs.extend(parts)
-        return [_placeholder_like(self.bg, ph, p) for p in parts]
+        return [placeholder_like(self.bg, ph, p) for p in parts]
 
     def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False):
         """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline) or the
         opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op)."""
         with self.fg.inserting_before(node.next):
             if self.inline and seeded:
-                seed = _call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
+                seed = call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
                 out = inline(self.fg, fn, [node, seed, *args])
             elif self.inline:
                 out = inline(self.fg, fn, [node, *args])
             else:
-                out = _call(self.fg, op, (node, *args, self.stream) if seeded else (node, *args))
+                out = call(self.fg, op, (node, *args, self.stream) if seeded else (node, *args))
                 if isinstance(out.meta["val"], tuple):
                     n = len(out.meta["val"])
-                    out = tuple(_call(self.fg, operator.getitem, (out, i)) for i in range(n))
+                    out = tuple(call(self.fg, operator.getitem, (out, i)) for i in range(n))
         parts = list(out) if isinstance(out, (tuple, list)) else [out]
         for part, name in zip(parts, names, strict=True):
             part._rename(f"{node.name}_{name}")
@@ -164,7 +93,7 @@ class _Rewriter:
         def build(syms) -> fx.Node:
             if self.inline and contiguous:
                 return inline(self.bg, traceable, [*parts, *consts[:-1], syms(shape), *consts[-1:]])
-            return _call(self.bg, op, (*parts, *consts[:-1], syms(shape), syms(stride), *consts[-1:]))
+            return call(self.bg, op, (*parts, *consts[:-1], syms(shape), syms(stride), *consts[-1:]))
 
         return build
 
@@ -201,21 +130,21 @@ class _Rewriter:
     def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
         """Move the backward's scalar comparisons of ``node`` into the forward as 1-bit masks."""
         groups: dict[tuple, list[fx.Node]] = {}
-        for user in _through_identities(ph):
-            if user.op == "call_function" and user.target.overloadpacket in _COMPARISONS:
+        for user in through_identities(ph):
+            if user.op == "call_function" and user.target.overloadpacket in _ops.COMPARISONS:
                 groups.setdefault((user.target, user.args[1]), []).append(user)
         for (target, scalar), users in groups.items():
             with self.fg.inserting_after(node):
-                cmp = _call(self.fg, target, (node, scalar))
+                cmp = call(self.fg, target, (node, scalar))
             self.stored.append((ph, self._mask_parts(node, ph, cmp, "cmpbits"), users))
             self.counters["saved_cmp_mask"] += 1
 
     def decode_all(self) -> None:
         """Decode each stored value just before its first backward use."""
-        syms = _SymBuilder(self.bg)
+        syms = SymBuilder(self.bg)
         order = {n: i for i, n in enumerate(self.bg.nodes)}
         for ph, build, users in self.stored:
-            first = _first_user(self.bg, ph) if users is None else min(users, key=order.__getitem__)
+            first = first_user(self.bg, ph) if users is None else min(users, key=order.__getitem__)
             with self.bg.inserting_before(first):
                 value = build(syms)
             if users is None:
@@ -230,24 +159,6 @@ class _Rewriter:
             self.bg.erase_node(ph)
         self.out_node.args = (tuple(self.new_outputs),)
         self.bg.eliminate_dead_code()  # identity ops left without users by moved comparisons
-
-
-def _through_identities(node: fx.Node):
-    for user in list(node.users):
-        if user.op == "call_function" and user.target in _ops.IDENTITIES:
-            yield from _through_identities(user)
-        else:
-            yield user
-
-
-_COMPARISONS = {
-    torch.ops.aten.le,
-    torch.ops.aten.lt,
-    torch.ops.aten.gt,
-    torch.ops.aten.ge,
-    torch.ops.aten.eq,
-    torch.ops.aten.ne,
-}
 
 
 def run(
@@ -270,7 +181,7 @@ def run(
     for node in rw.outputs[num_fwd_outputs:]:
         d = decisions.get(node.name) if isinstance(node, fx.Node) else None
         ph = rw.placeholders.get(getattr(node, "name", None))
-        if d is None or d.form == Form.KEEP or ph is None:
+        if d is None or d.form in (Form.KEEP, Form.RECOMPUTE) or ph is None:
             rw.new_outputs.append(node)
             continue
         if d.masks:

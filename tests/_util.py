@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fxlowbit
 from fxlowbit.examples import MLP, SmallCNN, TinyGPT, char_batches, stdlib_text
 
-UNCOMPRESSED = {"inner": "eager", "passes": {"rewrite_saved": False}}
+UNCOMPRESSED = {"inner": "eager", "passes": {"plan": False}}
 
 
 def make(name: str):

@@ -6,7 +6,7 @@ from fxlowbit import LowbitConfig
 
 def test_defaults_are_valid():
     cfg = LowbitConfig.from_options(None)
-    assert cfg.bits == 4 and cfg.inner == "inductor" and cfg.group_size == 256
+    assert cfg.bits is None and cfg.mode == "balanced" and cfg.inner == "inductor" and cfg.group_size == 256
 
 
 def test_unknown_option_names_it_and_lists_valid():
@@ -17,7 +17,7 @@ def test_unknown_option_names_it_and_lists_valid():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"bits": 3}, r"bits=3 is invalid; valid values: \(2, 4, 8\)"),
+        ({"bits": 3}, r"bits=3 is invalid; valid values: \(None, 2, 4, 8\)"),
         ({"inner": "tvm"}, r"inner='tvm' is invalid; valid values: \('inductor', 'eager'\)"),
         ({"group_size": 100}, r"group_size=100 is invalid"),
         ({"group_size": 0}, r"group_size=0 is invalid"),

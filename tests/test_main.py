@@ -9,7 +9,7 @@ import sys
 from fxlowbit.__main__ import parse_args
 
 COLUMNS = ["model", "run", "saved MB", "reduction", "train loss", "eval loss", "test acc", "ms/step"]
-RUNS = ["uncompressed", "lowbit8", "lowbit4", "lowbit2"]  # --quick: inner="eager", so the baseline is
+RUNS = ["uncompressed", "budget0.1", "lowbit4", "lowbit2"]  # --quick: inner="eager", so the baseline is
 # the lowbit pipeline with compression off
 
 
@@ -23,9 +23,10 @@ def test_demo_is_the_default_command():
     assert (args.command, args.model, args.bits, args.inner) == (
         "demo",
         ["gpt", "mlp"],
-        [8, 4, 2],
+        [4, 2],
         "inductor",
     )
+    assert args.budget == [0.1]
     quick = parse_args(["--quick", "--bits", "4"])
     assert (quick.command, quick.inner, quick.bits, quick.dim) == ("demo", "eager", [4], 64)
 
@@ -48,8 +49,11 @@ def test_quick_demo_table(tmp_path):
     for model in ("gpt", "mlp"):
         base, *low = (table[model, run] for run in RUNS)
         assert base["reduction"] == "1.0x"
-        saved = [float(table[model, run]["saved MB"]) for run in RUNS]
-        assert saved == sorted(saved, reverse=True) and saved[0] > saved[-1] > 0  # fewer bits, fewer bytes
+        saved = {run: float(table[model, run]["saved MB"]) for run in RUNS}
+        assert saved["uncompressed"] > saved["lowbit4"] > saved["lowbit2"] > 0  # fewer bits, fewer bytes
+        # the planner under a 0.1 budget stores less than uniform 4-bit (the walk also counts the
+        # model inputs, which the planner's budget does not: 9.6x GPT, 6.6x MLP measured)
+        assert saved["budget0.1"] < saved["lowbit4"]
         assert all(float(r["reduction"].rstrip("x")) > 2 for r in low)
         assert all(float(r["ms/step"]) > 0 for r in (base, *low))
     assert all(table["gpt", run]["test acc"] == "-" for run in RUNS)

@@ -32,7 +32,7 @@ def _run_gpt():
     torch.manual_seed(0)
     model = TinyGPT(dim=64, layers=1)
     x, y = next(char_batches(stdlib_text(), 2, 64, 1))
-    torch.compile(model, backend="lowbit", options={"inner": "eager", "seed": 0})(x, y).backward()
+    torch.compile(model, backend="lowbit", options={"inner": "eager", "seed": 0, "bits": 4})(x, y).backward()
 
 
 def test_one_pack_and_one_decode_per_stored_tensor(graphs):

@@ -2,7 +2,7 @@
 stored in 4 bits ends where the uncompressed run ends.
 
 Each pair of runs shares the seed, the initial weights, the batch order and the dropout masks; the
-baseline is the lowbit pipeline with ``rewrite_saved`` off (same decompositions, partition and RNG
+baseline is the lowbit pipeline with ``plan`` off (same decompositions, partition and RNG
 use), so the only difference is the compression. Runs use one thread (steady on small CI machines)
 and a cosine learning-rate decay, so the end point reflects the model rather than the last steps'
 noise.

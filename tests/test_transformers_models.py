@@ -3,7 +3,7 @@ close to the uncompressed pipeline, saved-activation bytes drop.
 
 Small configs (2 layers, hidden 64, 4 heads, vocab 128; batch 4 x 64 characters of stdlib text),
 fp32, train mode with each config's default dropout (GPT-2 and BERT 0.1, Llama none), no downloads.
-The gradient reference is the same backend with ``passes={"rewrite_saved": False}``: same
+The gradient reference is the same backend with ``passes={"plan": False}``: same
 decompositions, partition and dropout draws, so the SQNR measures the compression alone. SQNR is over
 all parameter gradients concatenated (per-parameter SQNR is meaningless for parameters whose gradient
 is ~0, such as unused position embeddings).
@@ -103,7 +103,7 @@ def one_step(name: str, backend: str, cfg: tuple = (), **options) -> tuple[int, 
 # although several tests use them.
 @functools.cache
 def reference(name: str, cfg: tuple = ()):
-    return one_step(name, "lowbit", cfg, inner="eager", seed=0, passes={"rewrite_saved": False})
+    return one_step(name, "lowbit", cfg, inner="eager", seed=0, passes={"plan": False})
 
 
 @functools.cache

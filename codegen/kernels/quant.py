@@ -10,8 +10,9 @@ Per group: ``lo = min(x)``, ``hi = max(x)`` over finite values, ``L = 2**b - 1``
 ``|lo + q * scale - x| < scale = (hi - lo) / (2**b - 1)``; the rounding variance per element
 is at most ``scale**2 / 4``. All arithmetic is fp32 whatever the input dtype.
 
-Layout. ``codes``: uint8 ``(n_groups, G * b // 8)``; a byte holds ``8 // b`` codes, lowest bits
-first (2-bit: element ``4k + j`` sits in bits ``2j .. 2j+1`` of byte ``k``). ``meta``: fp32
+Layout. ``codes``: uint8 ``(n_groups, G * b // 8)``; a byte holds ``8 // b`` codes from the
+group's ``8 // b`` planes of ``W = G * b // 8`` elements, lowest bits first (2-bit: element
+``j*W + k`` sits in bits ``2j .. 2j+1`` of byte ``k``). ``meta``: fp32
 ``(n_groups, 2)`` holding ``(lo, scale)``.
 
 Non-finite values. A group holding NaN or +-Inf is flagged by the sign bit of its scale; its top
@@ -93,12 +94,16 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(n, G) integer codes < 2**bits -> (n, G*bits//8) uint8, lowest bits first."""
+    """(n, G) integer codes < 2**bits -> (n, G*bits//8) uint8, planar: with ``W = G*bits//8``
+    bytes per group, element ``j*W + k`` sits in bits ``j*bits .. j*bits + bits-1`` of byte ``k``
+    (lowest bits hold the first plane). Every plane is a contiguous slice, so packing and
+    unpacking are vectorised loads, ORs and shifts (an interleaved layout needs strided loads)."""
     q = q.to(torch.uint8, copy=True)  # never an alias of the input
     per = 8 // bits
-    out = q[:, 0::per]
-    for j in range(1, per):  # pointwise over strided slices: vectorises where a sum would not
-        out = out | (q[:, j::per] << (j * bits))
+    width = q.shape[1] // per
+    out = q[:, :width]
+    for j in range(1, per):
+        out = out | (q[:, j * width : (j + 1) * width] << (j * bits))
     return out
 
 
@@ -106,9 +111,8 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: (n, G*bits//8) uint8 -> (n, G) uint8."""
     if bits == 8:
         return codes
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     mask = (1 << bits) - 1
-    return ((codes.unsqueeze(-1) >> shifts) & mask).view(codes.shape[0], codes.shape[1] * (8 // bits))
+    return torch.cat([(codes >> (j * bits)) & mask for j in range(8 // bits)], dim=1)
 
 
 def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:

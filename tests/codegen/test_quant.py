@@ -178,14 +178,15 @@ def test_pack_unpack_codes_bit_exact(bits, n, group_size):
 @pytest.mark.parametrize(
     "bits,codes,packed",
     [
-        # 2-bit: element 4k + j in bits 2j..2j+1 of byte k: 1 | 2<<2 | 3<<4 | 0<<6 = 57, ...
-        (2, [1, 2, 3, 0, 3, 3, 0, 1], [57, 79]),
-        # 4-bit: low nibble first.
-        (4, [0xA, 0x3, 0xF, 0x0, 1, 2, 3, 4], [0x3A, 0x0F, 0x21, 0x43]),
+        # 2-bit, W = 2 bytes: element 2j + k in bits 2j..2j+1 of byte k: 1 | 3<<2 | 3<<4 | 0<<6 = 61,
+        # 2 | 0<<2 | 3<<4 | 1<<6 = 114
+        (2, [1, 2, 3, 0, 3, 3, 0, 1], [61, 114]),
+        # 4-bit, W = 4: element k in the low nibble of byte k, element 4 + k in its high nibble.
+        (4, [0xA, 0x3, 0xF, 0x0, 1, 2, 3, 4], [0x1A, 0x23, 0x3F, 0x40]),
         (8, [0, 1, 2, 127, 128, 200, 254, 255], [0, 1, 2, 127, 128, 200, 254, 255]),
     ],
 )
-def test_pack_codes_layout_lowest_bits_first(bits, codes, packed):
+def test_pack_codes_planar_layout_lowest_bits_first(bits, codes, packed):
     q = torch.tensor([codes], dtype=torch.uint8)
     assert pack_codes(q, bits).tolist() == [packed]
     assert unpack_codes(torch.tensor([packed], dtype=torch.uint8), bits).tolist() == [codes]
@@ -195,9 +196,10 @@ def test_quantize_layout_end_to_end():
     """Known values -> known codes, bytes and meta (2-bit, round to nearest)."""
     x = torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0, 10.0, 10.0, 10.0, 16.0, 10.0, 10.0, 13.0, 12.1])
     codes, meta = quantize_pack_reference(x, 2, 8, None)
-    # group 0: lo 0, scale 1, codes 0 1 2 3 | 3 2 1 0 -> 0 + 4 + 32 + 192 = 228, 3 + 8 + 16 + 0 = 27
-    # group 1: lo 10, scale 2, codes 0 0 0 3 | 0 0 2 1 (12.1 -> 1.05 -> 1) -> 192, 32 + 64 = 96
-    assert codes.tolist() == [[228, 27], [192, 96]]
+    # planar, W = 2: byte k holds elements k, 2 + k, 4 + k, 6 + k from the lowest bits up
+    # group 0: lo 0, scale 1, codes 0 1 2 3 3 2 1 0 -> 0 | 2<<2 | 3<<4 | 1<<6 = 120, 1 | 3<<2 | 2<<4 = 45
+    # group 1: lo 10, scale 2, codes 0 0 0 3 0 0 2 1 (12.1 -> 1.05 -> 1) -> 2<<6 = 128, 3<<2 | 1<<6 = 76
+    assert codes.tolist() == [[120, 45], [128, 76]]
     assert meta.tolist() == [[0.0, 1.0], [10.0, 2.0]]
 
 

@@ -1,0 +1,156 @@
+"""Probes: measure how much gradient variance quantizing each saved tensor adds (GACT-style).
+
+A probe replays one training step's partitioned forward and backward graphs eagerly, uncompressed,
+on the step's real inputs (``torch.no_grad``; the compiled step runs as usual afterwards):
+
+1. the exact gradient ``g`` of every input for fixed tangents (ones for a scalar output, seeded
+   N(0, 1/numel) otherwise);
+2. for each tensor the planner may quantize, the gradient ``g_l`` with only that tensor quantized
+   at 2 bits (stochastic rounding, groups as configured): ``||g_l - g||^2`` is one sample of the
+   variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
+   ranges, the sensitivity is ``s_l = 9 ||g_l - g||^2`` (the variance at "one level", see
+   :mod:`fxlowbit.costmodel`);
+3. at the next step, the exact gradient ``g'`` of a new minibatch: ``||g - g'||^2 / 2`` estimates
+   the minibatch gradient variance (two consecutive batches; parameter drift over one step is
+   small next to batch noise). When it is negligible (the same batch repeated), ``||g||^2`` stands
+   in, so the ratio becomes a relative gradient error.
+
+The cost is one eager forward, ``L + 2`` eager backwards (``L`` probed tensors) per probe, every
+``calibrate_every`` steps; :mod:`benchmarks.calibration` measures it against the step time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch
+import torch.fx as fx
+
+from .codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
+from .passes import _ops
+from .passes._graph import through_identities
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Probe", "probe_sensitivity", "exact_gradient", "minibatch_variance"]
+
+PROBE_BITS = 2
+
+
+@dataclasses.dataclass
+class Probe:
+    """Raw results of one probe (un-normalised)."""
+
+    sensitivity: dict[str, float]  # saved name -> variance at one level, in squared gradient units
+    grad: torch.Tensor  # the exact flat gradient of this step
+    grad_sq: float
+
+
+def _tangents(bw: fx.GraphModule, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for ph in bw.graph.find_nodes(op="placeholder"):
+        if not ph.name.startswith("tangents"):
+            continue
+        val = ph.meta["val"]
+        shape = [int(d) for d in val.shape]  # raises on symbolic sizes: probes need static shapes
+        if val.numel() == 1:
+            t = torch.ones(shape, dtype=val.dtype)
+        else:
+            t = torch.randn(shape, generator=gen).to(val.dtype) / max(val.numel(), 1) ** 0.5
+        out.append(t.to(val.device))
+    return out
+
+
+def _flat(grads) -> torch.Tensor:
+    parts = [
+        g.detach().reshape(-1).double()
+        for g in grads
+        if isinstance(g, torch.Tensor) and g.is_floating_point()
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _forward(fw: fx.GraphModule, num_fwd_outputs: int, args) -> list:
+    outs = fw(*args)
+    return list(outs[num_fwd_outputs:])
+
+
+def exact_gradient(pristine, args, seed: int = 0) -> tuple[torch.Tensor, list, list[torch.Tensor]]:
+    """(flat exact gradient, saved values, tangents) of one step replayed from the pristine graphs."""
+    fw, bw, num_fwd_outputs = pristine
+    with torch.no_grad():
+        saved = _forward(fw, num_fwd_outputs, list(args))
+        tangents = _tangents(bw, seed)
+        grad = _flat(bw(*saved, *tangents))
+    return grad, saved, tangents
+
+
+def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
+    """A copy of ``bw`` whose scalar comparisons of saved tensor ``name`` read it exactly (the
+    rewrite stores them as exact 1-bit masks) while its value uses read an extra last placeholder;
+    None when it has no comparison uses."""
+    ph = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == name)
+    if not any(_is_comparison(u) for u in through_identities(ph)):
+        return None
+    g = copy.deepcopy(bw)
+    ph = next(p for p in g.graph.find_nodes(op="placeholder") if p.name == name)
+    *_, last = g.graph.find_nodes(op="placeholder")
+    with g.graph.inserting_after(last):
+        noisy = g.graph.placeholder(f"{name}_noisy")
+    noisy.meta.update(ph.meta)
+
+    def walk(node: fx.Node) -> None:
+        for user in list(node.users):
+            if user.op == "call_function" and user.target in _ops.IDENTITIES:
+                walk(user)
+            elif not _is_comparison(user):
+                user.replace_input_with(node, noisy)
+
+    walk(ph)
+    g.recompile()
+    return g
+
+
+def _is_comparison(user: fx.Node) -> bool:
+    return user.op == "call_function" and getattr(user.target, "overloadpacket", None) in _ops.COMPARISONS
+
+
+def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> Probe:
+    """Sensitivity of each saved tensor in ``names`` (see the module docstring)."""
+    _, bw, _ = pristine
+    grad, saved, tangents = exact_gradient(pristine, args, seed)
+    placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
+    gen = torch.Generator().manual_seed(seed + 1)
+    sens: dict[str, float] = {}
+    with torch.no_grad():
+        for name in names:
+            if name not in placeholders:
+                continue
+            i = placeholders.index(name)
+            x = saved[i]
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+                continue
+            n_groups = -(-x.numel() // group_size)
+            noise = torch.rand(n_groups, group_size, generator=gen).to(x.device)
+            codes, meta = quantize_pack_reference(x.detach(), PROBE_BITS, group_size, noise)
+            xq = dequantize_unpack_reference(
+                codes, meta, PROBE_BITS, group_size, x.shape, x.dtype, x.stride()
+            )
+            split = _value_only(bw, name)
+            if split is not None:  # comparisons keep reading the exact value, as the masks do
+                g = _flat(split(*saved, *tangents, xq))
+            else:
+                g = _flat(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
+            sens[name] = float(((g - grad) ** 2).sum()) * (2**PROBE_BITS - 1) ** 2
+    return Probe(sens, grad, float((grad**2).sum()))
+
+
+def minibatch_variance(g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """Minibatch gradient variance from two consecutive batches' exact gradients; falls back to
+    ``||g1||^2`` (relative error) when the two batches are (nearly) the same."""
+    var = float(((g1 - g2) ** 2).sum()) / 2
+    norm = float((g1**2).sum())
+    return var if var > 1e-6 * norm else max(norm, 1e-30)

@@ -1,0 +1,95 @@
+"""Small graph-building helpers shared by the rewrites (new nodes always get ``meta["val"]``)."""
+
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv
+
+from ._ops import IDENTITIES
+
+__all__ = ["fake", "call", "SymBuilder", "first_user", "placeholder_like", "through_identities"]
+
+
+def fake(fn, *args):
+    """Run ``fn`` on the FakeTensor values of node arguments to get the new node's meta["val"]."""
+    vals = fx.node.map_arg(list(args), lambda a: a.meta["val"])
+    leaves = torch.utils._pytree.tree_leaves(vals)
+    mode = next((v.fake_mode for v in leaves if isinstance(v, torch.Tensor)), None)
+    if mode is None:  # size arithmetic on SymInts needs no fake mode
+        return fn(*vals)
+    with mode:
+        return fn(*vals)
+
+
+def call(graph: fx.Graph, target, args, name: str | None = None) -> fx.Node:
+    node = graph.call_function(target, tuple(args))
+    if name:
+        node._rename(name)
+    node.meta["val"] = fake(target, *args)
+    return node
+
+
+class SymBuilder:
+    """Materialise symbolic sizes as backward-graph nodes computed from the saved-symint
+    placeholders (the partitioner guarantees every free symbol of a saved tensor is bound there)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.bound = {}
+        for ph in graph.find_nodes(op="placeholder"):
+            val = ph.meta.get("val")
+            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+                self.bound.setdefault(val.node.expr, ph)
+
+    def __call__(self, value):
+        """Map ints, SymInts, forward SymInt nodes and lists of them to backward arguments."""
+        if isinstance(value, (list, tuple)):
+            return type(value)(self(v) for v in value)
+        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.SymInt):
+            value = value.meta["val"]
+        if isinstance(value, torch.SymInt):
+            return self._expr(value.node.expr)
+        return value
+
+    def _expr(self, expr):
+        if expr.is_Integer:
+            return int(expr)
+        if expr in self.bound:
+            return self.bound[expr]
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            fn = operator.add if isinstance(expr, sympy.Add) else operator.mul
+            args = [self._expr(a) for a in expr.args]
+            out = args[0]
+            for a in args[1:]:
+                out = call(self.graph, fn, (out, a))
+            return out
+        if isinstance(expr, FloorDiv):
+            return call(self.graph, operator.floordiv, tuple(self._expr(a) for a in expr.args))
+        raise NotImplementedError(f"fxlowbit: cannot rebuild symbolic size {expr} in the backward graph")
+
+
+def first_user(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    for candidate in graph.nodes:
+        if candidate in node.users:
+            return candidate
+    raise AssertionError(f"saved tensor {node.name} has no backward user")
+
+
+def placeholder_like(graph: fx.Graph, before: fx.Node, fw_node: fx.Node) -> fx.Node:
+    with graph.inserting_before(before):
+        ph = graph.placeholder(fw_node.name)
+    ph.meta.update({k: v for k, v in fw_node.meta.items() if k in ("val", "tensor_meta")})
+    return ph
+
+
+def through_identities(node: fx.Node):
+    """Users of ``node``, looking through ops that return the same values (alias, clone, detach)."""
+    for user in list(node.users):
+        if user.op == "call_function" and user.target in IDENTITIES:
+            yield from through_identities(user)
+        else:
+            yield user

@@ -1,0 +1,85 @@
+"""Rewrite: replay cheap producers in the backward instead of saving their outputs.
+
+For every saved tensor the plan marks ``recompute``, the forward stops returning it and the
+backward rebuilds it, just before its first use, by copying the pointwise/view ops that analysis
+recorded (:class:`~fxlowbit.passes.analyze.Recompute`) onto their leaves: saved tensors the
+backward receives anyway and graph inputs (added to the saved outputs if absent; aliases of inputs
+cost no memory). Runs before ``rewrite_saved``, so a replay reads the decoded value of a
+compressed leaf. Relies on AOTAutograd matching saved outputs and backward placeholders by
+position and on the replayed ops being deterministic; both graphs are linted and recompiled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+from ..plan import Form, Plan
+from ._graph import SymBuilder, first_user, placeholder_like
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+
+def run(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    plan: Plan,
+    recipes: dict,
+    *,
+    num_fwd_outputs: int,
+    counters: Counter | None = None,
+) -> None:
+    """Apply the plan's ``recompute`` decisions in place. ``recipes``: saved-tensor name ->
+    :class:`~fxlowbit.passes.analyze.Recompute`."""
+    counters = Counter() if counters is None else counters
+    names = [d.name for d in plan.decisions if d.form == Form.RECOMPUTE]
+    if not names:
+        return
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
+    out_node = fw.graph.find_nodes(op="output")[0]
+    outputs = list(out_node.args[0])
+    placeholders = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
+    saved_here = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
+    syms = SymBuilder(bw.graph)
+    for name in names:
+        recipe, ph = recipes[name], placeholders[name]
+        # graph inputs the replay reads but the backward does not receive yet: save them (aliases)
+        new_leaves = [leaf for leaf in recipe.leaves if leaf not in saved_here]
+        for leaf in new_leaves:
+            src = fw_nodes[leaf]
+            if src.op != "placeholder":
+                raise AssertionError(f"fxlowbit: replay leaf {leaf} is neither saved nor a graph input")
+            outputs.insert(outputs.index(fw_nodes[name]), src)
+            placeholders[leaf] = placeholder_like(bw.graph, ph, src)
+            saved_here.add(leaf)
+        env = {leaf: placeholders[leaf] for leaf in recipe.leaves}
+        with bw.graph.inserting_before(first_user(bw.graph, ph)):
+            for node_name in recipe.nodes:
+                src = fw_nodes[node_name]
+                args, kwargs = fx.node.map_arg((src.args, src.kwargs), lambda a, env=env: _arg(a, env, syms))
+                new = bw.graph.call_function(src.target, args, kwargs)
+                new.meta["val"] = src.meta["val"]
+                env[node_name] = new
+        ph.replace_all_uses_with(env[name])
+        bw.graph.erase_node(ph)
+        outputs.remove(fw_nodes[name])
+        counters["saved_recompute"] += 1
+        log.debug("%s: recomputed from %s (%d ops)", name, recipe.leaves, len(recipe.nodes))
+    out_node.args = (tuple(outputs),)
+    fw.graph.eliminate_dead_code()
+    for gm in (fw, bw):
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _arg(a: fx.Node, env: dict, syms: SymBuilder):
+    if a.name in env:
+        return env[a.name]
+    if isinstance(a.meta.get("val"), torch.SymInt):
+        return syms(a)
+    raise AssertionError(f"fxlowbit: replay input {a.name} is not a leaf of the recipe")

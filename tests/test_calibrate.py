@@ -1,0 +1,239 @@
+"""Probes: minibatch variance, per-tensor sensitivities measured on the pristine graphs, and the
+adaptive backend that re-plans with them."""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxlowbit
+from fxlowbit import backend, calibrate
+from fxlowbit.codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
+from fxlowbit.config import LowbitConfig
+from fxlowbit.examples import MLP
+from fxlowbit.passes import _ops
+
+_COMPARISONS = {torch.ops.aten.le, torch.ops.aten.lt, torch.ops.aten.gt, torch.ops.aten.ge}
+
+
+def test_minibatch_variance():
+    g1 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert calibrate.minibatch_variance(g1, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)) == 2.0
+    # the same batch twice: the squared gradient norm stands in (relative error)
+    assert calibrate.minibatch_variance(g1, g1.clone()) == 14.0
+    assert calibrate.minibatch_variance(g1, g1 * (1 + 1e-6)) == 14.0
+    assert calibrate.minibatch_variance(g1, g1 * 1.01) == pytest.approx(float(((0.01 * g1) ** 2).sum()) / 2)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert calibrate.minibatch_variance(zero, zero) == 1e-30
+
+
+@pytest.fixture(scope="module")
+def compiled_mlp():
+    """A small MLP compiled once through a LowbitPartitioner: its pristine graphs and inputs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP(hidden=128, dropout=0.0)
+    x, y = torch.randn(64, 64), torch.arange(64) % 10
+    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0)
+    partitioner = backend.LowbitPartitioner(cfg, seed=0)
+    captured = []
+
+    def compiler(gm, example_inputs):
+        captured.append(list(example_inputs))
+        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+
+    F.cross_entropy(torch.compile(model, backend=compiler)(x), y).backward()
+    (args,) = captured
+    yield model, x, partitioner, args
+    torch._dynamo.reset()
+
+
+def test_exact_gradient_replays_the_step(compiled_mlp):
+    model, x, partitioner, args = compiled_mlp
+    grad, saved, (tangent,) = calibrate.exact_gradient(partitioner.pristine, args, seed=3)
+    assert tangent.shape == (64, 10)  # the compiled graph ends at the logits
+    model.zero_grad()
+    (model(x) * tangent).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_probe_sensitivity_is_positive_and_repeatable(compiled_mlp):
+    _, _, partitioner, args = compiled_mlp
+    names = partitioner.quantizable
+    assert len(names) >= 3
+    probes = [calibrate.probe_sensitivity(partitioner.pristine, args, names, 256, seed=s) for s in (0, 7)]
+    for probe in probes:
+        assert set(probe.sensitivity) == set(names)
+        assert all(v > 0 and math.isfinite(v) for v in probe.sensitivity.values())
+        assert probe.grad_sq == pytest.approx(float((probe.grad**2).sum()))
+    for name in names:
+        a, b = (p.sensitivity[name] for p in probes)
+        assert 1 / 3 < a / b < 3, (name, a, b)
+
+
+def test_probe_skips_names_the_backward_does_not_read(compiled_mlp):
+    _, _, partitioner, args = compiled_mlp
+    probe = calibrate.probe_sensitivity(partitioner.pristine, args, ["not_saved", "le_1"], 256)
+    assert probe.sensitivity == {}  # an unknown name, and a bool tensor
+
+
+def _compared(bw, name) -> bool:
+    """Whether the backward compares saved tensor ``name`` with a scalar (through identities)."""
+    ph = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == name)
+    stack = [ph]
+    while stack:
+        for user in stack.pop().users:
+            if user.op != "call_function":
+                continue
+            if user.target in _ops.IDENTITIES:
+                stack.append(user)
+            elif user.target.overloadpacket in _COMPARISONS:
+                return True
+    return False
+
+
+def _value_only_backward(bw, name):
+    """A copy of ``bw`` whose scalar comparisons read saved tensor ``name`` exactly (the rewrite
+    stores them as exact 1-bit masks) while every other use reads an extra, last placeholder."""
+    g = copy.deepcopy(bw)
+    ph = next(p for p in g.graph.find_nodes(op="placeholder") if p.name == name)
+    *_, last = g.graph.find_nodes(op="placeholder")
+    with g.graph.inserting_after(last):
+        noisy = g.graph.placeholder(f"{name}_noisy")
+
+    def walk(node):
+        for user in list(node.users):
+            if user.op == "call_function" and user.target in _ops.IDENTITIES:
+                walk(user)
+            elif not (user.op == "call_function" and user.target.overloadpacket in _COMPARISONS):
+                user.replace_input_with(node, noisy)
+
+    walk(ph)
+    g.recompile()
+    return g
+
+
+def _rounding_error(bw_call, x, bits, grad, gen, samples=6):
+    """Mean squared gradient error over ``samples`` stochastic roundings of ``x``."""
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(samples):
+            noise = torch.rand(-(-x.numel() // 256), 256, generator=gen)
+            codes, meta = quantize_pack_reference(x, bits, 256, noise)
+            xq = dequantize_unpack_reference(codes, meta, bits, 256, x.shape, x.dtype, x.stride())
+            total += float(((calibrate._flat(bw_call(xq)) - grad) ** 2).sum())
+    return total / samples
+
+
+def test_sensitivity_predicts_4bit_variance(compiled_mlp):
+    """The cost model's law: quantizing at b bits adds ``sensitivity / (2^b - 1)^2``. Checked
+    against 4-bit rounding of each probed tensor the backward only uses as a value."""
+    _, _, partitioner, args = compiled_mlp
+    pristine, names = partitioner.pristine, partitioner.quantizable
+    sens = calibrate.probe_sensitivity(pristine, args, names, 256, seed=1).sensitivity
+    grad, saved, tangents = calibrate.exact_gradient(pristine, args, seed=1)
+    _, bw, _ = pristine
+    placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
+    gen = torch.Generator().manual_seed(5)
+    values_only = [n for n in names if not _compared(bw, n)]
+    assert len(values_only) >= 3
+    for name in values_only:
+        i = placeholders.index(name)
+
+        def run(xq, i=i):
+            return bw(*saved[:i], xq, *saved[i + 1 :], *tangents)
+
+        err = _rounding_error(run, saved[i], 4, grad, gen)
+        assert 1 / 3 < err / (sens[name] / 15**2) < 3, name
+
+
+def test_probe_keeps_comparisons_exact_like_the_plan(compiled_mlp):
+    _, _, partitioner, args = compiled_mlp
+    pristine, names = partitioner.pristine, partitioner.quantizable
+    _, bw, _ = pristine
+    compared = [n for n in names if _compared(bw, n)]
+    assert compared == ["relu_1"]  # MLP: the second ReLU's output, read by a matmul and a threshold
+    sens = calibrate.probe_sensitivity(pristine, args, compared, 256, seed=1).sensitivity
+    grad, saved, tangents = calibrate.exact_gradient(pristine, args, seed=1)
+    split = _value_only_backward(bw, "relu_1")
+    x = saved[[p.name for p in bw.graph.find_nodes(op="placeholder")].index("relu_1")]
+    err = _rounding_error(lambda xq: split(*saved, *tangents, xq), x, 2, grad, torch.Generator(), 8)
+    assert 1 / 2 < sens["relu_1"] / (err * 3**2) < 2
+
+
+def _train(options, steps, seed=0, hidden=128):
+    torch.manual_seed(seed)
+    model = MLP(hidden=hidden)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    compiled = torch.compile(model, backend="lowbit", options=options)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+        loss = F.cross_entropy(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.filterwarnings("ignore:.*memory budget of")
+def test_training_probes_and_replans():
+    options = {"inner": "eager", "calibrate_every": 2, "memory_budget": 0.1, "seed": 0}
+    losses = _train(options, steps=6, hidden=256)
+    c = fxlowbit.counters
+    assert all(math.isfinite(v) for v in losses)
+    assert c["probes"] == 2  # probes at steps 2 and 4, each finished by the next step's gradient
+    assert 1 <= c["plan_variants"] <= LowbitConfig().max_variants - 1  # measured: another plan
+    assert c["fallback_internal_error"] == 0
+    assert len(fxlowbit.last_plans()) == 1 + c["plan_variants"]
+    assert any("measured sensitivity" in d.reason for d in fxlowbit.last_plans()[-1].decisions)
+
+
+@pytest.mark.filterwarnings("ignore:.*memory budget of")
+def test_compiled_variants_stay_bounded():
+    options = {"inner": "eager", "calibrate_every": 1, "memory_budget": 0.1, "seed": 0, "max_variants": 3}
+    _train(options, steps=12, hidden=256)
+    assert fxlowbit.counters["probes"] >= 4
+    assert fxlowbit.counters["plan_variants"] <= 2
+
+
+def test_no_probes_without_calibration_or_with_a_fixed_rule():
+    for extra in ({"calibrate_every": 0}, {"calibrate_every": 1, "bits": 4}):
+        options = {"inner": "eager", **extra}
+        fxlowbit.reset()
+        _train(options, steps=3, hidden=64)
+        assert fxlowbit.counters["probes"] == fxlowbit.counters["plan_variants"] == 0
+
+
+def test_a_failing_probe_never_costs_the_step(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(calibrate, "probe_sensitivity", broken)
+    with caplog.at_level(logging.WARNING, logger="fxlowbit.backend"):
+        losses = _train({"inner": "eager", "calibrate_every": 1}, steps=3, hidden=64)
+    assert all(math.isfinite(v) for v in losses)
+    assert fxlowbit.counters["probes"] == 0
+    disabled = [r for r in caplog.records if "probes disabled for this graph" in r.message]
+    assert len(disabled) == 1 and "RuntimeError: probe exploded" in disabled[0].message
+
+
+def test_probes_leave_the_random_stream_alone():
+    states = []
+    for every in (0, 1):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MLP(hidden=64)
+        options = {"inner": "eager", "calibrate_every": every}
+        compiled = torch.compile(model, backend="lowbit", options=options)
+        x = torch.randn(32, 64)
+        torch.manual_seed(1)
+        compiled(x).sum().backward()
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)

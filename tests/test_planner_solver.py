@@ -1,0 +1,101 @@
+"""The multiple-choice knapsack solvers against exhaustive search: exact DP, its budget rounding,
+and the greedy fallback."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxlowbit import planner
+
+choice = st.tuples(st.integers(0, 50), st.floats(0, 10, allow_nan=False, allow_infinity=False))
+instances = st.lists(st.lists(choice, min_size=1, max_size=5), min_size=1, max_size=6)
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True)
+
+
+def _bytes(items, pick):
+    return sum(items[i][k][0] for i, k in enumerate(pick))
+
+
+def _cost(items, pick):
+    return sum(items[i][k][1] for i, k in enumerate(pick))
+
+
+@SETTINGS
+@given(items=instances, budget=st.integers(0, 150))
+def test_dp_matches_brute_force(items, budget):
+    best = planner.brute_force(items, budget)
+    pick = planner.solve(items, budget)
+    if best is None:
+        assert pick is None
+        return
+    assert pick is not None and len(pick) == len(items)
+    assert all(0 <= k < len(c) for k, c in zip(pick, items, strict=True))
+    assert _bytes(items, pick) <= budget
+    assert _cost(items, pick) == pytest.approx(best[0], rel=1e-9, abs=1e-9)
+
+
+@SETTINGS
+@given(items=instances, budget=st.integers(0, 150))
+def test_greedy_is_within_budget_when_feasible(items, budget):
+    pick = planner.solve_greedy(items, budget)
+    best = planner.brute_force(items, budget)
+    if best is None:
+        assert pick is None
+        return
+    assert pick is not None and _bytes(items, pick) <= budget
+    assert _cost(items, pick) >= best[0] - 1e-9  # never better than the optimum
+
+
+big_choice = st.tuples(st.integers(0, 40_000), st.floats(0, 10, allow_nan=False, allow_infinity=False))
+big_instances = st.lists(st.lists(big_choice, min_size=1, max_size=4), min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(items=big_instances, budget=st.integers(planner.DP_UNITS + 1, 120_000))
+def test_rounded_dp_never_exceeds_budget(items, budget):
+    """Beyond DP_UNITS the budget is cut into units of ``ceil(budget / DP_UNITS)`` bytes and sizes
+    are rounded up (except when the budget does not bind, and for single-choice items, which only
+    take their bytes off the budget): a plan found is within budget and at least as good as the
+    optimum for the rounded sizes."""
+    unit = math.ceil(budget / planner.DP_UNITS)
+    pick = planner.solve(items, budget)
+    exact = planner.brute_force(items, budget)
+    rounded_items = [[(-(-b // unit), c) for b, c in it] for it in items]
+    rounded = planner.brute_force(rounded_items, budget // unit)
+    if exact is None:
+        assert pick is None
+        return
+    if pick is not None:
+        assert _bytes(items, pick) <= budget
+        assert _cost(items, pick) >= exact[0] - 1e-9
+    if rounded is not None:  # never worse than the optimum of the rounded sizes
+        assert pick is not None
+        assert _cost(items, pick) <= rounded[0] + 1e-9
+
+
+def test_dp_is_exact_when_sizes_are_multiples_of_the_unit():
+    unit = 3
+    budget = planner.DP_UNITS * unit
+    items = [[(unit * 1000, 0.0), (unit * 10, 5.0)], [(unit * 3000, 0.0), (unit * 100, 1.0)]]
+    items.append([(budget - unit * 4000, 0.0), (0, 2.0)])
+    best = planner.brute_force(items, budget)
+    pick = planner.solve(items, budget)
+    assert _cost(items, pick) == pytest.approx(best[0]) == 0.0
+
+
+def test_greedy_beyond_dp_limit(monkeypatch):
+    monkeypatch.setattr(planner, "DP_LIMIT", 0)  # every instance goes to the greedy solver
+    items = [[(10, 0.0), (4, 1.0), (1, 3.0)], [(20, 0.0), (2, 2.0)], [(5, 0.0)]]
+    for budget in range(8, 36):
+        pick = planner.solve(items, budget)
+        assert pick is not None and _bytes(items, pick) <= budget
+    assert planner.solve(items, 7) is None  # smallest plan stores 1 + 2 + 5 bytes
+
+
+def test_edge_cases():
+    assert planner.solve([], 0) == []
+    assert planner.solve([[(1, 0.0)]], -1) is None
+    assert planner.solve([[(0, 1.0), (0, 0.5)]], 0) == [1]
+    assert planner.brute_force([[(5, 0.0)]], 4) is None
