@@ -204,11 +204,27 @@ class _Adaptive:
         self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
         self._boxed_call = getattr(self.current, "_boxed_call", False)
         self.variants = {self._signature(self.partitioner): self.current}
+        self.plan = self.partitioner.plan  # the plan in force, on the first partition's names
         self.steps = 0
         self.first = min(10, cfg.calibrate_every)
         self.pending = None  # a probe waiting for the next batch's gradient
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
+
+    def _still_good(self, new: Plan) -> bool:
+        """Hysteresis against plan churn (each new variant is a compilation): keep the current plan
+        while, re-costed with the new measurements, it is within the variance limit and the new
+        plan would not save more than 5% of the estimated step time."""
+        old = self.plan
+        if old is None or old.signature() == new.signature():
+            return True
+        sens = self.sensitivity or {}
+        variance = sum(
+            sens.get(d.name, 0.0) / (2 ** (d.bits - d.masks) - 1) ** 2
+            for d in old.decisions
+            if d.form == "quant"
+        )
+        return variance <= self.cfg.max_variance_ratio and old.time_s - new.time_s <= 0.05 * new.step_time_s
 
     @staticmethod
     def _signature(p: LowbitPartitioner):
@@ -251,6 +267,9 @@ class _Adaptive:
         )  # fmt: skip
         sig = plan.signature()
         log.info("fxlowbit re-plan at step %d:\n%s", self.steps, plan)
+        if self._still_good(plan):
+            return
+        self.plan = plan
         if sig in self.variants:
             self.current = self.variants[sig]
             return

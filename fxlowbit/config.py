@@ -44,7 +44,7 @@ class LowbitConfig:
     allowed_bits: tuple[int, ...] = (2, 4, 8)
     profile: Any = None
     recompute: bool = True
-    calibrate_every: int = 1000
+    calibrate_every: int = 2000
     max_variants: int = 4
     bits: int | None = None
     group_size: int = 256
