@@ -59,8 +59,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 def hash_uniform(seed: torch.Tensor, n_groups, group_size: int) -> torch.Tensor:
     """Counter-based ``U[0, 1)`` noise, fp32 ``(n_groups, G)``: element ``i`` gets
-    ``hash32(hash32(i ^ s_lo) ^ s_hi) >> 8`` scaled by ``2**-24`` (uint32 arithmetic, ``i`` taken
-    mod ``2**32``), with ``seed = s_hi << 32 | s_lo``.
+    ``hash32(i + key) >> 8`` scaled by ``2**-24`` (uint32 arithmetic, ``i`` taken mod ``2**32``),
+    with ``key = hash32(s_lo ^ hash32(s_hi))`` computed once per call from
+    ``seed = s_hi << 32 | s_lo``: one hash round per element (the seed is mixed once, so adjacent
+    seeds give unrelated streams).
 
     Pure integer arithmetic, so eager, Inductor and Triton kernels draw identical bits. The 24-bit
     resolution biases stochastic rounding by at most ``2**-24`` of a step, below fp32's own rounding.
@@ -68,7 +70,8 @@ def hash_uniform(seed: torch.Tensor, n_groups, group_size: int) -> torch.Tensor:
     i = torch.arange(n_groups * group_size, device=seed.device, dtype=torch.int32)
     s_lo = (seed & 0xFFFFFFFF).to(torch.int32)  # wraps to the same 32 bits
     s_hi = ((seed >> 32) & 0xFFFFFFFF).to(torch.int32)
-    x = _hash32(_hash32(i ^ s_lo) ^ s_hi)
+    key = _hash32(s_lo ^ _hash32(s_hi))  # 0-dim: once per call
+    x = _hash32(i + key)
     return (((x >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24).view(n_groups, group_size)
 
 
@@ -125,8 +128,8 @@ def _codes(g, u, lo, hi, usable):
     scale = _scale(lo, hi, usable)
     # groups spanning more than fp32's max work at half scale so that x - lo cannot overflow
     half = torch.where(torch.isinf(hi - lo), 0.5, 1.0)[:, None]
-    safe = torch.where(scale > 0, scale, 1.0)[:, None]
-    v = (g * half - lo[:, None] * half) / (safe * half)
+    inv = 1.0 / (torch.where(scale > 0, scale, 1.0)[:, None] * half)  # per group: multiply below
+    v = (g * half - lo[:, None] * half) * inv
     return torch.minimum(torch.floor(v + u).clamp_min(0), usable[:, None]), scale
 
 
