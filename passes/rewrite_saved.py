@@ -54,6 +54,8 @@ class _Rewriter:
         self.new_outputs = self.outputs[:num_fwd_outputs]
         self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
         self.stored: list = []  # (old placeholder, decode builder, comparison users or None)
+        self.seed: fx.Node | None = None  # this graph's seed node (inline mode)
+        self.n_seeded = 0
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -63,12 +65,24 @@ class _Rewriter:
         self.new_outputs.extend(parts)
         return [placeholder_like(self.bg, ph, p) for p in parts]
 
+    def _graph_seed(self) -> fx.Node:
+        """One seed drawn per forward call, at the top of the graph; tensor k uses ``seed + k``
+        (the noise hash mixes the seed, so consecutive seeds give unrelated streams)."""
+        if self.seed is None:
+            phs = [
+                p for p in self.fg.find_nodes(op="placeholder") if isinstance(p.meta.get("val"), torch.Tensor)
+            ]
+            with self.fg.inserting_after(self.fg.find_nodes(op="placeholder")[-1]):
+                self.seed = call(self.fg, lowbit.draw_seed.default, (phs[0], self.stream), "lowbit_seed")
+        return self.seed
+
     def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False):
         """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline) or the
         opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op)."""
         with self.fg.inserting_before(node.next):
             if self.inline and seeded:
-                seed = call(self.fg, lowbit.draw_seed.default, (node, self.stream), f"{node.name}_seed")
+                seed = call(self.fg, torch.ops.aten.add.Tensor, (self._graph_seed(), self.n_seeded))
+                self.n_seeded += 1
                 out = inline(self.fg, fn, [node, seed, *args])
             elif self.inline:
                 out = inline(self.fg, fn, [node, *args])
