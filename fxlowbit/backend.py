@@ -1,7 +1,7 @@
 """The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
 
 Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``config.PASSES``:
-analyze, plan, recompute, rewrite_saved) -> inner compiler (Inductor by default,
+saved_views, analyze, plan, recompute, rewrite_saved) -> inner compiler (Inductor by default,
 ``options={"inner": "eager"}`` for fast runs). With the cost-model planner the compiled graph is
 wrapped so that probes re-plan it as training goes (:class:`_Adaptive`). Registered through the
 ``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
@@ -88,10 +88,13 @@ class LowbitPartitioner(CustomPartitionerFn):
         kwargs.pop("compiler", None)
         partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor", **kwargs)
         fw, bw = partition(joint, joint_inputs)
-        if self.cfg.calibrate_every and self.cfg.bits is None:
-            self.pristine = (copy.deepcopy(fw), copy.deepcopy(bw), kwargs["num_fwd_outputs"])
+        n = kwargs["num_fwd_outputs"]
         try:
-            self._compress(fw, bw, kwargs["num_fwd_outputs"])
+            if self.cfg.enabled("saved_views"):
+                passes.saved_views.run(fw, bw, num_fwd_outputs=n, counters=counters)
+            if self.cfg.calibrate_every and self.cfg.bits is None:
+                self.pristine = (copy.deepcopy(fw), copy.deepcopy(bw), n)
+            self._compress(fw, bw, n)
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
                 raise

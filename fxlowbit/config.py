@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["LowbitConfig", "PASSES"]
 
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-PASSES = ("analyze", "plan", "recompute", "rewrite_saved")
+PASSES = ("saved_views", "analyze", "plan", "recompute", "rewrite_saved")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (None, 2, 4, 8),

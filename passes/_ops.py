@@ -6,6 +6,8 @@ Registries are dicts filled by ``_register``; registering an op twice raises.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 aten = torch.ops.aten
@@ -176,6 +178,8 @@ def role(target, arg_index: int, args) -> str | None:
     EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
+    if target is operator.getitem:
+        return TRANSPARENT if arg_index == 0 else None  # a piece of a split (a view)
     r = _ROLES.get(target)
     if r is None:
         return None

@@ -36,8 +36,25 @@ def run(
 ) -> None:
     """Apply the plan's ``recompute`` decisions in place. ``recipes``: saved-tensor name ->
     :class:`~fxlowbit.passes.analyze.Recompute`."""
-    counters = Counter() if counters is None else counters
     names = [d.name for d in plan.decisions if d.form == Form.RECOMPUTE]
+    replay(fw, bw, names, recipes, num_fwd_outputs=num_fwd_outputs, counters=counters)
+
+
+def replay(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    names: list[str],
+    recipes: dict,
+    *,
+    num_fwd_outputs: int,
+    counters: Counter | None = None,
+    counter: str = "saved_recompute",
+    save_any_leaf: bool = False,
+) -> None:
+    """Stop saving ``names``; rebuild each in the backward from its recipe. Leaves the backward
+    does not receive yet are saved in the first replayed tensor's place: graph inputs, or any
+    forward value when ``save_any_leaf``."""
+    counters = Counter() if counters is None else counters
     if not names:
         return
     fw_nodes = {n.name: n for n in fw.graph.nodes}
@@ -52,9 +69,9 @@ def run(
         new_leaves = [leaf for leaf in recipe.leaves if leaf not in saved_here]
         for leaf in new_leaves:
             src = fw_nodes[leaf]
-            if src.op != "placeholder":
+            if src.op != "placeholder" and not save_any_leaf:
                 raise AssertionError(f"fxlowbit: replay leaf {leaf} is neither saved nor a graph input")
-            outputs.insert(outputs.index(fw_nodes[name]), src)
+            outputs.insert(_saved_index(outputs, fw_nodes[name], num_fwd_outputs), src)
             placeholders[leaf] = placeholder_like(bw.graph, ph, src)
             saved_here.add(leaf)
         env = {leaf: placeholders[leaf] for leaf in recipe.leaves}
@@ -67,14 +84,19 @@ def run(
                 env[node_name] = new
         ph.replace_all_uses_with(env[name])
         bw.graph.erase_node(ph)
-        outputs.remove(fw_nodes[name])
-        counters["saved_recompute"] += 1
+        del outputs[_saved_index(outputs, fw_nodes[name], num_fwd_outputs)]
+        counters[counter] += 1
         log.debug("%s: recomputed from %s (%d ops)", name, recipe.leaves, len(recipe.nodes))
     out_node.args = (tuple(outputs),)
     fw.graph.eliminate_dead_code()
     for gm in (fw, bw):
         gm.graph.lint()
         gm.recompile()
+
+
+def _saved_index(outputs: list, node: fx.Node, num_fwd_outputs: int) -> int:
+    """Position of ``node`` among the saved outputs (it may also be a user output before them)."""
+    return num_fwd_outputs + outputs[num_fwd_outputs:].index(node)
 
 
 def _arg(a: fx.Node, env: dict, syms: SymBuilder):

@@ -167,9 +167,10 @@ def test_frontier_with_measured_times():
 
 def test_more_budget_can_add_variance_with_measured_times():
     """The documented trade: a replay (0 bytes, no variance, slower) gives way to 8-bit codes
-    (faster on this profile) once they fit."""
+    (faster on this profile, whose replays are 100x slower than measured) once they fit."""
     records = (saved("t0", numel=1024), saved("t1", numel=65536, recompute=_replay(65536, "t0")))
-    tight, loose = (plan_of(records, memory_budget=b).by_name()["t1"] for b in (4096, 100_000))
+    slow = _profile(pointwise=1e-2)
+    tight, loose = (plan_of(records, slow, memory_budget=b).by_name()["t1"] for b in (4096, 100_000))
     assert (tight.form, loose.form, loose.bits) == ("recompute", "quant", 8)
     assert loose.variance > tight.variance == 0
 
@@ -262,8 +263,9 @@ def test_variance_limit_trades_time_for_variance():
     records = (saved("t0", numel=1024), saved("t1", numel=65536, recompute=_replay(65536, "t0")))
     sens = {"t1": 1000.0}  # 8-bit: 1000 / 255^2 = 0.0154
     kw = dict(sensitivity=sens, gemms=(), memory_budget=100_000)
-    loose = plan_of(records, **kw, max_variance_ratio=0.05)
-    tight = plan_of(records, **kw, max_variance_ratio=0.01)
+    slow = _profile(pointwise=1e-2)  # replays slower than codes, whatever this machine measured
+    loose = plan_of(records, slow, **kw, max_variance_ratio=0.05)
+    tight = plan_of(records, slow, **kw, max_variance_ratio=0.01)
     assert loose.by_name()["t1"].form == "quant" and loose.variance_ratio == pytest.approx(1000 / 255**2)
     assert tight.by_name()["t1"].form == "recompute" and tight.variance_ratio == 0
     assert tight.status == loose.status == "ok"
