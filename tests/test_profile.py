@@ -1,0 +1,166 @@
+"""The hardware profile: schema round trip, shipped profiles, clear errors on bad files, and the
+profiling script (``--quick``: small sizes, no compile; ~5 s here). Timings are only checked to be
+positive: CI machines are shared and noisy."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxlowbit.costmodel import BUCKETS, HardwareProfile, bucket, load_profile
+from fxlowbit.profile import GEMMS, format_table, measure, parse_args
+
+BUCKET_NAMES = [name for name, _ in BUCKETS]
+
+
+def _profile_dict(**changes) -> dict:
+    d = {
+        "device": "cpu",
+        "kind": "cpu",
+        "measured": True,
+        "copy_gbps": 10.0,
+        "pointwise_gbps": 8.0,
+        "pack_gbps": {"2": 1.0, "4": 1.5, "8": 2.0},
+        "unpack_gbps": {"2": 3.0, "4": 3.5, "8": 4.0},
+        "mask_gbps": 2.0,
+        "matmul_tflops": {"float32": {"tiny": 0.01, "small": 0.1, "medium": 0.3, "large": 0.4}},
+        "launch_us": 3.0,
+        "meta": {"date": "2026-01-01", "threads": 2},
+    }
+    d.update(changes)
+    return d
+
+
+def _check_positive(p: HardwareProfile) -> None:
+    figures = [p.copy_gbps, p.pointwise_gbps, p.mask_gbps, p.launch_us]
+    figures += [*p.pack_gbps.values(), *p.unpack_gbps.values()]
+    figures += [v for table in p.matmul_tflops.values() for v in table.values()]
+    assert all(v > 0 for v in figures), p
+
+
+@pytest.mark.parametrize("kind", sorted(GEMMS))
+def test_gemm_shapes_fall_in_their_buckets(kind):
+    assert list(GEMMS[kind]) == BUCKET_NAMES
+    for name, (m, n, k) in GEMMS[kind].items():
+        assert bucket(2 * m * n * k) == name
+
+
+def test_round_trip(tmp_path):
+    p = HardwareProfile.from_dict(_profile_dict())
+    assert p.pack_gbps == {2: 1.0, 4: 1.5, 8: 2.0}  # JSON's string keys come back as ints
+    assert HardwareProfile.from_dict(p.to_dict()) == p
+    assert HardwareProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    path = tmp_path / "p.json"
+    p.save(path)
+    assert load_profile(path) == p
+    assert load_profile(str(path)) == p
+    assert load_profile(p.to_dict()) == p
+    assert load_profile(p) is p
+
+
+@pytest.mark.parametrize("name", ["cpu", "h100"])
+def test_shipped_profiles_load(name):
+    p = load_profile(name)
+    _check_positive(p)
+    assert p.meta["date"]
+    for dtype in ("float32", "bfloat16"):
+        assert sorted(p.matmul_tflops[dtype]) == sorted(BUCKET_NAMES)
+
+
+def test_shipped_cpu_is_measured_and_h100_is_an_estimate():
+    cpu, h100 = load_profile("cpu"), load_profile("h100")
+    assert (cpu.kind, cpu.measured) == ("cpu", True)
+    assert {"torch", "threads", "machine", "sizes", "command"} <= set(cpu.meta)
+    assert (h100.kind, h100.measured) == ("cuda", False)
+    assert "estimated" in h100.meta["note"].lower()
+    assert {"float16", "int8", "float8_e4m3fn"} <= set(h100.matmul_tflops)
+    # a GEMM is faster on the H100 in every bucket, and low precision is never slower there
+    for name in BUCKET_NAMES:
+        assert h100.matmul_tflops["float32"][name] > cpu.matmul_tflops["float32"][name]
+        assert h100.matmul_tflops["bfloat16"][name] >= h100.matmul_tflops["float32"][name]
+    assert load_profile(None).kind == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"copy_gbps": None}, r"missing field\(s\) \['copy_gbps'\]"),
+        ({"matmul_tflops": None, "launch_us": None}, r"missing field\(s\) \['launch_us', 'matmul_tflops'\]"),
+        ({"copy_gbps": 0.0}, "copy_gbps must be > 0"),
+        ({"mask_gbps": -1.0}, "mask_gbps must be > 0"),
+        ({"pack_gbps": {"2": 1.0, "4": 1.0}}, "pack_gbps needs positive figures for bits 2, 4, 8"),
+        ({"unpack_gbps": {"2": 1.0, "4": 0.0, "8": 1.0}}, "unpack_gbps needs positive figures"),
+        ({"matmul_tflops": {}}, "matmul_tflops is empty"),
+        ({"launch_us": -1.0}, "launch_us must be >= 0"),
+    ],
+)
+def test_bad_profile_file(tmp_path, changes, match):
+    d = {k: v for k, v in _profile_dict(**changes).items() if v is not None}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=match):
+        load_profile(path)
+
+
+def test_not_json_and_unknown_name(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"copy_gbps": 10,')
+    with pytest.raises(ValueError, match="broken.json.* is not valid JSON"):
+        load_profile(path)
+    with pytest.raises(ValueError, match=r"'tpu9' is neither a file nor a shipped profile \['cpu', 'h100'"):
+        load_profile("tpu9")
+    with pytest.raises(ValueError, match="neither a file"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_measure_quick():
+    threads = torch.get_num_threads()
+    p = measure("cpu", quick=True, threads=1, progress=False)
+    assert torch.get_num_threads() == threads  # restored
+    assert (p.kind, p.device, p.measured) == ("cpu", "cpu", True)
+    _check_positive(p)
+    assert sorted(p.pack_gbps) == sorted(p.unpack_gbps) == [2, 4, 8]
+    assert set(p.matmul_tflops) == {"float32", "bfloat16"}
+    assert all(sorted(t) == sorted(BUCKET_NAMES) for t in p.matmul_tflops.values())
+    assert p.meta["threads"] == 1 and p.meta["quick"] is True and p.meta["compiled"] is False
+    assert p.meta["sizes"]["matmul"] == {k: list(v) for k, v in GEMMS["cpu"].items()}
+    assert {"torch", "triton", "python", "date", "machine", "command", "mask_input"} <= set(p.meta)
+    assert HardwareProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    table = format_table(p)
+    assert all(len(line) <= 100 for line in table.splitlines())
+
+
+def test_measure_rejects_missing_device():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        measure("mps", quick=True, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            measure("cuda", quick=True, progress=False)
+
+
+def test_cli_arguments():
+    with pytest.raises(SystemExit):
+        parse_args([])  # --out is required
+    args = parse_args(["--out", "p.json", "--device", "cpu", "--quick", "--threads", "3", "--no-compile"])
+    got = (args.out, args.device, args.quick, args.threads, args.compile)
+    assert got == ("p.json", "cpu", True, 3, False)
+    assert parse_args(["--out", "p.json"]).compile is None  # decided by --quick
+
+
+def test_cli_quick(tmp_path):
+    out = tmp_path / "p.json"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxlowbit.profile", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = load_profile(out)
+    _check_positive(p)
+    assert p.meta["threads"] == 1 and "--quick" in p.meta["command"]
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines)
+    rows = {ln.split("|")[1].strip() for ln in lines if ln.startswith("|")}
+    assert {"figure", "copy", "pointwise", "pack 4-bit / unpack", "matmul TFLOP/s", "float32"} <= rows
+    assert str(out) in proc.stdout
