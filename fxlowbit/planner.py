@@ -154,6 +154,7 @@ def candidates(
     subs = subs or {}
     numel = int(sympy.sympify(s.numel).subs(subs))
     nbytes = int(sympy.sympify(s.nbytes).subs(subs))
+    fp32_bytes = 4 * numel  # profile rates are per fp32 byte (the kernels compute in fp32)
     keep = Costs(Form.KEEP, 0, 0 if s.input_alias else nbytes, 0.0, 0.0)
     fixed = _fixed(s, cfg)
     if fixed:
@@ -168,7 +169,7 @@ def candidates(
     if str(s.dtype) == "torch.bool":
         if cfg.masks:
             mask = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1)).subs(subs))
-            out.append(Costs(Form.MASK, 1, mask, profile.mask_time(nbytes), 0.0))
+            out.append(Costs(Form.MASK, 1, mask, profile.mask_time(fp32_bytes), 0.0))
             why.append("bool mask: 1 bit, exact")
         return out, why, 0
     if exact_reason:
@@ -176,7 +177,7 @@ def candidates(
         return out, why, 0
     n = _n_masks(s)
     mask_bytes = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1, n)).subs(subs)) if n else 0
-    mask_time = n * profile.mask_time(nbytes) if n else 0.0
+    mask_time = n * profile.mask_time(fp32_bytes) if n else 0.0
     if n and n == len(s.uses):
         if n < s.itemsize * 8:
             out.append(Costs(Form.CMP_MASK, 0, mask_bytes, mask_time, 0.0))
@@ -185,7 +186,7 @@ def candidates(
     sens, source = _sensitivity(s, sensitivity, total_numel, numel)
     for b in sorted(cfg.allowed_bits):
         q = int(sympy.sympify(stored_bytes(Form.QUANT, s.numel, b, cfg.group_size, s.itemsize)).subs(subs))
-        t = profile.pack_time(nbytes, b) + profile.unpack_time(nbytes, b) + mask_time
+        t = profile.pack_time(fp32_bytes, b) + profile.unpack_time(fp32_bytes, b) + mask_time
         out.append(Costs(Form.QUANT, b, q + mask_bytes, t, cm.quant_variance(sens, b)))
         extra = f", plus {n} exact 1-bit comparison mask(s)" if n else ""
         why.append(f"{b}-bit stochastic rounding, groups of {cfg.group_size}{extra} ({source} sensitivity)")

@@ -1,7 +1,10 @@
-"""Exact 1-bit masks: bool tensors packed eight per uint8, lowest bit first.
+"""Exact 1-bit masks: bool tensors packed eight per uint8, planar.
 
-Element ``8k + j`` of the flattened (logical, row-major) mask is bit ``j`` of byte ``k``; the last
-byte is zero-padded. Unpacking restores the original shape and strides bit for bit.
+With ``W = ceil(numel / 8)`` bytes, element ``j*W + k`` of the flattened (logical, row-major)
+mask is bit ``j`` of byte ``k`` (the padding past ``numel`` is zero). Each bit plane is a
+contiguous slice, so packing is eight vectorised shifted ORs and unpacking eight shifted ANDs
+(an interleaved layout needs a reduction over groups of eight). Unpacking restores the original
+shape and strides bit for bit.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ def pack_mask_traceable(mask: torch.Tensor) -> torch.Tensor:
     """Branch-free body of :func:`pack_mask_reference` (traceable with symbolic sizes)."""
     flat = mask.reshape(-1).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+    width = flat.numel() // 8
+    out = flat[:width]
+    for j in range(1, 8):
+        out = out | (flat[j * width : (j + 1) * width] << j)
+    return out
 
 
 def unpack_mask_traceable(packed: torch.Tensor, shape) -> torch.Tensor:
@@ -42,8 +48,8 @@ def unpack_mask_traceable(packed: torch.Tensor, shape) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool().view(shape)
+    planes = torch.cat([(packed >> j) & 1 for j in range(8)])
+    return planes[:numel].bool().view(shape)
 
 
 def unpack_mask_reference(packed: torch.Tensor, shape, stride=None) -> torch.Tensor:

@@ -37,25 +37,26 @@ def test_mask_roundtrip_bit_exact(shape, p):
 @pytest.mark.parametrize(
     "bits,packed",
     [
-        ([1, 0, 1, 1, 0, 0, 0, 0, 1], [0b00001101, 0b00000001]),  # element 8k + j -> bit j, byte k
+        # planar, W = ceil(n / 8) bytes: element j*W + k -> bit j of byte k
+        ([1, 0, 1, 1, 0, 0, 0, 0, 1], [0b00010011, 0b00000010]),
         ([0, 0, 0, 0, 0, 0, 0, 1], [0b10000000]),
-        ([1, 1, 1, 1, 1, 1, 1, 1, 1], [0xFF, 0x01]),  # padding bits of the last byte are zero
-        ([0, 1] * 8, [0xAA, 0xAA]),
+        ([1, 1, 1, 1, 1, 1, 1, 1, 1], [0x1F, 0x0F]),  # padding bits are zero
+        ([0, 1] * 8, [0x00, 0xFF]),
     ],
 )
-def test_mask_layout_lowest_bit_first(bits, packed):
+def test_mask_layout_planar_lowest_bit_first(bits, packed):
     m = torch.tensor(bits, dtype=torch.bool)
     assert pack_mask_reference(m).tolist() == packed
     assert unpack_mask_reference(torch.tensor(packed, dtype=torch.uint8), m.shape).tolist() == m.tolist()
 
 
 def test_mask_layout_follows_logical_order():
-    m = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 1]], dtype=torch.bool)  # bits 0 and 8
-    assert pack_mask_reference(m).tolist() == [0x01, 0x01]
-    assert pack_mask_reference(m.t()).tolist() == [0x01, 0x01]  # transposed: same logical positions
+    m = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 1]], dtype=torch.bool)  # elements 0 and 8
+    assert pack_mask_reference(m).tolist() == [0x11, 0x00]  # W = 2: element 8 is bit 4 of byte 0
+    assert pack_mask_reference(m.t()).tolist() == [0x11, 0x00]  # transposed: same logical positions
     m2 = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
-    assert pack_mask_reference(m2).tolist() == [0x02, 0x00]
-    assert pack_mask_reference(m2.t()).tolist() == [0x08, 0x00]  # (1, 0) of m2.t() is element 3
+    assert pack_mask_reference(m2).tolist() == [0x00, 0x01]
+    assert pack_mask_reference(m2.t()).tolist() == [0x00, 0x02]  # (1, 0) of m2.t() is element 3
 
 
 def test_every_byte_value_survives_unpack_pack():
