@@ -15,7 +15,7 @@ For each model, one training step (forward + backward, fp32, CPU) under each pro
   pass's forward half defaults it to True and its backward half to False, which corrupts gradients).
   Forced on, it also quantizes the causal attention mask of GPT-2 and Llama; the mask holds -inf, its
   per-tensor scale ``max_fp8 / amax`` becomes 0 and the stored mask NaN, so those gradients are NaN;
-- ``lowbit`` uncompressed (``passes={"rewrite_saved": False}``: same decompositions, partition and
+- ``lowbit`` uncompressed (``passes={"plan": False}``: same decompositions, partition and
   dropout RNG; the gradient reference of the compressed rows) and ``lowbit`` at each bit width.
 
 Saved bytes are walked from ``loss.grad_fn`` after the forward (``fxlowbit.saved_activation_bytes``,
@@ -34,14 +34,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,7 +50,7 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from _common import Classify, flat_grad, jsonable, meta, seeded
 from torch._dynamo.utils import counters
 
 import fxlowbit
@@ -75,25 +71,6 @@ class Case:
     loss: Callable[[nn.Module, dict], torch.Tensor]
 
 
-class _Classify(nn.Module):
-    """Puts the cross-entropy into the compiled graph, as a training step would."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.net(x), y)
-
-
-def _seeded(fn):
-    def make():
-        torch.manual_seed(0)
-        return fn()
-
-    return make
-
-
 def _text_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return next(examples.char_batches(examples.stdlib_text(), BATCH, SEQ, steps=1, seed=0))
 
@@ -101,7 +78,7 @@ def _text_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def hf_case(name: str, p: float) -> Case:
     """GPT-2 / BERT / Llama from small configs (see fxlowbit.examples.hf_model)."""
     idx, _ = _text_batch()
-    return Case(name, _seeded(lambda: examples.hf_model(name, p)), examples.hf_batch(name, idx),
+    return Case(name, seeded(lambda: examples.hf_model(name, p)), examples.hf_batch(name, idx),
                 lambda m, b: m(**b).loss)  # fmt: skip
 
 
@@ -112,26 +89,17 @@ def make_case(name: str, p: float = 0.0) -> Case:
     if name == "tinygpt":
         idx, tgt = _text_batch()
         make = lambda: examples.TinyGPT(VOCAB, 64, 2, 4, SEQ, dropout=p)  # noqa: E731
-        return Case(name, _seeded(make), {"idx": idx, "targets": tgt}, lambda m, b: m(**b))
+        return Case(name, seeded(make), {"idx": idx, "targets": tgt}, lambda m, b: m(**b))
     x, y = examples.digits()
     x, y = x[:256], y[:256]
     if name == "mlp":
         return Case(
-            name, _seeded(lambda: _Classify(examples.MLP(dropout=p))), {"x": x, "y": y}, lambda m, b: m(**b)
+            name, seeded(lambda: Classify(examples.MLP(dropout=p))), {"x": x, "y": y}, lambda m, b: m(**b)
         )
     if name == "cnn":
-        make = lambda: _Classify(examples.SmallCNN(dropout=p))  # noqa: E731
-        return Case(name, _seeded(make), {"x": x.view(-1, 1, 8, 8), "y": y}, lambda m, b: m(**b))
+        make = lambda: Classify(examples.SmallCNN(dropout=p))  # noqa: E731
+        return Case(name, seeded(make), {"x": x.view(-1, 1, 8, 8), "y": y}, lambda m, b: m(**b))
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-
-
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
-            for p in model.parameters()
-        ]
-    )
 
 
 def measure(
@@ -155,7 +123,7 @@ def measure(
         nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
         loss.backward()
         first_s = time.perf_counter() - t0
-        grad = _flat_grad(model)
+        grad = flat_grad(model)
         times = []
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
@@ -228,7 +196,7 @@ def run_model(name: str, bits: list[int], inner: str, steps: int, p: float = 0.0
         how = "forced on fp32" if opts else "default options"
         add(label, 8, {**r, "options": opts}, base["grad"], f"fp8 e5m2, {how}; SQNR vs aot_eager")
     opts = {"inner": inner, "seed": 0}
-    ref = measure(case, "lowbit", {**opts, "passes": {"rewrite_saved": False}}, steps=steps)
+    ref = measure(case, "lowbit", {**opts, "passes": {"plan": False}}, steps=steps)
     add(
         "lowbit uncompressed",
         32,
@@ -255,46 +223,12 @@ def _fmt(row: dict) -> str:
     )
 
 
-def _jsonable(v):
-    """Strict JSON: infinite SQNR (exact gradients) becomes the string "inf"."""
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 def _meta(args) -> dict:
-    import transformers
-
-    def git(*cmd):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root)
-
-    try:
-        commit = git("rev-parse", "HEAD").stdout.strip() or None
-        # uncommitted changes to the package itself make the commit an approximate label
-        dirty = git("diff", "--quiet", "HEAD", "--", "fxlowbit", "passes", "codegen").returncode == 1
-    except OSError:
-        commit, dirty = None, None
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return {
-        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu}",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "package_dirty": dirty,
-        "args": vars(args),
-        "setup": f"fp32, train mode, dropout {args.dropout}; "
+    return meta(
+        args,
+        f"fp32, train mode, dropout {args.dropout}; "
         f"LMs: batch {BATCH}x{SEQ} of stdlib text; MLP/CNN: 256 digits",
-    }
+    )
 
 
 def main(argv=None) -> None:
@@ -326,7 +260,7 @@ def main(argv=None) -> None:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(_jsonable({"meta": _meta(args), "rows": rows}), f, indent=1)
+            json.dump(jsonable({"meta": _meta(args), "rows": rows}), f, indent=1)
             f.write("\n")
 
 

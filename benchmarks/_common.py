@@ -1,0 +1,179 @@
+"""Helpers shared by the benchmark scripts: seeded models, flat gradients, matmul FLOPs of FX graphs,
+a min-cut partitioner that keeps the graphs it made, and run metadata / strict JSON.
+
+The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch.utils import flop_counter
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class Classify(nn.Module):
+    """Puts the cross-entropy into the compiled graph, as a training step would."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(x), y)
+
+
+def seeded(fn):
+    """``fn`` under ``torch.manual_seed(0)``: every call builds identical weights."""
+
+    def make():
+        torch.manual_seed(0)
+        return fn()
+
+    return make
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """All parameter gradients, concatenated (zeros where a parameter got none)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+            for p in model.parameters()
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+
+# torch.utils.flop_counter's formulas, keyed by OpOverloadPacket. The CPU flash-attention ops that
+# SDPA lowers to on CPU take the same leading (query, key, value) / (grad_out, query, key, value)
+# arguments as the CUDA flash ops, so they borrow those formulas.
+_FLOP_FORMULAS = dict(flop_counter.flop_registry)
+_FLOP_FORMULAS.setdefault(
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention],
+)
+_FLOP_FORMULAS.setdefault(
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_backward],
+)
+
+
+def _val(a):
+    return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+
+def node_flops(node: fx.Node) -> int:
+    """Matmul FLOPs of one call (mm/addmm/bmm/baddbmm, convolutions and their backward, SDPA and its
+    backward), from the shapes in ``meta["val"]``; 0 for every other node."""
+    packet = getattr(node.target, "overloadpacket", None)
+    formula = _FLOP_FORMULAS.get(packet) if node.op == "call_function" else None
+    if formula is None:
+        return 0
+    args, kwargs = torch.utils._pytree.tree_map(_val, (node.args, node.kwargs))
+    return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
+
+
+def matmul_flops(graphs: Iterable[fx.GraphModule]) -> int:
+    """Sum of :func:`node_flops` over every node of ``graphs``."""
+    return sum(node_flops(n) for gm in graphs for n in gm.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------ partitions
+
+
+class RecordingPartitioner(CustomPartitionerFn):
+    """PyTorch's min-cut partition under ``activation_memory_budget=budget`` (None: the default),
+    keeping every (forward, backward) pair it made in ``graphs``.
+
+    Usable as Inductor's ``custom_partitioner_fn`` and as ``aot_autograd``'s ``partition_fn``. The
+    budget is patched around the partitioner call itself, so it holds whenever Dynamo compiles.
+    """
+
+    def __init__(self, budget: float | None = None) -> None:
+        self.budget = budget
+        self.graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
+
+    def uuid(self) -> Any | None:
+        return None  # never serve cached code: the graphs would not be recorded
+
+    def __call__(
+        self, joint: fx.GraphModule, joint_inputs, **kwargs
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        kwargs.pop("compiler", None)
+        patch = (
+            contextlib.nullcontext()
+            if self.budget is None
+            else torch._functorch.config.patch(activation_memory_budget=self.budget)
+        )
+        with patch:
+            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+        self.graphs.append((fw, bw))
+        return fw, bw
+
+
+# ----------------------------------------------------------------------------------- metadata and JSON
+
+
+def jsonable(v):
+    """Strict JSON: infinite SQNR (exact gradients) becomes the string "inf"."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def meta(args, setup: str, command: list[str] | None = None) -> dict:
+    """Machine, versions, date, git commit (and whether the package has uncommitted changes), the
+    command line (``command``: script and arguments, default ``sys.argv``) and the parsed arguments."""
+    import transformers
+
+    def git(*cmd):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root)
+
+    try:
+        commit = git("rev-parse", "HEAD").stdout.strip() or None
+        # uncommitted changes to the package itself make the commit an approximate label
+        dirty = git("diff", "--quiet", "HEAD", "--", "fxlowbit", "passes", "codegen").returncode == 1
+    except OSError:
+        commit, dirty = None, None
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return {
+        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu}",
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "package_dirty": dirty,
+        "command": shlex.join(["python", *(sys.argv if command is None else command)]),
+        "args": vars(args),
+        "setup": setup,
+    }

@@ -1,0 +1,87 @@
+"""benchmarks/frontier.py end to end on the tiny GPT-2, without Inductor (``--inner eager``) so it
+stays fast on a CPU: the JSON it writes, the matmul FLOP counter, and min-cut's recompute FLOPs rising
+as its budget falls."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROW_KEYS = {"model", "size", "frontier", "label", "budget", "bits", "saved_bytes", "saved_mb",
+            "saved_ratio", "step_ms", "step_ratio", "matmul_flops", "extra_flops_pct", "grad_sqnr_db",
+            "error", "note"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    sys.path.insert(0, BENCH)
+    try:
+        import frontier
+
+        yield frontier
+    finally:
+        sys.path.remove(BENCH)
+
+
+def test_matmul_flops_of_a_graph(frontier):
+    import torch
+    from _common import matmul_flops
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(a, b, q):
+        attn = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return (a @ b).sum() + attn.sum()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(3, 5), torch.randn(5, 7), torch.randn(1, 2, 4, 8))
+    # mm: 2*3*5*7; SDPA: two (4x8 @ 8x4)-sized matmuls per head
+    assert matmul_flops([gm]) == 2 * 3 * 5 * 7 + 2 * (2 * 2 * 4 * 4 * 8)
+
+
+def test_frontier_tiny_gpt2(frontier, tmp_path):
+    out, png = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    argv = ["--models", "gpt2", "--size", "tiny", "--inner", "eager", "--mincut-budgets", "0.5,0.0",
+            "--lowbit-budgets", "0.3,0.1", "--bits", "", "--steps", "1",
+            "--out", str(out), "--plot", str(png)]  # fmt: skip
+    result = frontier.main(argv)
+    data = json.loads(out.read_text())
+    assert png.stat().st_size > 0
+    assert {"device", "torch", "date", "commit", "command", "args"} <= set(data["meta"])
+    assert data["meta"]["command"].startswith("python ") and "--inner eager" in data["meta"]["command"]
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == [
+        "aot_eager",
+        "inductor",
+        "min-cut B=0.5",
+        "min-cut B=0",
+        "lowbit B=0.3",
+        "lowbit B=0.1",
+    ]
+    for r in data["rows"]:
+        assert ROW_KEYS <= set(r), r["label"]
+    for label in ("inductor", "min-cut B=0.5", "min-cut B=0"):
+        r = rows[label]
+        assert r["error"] is None, r["error"]
+        assert r["matmul_flops"] > 0 and r["step_ms"] > 0 and r["step_ratio"] > 0
+        assert r["grad_sqnr_db"] == "inf" or float(r["grad_sqnr_db"]) > 100  # exact up to float noise
+    assert rows["inductor"]["extra_flops_pct"] == 0
+    # less memory for min-cut means recomputing matmuls: FLOPs rise, saved bytes fall
+    assert (
+        rows["inductor"]["matmul_flops"]
+        <= rows["min-cut B=0.5"]["matmul_flops"]
+        < rows["min-cut B=0"]["matmul_flops"]
+    )
+    assert (
+        rows["min-cut B=0"]["saved_bytes"]
+        < rows["min-cut B=0.5"]["saved_bytes"]
+        < rows["aot_eager"]["saved_bytes"]
+    )
+    assert rows["min-cut B=0"]["extra_flops_pct"] > 10
+    assert set(result["acceptance"]["gpt2"]) >= {"target_ratio", "lowbit", "mincut"}
+    for label in ("lowbit B=0.3", "lowbit B=0.1"):  # an error row (planner not there) keeps the schema
+        r = rows[label]
+        if r["error"] is None:
+            assert r["saved_bytes"] < rows["inductor"]["saved_bytes"]
+            assert math.isfinite(r["grad_sqnr_db"]) and r["matmul_flops"] > 0
