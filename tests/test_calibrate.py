@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fxlowbit
-from fxlowbit import backend, calibrate
+from fxlowbit import backend, calibrate, planner
 from fxlowbit.codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
 from fxlowbit.config import LowbitConfig
 from fxlowbit.examples import MLP
@@ -183,24 +183,29 @@ def _train(options, steps, seed=0, hidden=128):
 
 
 @pytest.mark.filterwarnings("ignore:.*memory budget of")
-def test_training_probes_and_replans():
-    # a variance limit no 10x plan meets: the measured re-plan (least variance within budget)
-    # replaces the prior's plan, which re-costed with the measurements exceeds the limit
-    options = {
-        "inner": "eager",
-        "calibrate_every": 2,
-        "memory_budget": 0.1,
-        "seed": 0,
-        "max_variance_ratio": 1e-4,
-    }
+def test_training_probes_and_replans(monkeypatch):
+    """Probes at steps 2 and 4 feed measured sensitivities to re-plans; a re-plan whose plan
+    differs (and beats the hysteresis) compiles a variant, within max_variants."""
+    replans = []
+    decide = planner.decide
+
+    def spy(*args, **kwargs):
+        plan = decide(*args, **kwargs)
+        if kwargs.get("sensitivity"):
+            replans.append(plan)
+        return plan
+
+    monkeypatch.setattr(planner, "decide", spy)
+    options = {"inner": "eager", "calibrate_every": 2, "memory_budget": 0.1, "seed": 0}
     losses = _train(options, steps=6, hidden=256)
     c = fxlowbit.counters
     assert all(math.isfinite(v) for v in losses)
     assert c["probes"] == 2  # probes at steps 2 and 4, each finished by the next step's gradient
-    assert 1 <= c["plan_variants"] <= LowbitConfig().max_variants - 1  # measured: another plan
+    assert len(replans) >= 2  # one re-plan per probe (+ one per compiled variant)
+    assert all("measured sensitivity" in d.reason for p in replans for d in p.decisions if d.form == "quant")
+    assert c["plan_variants"] <= LowbitConfig().max_variants - 1
     assert c["fallback_internal_error"] == 0
     assert len(fxlowbit.last_plans()) == 1 + c["plan_variants"]
-    assert any("measured sensitivity" in d.reason for d in fxlowbit.last_plans()[-1].decisions)
 
 
 @pytest.mark.filterwarnings("ignore:.*memory budget of")
