@@ -7,6 +7,7 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -14,7 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,6 +25,15 @@ import torch.nn.functional as F
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch.utils import flop_counter
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    make: Callable[[], nn.Module]  # seeded: every call builds identical weights
+    inputs: dict[str, torch.Tensor]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+
 
 aten = torch.ops.aten
 

@@ -51,7 +51,7 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
 
 import torch
 import torch.nn as nn
-from _common import Classify, RecordingPartitioner, flat_grad, jsonable, matmul_flops, meta, seeded
+from _common import Case, Classify, RecordingPartitioner, flat_grad, jsonable, matmul_flops, meta, seeded
 
 import fxlowbit
 from fxlowbit import examples
@@ -68,14 +68,6 @@ SIZES = {  # model -> size -> settings
 MINCUT_BUDGETS = "1.0,0.7,0.5,0.3,0.2,0.1,0.05,0.0"
 LOWBIT_BUDGETS = "0.5,0.3,0.2,0.15,0.1,0.08,0.06"
 TARGET = 10.0  # the acceptance check's saved-bytes reduction
-
-
-@dataclasses.dataclass
-class Case:
-    name: str
-    make: Callable[[], nn.Module]  # seeded: every call builds identical weights
-    inputs: dict[str, torch.Tensor]
-    loss: Callable[[nn.Module, dict], torch.Tensor]
 
 
 def _gpt2(n_embd: int, n_layer: int, n_head: int, seq: int) -> nn.Module:

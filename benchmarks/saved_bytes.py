@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter without a GPU
     import torch as _torch
@@ -49,8 +47,7 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
-import torch.nn as nn
-from _common import Classify, flat_grad, jsonable, meta, seeded
+from _common import Case, Classify, flat_grad, jsonable, meta, seeded
 from torch._dynamo.utils import counters
 
 import fxlowbit
@@ -61,14 +58,6 @@ MODELS = ("mlp", "cnn", "tinygpt", "gpt2", "bert", "llama")
 BUDGETS = (0.5, 0.1)
 FP8_FORCED = {"allowed_dtypes": "torch.float32", "size_in_mb": 0.0, "use_scaling": True}
 VOCAB, SEQ, BATCH = examples.HF_VOCAB, examples.HF_SEQ, 4  # char-level: ASCII codes
-
-
-@dataclasses.dataclass
-class Case:
-    name: str
-    make: Callable[[], nn.Module]  # seeded: every call builds identical weights
-    inputs: dict[str, torch.Tensor]
-    loss: Callable[[nn.Module, dict], torch.Tensor]
 
 
 def _text_batch() -> tuple[torch.Tensor, torch.Tensor]:
