@@ -138,6 +138,9 @@ def compile_run(model: torch.nn.Module, run: str, inner: str = "inductor", seed:
         options["bits"] = int(run.removeprefix("lowbit"))
     elif run.startswith("budget"):
         options["memory_budget"] = float(run.removeprefix("budget"))
+        # a probe's re-plan compiles a new variant (minutes of Inductor on a CPU): in runs of a few
+        # hundred steps that would dominate the timing, so the demo plans from the prior only
+        options["calibrate_every"] = 0
     else:
         raise ValueError(f"unknown run {run!r}")
     return torch.compile(model, backend="lowbit", options=options)
