@@ -80,8 +80,28 @@ def test_frontier_tiny_gpt2(frontier, tmp_path):
     )
     assert rows["min-cut B=0"]["extra_flops_pct"] > 10
     assert set(result["acceptance"]["gpt2"]) >= {"target_ratio", "lowbit", "mincut"}
-    for label in ("lowbit B=0.3", "lowbit B=0.1"):  # an error row (planner not there) keeps the schema
+    for label in ("lowbit B=0.3", "lowbit B=0.1"):
         r = rows[label]
-        if r["error"] is None:
-            assert r["saved_bytes"] < rows["inductor"]["saved_bytes"]
-            assert math.isfinite(r["grad_sqnr_db"]) and r["matmul_flops"] > 0
+        assert r["error"] is None, r["error"]
+        assert r["saved_bytes"] < rows["inductor"]["saved_bytes"]
+        assert math.isfinite(r["grad_sqnr_db"]) and r["matmul_flops"] > 0
+
+
+def _row(frontier, label, ratio, ms, flops=0.0):
+    return {"frontier": frontier, "label": label, "saved_bytes": 1000 / ratio, "saved_ratio": ratio,
+            "step_ms": ms, "step_ratio": ms / 10, "extra_flops_pct": flops, "error": None}  # fmt: skip
+
+
+def test_acceptance_interpolates_mincut_in_log_bytes(frontier):
+    rows = [_row("inductor", "inductor", 1.2, 10.0), _row("min-cut", "min-cut B=0.2", 5.0, 12.0),
+            _row("min-cut", "min-cut B=0.1", 20.0, 14.0),
+            _row("lowbit", "lowbit B=0.1", 12.0, 11.0, 1.0), _row("lowbit", "lowbit B=0.08", 15.0, 10.5),
+            _row("lowbit", "lowbit B=0.3", 4.0, 10.2)]  # fmt: skip
+    acc = frontier.acceptance(rows)
+    assert acc["lowbit"]["label"] == "lowbit B=0.08"  # the fastest row at >= 10x
+    assert acc["mincut"]["step_ms"] == pytest.approx(13.0)  # 10x: halfway between 5x and 20x in log
+    assert "between min-cut B=0.2" in acc["mincut"]["how"]
+    assert acc["mincut"]["fastest_row"]["label"] == "min-cut B=0.1"
+    assert frontier.acceptance_line("m", acc).startswith("acceptance m: PASS")
+    acc = frontier.acceptance(rows[:2] + rows[3:])  # min-cut never reaches 10x
+    assert acc["mincut"]["step_ms"] is None and "never reaches 10x" in acc["mincut"]["how"]
