@@ -1,9 +1,11 @@
 """Seeded random streams for stochastic rounding.
 
 Each compiled graph owns a stream id. Every quantization draws one 62-bit seed from its stream's
-generator (on the CPU, whatever the device) and derives the per-element noise from it with a
-counter-based hash (:func:`~fxlowbit.codegen.kernels.quant.hash_uniform`), so a given seed
-reproduces a run exactly, on any device and inner compiler, while successive steps get fresh noise.
+generator and derives the per-element noise from it with a counter-based hash
+(:func:`~fxlowbit.codegen.kernels.quant.hash_uniform`), so a given seed reproduces a run exactly
+on a device type and with any inner compiler, while successive steps get fresh noise. On CUDA the
+seed is drawn by a CUDA generator of the stream (seeded from its CPU generator): a CPU draw copied
+to the GPU would be a pageable host-to-device copy, which waits for the queued work every step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 _lock = threading.Lock()
 _next_id = itertools.count()
 _generators: dict[int, torch.Generator] = {}
+_device_generators: dict[tuple[int, torch.device], torch.Generator] = {}
 
 
 def new_stream(seed: int) -> int:
@@ -32,6 +35,22 @@ def generator(stream: int) -> torch.Generator:
     return _generators[stream]
 
 
+def _on_device(stream: int, device: torch.device) -> torch.Generator:
+    with _lock:
+        key = (stream, device)
+        if key not in _device_generators:
+            seed = int(torch.randint(0, 2**62, (), generator=generator(stream)))
+            _device_generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return _device_generators[key]
+
+
 def draw_seed(stream: int, device: torch.device) -> torch.Tensor:
-    """The next seed of ``stream``: an int64 scalar tensor in ``[0, 2**62)`` on ``device``."""
+    """The next seed of ``stream``: an int64 scalar tensor in ``[0, 2**62)`` on ``device`` (drawn
+    there on CUDA, so no host synchronisation)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = _on_device(stream, device)
+        return torch.randint(0, 2**62, (), generator=gen, dtype=torch.int64, device=device)
     return torch.randint(0, 2**62, (), generator=generator(stream), dtype=torch.int64).to(device)

@@ -125,8 +125,6 @@ def _fixed(s, cfg: LowbitConfig) -> str | None:
     """Why ``s`` has no choice at all (None: it has)."""
     if s.input_alias:
         return "alias of a graph input: costs no memory"
-    if s.forward_output_alias:
-        return "also returned by the forward: no memory to win"
     if s.nbytes_hint < cfg.min_bytes:
         return f"below min_bytes={cfg.min_bytes}"
     return None
@@ -166,6 +164,8 @@ def candidates(
         out.append(Costs(Form.RECOMPUTE, 0, 0, profile.pointwise_time(r.nbytes_moved), 0.0))
         leaves = ", ".join(r.leaves) or "constants"
         why.append(f"replayed in the backward: {len(r.nodes)} pointwise op(s) on {leaves}")
+        if r.from_inputs:  # a cast of weights or inputs: replaying it is exact and costs one pass
+            return out, why, 0
     if str(s.dtype) == "torch.bool":
         if cfg.masks:
             mask = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1)).subs(subs))
@@ -302,7 +302,9 @@ def decide(
     saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`)."""
     subs = subs or {}
     if cfg.bits is not None:
-        return _uniform(saved, cfg, subs)
+        plan = _uniform(saved, cfg, subs)
+        log.info("plan (uniform %d-bit rule):\n%s", cfg.bits, plan)
+        return plan
     profile = profile or cm.load_profile(cfg.profile)
     quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
     total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
@@ -343,6 +345,7 @@ def decide(
         variance_ratio=sum(costs[k].variance for (costs, _, _), k in zip(options, pick, strict=True)),
         status=status,
     )
+    log.info("plan (budget %d bytes, %s sensitivity):\n%s", budget, "measured" if sensitivity else "prior", plan)
     return plan
 
 
@@ -431,13 +434,19 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
 
 # -- the uniform rule (baseline) ------------------------------------------------------------------
 def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
-    """Every compressible tensor at ``cfg.bits`` (masks where exact), no recompute, no budget."""
+    """Every compressible tensor at ``cfg.bits`` (masks where exact), no budget; the only recompute is
+    of tensors that are functions of graph inputs alone (weight casts), which are not activations."""
     profile = None
     decisions = []
     for s in saved:
         fixed = _fixed(s, cfg)
+        r = s.recompute
         if fixed:
             c, why, n = Costs(Form.KEEP, 0, 0 if s.input_alias else _at(s.nbytes, subs), 0.0, 0.0), fixed, 0
+        elif cfg.recompute and r is not None and r.from_inputs:
+            # not an activation (e.g. autocast's bf16 copy of a weight): replayed exactly, never rounded
+            c, n = Costs(Form.RECOMPUTE, 0, 0, 0.0, 0.0), 0
+            why = f"a function of graph inputs only: replayed in the backward ({len(r.nodes)} op(s))"
         else:
             profile = profile or cm.load_profile(cfg.profile)
             uni = LowbitConfig(

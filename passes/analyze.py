@@ -11,6 +11,7 @@ values carry the same node names as the forward outputs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import networkx as nx
@@ -21,6 +22,8 @@ import torch.fx as fx
 from . import _ops
 
 __all__ = ["SavedTensor", "GraphFacts", "run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Recompute:
     nodes: tuple[str, ...]
     leaves: tuple[str, ...]
     nbytes_moved: int  # bytes read + written by the replayed ops at the example sizes (upper bound)
+    # every leaf is a graph input (e.g. autocast's bf16 copy of a weight): exact and always at hand,
+    # so such a tensor is replayed, never stored lossily
+    from_inputs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +179,8 @@ def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
     # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
     moved = sum(_hint(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
-    return Recompute(tuple(n.name for n in order), tuple(leaves), moved)
+    from_inputs = all(n.op == "placeholder" for n in seen if n.name in leaves)
+    return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
 
 def _numel(val: torch.Tensor) -> sympy.Expr:
@@ -276,6 +283,8 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
             )
         )
     gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)
+    log.debug("%d saved tensors (%d graph-input aliases), %d GEMMs", len(saved),
+              sum(s.input_alias for s in saved), len(gemms))  # fmt: skip
     return GraphFacts(
         saved=tuple(saved), num_fwd_outputs=num_fwd_outputs, nx_graph=g, hints=hints, gemms=tuple(gemms)
     )

@@ -35,7 +35,7 @@ def decide_one(s, cfg=CFG):
     "record,form,reason",
     [
         (saved(input_alias=True), "keep", "graph input"),
-        (saved(forward_output_alias=True), "keep", "returned by the forward"),
+        (saved(forward_output_alias=True), "quant", "4-bit"),  # the caller usually drops outputs
         (saved(numel=100), "keep", "below min_bytes=1024"),
         (saved(dtype=torch.bool), "mask", "1 bit, exact"),
         (saved(dtype=torch.int64), "keep", "int64"),
@@ -135,3 +135,21 @@ def test_sign_like_ops_are_not_trusted_with_compressed_values():
 
     for op in (torch.ops.aten.sign.default, torch.ops.aten.sgn.default):
         assert _ops.role(op, 0, (None,)) is None
+
+
+BUDGET_CFG = LowbitConfig(memory_budget=0.05, min_bytes=1024)
+
+
+@pytest.mark.parametrize("cfg", [CFG, BUDGET_CFG], ids=["uniform", "budget"])
+def test_functions_of_graph_inputs_are_replayed_never_rounded(cfg):
+    """Autocast saves bf16 copies of weights: rounding them at 4 bits wrecks grad-input (measured:
+    12 dB gradient SQNR on a bf16 GPT-2); replaying the cast is exact and costs one pass."""
+    from fxlowbit.passes.analyze import Recompute
+
+    cast = saved(recompute=Recompute(("convert_element_type",), ("primals_3",), 3 * 4096 * 4, True))
+    act = saved(name="a", recompute=Recompute(("gelu",), ("addmm",), 3 * 4096 * 4, False))
+    decisions = planner.decide((cast, act), cfg).by_name()
+    assert decisions["t"].form == "recompute"
+    assert decisions["a"].form != "keep"  # an activation's replay stays one choice among others
+    off = dataclasses.replace(cfg, recompute=False)
+    assert planner.decide((cast,), off).decisions[0].form != "recompute"
