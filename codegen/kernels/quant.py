@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "BITS",
+    "DTYPES",
     "quantize_pack_reference",
     "dequantize_unpack_reference",
     "quantize_pack_traceable",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 BITS = (2, 4, 8)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels'; references take any float
 _KIND_NAN, _KIND_POSINF, _KIND_NEGINF = 0, 1, 2
 _SIGN = -(2**31)  # int32 bit pattern of the sign bit
 
