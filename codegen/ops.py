@@ -3,24 +3,47 @@
 Registered as ``custom_op`` + ``register_fake`` (opaque to Inductor; see DESIGN.md, Style): the
 forward graph calls ``quantize_pack`` / ``pack_mask`` on each compressed saved tensor and the
 backward graph calls ``dequantize_unpack`` / ``unpack_mask`` before the consumers.
+
+Each op runs the hand-written Triton kernel (``kernels/*_triton.py``) on CUDA tensors, or anywhere
+when :data:`FORCE_TRITON` is set (env ``FXLOWBIT_TRITON=1``; tests use it to run the kernels in the
+interpreter on CPU), and the pure-torch reference otherwise. Both give the same bits (NaN payloads
+aside).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
-from . import rng
+from . import fusion, rng
 from .kernels.bitmask import pack_mask_reference, packed_mask_numel, unpack_mask_reference
 from .kernels.quant import (
+    DTYPES,
     dequantize_unpack_reference,
     hash_uniform,
     packed_shapes,
     quantize_pack_reference,
 )
 
-__all__ = ["quantize_pack", "dequantize_unpack", "pack_mask", "unpack_mask", "draw_seed"]
+__all__ = [
+    "quantize_pack",
+    "dequantize_unpack",
+    "fused_quantize_pack",
+    "pack_mask",
+    "unpack_mask",
+    "draw_seed",
+    "FORCE_TRITON",
+]
+
+FORCE_TRITON = os.environ.get("FXLOWBIT_TRITON") == "1"
+
+
+def _triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the op on ``t`` runs its Triton kernel (imported lazily: triton is optional on CPU).
+    ``dtype``: the float dtype a quant kernel would read or write; fp64 stays on the reference."""
+    return (t.is_cuda or FORCE_TRITON) and dtype in (None, *DTYPES)
 
 
 @torch.library.custom_op("fxlowbit::draw_seed", mutates_args=())
@@ -45,9 +68,13 @@ def quantize_pack(
     """
     if stream < 0:
         return quantize_pack_reference(x, bits, group_size, None)
+    seed = rng.draw_seed(stream, x.device)
+    if _triton(x, x.dtype):
+        from .kernels.quant_triton import quantize_pack_triton
+
+        return quantize_pack_triton(x, bits, group_size, seed)
     n_groups = -(-x.numel() // group_size)
-    noise = hash_uniform(rng.draw_seed(stream, x.device), n_groups, group_size)
-    return quantize_pack_reference(x, bits, group_size, noise)
+    return quantize_pack_reference(x, bits, group_size, hash_uniform(seed, n_groups, group_size))
 
 
 @quantize_pack.register_fake
@@ -67,6 +94,10 @@ def dequantize_unpack(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of ``quantize_pack``: a ``dtype`` tensor with the given shape and strides."""
+    if _triton(codes, dtype):
+        from .kernels.quant_triton import dequantize_unpack_triton
+
+        return dequantize_unpack_triton(codes, meta, bits, group_size, list(shape), list(stride), dtype)
     return dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), dtype, list(stride))
 
 
@@ -78,6 +109,10 @@ def _(codes, meta, bits, group_size, shape, stride, dtype):
 @torch.library.custom_op("fxlowbit::pack_mask", mutates_args=())
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool -> uint8, eight per byte, lowest bit first."""
+    if _triton(mask):
+        from .kernels.bitmask_triton import pack_mask_triton
+
+        return pack_mask_triton(mask)
     return pack_mask_reference(mask)
 
 
@@ -89,9 +124,75 @@ def _(mask):
 @torch.library.custom_op("fxlowbit::unpack_mask", mutates_args=())
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
     """Inverse of ``pack_mask``."""
+    if _triton(packed):
+        from .kernels.bitmask_triton import unpack_mask_triton
+
+        return unpack_mask_triton(packed, list(shape), list(stride))
     return unpack_mask_reference(packed, list(shape), list(stride))
 
 
 @unpack_mask.register_fake
 def _(packed, shape, stride):
     return packed.new_empty_strided(shape, stride, dtype=torch.bool)
+
+
+@torch.library.custom_op("fxlowbit::fused_quantize_pack", mutates_args=())
+def fused_quantize_pack(
+    inputs: list[torch.Tensor],
+    spec: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+    stream: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A generated fusion (:mod:`.fusion`): evaluate the pointwise chain ``spec`` on ``inputs`` and
+    return ``(value, codes, meta)``: the forward value (``dtype``, contiguous ``shape``) and its
+    ``quantize_pack`` at ``bits`` with the next seed of ``stream``, in one kernel on the Triton path."""
+    s = fusion.Spec.from_json(spec)
+    seed = rng.draw_seed(stream, inputs[0].device)
+    cshape, mshape = packed_shapes(_numel(shape), bits, group_size)
+    if _triton(inputs[0], dtype) and _numel(shape) > 0:
+        from .kernels.quant_triton import _launch
+
+        out = torch.empty(list(shape), dtype=dtype, device=inputs[0].device)
+        codes = torch.empty(cshape, dtype=torch.uint8, device=out.device)
+        meta = torch.empty(mshape, dtype=torch.float32, device=out.device)
+        grid, consts = _launch(out.numel(), bits, group_size)
+        fusion.kernel(s)[grid](
+            *(t.contiguous() for t in inputs),
+            out.view(torch.int16) if dtype == torch.bfloat16 else out,
+            seed,
+            codes,
+            meta.view(torch.int32),
+            out.numel(),
+            cshape[0],
+            shape[-1] if len(shape) else 1,
+            **consts,
+            OUT_BF16=dtype == torch.bfloat16,
+            enable_fp_fusion=False,
+        )
+        return out, codes, meta
+    out = fusion.reference(s, inputs)
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+        out = out.clone()  # an op's outputs may not alias its inputs
+    codes, meta = quantize_pack_reference(out, bits, group_size, hash_uniform(seed, cshape[0], group_size))
+    return out, codes, meta
+
+
+@fused_quantize_pack.register_fake
+def _(inputs, spec, shape, dtype, bits, group_size, stream):
+    cshape, mshape = packed_shapes(_numel(shape), bits, group_size)
+    like = inputs[0]
+    return (
+        like.new_empty(list(shape), dtype=dtype),
+        like.new_empty(cshape, dtype=torch.uint8),
+        like.new_empty(mshape, dtype=torch.float32),
+    )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

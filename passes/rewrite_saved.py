@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..codegen import fusion
 from ..codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
 from ..codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_traceable
 from ..plan import Form, Plan
@@ -39,6 +40,7 @@ class _Rewriter:
     def __init__(
         self,
         inline: bool,
+        fuse: bool,
         fw: fx.GraphModule,
         bw: fx.GraphModule,
         num_fwd_outputs: int,
@@ -46,7 +48,7 @@ class _Rewriter:
         stream: int,
         counters: Counter,
     ):
-        self.inline = inline
+        self.inline, self.fuse = inline, fuse
         self.fg, self.bg = fw.graph, bw.graph
         self.group_size, self.stream, self.counters = group_size, stream, counters
         self.out_node = self.fg.find_nodes(op="output")[0]
@@ -111,9 +113,34 @@ class _Rewriter:
 
         return build
 
+    def _fused(self, node: fx.Node, bits: int) -> list[fx.Node] | None:
+        """Replace the pointwise chain producing ``node`` and its packing by one generated kernel
+        (codegen/fusion.py): returns the packed parts, or None if the chain does not match."""
+        found = fusion.match(node)
+        if found is None:
+            return None
+        spec, inputs, chain = found
+        val = node.meta["val"]
+        with self.fg.inserting_before(node.next):
+            args = (inputs, spec.to_json(), list(val.shape), val.dtype, bits, self.group_size, self.stream)
+            fused = call(self.fg, lowbit.fused_quantize_pack.default, args)
+            value, codes, meta = (call(self.fg, operator.getitem, (fused, i)) for i in range(3))
+        node.replace_all_uses_with(value, delete_user_cb=lambda u: u not in (fused, value, codes, meta))
+        self.outputs = [value if o is node else o for o in self.outputs]
+        self.new_outputs = [value if o is node else o for o in self.new_outputs]
+        for n in reversed(chain):
+            if not n.users:
+                self.fg.erase_node(n)
+        value._rename(f"{node.name}_fused")
+        codes._rename(f"{value.name}_codes")
+        meta._rename(f"{value.name}_qmeta")
+        self.counters["fused_pack"] += 1
+        return [codes, meta]
+
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
         val = node.meta["val"]
-        packed = self._pack(
+        packed = self._fused(node, bits) if self.fuse and not self.inline else None
+        packed = packed or self._pack(
             node,
             quantize_pack_traceable,
             lowbit.quantize_pack.default,
@@ -185,11 +212,13 @@ def run(
     stream: int,
     counters: Counter | None = None,
     inline: bool = False,
+    fuse: bool = False,
 ) -> None:
     """Apply ``plan`` to the partitioned pair in place. ``inline``: trace the pure-torch pack and
-    decode functions into the graphs (for Inductor to fuse) instead of calling the opaque ops."""
+    decode functions into the graphs (for Inductor to fuse) instead of calling the opaque ops;
+    ``fuse``: on the ops path, generate one kernel per pointwise chain + packing (codegen/fusion.py)."""
     rw = _Rewriter(
-        inline, fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters
+        inline, fuse, fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters
     )
     decisions = plan.by_name()
     for node in rw.outputs[num_fwd_outputs:]:

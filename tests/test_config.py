@@ -36,3 +36,22 @@ def test_bad_option_surfaces_through_torch_compile():
     model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"bits": 5})
     with pytest.raises(Exception, match="bits=5 is invalid"):
         model(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "opts,device,inline",
+    [
+        ({}, "cpu", True),
+        ({}, "cuda", False),
+        ({"kernels": "inline"}, "cuda", True),
+        ({"kernels": "triton"}, "cpu", False),
+        ({"kernels": "inline", "inner": "eager"}, "cpu", False),
+    ],
+)
+def test_kernels_option_picks_inline_or_ops(opts, device, inline):
+    assert LowbitConfig.from_options(opts).inline_kernels(device) is inline
+
+
+def test_bad_kernels_option_names_the_choices():
+    with pytest.raises(ValueError, match="kernels='cuda'.*'inline', 'triton'"):
+        LowbitConfig.from_options({"kernels": "cuda"})

@@ -1,0 +1,355 @@
+"""Generated fusions: a chain of pointwise producers ending in a quantized saved tensor becomes ONE
+kernel that writes the forward value and its packed copy.
+
+:func:`match` reads the chain off the forward FX graph (aten pointwise ops of :data:`OPS` whose
+intermediates have no other users; inputs are contiguous tensors of the output's shape, vectors
+broadcast along the last dimension, or scalars) and describes it as a :class:`Spec` (JSON, so it
+travels as a string argument of the ``fxlowbit::fused_quantize_pack`` op). :func:`source` turns a
+spec into the Triton source of one kernel: the chain evaluated in fp32 (rounded to bf16/fp16
+wherever the graph's values are), stored as the forward output, then per-group min/max, stochastic
+rounding and planar packing exactly as :mod:`.kernels.quant_triton` does. The source is a pure
+function of the spec (deterministic); ``FXLOWBIT_DUMP_DIR`` also writes it there. The pure-torch
+reference replays the same aten ops and calls the quantize reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+__all__ = ["Spec", "match", "source", "reference", "kernel", "OPS"]
+
+# aten overload -> Triton expression over the argument expressions {0}, {1} (fp32 values)
+OPS: dict[str, str] = {
+    "aten.add.Tensor": "({0} + {1})",
+    "aten.sub.Tensor": "({0} - {1})",
+    "aten.mul.Tensor": "({0} * {1})",
+    "aten.div.Tensor": "({0} / {1})",
+    "aten.neg.default": "(-{0})",
+    "aten.abs.default": "tl.abs({0})",
+    "aten.relu.default": "tl.maximum({0}, 0.0)",
+    "aten.exp.default": "tl.exp({0})",
+    "aten.log.default": "tl.log({0})",
+    "aten.sqrt.default": "tl.sqrt({0})",
+    "aten.rsqrt.default": "tl.math.rsqrt({0})",
+    "aten.erf.default": "tl.math.erf({0})",
+    "aten.sigmoid.default": "(1.0 / (1.0 + tl.exp(-{0})))",
+    "aten.tanh.default": "(2.0 / (1.0 + tl.exp(-2.0 * {0})) - 1.0)",
+    "aten.reciprocal.default": "(1.0 / {0})",
+    "aten.maximum.default": "tl.maximum({0}, {1})",
+    "aten.minimum.default": "tl.minimum({0}, {1})",
+    "prims.convert_element_type.default": "{0}",  # the rounding follows the output dtype below
+}
+_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+_MAX_OPS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A pointwise chain: ``inputs`` are ("full" | "row" | "scalar") kinds, ``program`` a list of
+    ``(aten op, args, out dtype)`` with args ``["in", k]``, ``["v", i]`` or a Python number; the
+    last value is the saved tensor."""
+
+    inputs: tuple[str, ...]
+    program: tuple[tuple[str, tuple, str], ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"inputs": self.inputs, "program": self.program}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        d = json.loads(text)
+        prog = tuple((op, tuple(tuple(a) if isinstance(a, list) else a for a in args), dt)
+                     for op, args, dt in d["program"])  # fmt: skip
+        return cls(tuple(d["inputs"]), prog)
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _supported(n: fx.Node) -> bool:
+    v = _val(n)
+    return (
+        n.op == "call_function"
+        and str(n.target) in OPS
+        and not n.kwargs
+        and isinstance(v, torch.Tensor)
+        and str(v.dtype) in _DTYPES
+    )
+
+
+def _input_kind(n: fx.Node, out: torch.Tensor) -> str | None:
+    v = _val(n)
+    if not isinstance(v, torch.Tensor) or str(v.dtype) not in _DTYPES:
+        return None
+    if v.dim() == 0:
+        return "scalar"
+    same = tuple(v.shape) == tuple(out.shape)
+    if same and v.is_contiguous():
+        return "full"
+    if v.is_contiguous() and v.numel() == out.shape[-1] and all(d == 1 for d in v.shape[:-1]):
+        return "row"  # a bias: broadcast along the leading dimensions
+    return None
+
+
+def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
+    """``(spec, input nodes, chain nodes)`` for the pointwise chain producing ``node``, or None.
+    Intermediates must have no users outside the chain (they are not written to memory)."""
+    out = _val(node)
+    if not _supported(node) or not out.is_contiguous() or any(isinstance(d, torch.SymInt) for d in out.shape):
+        return None
+    # candidates: supported same-shape ancestors; then drop any with a user outside the set (its
+    # value escapes, so it must be written: it becomes an input) until nothing changes
+    cand: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in cand or len(cand) > _MAX_OPS:
+            continue
+        if n is node or (_supported(n) and tuple(_val(n).shape) == tuple(out.shape)):
+            cand.add(n)
+            stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    changed = True
+    while changed:
+        escaping = {n for n in cand if n is not node and any(u not in cand for u in n.users)}
+        changed = bool(escaping)
+        cand -= escaping
+        # ancestors reachable only through a dropped node are no longer part of the chain
+        keep, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in cand and n not in keep:
+                keep.add(n)
+                stack.extend(a for a in n.args if isinstance(a, fx.Node))
+        changed |= keep != cand
+        cand = keep
+    if len(cand) > _MAX_OPS:
+        return None
+    chain: list[fx.Node] = []
+    inputs: list[fx.Node] = []
+
+    def visit(n: fx.Node) -> bool:  # post-order: program order
+        if n in chain or n in inputs:
+            return True
+        if n in cand:
+            if not all(visit(a) for a in n.args if isinstance(a, fx.Node)):
+                return False
+            chain.append(n)
+            return True
+        if _input_kind(n, out) is None:
+            return False
+        inputs.append(n)
+        return True
+
+    if not visit(node) or not inputs:
+        return None
+    index = {n: i for i, n in enumerate(chain)}
+    program = []
+    for n in chain:
+        args = []
+        for a in n.args:
+            if isinstance(a, fx.Node):
+                args.append(("v", index[a]) if a in index else ("in", inputs.index(a)))
+            elif isinstance(a, (int, float)) and not isinstance(a, bool):
+                args.append(float(a))
+            elif isinstance(a, torch.dtype) and str(n.target) == "prims.convert_element_type.default":
+                continue  # the output dtype carries it
+            else:
+                return None
+        program.append((str(n.target), tuple(args), str(_val(n).dtype)))
+    return Spec(tuple(_input_kind(n, out) for n in inputs), tuple(program)), inputs, chain
+
+
+# -- the pure-torch reference ---------------------------------------------------------------------
+def _aten(name: str):
+    ns, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), op), overload)
+
+
+def _arg(x, inputs: list, vals: list):
+    """An argument of a program step: ``("in", k)``, ``("v", i)`` or a number."""
+    if isinstance(x, tuple):
+        return inputs[x[1]] if x[0] == "in" else vals[x[1]]
+    return x
+
+
+def reference(spec: Spec, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The chain replayed with the graph's own aten ops (bit for bit what the unfused graph does)."""
+    vals: list[torch.Tensor] = []
+    for op, args, dtype in spec.program:
+        a = [_arg(x, inputs, vals) for x in args]
+        if op == "prims.convert_element_type.default":
+            a.append(getattr(torch, dtype.split(".")[1]))
+        vals.append(_aten(op)(*a))
+    return vals[-1]
+
+
+# -- Triton source --------------------------------------------------------------------------------
+def _expr(spec: Spec) -> list[str]:
+    lines = []
+    names, values = [f"a{k}" for k in range(len(spec.inputs))], [f"v{i}" for i in range(len(spec.program))]
+    for i, (op, args, dtype) in enumerate(spec.program):
+        a = [_arg(x, names, values) if isinstance(x, tuple) else repr(float(x)) for x in args]
+        e = OPS[op].format(*a)
+        kind = _DTYPES[dtype]
+        if kind != "fp32":
+            e = f"_round_{kind}({e})"
+        lines.append(f"    v{i} = {e}")
+    return lines
+
+
+def source(spec: Spec) -> str:
+    """Triton source of the fused kernel for ``spec`` (deterministic)."""
+    n = len(spec.inputs)
+    params = "".join(f"in{k}, " for k in range(n))
+    loads = []
+    for k, kind in enumerate(spec.inputs):
+        if kind == "full":
+            loads.append(f"    a{k} = tl.load(in{k} + idx, mask=inside, other=0).to(tl.float32)")
+        elif kind == "row":
+            loads.append(f"    a{k} = tl.load(in{k} + idx % period, mask=inside, other=0).to(tl.float32)")
+        else:
+            loads.append(f"    a{k} = tl.load(in{k}).to(tl.float32)")
+    last = len(spec.program) - 1
+    body = "\n".join(loads + _expr(spec) + [f"    return v{last}"])
+    return _TEMPLATE.format(params=params, body=body, call_params=params)
+
+
+_TEMPLATE = '''"""Generated by fxlowbit.codegen.fusion (do not edit)."""
+import triton
+import triton.language as tl
+
+from fxlowbit.codegen.kernels.quant_triton import _bf16_bits, _hash32
+
+_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _round_bf16(x):
+    return (_bf16_bits(x).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_fp16(x):
+    return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _produce({params}idx, inside, period):
+{body}
+
+
+@triton.jit
+def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_groups, period,
+                  BITS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                  ROWS: tl.constexpr, OUT_BF16: tl.constexpr):
+    P: tl.constexpr = 8 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (ROWS * G)
+    kk = tl.arange(0, BLOCK_W)
+    if W != BLOCK_W:
+        kk = tl.minimum(kk, W - 1)
+    offs = tl.arange(0, ROWS)[:, None] * G + kk[None, :]
+    lastidx = tl.zeros([ROWS, BLOCK_W], tl.int64) + numel - 1
+    last = _produce({call_params}lastidx, lastidx >= 0, period)
+    if OUT_BF16:
+        last = _round_bf16(last)
+    byte_ok = (kk < W)[None, :]
+    lo_t = tl.full([ROWS, BLOCK_W], _INF, tl.float32)
+    hi_t = tl.full([ROWS, BLOCK_W], -_INF, tl.float32)
+    nonfinite_t = tl.zeros([ROWS, BLOCK_W], tl.float32)
+    for j in tl.static_range(P):
+        idx = base + offs + j * W
+        inside = idx < numel
+        x = _produce({call_params}idx, inside, period)
+        if OUT_BF16:
+            tl.store(out_ptr + idx, _bf16_bits(x), mask=inside & byte_ok)
+            x = _round_bf16(x)
+        else:
+            tl.store(out_ptr + idx, x.to(out_ptr.dtype.element_ty), mask=inside & byte_ok)
+            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        x = tl.where(inside, x, last)
+        finite = tl.abs(x) < _INF
+        lo_t = tl.minimum(lo_t, tl.where(finite, x, _INF))
+        hi_t = tl.maximum(hi_t, tl.where(finite, x, -_INF))
+        nonfinite_t += tl.where(finite, 0.0, x)
+    lo = tl.min(lo_t, 1)
+    hi = tl.max(hi_t, 1)
+    nonfinite = tl.sum(nonfinite_t, 1)
+    special = ~(tl.abs(nonfinite) < _INF)
+    empty = lo == _INF
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    usable = LEVELS - special.to(tl.float32)
+    scale = tl.math.div_rn(hi - lo, usable)
+    wide = tl.math.div_rn(hi, usable) - tl.math.div_rn(lo, usable)
+    scale = tl.where(tl.abs(scale) == _INF, wide, scale)
+    half = tl.where(tl.abs(hi - lo) == _INF, 0.5, 1.0)
+    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.where(scale > 0, scale, 1.0) * half)
+    lo_half = lo * half
+    seed = tl.load(seed_ptr)
+    key = _hash32((seed & 0xFFFFFFFF).to(tl.uint32) ^ _hash32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)))
+    packed = tl.zeros([ROWS, BLOCK_W], tl.uint32)
+    for j in tl.static_range(P):
+        idx = base + offs + j * W
+        inside = idx < numel
+        x = _produce({call_params}idx, inside, period)  # recomputed: inputs re-read from L1/L2
+        if OUT_BF16:
+            x = _round_bf16(x)
+        else:
+            x = x.to(out_ptr.dtype.element_ty).to(tl.float32)
+        x = tl.where(inside, x, last)
+        finite = tl.abs(x) < _INF
+        elem = idx.to(tl.uint32)
+        u = (_hash32(elem + key) >> 8).to(tl.float32) * 2.0**-24
+        g = tl.where(finite, x, lo[:, None])
+        v = (g * half[:, None] - lo_half[:, None]) * inv[:, None]
+        q = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), usable[:, None])
+        q = tl.where(finite, q, LEVELS)
+        packed |= q.to(tl.uint32) << (j * BITS)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_groups
+    kk = tl.arange(0, BLOCK_W)
+    tl.store(codes_ptr + rows[:, None] * W + kk[None, :], packed.to(tl.uint8),
+             mask=row_ok[:, None] & (kk < W)[None, :])
+    kind = tl.where(nonfinite > 0, 1, tl.where(nonfinite < 0, 2, 0))
+    sbits = scale.to(tl.int32, bitcast=True)
+    sbits = tl.where(special, (sbits & ~3) | kind | -2147483648, sbits)
+    tl.store(meta_ptr + rows * 2, lo.to(tl.int32, bitcast=True), mask=row_ok)
+    tl.store(meta_ptr + rows * 2 + 1, sbits, mask=row_ok)
+'''
+
+_KERNELS: dict[str, object] = {}
+
+
+def kernel(spec: Spec):
+    """The compiled ``_fused_kernel`` of ``spec`` (generated once per process and spec; Triton
+    needs the source in a file, written under ``FXLOWBIT_DUMP_DIR`` or a temporary directory)."""
+    text = source(spec)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if digest not in _KERNELS:
+        folder = Path(os.environ.get("FXLOWBIT_DUMP_DIR") or Path(tempfile.gettempdir()) / "fxlowbit_kernels")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"fused_pack_{digest}.py"
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        name = f"fxlowbit_generated_{digest}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        _KERNELS[digest] = module._fused_kernel
+    return _KERNELS[digest]
