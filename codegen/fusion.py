@@ -28,7 +28,7 @@ import torch.fx as fx
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
-__all__ = ["Spec", "match", "source", "reference", "kernel", "OPS"]
+__all__ = ["Spec", "match", "match_consumer", "source", "source_consumer", "reference", "kernel", "OPS"]
 
 # aten overload -> Triton expression over the argument expressions {0}, {1} (fp32 values)
 OPS: dict[str, str] = {
@@ -155,6 +155,57 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
 
     if not visit(node) or not inputs:
         return None
+    program = _program(chain, inputs)
+    if program is None:
+        return None
+    return Spec(tuple(_input_kind(n, out) for n in inputs), program), inputs, chain
+
+
+def match_consumer(src: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
+    """``(spec, external inputs, nodes)`` for the backward's pointwise ops that consume the decoded
+    value of ``src`` (a saved tensor's placeholder) and end in ONE value used elsewhere (the sink,
+    last of ``nodes``), or None. ``spec.inputs[0]`` is "decoded": the kernel decodes it in place."""
+    out = _val(src)
+    symbolic = isinstance(out, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in out.shape)
+    if not isinstance(out, torch.Tensor) or not src.users or symbolic:
+        return None
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    cand: set[fx.Node] = set()
+    stack = list(src.users)
+    while stack and len(cand) <= _MAX_OPS:
+        n = stack.pop()
+        if n not in cand and _supported(n) and tuple(_val(n).shape) == tuple(out.shape):
+            cand.add(n)
+            stack.extend(n.users)
+    if not cand or len(cand) > _MAX_OPS:
+        return None
+    sink = max(cand, key=order.__getitem__)
+    nodes, stack = set(), [sink]
+    while stack:
+        n = stack.pop()
+        if n in cand and n not in nodes:
+            nodes.add(n)
+            stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    if any(u not in nodes for u in src.users) or any(
+        n is not sink and any(u not in nodes for u in n.users) for n in nodes
+    ):
+        return None  # the decoded value or an intermediate is needed elsewhere
+    chain = sorted(nodes, key=order.__getitem__)
+    inputs: list[fx.Node] = []
+    for n in chain:
+        for a in n.args:
+            if isinstance(a, fx.Node) and a is not src and a not in nodes and a not in inputs:
+                if _input_kind(a, out) is None:
+                    return None
+                inputs.append(a)
+    program = _program(chain, [src, *inputs])
+    if program is None:
+        return None
+    return Spec(("decoded", *(_input_kind(a, out) for a in inputs)), program), inputs, chain
+
+
+def _program(chain: list[fx.Node], inputs: list[fx.Node]):
+    """The chain as program steps over ``inputs`` (None if an argument is not expressible)."""
     index = {n: i for i, n in enumerate(chain)}
     program = []
     for n in chain:
@@ -169,7 +220,7 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
             else:
                 return None
         program.append((str(n.target), tuple(args), str(_val(n).dtype)))
-    return Spec(tuple(_input_kind(n, out) for n in inputs), tuple(program)), inputs, chain
+    return tuple(program)
 
 
 # -- the pure-torch reference ---------------------------------------------------------------------
@@ -216,15 +267,29 @@ def source(spec: Spec) -> str:
     params = "".join(f"in{k}, " for k in range(n))
     loads = []
     for k, kind in enumerate(spec.inputs):
-        if kind == "full":
+        if kind == "decoded_x":
+            loads.append(f"    a{k} = in{k}")  # the value decoded in the kernel
+        elif kind == "full":
             loads.append(f"    a{k} = tl.load(in{k} + idx, mask=inside, other=0).to(tl.float32)")
         elif kind == "row":
             loads.append(f"    a{k} = tl.load(in{k} + idx % period, mask=inside, other=0).to(tl.float32)")
-        else:
+        elif kind == "scalar":
             loads.append(f"    a{k} = tl.load(in{k}).to(tl.float32)")
     last = len(spec.program) - 1
     body = "\n".join(loads + _expr(spec) + [f"    return v{last}"])
     return _TEMPLATE.format(params=params, body=body, call_params=params)
+
+
+def source_consumer(spec: Spec) -> str:
+    """Triton source of the decode + backward-consumer kernel for ``spec`` (``inputs[0]`` is the
+    decoded value; deterministic)."""
+    if spec.inputs[:1] != ("decoded",):
+        raise ValueError("fxlowbit: a consumer spec starts with the decoded input")
+    params = "".join(f"in{k}, " for k in range(1, len(spec.inputs)))
+    text = source(Spec(("decoded_x", *spec.inputs[1:]), spec.program))
+    head = text[: text.index("@triton.jit\ndef _fused_kernel")]
+    head = head.replace("def _produce(in0, ", "def _apply(in0, ").replace("def _produce(", "def _apply(")
+    return head + _DECODE_TEMPLATE.format(params=params)
 
 
 _TEMPLATE = '''"""Generated by fxlowbit.codegen.fusion (do not edit)."""
@@ -332,18 +397,60 @@ def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_group
     tl.store(meta_ptr + rows * 2 + 1, sbits, mask=row_ok)
 '''
 
+_DECODE_TEMPLATE = """@triton.jit
+def _fused_kernel(codes_ptr, meta_ptr, {params}out_ptr, numel, n_groups, period,
+                  BITS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                  ROWS: tl.constexpr, DEC_BF16: tl.constexpr, DEC_F16: tl.constexpr,
+                  OUT_BF16: tl.constexpr):
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    P: tl.constexpr = 8 // BITS
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    kk = tl.arange(0, BLOCK_W)
+    row_ok = rows < n_groups
+    byte_ok = row_ok[:, None] & (kk < W)[None, :]
+    packed = tl.load(codes_ptr + rows[:, None] * W + kk[None, :], mask=byte_ok, other=0)
+    lo = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.float32, bitcast=True)
+    sbits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0)
+    special = sbits < 0
+    scale = tl.where(special, sbits & ~3 & 2147483647, sbits).to(tl.float32, bitcast=True)
+    kind = sbits & 3
+    nan = tl.full([ROWS], 2143289344, tl.int32).to(tl.float32, bitcast=True)
+    nonfinite = tl.where(kind == 1, _INF, tl.where(kind == 2, -_INF, nan))
+    base = pid.to(tl.int64) * (ROWS * G)
+    offs = tl.arange(0, ROWS)[:, None] * G + kk[None, :]
+    for j in tl.static_range(P):
+        q = ((packed >> (j * BITS)) & LEVELS).to(tl.float32)
+        half = q * (scale * 0.5)[:, None]
+        x = (lo[:, None] + half) + half
+        x = tl.where(special[:, None] & (q == LEVELS), nonfinite[:, None], x)
+        if DEC_BF16:
+            x = _round_bf16(x)
+        if DEC_F16:
+            x = _round_fp16(x)
+        idx = base + offs + j * W
+        ok = byte_ok & (idx < numel)
+        y = _apply(x, {params}idx, ok, period)
+        if OUT_BF16:
+            tl.store(out_ptr + idx, _bf16_bits(y), mask=ok)
+        else:
+            tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=ok)
+"""
+
 _KERNELS: dict[str, object] = {}
 
 
 def kernel(spec: Spec):
-    """The compiled ``_fused_kernel`` of ``spec`` (generated once per process and spec; Triton
-    needs the source in a file, written under ``FXLOWBIT_DUMP_DIR`` or a temporary directory)."""
-    text = source(spec)
+    """The compiled ``_fused_kernel`` of ``spec`` (a producer, or a consumer when its first input
+    is "decoded"), generated once per process and spec; Triton needs the source in a file, written
+    under ``FXLOWBIT_DUMP_DIR`` or a temporary directory."""
+    consumer = spec.inputs[:1] == ("decoded",)
+    text = source_consumer(spec) if consumer else source(spec)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     if digest not in _KERNELS:
         folder = Path(os.environ.get("FXLOWBIT_DUMP_DIR") or Path(tempfile.gettempdir()) / "fxlowbit_kernels")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"fused_pack_{digest}.py"
+        path = folder / f"{'fused_unpack' if consumer else 'fused_pack'}_{digest}.py"
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
         name = f"fxlowbit_generated_{digest}"

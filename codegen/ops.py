@@ -31,6 +31,7 @@ __all__ = [
     "quantize_pack",
     "dequantize_unpack",
     "fused_quantize_pack",
+    "fused_dequantize_apply",
     "pack_mask",
     "unpack_mask",
     "draw_seed",
@@ -196,3 +197,52 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+@torch.library.custom_op("fxlowbit::fused_dequantize_apply", mutates_args=())
+def fused_dequantize_apply(
+    codes: torch.Tensor,
+    meta: torch.Tensor,
+    inputs: list[torch.Tensor],
+    spec: str,
+    bits: int,
+    group_size: int,
+    shape: Sequence[int],
+    decoded_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A generated consumer fusion (:mod:`.fusion`): decode ``codes``/``meta`` (as
+    ``dequantize_unpack`` to ``decoded_dtype``) and apply the backward's pointwise chain ``spec``
+    with ``inputs``, returning its last value (``dtype``, contiguous ``shape``) in one kernel on the
+    Triton path; the decoded tensor is never written."""
+    s = fusion.Spec.from_json(spec)
+    if _triton(codes, dtype) and decoded_dtype in DTYPES and _numel(shape) > 0:
+        from .kernels.quant_triton import _launch
+
+        out = torch.empty(list(shape), dtype=dtype, device=codes.device)
+        grid, consts = _launch(out.numel(), bits, group_size)
+        fusion.kernel(s)[grid](
+            codes.contiguous(),
+            meta.contiguous().view(torch.int32),
+            *(t.contiguous() for t in inputs),
+            out.view(torch.int16) if dtype == torch.bfloat16 else out,
+            out.numel(),
+            len(codes),
+            shape[-1] if len(shape) else 1,
+            **consts,
+            DEC_BF16=decoded_dtype == torch.bfloat16,
+            DEC_F16=decoded_dtype == torch.float16,
+            OUT_BF16=dtype == torch.bfloat16,
+            enable_fp_fusion=False,
+        )
+        return out
+    x = dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), decoded_dtype)
+    out = fusion.reference(s, [x, *inputs])
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+        out = out.clone()  # an op's outputs may not alias its inputs
+    return out
+
+
+@fused_dequantize_apply.register_fake
+def _(codes, meta, inputs, spec, bits, group_size, shape, decoded_dtype, dtype):
+    return codes.new_empty(list(shape), dtype=dtype)

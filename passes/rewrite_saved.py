@@ -55,7 +55,8 @@ class _Rewriter:
         self.outputs = list(self.out_node.args[0])
         self.new_outputs = self.outputs[:num_fwd_outputs]
         self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
-        self.stored: list = []  # (old placeholder, decode builder, comparison users or None)
+        # (old placeholder, decode builder, comparison users or None, (parts, bits) of a quantized one)
+        self.stored: list = []
         self.seed: fx.Node | None = None  # this graph's seed node (inline mode)
         self.n_seeded = 0
 
@@ -156,7 +157,7 @@ class _Rewriter:
             parts,
             (bits, self.group_size, val.dtype),
         )
-        self.stored.append((ph, decode, None))
+        self.stored.append((ph, decode, None, (parts, bits)))
         self.counters[f"saved_quant{bits}"] += 1
 
     def _mask_parts(self, node: fx.Node, ph: fx.Node, source: fx.Node, name: str):
@@ -165,7 +166,7 @@ class _Rewriter:
         return self._decoder(source.meta["val"], unpack_mask_traceable, lowbit.unpack_mask.default, parts, ())
 
     def mask(self, node: fx.Node, ph: fx.Node) -> None:
-        self.stored.append((ph, self._mask_parts(node, ph, node, "bits"), None))
+        self.stored.append((ph, self._mask_parts(node, ph, node, "bits"), None, None))
         self.counters["saved_mask"] += 1
 
     def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
@@ -177,14 +178,36 @@ class _Rewriter:
         for (target, scalar), users in groups.items():
             with self.fg.inserting_after(node):
                 cmp = call(self.fg, target, (node, scalar))
-            self.stored.append((ph, self._mask_parts(node, ph, cmp, "cmpbits"), users))
+            self.stored.append((ph, self._mask_parts(node, ph, cmp, "cmpbits"), users, None))
             self.counters["saved_cmp_mask"] += 1
+
+    def _fused_decode(self, ph: fx.Node, parts: list[fx.Node], bits: int) -> bool:
+        """Replace the decode of ``ph`` and the backward's pointwise ops consuming it by one
+        generated kernel (codegen/fusion.py); False if they do not form a single-sink chain."""
+        found = fusion.match_consumer(ph)
+        if found is None:
+            return False
+        spec, inputs, chain = found
+        sink, val = chain[-1], ph.meta["val"]
+        out = sink.meta["val"]
+        with self.bg.inserting_before(sink):
+            shape = list(val.shape)
+            args = (*parts, inputs, spec.to_json(), bits, self.group_size, shape, val.dtype, out.dtype)
+            fused = call(self.bg, lowbit.fused_dequantize_apply.default, args)
+        sink.replace_all_uses_with(fused)
+        for n in reversed(chain):
+            self.bg.erase_node(n)
+        fused._rename(f"{ph.name}_fused_decode")
+        self.counters["fused_unpack"] += 1
+        return True
 
     def decode_all(self) -> None:
         """Decode each stored value just before its first backward use."""
         syms = SymBuilder(self.bg)
         order = {n: i for i, n in enumerate(self.bg.nodes)}
-        for ph, build, users in self.stored:
+        for ph, build, users, quant in self.stored:
+            if quant is not None and self.fuse and not self.inline and self._fused_decode(ph, *quant):
+                continue
             first = first_user(self.bg, ph) if users is None else min(users, key=order.__getitem__)
             with self.bg.inserting_before(first):
                 value = build(syms)
