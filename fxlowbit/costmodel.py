@@ -115,22 +115,30 @@ class HardwareProfile:
         return nbytes / (self.pointwise_gbps * 1e9) + self.launch_us * 1e-6
 
     def matmul_time(self, flops: float, dtype: str = "float32") -> float:
-        """Seconds of one GEMM: throughput interpolated log-linearly between the buckets' centres
-        (no jumps at bucket edges), constant beyond the outer centres."""
+        """Seconds of one GEMM. Between the buckets' centres the *time* is interpolated log-linearly
+        (no jumps at bucket edges); each centre's time is at least the previous one's, since a
+        measured throughput can grow faster than the FLOPs (launch-bound tiny GEMMs on a GPU take
+        the same time as small ones) and a bigger GEMM is never faster. Beyond the outer centres
+        the outer throughput holds."""
         table = self.matmul_tflops.get(dtype) or self.matmul_tflops.get("float32")
         table = table or next(iter(self.matmul_tflops.values()))
-        points = [(math.log(_CENTRES[name]), math.log(table[name])) for name, _ in BUCKETS if table.get(name)]
-        x = math.log(max(flops, 1.0))
+        points, floor = [], 0.0  # (log centre flops, log seconds), seconds non-decreasing
+        for name, _ in BUCKETS:
+            if table.get(name):
+                floor = max(floor, _CENTRES[name] / (table[name] * 1e12))
+                points.append((math.log(_CENTRES[name]), math.log(floor)))
+        flops = max(flops, 1.0)
+        x = math.log(flops)
         if x <= points[0][0] or len(points) == 1:
-            log_tflops = points[0][1]
+            seconds = flops * math.exp(points[0][1] - points[0][0])
         elif x >= points[-1][0]:
-            log_tflops = points[-1][1]
+            seconds = flops * math.exp(points[-1][1] - points[-1][0])
         else:
             (x0, y0), (x1, y1) = next(
                 (a, b) for a, b in zip(points, points[1:], strict=False) if a[0] <= x <= b[0]
             )
-            log_tflops = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        return flops / (math.exp(log_tflops) * 1e12) + self.launch_us * 1e-6
+            seconds = math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+        return seconds + self.launch_us * 1e-6
 
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -137,7 +137,9 @@ def test_matmul_time_is_monotone_in_flops_within_a_bucket(name):
         for dtype in ("float32", "bfloat16"):
             flops = [lo + (hi - lo) * f for f in (0.0, 0.1, 0.5, 1.0)]
             times = [p.matmul_time(f, dtype) for f in flops]
-            assert all(a < b for a, b in zip(times, times[1:], strict=False)), (dtype, times)
+            # non-decreasing: launch-bound GEMMs (tiny to small on a GPU) all take the same time
+            assert all(a <= b for a, b in zip(times, times[1:], strict=False)), (dtype, times)
+            assert times[0] < times[-1] or lo < 2e8, (dtype, times)
 
 
 def test_matmul_time_is_monotone_across_bucket_edges(cpu):
@@ -169,7 +171,7 @@ def test_shipped_profiles_load_and_round_trip(tmp_path):
         p.save(tmp_path / f"{name}.json")
         assert cm.load_profile(tmp_path / f"{name}.json") == p
         assert cm.load_profile(str(tmp_path / f"{name}.json")) == p
-    assert not cm.load_profile("h100").measured  # an estimate, flagged as such
+    assert cm.load_profile("h100").measured  # measured on a lent H100 (see its meta)
     expected = "h100" if torch.cuda.is_available() else "cpu"
     assert cm.load_profile(None) == cm.load_profile(expected)
 

@@ -69,17 +69,19 @@ def test_shipped_profiles_load(name):
         assert sorted(p.matmul_tflops[dtype]) == sorted(BUCKET_NAMES)
 
 
-def test_shipped_cpu_is_measured_and_h100_is_an_estimate():
+def test_shipped_profiles_are_measured():
     cpu, h100 = load_profile("cpu"), load_profile("h100")
     assert (cpu.kind, cpu.measured) == ("cpu", True)
-    assert {"torch", "threads", "machine", "sizes", "command"} <= set(cpu.meta)
-    assert (h100.kind, h100.measured) == ("cuda", False)
-    assert "estimated" in h100.meta["note"].lower()
+    assert (h100.kind, h100.measured) == ("cuda", True)
+    for p in (cpu, h100):
+        assert {"torch", "threads", "machine", "sizes", "command"} <= set(p.meta)
+    assert "H100" in h100.device and h100.meta["torch"].endswith("cu130")
     assert {"float16", "int8", "float8_e4m3fn"} <= set(h100.matmul_tflops)
-    # a GEMM is faster on the H100 in every bucket, and low precision is never slower there
-    for name in BUCKET_NAMES:
+    # GEMMs that fill the GPU are faster there, and bf16 beats fp32 on its tensor cores (tiny
+    # GEMMs are launch-bound on a GPU: measured slower than on the CPU, which the model keeps)
+    for name in ("medium", "large"):
         assert h100.matmul_tflops["float32"][name] > cpu.matmul_tflops["float32"][name]
-        assert h100.matmul_tflops["bfloat16"][name] >= h100.matmul_tflops["float32"][name]
+        assert h100.matmul_tflops["bfloat16"][name] > h100.matmul_tflops["float32"][name]
     assert load_profile(None).kind == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -1,0 +1,193 @@
+"""One training step of a GPT-2-small-sized model on a GPU: Inductor, PyTorch's min-cut recompute
+budget and lowbit, side by side in one process.
+
+Model: ``transformers`` GPT2LMHeadModel (n_embd 768, 12 layers, 12 heads, vocab 50257, seq 1024;
+``--size tiny`` for a smoke run), fp32 master weights, forward and loss under bf16 autocast
+(``--dtype fp32`` for none), dropout 0 (recompute with dropout redraws masks in PyTorch), random
+tokens, batch ``--batch``. A step is ``zero_grad(set_to_none) + forward + loss + backward`` (no
+optimizer: it is the same for every row). Per row:
+
+- ``compile_s``: the first step (compiles);
+- ``saved_MB``: saved-activation bytes walked from the loss (:func:`fxlowbit.saved_activation_bytes`,
+  parameters excluded) and their ratio to Inductor's;
+- ``peak_MB``: ``torch.cuda.max_memory_allocated`` during one step above what was allocated before
+  it (parameters, other rows' models), and its ratio to Inductor's;
+- ``step_ms``: median over ``--steps`` steps timed with CUDA events, rows interleaved in shuffled
+  rounds so clock drift spreads over all of them; ``ratio`` to Inductor's;
+- ``grad_sqnr_db``: whole-gradient SQNR against an eager fp32 step on the same batch (the bf16 rows'
+  floor is Inductor's own figure).
+
+    python benchmarks/gpu_step.py --out benchmarks/results/gpu_step_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+from _common import RecordingPartitioner, flat_grad, jsonable, meta
+
+import fxlowbit
+from fxlowbit.examples import sqnr_db
+
+SIZES = {
+    "small": dict(n_embd=768, n_layer=12, n_head=12, vocab=50257, seq=1024),
+    "tiny": dict(n_embd=128, n_layer=2, n_head=4, vocab=1000, seq=128),
+}
+SETTINGS = "inductor,mincut:0.1,lowbit:bits=4,lowbit:budget=0.1"
+
+
+def make_model(s: dict) -> nn.Module:
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(
+        vocab_size=s["vocab"], n_embd=s["n_embd"], n_layer=s["n_layer"], n_head=s["n_head"],
+        n_positions=s["seq"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+    )  # fmt: skip
+    model = tf.GPT2LMHeadModel(cfg).train()
+    model.loss_type = "ForCausalLM"  # without it transformers warns in forward: a graph break
+    return model
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    """``inductor`` | ``mincut:B`` | ``lowbit:key=value,...`` (values parsed as JSON)."""
+    kind, _, rest = text.partition(":")
+    if kind == "inductor":
+        return "inductor", {}
+    if kind == "mincut":
+        return f"min-cut {rest}", {"budget": float(rest)}
+    if kind == "lowbit":
+        opts = {}
+        for item in filter(None, rest.split("+")):
+            k, _, v = item.partition("=")
+            opts["memory_budget" if k == "budget" else k] = json.loads(v)
+        opts.setdefault("calibrate_every", 0)  # a re-plan compiles a variant: not inside the timing
+        label = "lowbit " + " ".join(f"{k}={v}" for k, v in opts.items() if k != "calibrate_every")
+        return label, {"lowbit": opts}
+    raise ValueError(f"unknown setting {text!r}: inductor | mincut:B | lowbit:key=value+key=value")
+
+
+def compile_row(model: nn.Module, spec: dict):
+    if "lowbit" in spec:
+        fxlowbit.LowbitConfig.from_options(spec["lowbit"])  # bad options raise here, not in Dynamo
+        return torch.compile(model, backend="lowbit", options=spec["lowbit"])
+    rec = RecordingPartitioner(spec.get("budget"))
+    return torch.compile(model, backend="inductor", options={"custom_partitioner_fn": rec})
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--settings", default=SETTINGS, help=f"comma-separated (default {SETTINGS}); "
+                    "lowbit options joined with '+', e.g. lowbit:bits=4+kernels=\"triton\"")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", help="write JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_step.py needs a CUDA device")
+    dev = torch.device("cuda")
+    s = SIZES[args.size]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, s["vocab"], (args.batch, s["seq"]), generator=g).to(dev)
+    batch = {"input_ids": ids, "labels": ids}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step(fn, model) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with amp:
+            loss = fn(**batch).loss
+        loss.backward()
+        return loss
+
+    ref_model = make_model(s).to(dev)
+    ref_loss = ref_model(**batch).loss  # eager fp32: the gradient reference
+    ref_loss.backward()
+    ref_grad = flat_grad(ref_model).double()
+    del ref_model
+    torch.cuda.empty_cache()
+
+    rows, live = [], []
+    for text in args.settings.split(","):
+        label, spec = parse_setting(text)
+        row = {"label": label, "setting": text}
+        try:
+            model = make_model(s).to(dev)
+            fn = compile_row(model, spec)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                step(fn, model)
+                torch.cuda.synchronize()
+                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                for _ in range(args.warmup):
+                    step(fn, model)
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with amp:
+                loss = fn(**batch).loss
+            row["saved_MB"] = fxlowbit.saved_activation_bytes(loss, model.parameters()) / 2**20
+            loss.backward()
+            torch.cuda.synchronize()
+            row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row["loss"] = loss.item()
+            row["grad_sqnr_db"] = sqnr_db(ref_grad, flat_grad(model).double())
+            model.zero_grad(set_to_none=True)
+            live.append((row, model, fn, []))
+        except Exception as err:  # a row that fails is a row saying why
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        rows.append(row)
+        print(f"  built {label}: {row}", flush=True)
+
+    rng = random.Random(0)
+    for _ in range(args.steps):
+        order = list(live)
+        rng.shuffle(order)
+        for _row, model, fn, times in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(fn, model)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    for row, model, _, times in live:
+        row["step_ms"] = statistics.median(times)
+        row["step_ms_spread"] = [min(times), max(times)]
+        model.zero_grad(set_to_none=True)
+    base = next((r for r in rows if r["label"] == "inductor" and "step_ms" in r), None)
+    for r in rows:
+        if base and "step_ms" in r:
+            r["step_ratio"] = r["step_ms"] / base["step_ms"]
+            r["saved_ratio"] = base["saved_MB"] / r["saved_MB"] if r["saved_MB"] else float("inf")
+            r["peak_ratio"] = r["peak_MB"] / base["peak_MB"]
+    result = {"meta": meta(args, f"GPT-2 {args.size} {s}, batch {args.batch}, {args.dtype}"), "rows": rows}
+    print(f"\n{'setting':<34} {'compile s':>9} {'step ms':>8} {'ratio':>6} {'saved MB':>9} {'x less':>6} "
+          f"{'peak MB':>8} {'ratio':>6} {'SQNR dB':>8}")  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            print(f"{r['label']:<34} ERROR {r['error']}")
+            continue
+        print(f"{r['label']:<34} {r['compile_s']:>9.1f} {r['step_ms']:>8.2f} {r.get('step_ratio', 0):>6.3f} "
+              f"{r['saved_MB']:>9.1f} {r.get('saved_ratio', 0):>6.2f} {r['peak_MB']:>8.1f} "
+              f"{r.get('peak_ratio', 0):>6.3f} {r['grad_sqnr_db']:>8.1f}")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(jsonable(result), f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
