@@ -92,13 +92,37 @@ def _quantize_pack_kernel(
     nonfinite_t = tl.zeros([ROWS, BLOCK_W], tl.float32)
     for j in tl.static_range(P):
         x = _load_plane(x_ptr, base, offs + j * W, n_in_tile, last)  # (R, Wb)
-        finite = tl.abs(x) < _INF  # False for NaN too
-        lo_t = tl.minimum(lo_t, tl.where(finite, x, _INF))
-        hi_t = tl.maximum(hi_t, tl.where(finite, x, -_INF))
-        nonfinite_t += tl.where(finite, 0.0, x)
-    lo = tl.min(lo_t, 1)  # (R,)
-    hi = tl.max(hi_t, 1)  # (R,)
-    nonfinite = tl.sum(nonfinite_t, 1)  # (R,) 0, NaN, +Inf or -Inf: exact in any order
+        lo_t, hi_t, nonfinite_t = _plane_stats(x, lo_t, hi_t, nonfinite_t)
+    lo, scale, usable, half, inv, nonfinite = _group_scales(lo_t, hi_t, nonfinite_t, LEVELS)
+
+    # Pass 2: codes, plane by plane, ORed into the bytes.
+    key = _seed_key(seed_ptr)
+    packed = tl.zeros([ROWS, BLOCK_W], tl.uint32)
+    for j in tl.static_range(P):
+        x = _load_plane(x_ptr, base, offs + j * W, n_in_tile, last)  # (R, Wb)
+        elem = base.to(tl.uint32) + (offs + j * W).to(tl.uint32)  # (R, Wb) element index mod 2**32
+        q = _codes(x, elem, key, lo, half, inv, usable, LEVELS)  # (R, Wb)
+        packed |= q.to(tl.uint32) << (j * BITS)
+    _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W, ROWS)
+
+
+@triton.jit
+def _plane_stats(x, lo_t, hi_t, nonfinite_t):
+    """Fold a plane of values into the running per-lane min / max over finite values and the sum
+    of the non-finite ones."""
+    finite = tl.abs(x) < _INF  # False for NaN too
+    lo_t = tl.minimum(lo_t, tl.where(finite, x, _INF))
+    hi_t = tl.maximum(hi_t, tl.where(finite, x, -_INF))
+    return lo_t, hi_t, nonfinite_t + tl.where(finite, 0.0, x)
+
+
+@triton.jit
+def _group_scales(lo_t, hi_t, nonfinite_t, LEVELS: tl.constexpr):
+    """Per group (R,): lo, scale, usable levels, the half-range factor, 1 / (scale * half) and
+    the sum of non-finite values, as :func:`.quant._quantize_general` computes them."""
+    lo = tl.min(lo_t, 1)
+    hi = tl.max(hi_t, 1)
+    nonfinite = tl.sum(nonfinite_t, 1)  # 0, NaN, +Inf or -Inf: exact in any order
     special = ~(tl.abs(nonfinite) < _INF)
     empty = lo == _INF  # no finite value in the group
     lo = tl.where(empty, 0.0, lo)
@@ -108,29 +132,38 @@ def _quantize_pack_kernel(
     wide = tl.math.div_rn(hi, usable) - tl.math.div_rn(lo, usable)
     scale = tl.where(tl.abs(scale) == _INF, wide, scale)  # hi - lo overflowed
     half = tl.where(tl.abs(hi - lo) == _INF, 0.5, 1.0)
-    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.where(scale > 0, scale, 1.0) * half)
-    lo_half = lo * half  # the reference's lo * half, the same for every element of a group
+    inv = tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0) * half)
+    return lo, scale, usable, half, inv, nonfinite
 
-    # Pass 2: codes, plane by plane, ORed into the bytes.
-    seed = tl.load(seed_ptr)  # int64 on the device: no host sync
-    key = _hash32((seed & 0xFFFFFFFF).to(tl.uint32) ^ _hash32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)))
-    packed = tl.zeros([ROWS, BLOCK_W], tl.uint32)
-    for j in tl.static_range(P):
-        x = _load_plane(x_ptr, base, offs + j * W, n_in_tile, last)  # (R, Wb)
-        finite = tl.abs(x) < _INF
-        elem = base.to(tl.uint32) + (offs + j * W).to(tl.uint32)  # (R, Wb) element index mod 2**32
-        u = (_hash32(elem + key) >> 8).to(tl.float32) * 2.0**-24  # (R, Wb) U[0, 1)
-        g = tl.where(finite, x, lo[:, None])
-        v = (g * half[:, None] - lo_half[:, None]) * inv[:, None]
-        q = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), usable[:, None])
-        q = tl.where(finite, q, LEVELS)  # (R, Wb) codes as fp32
-        packed |= q.to(tl.uint32) << (j * BITS)
 
+@triton.jit
+def _seed_key(seed_ptr):
+    """The per-call noise key from the int64 seed on the device (no host sync)."""
+    seed = tl.load(seed_ptr)
+    return _hash32((seed & 0xFFFFFFFF).to(tl.uint32) ^ _hash32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)))
+
+
+@triton.jit
+def _codes(x, elem, key, lo, half, inv, usable, LEVELS: tl.constexpr):
+    """Stochastically rounded codes (fp32) of a plane ``x`` at element indices ``elem``."""
+    finite = tl.abs(x) < _INF
+    u = (_hash32(elem + key) >> 8).to(tl.float32) * 2.0**-24  # U[0, 1)
+    g = tl.where(finite, x, lo[:, None])
+    v = (g * half[:, None] - (lo * half)[:, None]) * inv[:, None]
+    q = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), usable[:, None])
+    return tl.where(finite, q, LEVELS)
+
+
+@triton.jit
+def _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W: tl.constexpr,
+                  ROWS: tl.constexpr):  # fmt: skip
+    """Write a tile's bytes and each group's (lo, scale bits) with the non-finite flag."""
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,) group index
     row_ok = rows < n_groups
     kk = tl.arange(0, BLOCK_W)
     byte_ok = row_ok[:, None] & (kk < W)[None, :]
     tl.store(codes_ptr + rows[:, None] * W + kk[None, :], packed.to(tl.uint8), mask=byte_ok)
+    special = ~(tl.abs(nonfinite) < _INF)
     kind = tl.where(nonfinite > 0, _POSINF, tl.where(nonfinite < 0, _NEGINF, 0))  # 0: NaN
     sbits = scale.to(tl.int32, bitcast=True)
     sbits = tl.where(special, (sbits & ~3) | kind | _SIGN_BIT, sbits)
@@ -153,33 +186,46 @@ def _dequantize_unpack_kernel(
     OUT_BF16: tl.constexpr,
 ):
     P: tl.constexpr = 8 // BITS
-    LEVELS: tl.constexpr = (1 << BITS) - 1
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
     kk = tl.arange(0, BLOCK_W)  # (Wb,)
     row_ok = rows < n_groups
     byte_ok = row_ok[:, None] & (kk < W)[None, :]  # (R, Wb)
     packed = tl.load(codes_ptr + rows[:, None] * W + kk[None, :], mask=byte_ok, other=0)  # (R, Wb)
-    lo = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.float32, bitcast=True)  # (R,)
-    sbits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0)  # (R,)
-    special = sbits < 0
-    scale = tl.where(special, sbits & ~3 & ~_SIGN_BIT, sbits).to(tl.float32, bitcast=True)
-    kind = sbits & 3
-    nan = tl.full([ROWS], _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
-    nonfinite = tl.where(kind == _POSINF, _INF, tl.where(kind == _NEGINF, -_INF, nan))  # (R,)
+    lo, scale, special, nonfinite = _load_meta(meta_ptr, rows, row_ok)  # (R,) each
 
     base = pid.to(tl.int64) * (ROWS * G)
     offs = tl.arange(0, ROWS)[:, None] * G + kk[None, :]  # (R, Wb), plane 0
     n_in_tile = tl.minimum(numel - base, ROWS * G).to(tl.int32)
     for j in tl.static_range(P):
-        q = ((packed >> (j * BITS)) & LEVELS).to(tl.float32)  # (R, Wb) plane j
-        half = q * (scale * 0.5)[:, None]
-        x = (lo[:, None] + half) + half  # lo + q * scale without overflow
-        x = tl.where(special[:, None] & (q == LEVELS), nonfinite[:, None], x)
+        x = _decode_plane(packed, j, lo, scale, special, nonfinite, BITS)  # (R, Wb) plane j
         if OUT_BF16:
             x = _bf16_bits(x)
         ok = byte_ok & (offs + j * W < n_in_tile)
         tl.store(out_ptr + base + offs + j * W, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _load_meta(meta_ptr, rows, row_ok):
+    """Per group: lo, scale (flag bits cleared), whether it is special, its non-finite value."""
+    lo = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.float32, bitcast=True)
+    sbits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0)
+    special = sbits < 0
+    scale = tl.where(special, sbits & ~3 & ~_SIGN_BIT, sbits).to(tl.float32, bitcast=True)
+    kind = sbits & 3
+    nan = tl.full(lo.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    nonfinite = tl.where(kind == _POSINF, _INF, tl.where(kind == _NEGINF, -_INF, nan))
+    return lo, scale, special, nonfinite
+
+
+@triton.jit
+def _decode_plane(packed, j: tl.constexpr, lo, scale, special, nonfinite, BITS: tl.constexpr):
+    """fp32 values of plane ``j`` of the packed bytes (R, Wb)."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    q = ((packed >> (j * BITS)) & LEVELS).to(tl.float32)
+    half = q * (scale * 0.5)[:, None]
+    x = (lo[:, None] + half) + half  # lo + q * scale without overflow
+    return tl.where(special[:, None] & (q == LEVELS), nonfinite[:, None], x)
 
 
 def _launch(numel: int, bits: int, group_size: int):
