@@ -178,6 +178,8 @@ def role(target, arg_index: int, args) -> str | None:
     EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
+    if getattr(target, "namespace", None) == "fxlowbit":
+        return EXACT  # our fused ops (linear_ce_bwd recomputes logits from h, w, lse) need them as saved
     if target is operator.getitem:
         return TRANSPARENT if arg_index == 0 else None  # a piece of a split (a view)
     r = _ROLES.get(target)
