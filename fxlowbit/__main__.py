@@ -305,7 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console script ``fxlowbit``."""
+    """``fxlowbit demo`` (the ``fxlowbit`` command itself is :func:`fxlowbit.cli.main`)."""
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -328,4 +328,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxlowbit.cli import main as cli_main  # demo, profile, explain
+
+    sys.exit(cli_main())

@@ -1,10 +1,11 @@
 """The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
 
-Dynamo graph -> AOTAutograd joint graph -> min-cut partition -> our pipeline (``config.PASSES``:
-saved_views, analyze, plan, recompute, rewrite_saved) -> inner compiler (Inductor by default,
-``options={"inner": "eager"}`` for fast runs). With the cost-model planner the compiled graph is
-wrapped so that probes re-plan it as training goes (:class:`_Adaptive`). Registered through the
-``torch_dynamo_backends`` entry point and on ``import fxlowbit``.
+Dynamo graph (linear_ce: projection + cross-entropy fused) -> AOTAutograd joint graph -> min-cut
+partition -> our pipeline (``config.PASSES``: saved_views, analyze, plan, recompute, rewrite_saved)
+-> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast runs). With the
+cost-model planner the compiled graph is wrapped so that probes re-plan it as training goes
+(:class:`_Adaptive`). Registered through the ``torch_dynamo_backends`` entry point and on
+``import fxlowbit``.
 
     >>> model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"memory_budget": 0.25})
 """
@@ -30,6 +31,7 @@ from . import (
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
     passes,
     planner,
+    record,
 )
 from .codegen import rng
 from .config import LowbitConfig
@@ -62,6 +64,7 @@ def reset() -> None:
     """Forget recorded plans and zero the counters (``torch._dynamo.reset()`` does not)."""
     _last_plans.clear()
     _last_graphs.clear()
+    record.clear()
     counters.clear()
 
 
@@ -89,6 +92,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor", **kwargs)
         fw, bw = partition(joint, joint_inputs)
         n = kwargs["num_fwd_outputs"]
+        before, fallback = (record.snapshot(fw), record.snapshot(bw)), None  # for fxlowbit.last_report()
         try:
             if self.cfg.enabled("saved_views"):
                 passes.saved_views.run(fw, bw, num_fwd_outputs=n, counters=counters)
@@ -105,7 +109,9 @@ class LowbitPartitioner(CustomPartitionerFn):
             )
             counters["fallback_internal_error"] += 1
             fw, bw = partition(joint, joint_inputs)
+            fallback = f"{type(err).__name__}: {err}"
         _last_graphs.append((fw, bw))
+        record.add(self, before, (fw, bw), fallback)
         return fw, bw
 
     def _compress(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
@@ -124,8 +130,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         )
         self.plan, self.facts = plan, facts
         self.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
-        _last_plans.append(plan)
-        log.info("fxlowbit plan:\n%s", plan)
+        _last_plans.append(plan)  # planner.decide logs it at INFO
         if cfg.enabled("recompute"):
             recipes = {s.name: s.recompute for s in facts.saved if s.recompute is not None}
             passes.recompute.run(fw, bw, plan, recipes, num_fwd_outputs=num_fwd_outputs, counters=counters)
@@ -139,11 +144,18 @@ class LowbitPartitioner(CustomPartitionerFn):
             group_size=cfg.group_size,
             stream=self.stream,
             counters=counters,
-            inline=cfg.inner == "inductor",
+            inline=cfg.inline_kernels(_device_type(fw)),
+            fuse=cfg.fuse,
         )
         counters["graphs_rewritten"] += 1
         counters["saved_bytes_before"] += plan.bytes_before
         counters["saved_bytes_after"] += plan.bytes_after
+
+
+def _device_type(gm: fx.GraphModule) -> str:
+    """"cuda" if any input of ``gm`` lives on a CUDA device, else "cpu"."""
+    vals = (p.meta.get("val") for p in gm.graph.find_nodes(op="placeholder"))
+    return "cuda" if any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals) else "cpu"
 
 
 def _devices(args) -> list:
@@ -161,9 +173,25 @@ def _seed(cfg: LowbitConfig) -> int:
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``)."""
     cfg = LowbitConfig.from_options(options)
+    if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
+        _fuse_loss(gm, cfg)
     if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
         return _compile(gm, example_inputs, cfg, LowbitPartitioner(cfg, _seed(cfg)), mode)
     return _Adaptive(gm, example_inputs, cfg, mode)
+
+
+def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
+    """Projection + cross-entropy -> fused op, on the Dynamo graph (passes/linear_ce.py). An
+    explicit memory budget below 1 binds, so the choice then always fuses."""
+    binding = cfg.memory_budget is not None and cfg.memory_budget != 1
+    try:
+        passes.linear_ce.run(gm, budget_binding=binding, profile=cfg.profile, counters=counters)
+    except Exception as err:  # the rewrite undoes its own partial edits before raising
+        if cfg.strict:
+            raise
+        msg = f"fxlowbit: linear_ce pass failed ({type(err).__name__}: {err}); loss left unfused"
+        warnings.warn(msg, stacklevel=2)
+        counters["fallback_internal_error"] += 1
 
 
 def _compile(gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, partitioner, mode: str | None):
@@ -186,10 +214,12 @@ def _compile(gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, partitioner,
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches["custom_partitioner_fn"] = partitioner
+    # FXLOWBIT_DUMP_DIR: also keep and write Inductor's generated code (fxlowbit/record.py)
+    extra = {"inner_compile": record.inner_compile(partitioner)} if record.dump_dir() else {}
     # AOTAutograd's cache would hand back a previous process's graphs without calling our
     # partitioner (no plan, a stale random stream id): plans are per compilation, so bypass it.
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs, config_patches=patches, **extra)
 
 
 class _Adaptive:
@@ -269,7 +299,7 @@ class _Adaptive:
             gemms=p.facts.gemms,
         )  # fmt: skip
         sig = plan.signature()
-        log.info("fxlowbit re-plan at step %d:\n%s", self.steps, plan)
+        log.info("fxlowbit re-plan at step %d (the plan is logged by fxlowbit.planner)", self.steps)
         if self._still_good(plan):
             return
         self.plan = plan

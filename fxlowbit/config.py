@@ -13,11 +13,12 @@ from typing import Any
 __all__ = ["LowbitConfig", "PASSES"]
 
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-PASSES = ("saved_views", "analyze", "plan", "recompute", "rewrite_saved")
+PASSES = ("linear_ce", "saved_views", "analyze", "plan", "recompute", "rewrite_saved")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (None, 2, 4, 8),
     "inner": ("inductor", "eager"),
+    "kernels": ("auto", "inline", "triton"),
     "mode": ("memory", "balanced", "speed"),
 }
 # Default memory budget of each mode, as a fraction of the uncompressed saved-activation bytes.
@@ -34,6 +35,13 @@ class LowbitConfig:
     masks: pack bool saved tensors and scalar comparisons to exact 1-bit masks.
     seed: seed of the stochastic-rounding noise (None: drawn from torch's default generator).
     inner: compiler for the rewritten graphs, "inductor" (default) or "eager" (fast, for tests).
+    kernels: how packing and decoding run. "inline": our pure-torch code traced into the graphs,
+        for Inductor to fuse with the producers and consumers; "triton": the opaque ``fxlowbit::``
+        ops (hand-written Triton kernels on CUDA, the torch reference on CPU); "auto" (default):
+        inline on CPU, triton on CUDA (benchmarks/results/gpu_step_*.json measure both). With
+        ``inner="eager"`` the ops always run.
+    fuse: on the ops path, generate one kernel per pointwise chain ending in a quantized tensor
+        that writes the forward value and its packed copy (codegen/fusion.py).
     strict: raise on unsupported constructs and internal errors instead of falling back.
     passes: mapping of pass name -> bool to switch pipeline steps off.
     """
@@ -52,6 +60,8 @@ class LowbitConfig:
     masks: bool = True
     seed: int | None = None
     inner: str = "inductor"
+    kernels: str = "auto"
+    fuse: bool = True
     strict: bool = False
     passes: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
@@ -96,7 +106,7 @@ class LowbitConfig:
                 raise ValueError(
                     f"fxlowbit: option {key}={v!r} must be an int >= {int(key != 'calibrate_every')}"
                 )
-        for key in ("masks", "strict", "recompute"):
+        for key in ("masks", "strict", "recompute", "fuse"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"fxlowbit: option {key}={getattr(self, key)!r} must be a bool")
         unknown = set(self.passes) - set(PASSES)
@@ -119,6 +129,12 @@ class LowbitConfig:
     def budget(self) -> float | int:
         """The memory budget in force: ``memory_budget`` or the mode's default fraction."""
         return MODE_BUDGET[self.mode] if self.memory_budget is None else self.memory_budget
+
+    def inline_kernels(self, device_type: str) -> bool:
+        """Whether pack/decode are traced into the graphs (see ``kernels``) on ``device_type``."""
+        if self.inner != "inductor":
+            return False
+        return self.kernels == "inline" or (self.kernels == "auto" and device_type != "cuda")
 
     def enabled(self, step: str) -> bool:
         return bool(self.passes.get(step, True))
