@@ -345,7 +345,8 @@ def decide(
         variance_ratio=sum(costs[k].variance for (costs, _, _), k in zip(options, pick, strict=True)),
         status=status,
     )
-    log.info("plan (budget %d bytes, %s sensitivity):\n%s", budget, "measured" if sensitivity else "prior", plan)
+    log.info("plan (budget %d bytes, %s sensitivity):\n%s", budget, "measured" if sensitivity else "prior",
+             plan)  # fmt: skip
     return plan
 
 
@@ -457,6 +458,10 @@ def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
             c, why = costs[k], whys[k]
             if c.form == Form.CMP_MASK and n >= cfg.bits:
                 c, why = costs[0], f"{n} distinct comparisons: masks would not save memory"
+            elif c.form != Form.KEEP and c.nbytes >= costs[0].nbytes:
+                # tiny tensors (min_bytes=0, large groups): codes of a whole group plus its (lo,
+                # scale) would store more than the tensor itself
+                c, why = costs[0], f"kept: {c.form} would store {c.nbytes} >= {costs[0].nbytes} bytes"
         decisions.append(_decision(s, c, why, n if c.form in (Form.QUANT, Form.CMP_MASK) else 0, subs))
     return Plan(tuple(decisions), status=f"uniform {cfg.bits}-bit")
 

@@ -183,6 +183,13 @@ def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
     return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
 
+def _must_save(node: fx.Node) -> bool:
+    """Whether activation checkpointing marked ``node`` MUST_SAVE: store it, never recompute it."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
+
+
 def _numel(val: torch.Tensor) -> sympy.Expr:
     numel = sympy.Integer(1)
     for d in val.shape:
@@ -279,7 +286,8 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 view_root=root.name,
                 input_alias=root.op == "placeholder",
                 forward_output_alias=node in user_outputs or root in user_output_roots,
-                recompute=_recompute(node, saved_names, hints),
+                # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed
+                recompute=None if _must_save(node) else _recompute(node, saved_names, hints),
             )
         )
     gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)

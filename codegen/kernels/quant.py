@@ -42,6 +42,7 @@ BITS = (2, 4, 8)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels'; references take any float
 _KIND_NAN, _KIND_POSINF, _KIND_NEGINF = 0, 1, 2
 _SIGN = -(2**31)  # int32 bit pattern of the sign bit
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _i32(c: int) -> int:
@@ -197,6 +198,8 @@ def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) 
         scale = torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
     half = q * (scale * 0.5)
     x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
+    # rounding of scale can carry the top code a few ulps past hi: never past fp32's max into Inf
+    x = x.clamp(-_FP32_MAX, _FP32_MAX)
     if specials:
         kind = sbits & 3
         nonfinite = torch.where(

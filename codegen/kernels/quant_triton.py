@@ -31,6 +31,7 @@ _POSINF = tl.constexpr(_KIND_POSINF)
 _NEGINF = tl.constexpr(_KIND_NEGINF)
 _SIGN_BIT = tl.constexpr(_SIGN)
 _INF = tl.constexpr(float("inf"))
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 _NAN_BITS = tl.constexpr(0x7FC00000)  # torch.nan; a NaN constexpr would never equal itself on relaunch
 
 
@@ -225,6 +226,7 @@ def _decode_plane(packed, j: tl.constexpr, lo, scale, special, nonfinite, BITS: 
     q = ((packed >> (j * BITS)) & LEVELS).to(tl.float32)
     half = q * (scale * 0.5)[:, None]
     x = (lo[:, None] + half) + half  # lo + q * scale without overflow
+    x = tl.minimum(tl.maximum(x, -_FP32_MAX), _FP32_MAX)  # as the reference: never rounds into Inf
     return tl.where(special[:, None] & (q == LEVELS), nonfinite[:, None], x)
 
 
