@@ -28,11 +28,14 @@ def _calls(gm, op):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
 
 
-def _run_gpt():
+def _run_gpt(fuse: bool = False):
+    """TinyGPT at 4 bits; without generated fusions unless ``fuse`` (every pack and decode is then
+    a plain op, which the placement tests below inspect)."""
     torch.manual_seed(0)
     model = TinyGPT(dim=64, layers=1)
     x, y = next(char_batches(stdlib_text(), 2, 64, 1))
-    torch.compile(model, backend="lowbit", options={"inner": "eager", "seed": 0, "bits": 4})(x, y).backward()
+    opts = {"inner": "eager", "seed": 0, "bits": 4, "fuse": fuse}
+    torch.compile(model, backend="lowbit", options=opts)(x, y).backward()
 
 
 def test_one_pack_and_one_decode_per_stored_tensor(graphs):
@@ -45,6 +48,17 @@ def test_one_pack_and_one_decode_per_stored_tensor(graphs):
     assert len(decodes) == n_quant
     # several backward ops read some decoded tensor, all from the one decode
     assert max(len(d.users) for d in decodes) >= 2
+
+
+def test_fused_packs_and_decodes_still_one_per_stored_tensor(graphs):
+    _run_gpt(fuse=True)
+    ((plan, fw, bw),) = graphs
+    n_quant = plan.count("quant")
+    fused_packs = _calls(fw, lowbit.fused_quantize_pack.default)
+    fused_decodes = _calls(bw, lowbit.fused_dequantize_apply.default)
+    assert fused_packs  # e.g. TinyGPT's GELU output (its decodes have other users, so stay plain)
+    assert len(_calls(fw, lowbit.quantize_pack.default)) + len(fused_packs) == n_quant
+    assert len(_calls(bw, lowbit.dequantize_unpack.default)) + len(fused_decodes) == n_quant
 
 
 def test_pack_follows_producer_and_decode_precedes_first_use(graphs):
