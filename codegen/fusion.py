@@ -50,7 +50,11 @@ OPS: dict[str, str] = {
     "aten.maximum.default": "tl.maximum({0}, {1})",
     "aten.minimum.default": "tl.minimum({0}, {1})",
     "prims.convert_element_type.default": "{0}",  # the rounding follows the output dtype below
+    # reshapes of contiguous values keep the flat element order: identities on flat indices
+    "aten.view.default": "{0}",
+    "aten._unsafe_view.default": "{0}",
 }
+_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 _DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 _MAX_OPS = 32
 
@@ -90,14 +94,24 @@ def _supported(n: fx.Node) -> bool:
     )
 
 
+def _same_flat(v: torch.Tensor, out: torch.Tensor) -> bool:
+    """Same elements in the same flat order as ``out`` (rows of the same width for biases)."""
+    return (
+        v.is_contiguous()
+        and v.dim() > 0
+        and v.numel() == out.numel()
+        and v.shape[-1] == out.shape[-1]
+        and not any(isinstance(d, torch.SymInt) for d in v.shape)
+    )
+
+
 def _input_kind(n: fx.Node, out: torch.Tensor) -> str | None:
     v = _val(n)
     if not isinstance(v, torch.Tensor) or str(v.dtype) not in _DTYPES:
         return None
     if v.dim() == 0:
         return "scalar"
-    same = tuple(v.shape) == tuple(out.shape)
-    if same and v.is_contiguous():
+    if _same_flat(v, out):
         return "full"
     if v.is_contiguous() and v.numel() == out.shape[-1] and all(d == 1 for d in v.shape[:-1]):
         return "row"  # a bias: broadcast along the leading dimensions
@@ -118,7 +132,7 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
         n = stack.pop()
         if n in cand or len(cand) > _MAX_OPS:
             continue
-        if n is node or (_supported(n) and tuple(_val(n).shape) == tuple(out.shape)):
+        if n is node or (_supported(n) and _same_flat(_val(n), out)):
             cand.add(n)
             stack.extend(a for a in n.args if isinstance(a, fx.Node))
     changed = True
@@ -174,7 +188,7 @@ def match_consumer(src: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | 
     stack = list(src.users)
     while stack and len(cand) <= _MAX_OPS:
         n = stack.pop()
-        if n not in cand and _supported(n) and tuple(_val(n).shape) == tuple(out.shape):
+        if n not in cand and _supported(n) and _same_flat(_val(n), out):
             cand.add(n)
             stack.extend(n.users)
     if not cand or len(cand) > _MAX_OPS:
@@ -217,6 +231,8 @@ def _program(chain: list[fx.Node], inputs: list[fx.Node]):
                 args.append(float(a))
             elif isinstance(a, torch.dtype) and str(n.target) == "prims.convert_element_type.default":
                 continue  # the output dtype carries it
+            elif str(n.target) in _VIEWS and isinstance(a, (list, tuple)) and all(type(d) is int for d in a):
+                args.append(("shape", tuple(a)))
             else:
                 return None
         program.append((str(n.target), tuple(args), str(_val(n).dtype)))
@@ -232,7 +248,7 @@ def _aten(name: str):
 def _arg(x, inputs: list, vals: list):
     """An argument of a program step: ``("in", k)``, ``("v", i)`` or a number."""
     if isinstance(x, tuple):
-        return inputs[x[1]] if x[0] == "in" else vals[x[1]]
+        return list(x[1]) if x[0] == "shape" else inputs[x[1]] if x[0] == "in" else vals[x[1]]
     return x
 
 
@@ -252,7 +268,8 @@ def _expr(spec: Spec) -> list[str]:
     lines = []
     names, values = [f"a{k}" for k in range(len(spec.inputs))], [f"v{i}" for i in range(len(spec.program))]
     for i, (op, args, dtype) in enumerate(spec.program):
-        a = [_arg(x, names, values) if isinstance(x, tuple) else repr(float(x)) for x in args]
+        a = [_arg(x, names, values) if isinstance(x, tuple) else repr(float(x)) for x in args
+             if not (isinstance(x, tuple) and x[0] == "shape")]  # fmt: skip
         e = OPS[op].format(*a)
         kind = _DTYPES[dtype]
         if kind != "fp32":
@@ -366,7 +383,7 @@ def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_group
     _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W, ROWS)
 '''
 
-_DECODE_TEMPLATE = '''@triton.jit
+_DECODE_TEMPLATE = """@triton.jit
 def _fused_kernel(codes_ptr, meta_ptr, {params}out_ptr, numel, n_groups, period,
                   BITS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
                   ROWS: tl.constexpr, DEC_BF16: tl.constexpr, DEC_F16: tl.constexpr,
@@ -394,7 +411,7 @@ def _fused_kernel(codes_ptr, meta_ptr, {params}out_ptr, numel, n_groups, period,
             tl.store(out_ptr + idx, _bf16_bits(y), mask=ok)
         else:
             tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=ok)
-'''
+"""
 
 _KERNELS: dict[str, object] = {}
 

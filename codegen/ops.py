@@ -208,18 +208,20 @@ def fused_dequantize_apply(
     bits: int,
     group_size: int,
     shape: Sequence[int],
+    out_shape: Sequence[int],
     decoded_dtype: torch.dtype,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """A generated consumer fusion (:mod:`.fusion`): decode ``codes``/``meta`` (as
     ``dequantize_unpack`` to ``decoded_dtype``) and apply the backward's pointwise chain ``spec``
-    with ``inputs``, returning its last value (``dtype``, contiguous ``shape``) in one kernel on the
-    Triton path; the decoded tensor is never written."""
+    with ``inputs``, returning its last value (``dtype``, contiguous ``out_shape``: the same elements
+    as ``shape``, maybe reshaped) in one kernel on the Triton path; the decoded tensor is never
+    written."""
     s = fusion.Spec.from_json(spec)
     if _triton(codes, dtype) and decoded_dtype in DTYPES and _numel(shape) > 0:
         from .kernels.quant_triton import _launch
 
-        out = torch.empty(list(shape), dtype=dtype, device=codes.device)
+        out = torch.empty(list(out_shape), dtype=dtype, device=codes.device)
         grid, consts = _launch(out.numel(), bits, group_size)
         fusion.kernel(s)[grid](
             codes.contiguous(),
@@ -228,7 +230,7 @@ def fused_dequantize_apply(
             out.view(torch.int16) if dtype == torch.bfloat16 else out,
             out.numel(),
             len(codes),
-            shape[-1] if len(shape) else 1,
+            out_shape[-1] if len(out_shape) else 1,
             **consts,
             DEC_BF16=decoded_dtype == torch.bfloat16,
             DEC_F16=decoded_dtype == torch.float16,
@@ -244,5 +246,5 @@ def fused_dequantize_apply(
 
 
 @fused_dequantize_apply.register_fake
-def _(codes, meta, inputs, spec, bits, group_size, shape, decoded_dtype, dtype):
-    return codes.new_empty(list(shape), dtype=dtype)
+def _(codes, meta, inputs, spec, bits, group_size, shape, out_shape, decoded_dtype, dtype):
+    return codes.new_empty(list(out_shape), dtype=dtype)

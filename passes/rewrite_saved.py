@@ -191,8 +191,8 @@ class _Rewriter:
         sink, val = chain[-1], ph.meta["val"]
         out = sink.meta["val"]
         with self.bg.inserting_before(sink):
-            shape = list(val.shape)
-            args = (*parts, inputs, spec.to_json(), bits, self.group_size, shape, val.dtype, out.dtype)
+            shapes = (list(val.shape), list(out.shape))
+            args = (*parts, inputs, spec.to_json(), bits, self.group_size, *shapes, val.dtype, out.dtype)
             fused = call(self.bg, lowbit.fused_dequantize_apply.default, args)
         sink.replace_all_uses_with(fused)
         for n in reversed(chain):

@@ -88,7 +88,7 @@ def _consume(spec, codes, meta, inputs, shape, decoded, dtype, bits, group_size,
     ops.FORCE_TRITON = force
     try:
         return torch.ops.fxlowbit.fused_dequantize_apply(
-            codes, meta, inputs, spec.to_json(), bits, group_size, list(shape), decoded, dtype
+            codes, meta, inputs, spec.to_json(), bits, group_size, list(shape), list(shape), decoded, dtype
         )
     finally:
         ops.FORCE_TRITON = False
