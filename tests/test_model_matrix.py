@@ -1,0 +1,178 @@
+"""A matrix of real architectures under ``backend="lowbit"`` at 4 bits: each compiles, trains three
+AdamW steps, keeps its first-step gradient within a per-model SQNR floor of the uncompressed
+pipeline, stores >= 3x fewer saved-activation bytes, and gets exactly the graphs (and graph breaks)
+that ``aot_eager`` gets: breaks come from Dynamo, before any backend, so we must add none.
+
+Models: tests/_models.py (`transformers` decoder-only, encoder-only, encoder-decoder and vision
+families from tiny configs, plus two hand-built CNNs with batch norm, pooling and dropout). CI runs
+the representative subset below; ``python -m pytest -m "slow or not slow"`` runs all. The gradient
+reference is the same backend with ``passes={"plan": False}`` (same decompositions, partition and
+dropout draws), so the SQNR measures the compression alone; it is over all parameter gradients
+concatenated, as in test_transformers_models.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+
+import fxlowbit
+from fxlowbit.examples import sqnr_db
+
+from . import _models
+
+pytest.importorskip("transformers")
+
+LOWBIT4 = {"bits": 4, "inner": "eager", "seed": 0}
+UNCOMPRESSED = {"inner": "eager", "seed": 0, "passes": {"plan": False}}
+STEPS = 3
+MIN_REDUCTION_4BIT = 3.0  # measured 4.9x (SmallCNN) to 8.2x (GPT-NeoX); see the table below
+
+# Whole-gradient SQNR floors (dB) at 4 bits against the uncompressed reference, rounding seed 0.
+# Measured on CPU (torch 2.13, transformers 5.23) over rounding seeds 0-2 x init 0 and inits 1-2 x
+# seed 0: min - max of those 5 runs, and the saved-bytes reduction (the same in all 5):
+#   gpt2      28.8-29.6  5.9x   bert        23.7-24.2  7.3x   t5     22.9-23.7  7.5x
+#   llama     30.0-31.1  7.3x   roberta     23.0-25.0  7.2x   bart   29.8-31.6  7.1x
+#   mistral   30.7-31.3  7.3x   distilbert  23.1-23.6  7.2x   vit    13.9-14.4  6.1x
+#   qwen2     30.5-31.9  7.3x   electra     22.7-24.5  7.3x   deit   -145..-131 6.1x (known failure)
+#   qwen3     21.5-24.8  7.2x                                 convnext 19.8-24.8 6.8x
+#   gemma     28.0-29.7  7.3x                                 swin   22.8-23.7  6.9x
+#   phi       31.1-32.5  7.3x                                 cnn    15.4-16.0  4.9x
+#   gpt_neox  32.3-33.0  8.2x                                 resnet 11.1-11.9  6.4x
+#   opt       29.6-31.1  6.6x
+# Each floor is the lowest measurement less 4.5 dB, rounded down to 0.5 dB: 2-9x the spread of most
+# models, and under the ~6 dB one bit of precision is worth, so losing a bit or mis-decoding a tensor
+# fails (ConvNeXt and Qwen3 spread 5 and 3 dB over inits; the test runs init 0, 23.0 and 22.9 dB).
+# Vision models and CNNs sit lower: their loss averages over 16 labels, not hundreds of predicted
+# tokens. Qwen3 sits 8 dB under Qwen2 because its RMSNorm of each 16-wide query/key head multiplies
+# the rounding error of its input by that row's 1/rms, while a 256-element group's range is set by
+# the largest of its 16 rows; the same effect at its extreme is DeiT's known failure below.
+SQNR_FLOOR_DB = {
+    "gpt2": 24.0,
+    "llama": 25.0,
+    "mistral": 26.0,
+    "qwen2": 25.5,
+    "qwen3": 17.0,
+    "gemma": 23.0,
+    "phi": 26.5,
+    "gpt_neox": 27.5,
+    "opt": 25.0,
+    "bert": 19.0,
+    "roberta": 18.0,
+    "distilbert": 18.5,
+    "electra": 18.0,
+    "t5": 18.0,
+    "bart": 25.0,
+    "vit": 9.0,
+    "deit": 9.0,  # ViT's floor (the same encoder): a fix of the known failure turns the xfail to a pass
+    "convnext": 15.0,
+    "swin": 18.0,
+    "cnn": 10.5,
+    "resnet": 6.5,
+}
+
+# CI runs one model per family (the slow set runs all); gpt2, bert and llama also run in CI, in
+# test_transformers_models.py.
+REPRESENTATIVE = ("gpt_neox", "distilbert", "bart", "vit", "cnn", "resnet")
+
+# Known to fail, for a reason of ours (see the report in each reason).
+KNOWN_FAILURES = {
+    "deit": (
+        "LayerNorm input quantized across rows of very different scale: DeiT zero-initialises its "
+        "CLS and distillation tokens and position embeddings, so at init those rows are exactly 0 "
+        "and LayerNorm's rstd is 1/sqrt(1e-12) = 1e6; their 256-element group shares a range with "
+        "patch rows, the rounded zeros become +-step and the backward multiplies that by 1e6 "
+        "(embedding gradients off by ~1e5x, SQNR -130 dB at 4 bits, -70 dB at 8 bits)"
+    ),
+}
+
+
+def _param(name: str):
+    marks = [] if name in REPRESENTATIVE else [pytest.mark.slow]
+    if name in KNOWN_FAILURES:
+        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_FAILURES[name]))
+    return pytest.param(name, marks=marks, id=name)
+
+
+@dataclasses.dataclass
+class Run:
+    nbytes: int  # saved-activation bytes of the first step, walked from its loss
+    grad: torch.Tensor  # first step's parameter gradients, concatenated
+    losses: list[float]
+    graphs: int  # graphs Dynamo compiled
+    breaks: int  # graph breaks Dynamo took
+
+
+def train(name: str, backend: str, options: dict | None = None, steps: int = STEPS) -> Run:
+    """Compile model ``name`` fresh with ``backend`` and train ``steps`` AdamW steps (same batches
+    and dropout draws in every run)."""
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _models.build(name)
+    compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, nbytes, grad = [], 0, None
+    for step in range(steps):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fxlowbit's once-per-op "kept exact" notes
+            loss = _models.loss_of(compiled(**_models.batch(name, step)))
+        if step == 0:
+            nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
+        loss.backward()
+        if step == 0:
+            grad = torch.cat(
+                [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()]
+            )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    stats = torch._dynamo.utils.counters
+    return Run(nbytes, grad, losses, stats["stats"]["unique_graphs"], sum(stats["graph_break"].values()))
+
+
+def test_matrix_covers_the_families():
+    hf = [n for n, f in _models.FAMILY.items() if f != "cnn"]
+    assert len(hf) - len(KNOWN_FAILURES) >= 10
+    assert set(_models.FAMILY.values()) == {"decoder", "encoder", "encoder-decoder", "vision", "cnn"}
+    assert {_models.FAMILY[n] for n in REPRESENTATIVE} == set(_models.FAMILY.values())
+    assert set(SQNR_FLOOR_DB) == set(_models.FAMILY)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in _models.FAMILY])
+def test_model_trains_compressed(name):
+    ref = train(name, "lowbit", UNCOMPRESSED, steps=1)
+    base = train(name, "aot_eager")
+    got = train(name, "lowbit", LOWBIT4)
+
+    assert all(math.isfinite(v) for v in got.losses), got.losses
+    assert got.losses[0] == pytest.approx(ref.losses[0], rel=1e-5), "the forward must not change"
+    assert (got.graphs, got.breaks) == (base.graphs, base.breaks), "graphs / breaks vs aot_eager"
+    assert fxlowbit.counters["fallback_internal_error"] == 0
+    assert fxlowbit.counters["saved_quant4"] > 0
+    assert ref.nbytes / got.nbytes >= MIN_REDUCTION_4BIT, f"{ref.nbytes} -> {got.nbytes} bytes"
+    sqnr = sqnr_db(ref.grad, got.grad)
+    assert sqnr >= SQNR_FLOOR_DB[name], f"{name}: whole-gradient SQNR {sqnr:.1f} dB"
+
+
+@pytest.mark.slow
+def test_inductor_inner_compiler():
+    """One model with the default inner compiler (Inductor, pack and decode fused into its kernels):
+    the same graphs, bytes saved and floor. Qwen2 has no dropout, whose random numbers Inductor
+    draws differently from the eager inner compiler. About 5 minutes on one CPU thread, nearly all
+    Inductor compiling the traced pack/decode code (measured cold: plain Inductor 25 s, lowbit with
+    ``kernels="triton"`` 35 s, the default inline kernels 286 s)."""
+    ref = train("qwen2", "lowbit", UNCOMPRESSED, steps=1)
+    base = train("qwen2", "aot_eager")
+    got = train("qwen2", "lowbit", {**LOWBIT4, "inner": "inductor"})
+    assert all(math.isfinite(v) for v in got.losses), got.losses
+    assert (got.graphs, got.breaks) == (base.graphs, base.breaks)
+    assert got.losses[0] == pytest.approx(ref.losses[0], rel=1e-4)
+    assert fxlowbit.counters["fallback_internal_error"] == 0
+    assert ref.nbytes / got.nbytes >= MIN_REDUCTION_4BIT
+    assert sqnr_db(ref.grad, got.grad) >= SQNR_FLOOR_DB["qwen2"]
