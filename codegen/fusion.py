@@ -105,6 +105,17 @@ def _same_flat(v: torch.Tensor, out: torch.Tensor) -> bool:
     )
 
 
+def _ancestors_within(root: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+    """``root`` and its ancestors reachable through ``allowed`` nodes only."""
+    found, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n in allowed and n not in found:
+            found.add(n)
+            stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    return found
+
+
 def _input_kind(n: fx.Node, out: torch.Tensor) -> str | None:
     v = _val(n)
     if not isinstance(v, torch.Tensor) or str(v.dtype) not in _DTYPES:
@@ -141,12 +152,7 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
         changed = bool(escaping)
         cand -= escaping
         # ancestors reachable only through a dropped node are no longer part of the chain
-        keep, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in cand and n not in keep:
-                keep.add(n)
-                stack.extend(a for a in n.args if isinstance(a, fx.Node))
+        keep = _ancestors_within(node, cand)
         changed |= keep != cand
         cand = keep
     if len(cand) > _MAX_OPS:
@@ -194,12 +200,7 @@ def match_consumer(src: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | 
     if not cand or len(cand) > _MAX_OPS:
         return None
     sink = max(cand, key=order.__getitem__)
-    nodes, stack = set(), [sink]
-    while stack:
-        n = stack.pop()
-        if n in cand and n not in nodes:
-            nodes.add(n)
-            stack.extend(a for a in n.args if isinstance(a, fx.Node))
+    nodes = _ancestors_within(sink, cand)
     if any(u not in nodes for u in src.users) or any(
         n is not sink and any(u not in nodes for u in n.users) for n in nodes
     ):
