@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -152,6 +153,16 @@ def jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` as strict JSON (see :func:`jsonable`) when ``path`` is given, creating its
+    folder."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(jsonable(result), f, indent=1)
+            f.write("\n")
 
 
 def meta(args, setup: str, command: list[str] | None = None) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -51,7 +50,16 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
 
 import torch
 import torch.nn as nn
-from _common import Case, Classify, RecordingPartitioner, flat_grad, jsonable, matmul_flops, meta, seeded
+from _common import (
+    Case,
+    Classify,
+    RecordingPartitioner,
+    flat_grad,
+    matmul_flops,
+    meta,
+    seeded,
+    write_json,
+)
 
 import fxlowbit
 from fxlowbit import examples
@@ -477,10 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": meta(args, setup, [os.path.relpath(__file__), *(argv or sys.argv[1:])]),
               "acceptance": accept, "rows": rows}  # fmt: skip
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(jsonable(result), f, indent=1)
-            f.write("\n")
+        write_json(args.out, result)
     if args.plot:
         plot(rows, args.plot)
     return result

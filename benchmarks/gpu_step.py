@@ -32,7 +32,7 @@ import warnings
 
 import torch
 import torch.nn as nn
-from _common import RecordingPartitioner, flat_grad, jsonable, meta
+from _common import RecordingPartitioner, flat_grad, meta, write_json
 
 import fxlowbit
 from fxlowbit.examples import sqnr_db
@@ -183,9 +183,7 @@ def main(argv=None) -> dict:
         print(f"{r['label']:<34} {r['compile_s']:>9.1f} {r['step_ms']:>8.2f} {r.get('step_ratio', 0):>6.3f} "
               f"{r['saved_MB']:>9.1f} {r.get('saved_ratio', 0):>6.2f} {r['peak_MB']:>8.1f} "
               f"{r.get('peak_ratio', 0):>6.3f} {r['grad_sqnr_db']:>8.1f}")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(jsonable(result), f, indent=1)
+    write_json(args.out, result)
     return result
 
 

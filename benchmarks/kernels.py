@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import json
 import sys
 
 import torch
-from _common import jsonable, meta
+from _common import meta, write_json
 
 from fxlowbit.codegen.kernels import bitmask, quant
 
@@ -121,9 +120,7 @@ def main(argv=None) -> dict:
         print(f"{r['op']:<12} {r['provider']:<9} {r['numel']:>10} {r['dtype']:<15} {r['ms']:>8.4f} "
               f"{r['gbps']:>8.1f} {r.get('pct_copy', 100.0):>7.1f}")  # fmt: skip
     result = {"meta": meta(args, "pack/unpack bandwidth vs device copy"), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(jsonable(result), f, indent=1)
+    write_json(args.out, result)
     return result
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -47,7 +46,7 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
-from _common import Case, Classify, flat_grad, jsonable, meta, seeded
+from _common import Case, Classify, flat_grad, meta, seeded, write_json
 from torch._dynamo.utils import counters
 
 import fxlowbit
@@ -247,10 +246,7 @@ def main(argv=None) -> None:
     ]
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(jsonable({"meta": _meta(args), "rows": rows}), f, indent=1)
-            f.write("\n")
+        write_json(args.out, {"meta": _meta(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -146,14 +146,12 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
         if n is node or (_supported(n) and _same_flat(_val(n), out)):
             cand.add(n)
             stack.extend(a for a in n.args if isinstance(a, fx.Node))
-    changed = True
-    while changed:
+    while True:
         escaping = {n for n in cand if n is not node and any(u not in cand for u in n.users)}
-        changed = bool(escaping)
-        cand -= escaping
         # ancestors reachable only through a dropped node are no longer part of the chain
-        keep = _ancestors_within(node, cand)
-        changed |= keep != cand
+        keep = _ancestors_within(node, cand - escaping)
+        if keep == cand:
+            break
         cand = keep
     if len(cand) > _MAX_OPS:
         return None

@@ -21,6 +21,7 @@ from . import fusion, rng
 from .kernels.bitmask import pack_mask_reference, packed_mask_numel, unpack_mask_reference
 from .kernels.quant import (
     DTYPES,
+    _numel,
     dequantize_unpack_reference,
     hash_uniform,
     packed_shapes,
@@ -174,9 +175,7 @@ def fused_quantize_pack(
             enable_fp_fusion=False,
         )
         return out, codes, meta
-    out = fusion.reference(s, inputs)
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
-        out = out.clone()  # an op's outputs may not alias its inputs
+    out = _unaliased(fusion.reference(s, inputs), inputs)
     codes, meta = quantize_pack_reference(out, bits, group_size, hash_uniform(seed, cshape[0], group_size))
     return out, codes, meta
 
@@ -192,11 +191,10 @@ def _(inputs, spec, shape, dtype, bits, group_size, stream):
     )
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _unaliased(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``out``, copied if it shares storage with an input (an op's outputs may not alias them)."""
+    ptr = out.untyped_storage().data_ptr()
+    return out.clone() if any(ptr == t.untyped_storage().data_ptr() for t in inputs) else out
 
 
 @torch.library.custom_op("fxlowbit::fused_dequantize_apply", mutates_args=())
@@ -239,10 +237,7 @@ def fused_dequantize_apply(
         )
         return out
     x = dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), decoded_dtype)
-    out = fusion.reference(s, [x, *inputs])
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
-        out = out.clone()  # an op's outputs may not alias its inputs
-    return out
+    return _unaliased(fusion.reference(s, [x, *inputs]), inputs)
 
 
 @fused_dequantize_apply.register_fake
