@@ -29,7 +29,8 @@ class Sparse24State:
     ``weights``: name -> weight (out, in), sizes multiples of 4 (e.g. ``model.named_parameters()``
     filtered to the linears to sparsify). ``transposable``: 2:4 masks for ``w`` and ``w^T`` (sparse
     grad-input GEMM) or plain row-wise 2:4. ``mvue`` and ``masked_grad`` are passed to
-    :func:`~.sparse24_linear.sparse24_linear`. Call :meth:`advance` after every optimizer step.
+    :func:`~.sparse24_linear.sparse24_linear`. ``prune_at_dense``: zero the pruned weights when the
+    dense phase starts. Call :meth:`advance` after every optimizer step.
 
     >>> lin = torch.nn.Linear(8, 4)
     >>> state = Sparse24State({"fc": lin.weight}, refresh_every=10, dense_after_step=100)
@@ -46,6 +47,7 @@ class Sparse24State:
         transposable: bool = True,
         mvue: bool = True,
         masked_grad: bool = True,
+        prune_at_dense: bool = True,
         seed: int = 0,
     ):
         if refresh_every < 0 or (dense_after_step is not None and dense_after_step < 0):
@@ -56,6 +58,7 @@ class Sparse24State:
         self.weights = dict(weights.items() if isinstance(weights, Mapping) else weights)
         self.refresh_every, self.dense_after_step = refresh_every, dense_after_step
         self.transposable, self.mvue, self.masked_grad = transposable, mvue, masked_grad
+        self.prune_at_dense = prune_at_dense
         self.step = 0
         self.masks = {name: self._mask(w) for name, w in self.weights.items()}
         gen = torch.Generator().manual_seed(seed)
@@ -82,9 +85,14 @@ class Sparse24State:
         return dict(self.flip_rates)
 
     def advance(self) -> None:
-        """One optimizer step done: count it and refresh the masks when the schedule says so."""
+        """One optimizer step done: count it and refresh the masks when the schedule says so. On
+        entering the dense phase the pruned weights are zeroed (``prune_at_dense``), so it starts
+        from the function the sparse model computed, not from stale pruned values."""
         self.step += 1
-        if not self.dense and self.refresh_every and self.step % self.refresh_every == 0:
+        if self.dense:
+            if self.step == self.dense_after_step and self.prune_at_dense:
+                self.prune_()
+        elif self.refresh_every and self.step % self.refresh_every == 0:
             self.refresh()
 
     def linear(
