@@ -17,8 +17,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from .sparse24 import _check_weight, masked_weight, mvue24
+from .sparse24 import _check_weight, is_24, masked_weight, mvue24
 
 __all__ = ["sparse24_linear", "sparse24_linear_op", "sparse24_linear_bwd", "SEMI_STRUCTURED"]
 
@@ -30,9 +31,9 @@ _warned: set[str] = set()
 def _semi_structured_ok(w: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether ``F.linear(x, semi_structured(w))`` can run: CUDA sm80+, fp16/bf16, w's shape a
     multiple of the backend's minimum tile."""
-    if not (SEMI_STRUCTURED and w.is_cuda and x.dtype == w.dtype in (torch.float16, torch.bfloat16)):
+    if not (SEMI_STRUCTURED and w.is_cuda and x.dtype == w.dtype):
         return False
-    if torch.cuda.get_device_capability(w.device) < (8, 0):
+    if w.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(w.device) < (8, 0):
         return False
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
@@ -45,19 +46,38 @@ def _cusparselt() -> bool:
     return bool(getattr(torch.backends, "cusparselt", None) and torch.backends.cusparselt.is_available())
 
 
-def _sparse_linear(x: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, wm, bias)`` with ``wm`` 2:4 along rows: semi-structured on CUDA when it can,
-    else dense; a failing sparse call warns once (with the reason) and falls back."""
-    if _semi_structured_ok(wm, x):
-        from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
+def _compress(wm: torch.Tensor) -> torch.Tensor:
+    """``wm`` (2:4 along rows) as a semi-structured sparse tensor (cuSPARSELt, else CUTLASS)."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
 
+    wm = wm.contiguous()
+    return (
+        to_sparse_semi_structured(wm) if _cusparselt() else SparseSemiStructuredTensorCUTLASS.from_dense(wm)
+    )
+
+
+_mask_checks = WeakTensorKeyDictionary()  # mask -> (its _version, 2:4 along rows, along columns)
+
+
+def _mask_24(mask: torch.Tensor) -> tuple[bool, bool]:
+    """Whether ``mask`` is 2:4 along rows and along columns. Compression silently prunes whatever
+    it is given to 2:4, so a mask that is not (a plain mask's columns) must take the dense GEMM.
+    Checked once per mask version (the check syncs the device; masks change only on refresh)."""
+    hit = _mask_checks.get(mask)
+    if hit is None or hit[0] != mask._version:
+        hit = (mask._version, is_24(mask), is_24(mask.t()))
+        _mask_checks[mask] = hit
+    return hit[1], hit[2]
+
+
+def _sparse_linear(
+    x: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None, rows_24: bool
+) -> torch.Tensor:
+    """``F.linear(x, wm, bias)``: semi-structured on CUDA when ``wm`` is 2:4 along rows (``rows_24``)
+    and the backend takes it, else dense; a failing sparse call warns once (with the reason)."""
+    if rows_24 and _semi_structured_ok(wm, x):
         try:
-            ws = (
-                to_sparse_semi_structured(wm.contiguous())
-                if _cusparselt()
-                else SparseSemiStructuredTensorCUTLASS.from_dense(wm.contiguous())
-            )
-            return F.linear(x.contiguous(), ws, bias)
+            return F.linear(x.contiguous(), _compress(wm), bias)
         except (RuntimeError, NotImplementedError) as e:
             key = f"{type(e).__name__}: {e}".splitlines()[0]
             if key not in _warned:
@@ -66,6 +86,11 @@ def _sparse_linear(x: torch.Tensor, wm: torch.Tensor, bias: torch.Tensor | None)
                     f"fxlowbit sparse24: semi-structured GEMM failed ({key}); dense fallback", stacklevel=3
                 )
     return F.linear(x, wm, bias)
+
+
+def _rows_cols_24(mask: torch.Tensor) -> tuple[bool, bool]:
+    """:func:`_mask_24` where a sparse GEMM could run at all (no check, no sync elsewhere)."""
+    return _mask_24(mask) if SEMI_STRUCTURED and mask.is_cuda else (False, False)
 
 
 def _check_linear(x, w, bias, mask) -> None:
@@ -98,7 +123,9 @@ def sparse24_linear_op(
 ) -> torch.Tensor:
     """``x (w*mask)^T + bias`` for 2-D ``x`` (``seed``, ``mvue``, ``masked_grad``: the backward's)."""
     _check_linear(x, w, bias, mask)
-    return _sparse_linear(x, masked_weight(w, mask), bias)
+    if mvue and seed is None:
+        raise ValueError("fxlowbit sparse24_linear: mvue=True needs a seed")
+    return _sparse_linear(x, masked_weight(w, mask), bias, _rows_cols_24(mask)[0])
 
 
 @sparse24_linear_op.register_fake
@@ -127,7 +154,7 @@ def sparse24_linear_bwd(
 
     wm = masked_weight(w, mask)
     # g @ (w*m) = F.linear(g, (w*m)^T): (w*m)^T is 2:4 along its rows because the mask is transposable
-    dx = _sparse_linear(g, wm.t(), None) if need_x else empty()
+    dx = _sparse_linear(g, wm.t(), None, _rows_cols_24(mask)[1]) if need_x else empty()
     dw = empty()
     if need_w:
         gs = mvue24(g, seed, dim=0) if mvue else g  # (tokens, out), 2:4 along tokens

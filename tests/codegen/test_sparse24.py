@@ -8,11 +8,13 @@ cases and its expectation and variance from the closed forms ``E = x`` and
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fxlowbit.codegen.kernels import sparse24_linear as s24l
 from fxlowbit.codegen.kernels.quant import hash_uniform
 from fxlowbit.codegen.kernels.sparse24 import (
     PATTERNS,
@@ -385,6 +387,57 @@ def test_linear_rejects_bad_arguments(change, match):
     x, w, b, m, _ = _case()
     with pytest.raises(ValueError, match=match):
         sparse24_linear(*change(x.detach(), w.detach(), b.detach(), m), seed=0)
+
+
+def test_linear_op_needs_a_seed_for_mvue():
+    x, w, b, m, _ = _case()
+    with pytest.raises(ValueError, match="needs a seed"):
+        torch.ops.fxlowbit.sparse24_linear(x, w, b, m, None, True, True)
+
+
+def _fake_semi_structured(monkeypatch, compress):
+    """Run the CUDA dispatch logic on CPU: every GEMM 'can' be sparse, masks are checked as on CUDA
+    and ``compress`` stands in for the semi-structured conversion."""
+    monkeypatch.setattr(s24l, "_semi_structured_ok", lambda w, x: True)
+    monkeypatch.setattr(s24l, "_rows_cols_24", s24l._mask_24)
+    monkeypatch.setattr(s24l, "_compress", compress)
+
+
+def test_dispatch_compresses_only_2_of_4_operands(monkeypatch):
+    calls = []
+    _fake_semi_structured(monkeypatch, lambda wm: calls.append(tuple(wm.shape)) or wm)
+    x, w, b, m, g = _case()
+    sparse24_linear(x, w, b, m, seed=0).backward(g)
+    assert calls == [(8, 12), (12, 8)]  # forward w*m and grad-input (w*m)^T
+    plain = plain_mask(w)
+    assert not is_24(plain.t())
+    calls.clear()
+    sparse24_linear(x, w, b, plain, seed=0).backward(g)
+    assert calls == [(8, 12)]  # (w*m)^T is not 2:4: compression would prune it, so dense
+
+
+def test_dispatch_mask_check_follows_in_place_refresh():
+    w = _randn(8, 12)
+    m = transposable_mask(w)
+    assert s24l._mask_24(m) == (True, True)
+    m.copy_(plain_mask(w))  # in place: same tensor, new version
+    assert s24l._mask_24(m) == (True, False)
+
+
+def test_dispatch_falls_back_to_dense_with_one_warning(monkeypatch):
+    def broken(wm):
+        raise RuntimeError("cuSPARSELt not available here")
+
+    _fake_semi_structured(monkeypatch, broken)
+    monkeypatch.setattr(s24l, "_warned", set())
+    x, w, b, m, g = _case()
+    with pytest.warns(UserWarning, match="semi-structured GEMM failed .*cuSPARSELt not available"):
+        y = sparse24_linear(x, w, b, m, seed=0, mvue=False)
+    assert torch.equal(y, F.linear(x.detach(), masked_weight(w.detach(), m), b.detach()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y.backward(g)  # the same failure again: no second warning
+    assert torch.equal(x.grad, g @ masked_weight(w.detach(), m))
 
 
 @pytest.mark.gpu
