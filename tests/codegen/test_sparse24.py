@@ -448,8 +448,9 @@ def test_linear_semi_structured_matches_dense_on_cuda(dtype):
     y = sparse24_linear(x, w, b, m, seed=0, mvue=False)
     y.backward(g)
     wm = masked_weight(w.detach(), m)
-    torch.testing.assert_close(y, F.linear(x.detach(), wm, b.detach()))
-    torch.testing.assert_close(x.grad, g @ wm)
+    # bf16/fp16 outputs of ~8 in magnitude: a few ulps of rounding apart (accumulation order differs)
+    torch.testing.assert_close(y, F.linear(x.detach(), wm, b.detach()), rtol=2e-2, atol=0.1)
+    torch.testing.assert_close(x.grad, g @ wm, rtol=2e-2, atol=0.1)
 
 
 # ---------------------------------------------------------------------------------------- state
