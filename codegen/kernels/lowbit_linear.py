@@ -1,0 +1,245 @@
+"""``fxlowbit::lowbit_linear``: a linear layer whose three GEMMs each run in their own format.
+
+``y = x w^T + b`` (forward), ``dx = dy w`` (grad-input) and ``dw = dy^T x`` (grad-weight), each
+"int8", "fp8" or plain (named by the inputs' dtype: "fp32", "bf16", "fp16"); ``db = sum dy``.
+Low-bit GEMMs quantize both operands row-wise along the reduction dim (:mod:`.int8_gemm`):
+forward operands and the weight round to nearest (fp8: e4m3), gradient operands round
+stochastically (fp8: e5m2) with noise from the next seed of random stream ``stream`` (negative:
+round to nearest, deterministic). Memory: with a low-bit forward, its quantized copy of ``x``
+(int8 codes, or e4m3 codes stored as uint8 bits, plus fp32 row scales: about 1/4 of fp32 ``x``) is
+the only copy of ``x`` saved for the backward; the grad-weight GEMM reads it dequantized (and
+requantized along the tokens when it is low-bit itself). With a plain forward ``x`` is saved as is.
+``hadamard`` (0, 32 or 128): the forward GEMM's operands are rotated along K by block Hadamard
+matrices first (:func:`.int8_gemm.hadamard_rotate`); the saved copy is rotated back for the
+grad-weight GEMM.
+
+Registered as ``custom_op`` + ``register_fake`` + ``register_autograd`` (DESIGN.md: opaque ops
+compile on CPU and CUDA), so Dynamo and AOTAutograd trace it as one forward and one backward node.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import rng
+from .int8_gemm import (
+    dequantize_fp8,
+    dequantize_int8_rowwise,
+    fp8_mm,
+    hadamard_rotate,
+    int8_mm,
+    quantize_fp8,
+    quantize_int8_rowwise,
+    rowwise_noise,
+)
+
+__all__ = ["lowbit_linear", "lowbit_matmul", "LOWBIT", "PLAIN", "FORMATS", "plain_format", "HADAMARD"]
+
+LOWBIT = ("int8", "fp8")
+PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = (*PLAIN, *LOWBIT)
+HADAMARD = (0, 32, 128)
+_CODES = {"int8": torch.int8, "fp8": torch.uint8}  # saved copy of x: fp8 codes kept as their bits
+
+
+def plain_format(dtype: torch.dtype) -> str:
+    """The plain format name of a float dtype ("fp32", "bf16", "fp16")."""
+    for name, d in PLAIN.items():
+        if d == dtype:
+            return name
+    raise ValueError(
+        f"fxlowbit lowbit_linear: no GEMM format for {dtype}; supported: {tuple(PLAIN.values())}"
+    )
+
+
+def _check(x, w, bias, fwd, gi, gw, hadamard) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"fxlowbit lowbit_linear: need x (M, K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if x.dtype != w.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"fxlowbit lowbit_linear: x, w and bias must share a dtype, got {x.dtype}, {w.dtype}, "
+            f"{None if bias is None else bias.dtype}"
+        )
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"fxlowbit lowbit_linear: bias must be ({w.shape[0]},), got {tuple(bias.shape)}")
+    plain = plain_format(x.dtype)
+    for role, fmt in (("fwd_fmt", fwd), ("gi_fmt", gi), ("gw_fmt", gw)):
+        if fmt not in LOWBIT and fmt != plain:
+            raise ValueError(
+                f"fxlowbit lowbit_linear: {role}={fmt!r} is invalid with {x.dtype}; valid: {(plain, *LOWBIT)}"
+            )
+    if hadamard not in HADAMARD:
+        raise ValueError(f"fxlowbit lowbit_linear: hadamard={hadamard!r}; valid: {HADAMARD}")
+    if hadamard and x.shape[1] % hadamard:
+        raise ValueError(f"fxlowbit lowbit_linear: K={x.shape[1]} is not a multiple of hadamard={hadamard}")
+
+
+def _quantize(t: torch.Tensor, fmt: str, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise codes and scales of ``t`` (R, C); ``seed``: stochastic rounding (a gradient
+    operand: fp8 e5m2), None: round to nearest (fp8 e4m3)."""
+    noise = rowwise_noise(seed, *t.shape) if seed is not None else None
+    if fmt == "int8":
+        return quantize_int8_rowwise(t, noise)
+    return quantize_fp8(t, "e5m2" if seed is not None else "e4m3", noise)
+
+
+def lowbit_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fmt: str,
+    *,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    a_seed: torch.Tensor | None = None,
+    b_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``a (M, K) @ b (N, K)^T (+ bias)`` in ``fmt``: plain (``F.linear`` in a's dtype), or both
+    operands quantized row-wise along K (``*_seed``: stochastic rounding of that operand) and
+    multiplied by :func:`.int8_gemm.int8_mm` / :func:`.int8_gemm.fp8_mm`."""
+    out_dtype = out_dtype or a.dtype
+    if fmt not in LOWBIT:
+        return F.linear(a.to(out_dtype), b.to(out_dtype), bias).to(out_dtype)
+    aq, sa = _quantize(a, fmt, a_seed)
+    bq, sb = _quantize(b, fmt, b_seed)
+    mm = int8_mm if fmt == "int8" else fp8_mm
+    return mm(aq, bq, sa, sb, bias, out_dtype)
+
+
+def _dequantize(xq: torch.Tensor, xs: torch.Tensor, fmt: str, hadamard: int, dtype) -> torch.Tensor:
+    """The forward's saved copy of x back in ``dtype`` (rotated back when the forward rotated it)."""
+    x = dequantize_int8_rowwise(xq, xs) if fmt == "int8" else dequantize_fp8(xq.view(torch.float8_e4m3fn), xs)
+    return (hadamard_rotate(x, hadamard) if hadamard else x).to(dtype)
+
+
+@torch.library.custom_op("fxlowbit::lowbit_linear", mutates_args=())
+def lowbit_linear_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd_fmt: str,
+    gi_fmt: str,
+    gw_fmt: str,
+    hadamard: int,
+    stream: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (M, N), saved codes of x (M, K) int8/uint8 or (0,), row scales (M,) fp32 or (0,)) of
+    ``x (M, K) @ w (N, K)^T + bias`` with the forward in ``fwd_fmt`` (see the module docstring)."""
+    _check(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard)
+    if fwd_fmt not in LOWBIT:
+        empty = x.new_empty((0,))
+        return F.linear(x, w, bias), empty.to(torch.int8), empty.float()
+    xr, wr = (hadamard_rotate(x, hadamard), hadamard_rotate(w, hadamard)) if hadamard else (x, w)
+    xq, xs = _quantize(xr, fwd_fmt, None)
+    wq, ws = _quantize(wr, fwd_fmt, None)
+    y = (int8_mm if fwd_fmt == "int8" else fp8_mm)(xq, wq, xs, ws, bias, x.dtype)
+    return y, xq.view(_CODES[fwd_fmt]), xs
+
+
+@lowbit_linear_op.register_fake
+def _(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream):
+    _check(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard)
+    (m, k), n = x.shape, w.shape[0]
+    if fwd_fmt not in LOWBIT:
+        m = k = 0  # nothing but x itself saved
+    codes = x.new_empty((m, k) if m else (0,), dtype=_CODES.get(fwd_fmt, torch.int8))
+    return x.new_empty((x.shape[0], n)), codes, x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fxlowbit::lowbit_linear_backward", mutates_args=())
+def lowbit_linear_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor | None,
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    fwd_fmt: str,
+    gi_fmt: str,
+    gw_fmt: str,
+    hadamard: int,
+    stream: int,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (M, K), dw (N, K), db (N,)) for ``grad`` (M, N); each (0,) when not needed. ``x``: the
+    saved input with a plain forward (None otherwise, then ``xq``/``xs`` hold its saved copy)."""
+    seed = None
+    if stream >= 0 and (gi_fmt in LOWBIT or gw_fmt in LOWBIT):
+        seed = rng.draw_seed(stream, grad.device)
+    dx, dw, db = (grad.new_empty((0,)) for _ in range(3))  # distinct tensors: outputs may not alias
+    if need_dx:  # dx = dy (M, N) @ w^T(K, N)^T: reduction over N
+        dx = lowbit_matmul(grad, w.t(), gi_fmt, out_dtype=grad.dtype, a_seed=seed)
+    if need_dw:  # dw = dy^T (N, M) @ x^T (K, M)^T: reduction over the tokens
+        xhat = x if x is not None else _dequantize(xq, xs, fwd_fmt, hadamard, grad.dtype)
+        gw_seed = seed + 1 if seed is not None else None  # a stream unrelated to grad-input's noise
+        dw = lowbit_matmul(grad.t(), xhat.t(), gw_fmt, out_dtype=w.dtype, a_seed=gw_seed)
+    if need_db:
+        db = grad.sum(0)
+    return dx, dw, db
+
+
+@lowbit_linear_backward.register_fake
+def _(grad, x, xq, xs, w, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream, need_dx, need_dw, need_db):
+    m, (n, k) = grad.shape[0], w.shape
+    dx = grad.new_empty((m, k)) if need_dx else grad.new_empty((0,))
+    dw = w.new_empty((n, k)) if need_dw else grad.new_empty((0,))
+    db = grad.new_empty((n,)) if need_db else grad.new_empty((0,))
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream = inputs
+    _, xq, xs = output
+    # a low-bit forward saves only its quantized copy of x; a plain one saves x itself
+    ctx.save_for_backward(x if fwd_fmt not in LOWBIT else None, xq, xs, w)
+    ctx.args = (fwd_fmt, gi_fmt, gw_fmt, hadamard, stream)
+    ctx.mark_non_differentiable(xq, xs)
+
+
+def _backward(ctx, grad_y, _grad_xq, _grad_xs):
+    x, xq, xs, w = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.fxlowbit.lowbit_linear_backward(
+        grad_y, x, xq, xs, w, *ctx.args, need_dx, need_dw, need_db
+    )
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *(None,) * 5)
+
+
+lowbit_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.fxlowbit.lowbit_linear)
+def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * w_shape[0] * x_shape[1]
+
+
+@register_flop_formula(torch.ops.fxlowbit.lowbit_linear_backward)
+def _bwd_flops(grad_shape, x_shape, xq_shape, xs_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * grad_shape[0] * w_shape[0] * w_shape[1]
+
+
+def lowbit_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    fwd_fmt: str = "int8",
+    gi_fmt: str = "int8",
+    gw_fmt: str = "int8",
+    hadamard: int = 0,
+    stream: int = -1,
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for ``x`` (..., K) with its forward, grad-input and grad-weight
+    GEMMs in the given formats (see the module docstring); returns (..., N) in x's dtype.
+
+        >>> x, w = torch.randn(8, 64, requires_grad=True), torch.randn(32, 64, requires_grad=True)
+        >>> y = lowbit_linear(x, w, None, "int8", "int8", "fp32")
+        >>> y.sum().backward()
+    """
+    y, _, _ = torch.ops.fxlowbit.lowbit_linear(
+        x.reshape(-1, x.shape[-1]), w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream
+    )
+    return y.view(*x.shape[:-1], w.shape[0])
