@@ -70,12 +70,22 @@ def hash_uniform(seed: torch.Tensor, n_groups, group_size: int) -> torch.Tensor:
     Pure integer arithmetic, so eager, Inductor and Triton kernels draw identical bits. The 24-bit
     resolution biases stochastic rounding by at most ``2**-24`` of a step, below fp32's own rounding.
     """
-    i = torch.arange(n_groups * group_size, device=seed.device, dtype=torch.int32)
+    return _noise_columns(_seed_key(seed), n_groups, group_size, slice(0, group_size))
+
+
+def _seed_key(seed: torch.Tensor) -> torch.Tensor:
     s_lo = (seed & 0xFFFFFFFF).to(torch.int32)  # wraps to the same 32 bits
     s_hi = ((seed >> 32) & 0xFFFFFFFF).to(torch.int32)
-    key = _hash32(s_lo ^ _hash32(s_hi))  # 0-dim: once per call
+    return _hash32(s_lo ^ _hash32(s_hi))  # 0-dim: once per call
+
+
+def _noise_columns(key: torch.Tensor, n_groups, group_size: int, cols: slice) -> torch.Tensor:
+    """Columns ``cols`` of :func:`hash_uniform`'s noise, computed from their own element indices
+    (a slice of the full noise would make Inductor materialise all of it)."""
+    rows = torch.arange(n_groups, device=key.device, dtype=torch.int32)[:, None] * group_size
+    i = rows + torch.arange(cols.start, cols.stop, device=key.device, dtype=torch.int32)[None, :]
     x = _hash32(i + key)
-    return (((x >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24).view(n_groups, group_size)
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
 def _check(bits: int, group_size: int) -> None:
@@ -104,12 +114,18 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     bytes per group, element ``j*W + k`` sits in bits ``j*bits .. j*bits + bits-1`` of byte ``k``
     (lowest bits hold the first plane). Every plane is a contiguous slice, so packing and
     unpacking are vectorised loads, ORs and shifts (an interleaved layout needs strided loads)."""
-    q = q.to(torch.uint8, copy=True)  # never an alias of the input
+    return _pack_planes(lambda sl: q[:, sl], bits, q.shape[1])
+
+
+def _pack_planes(plane, bits: int, group_size: int) -> torch.Tensor:
+    """:func:`pack_codes` of the codes ``plane(slice)`` gives for each plane's columns. Computing
+    each plane from its own slice of the inputs keeps Inductor from materialising the full-size
+    fp32 codes (it realises a value read through several slices): one pass reads x, writes codes."""
     per = 8 // bits
-    width = q.shape[1] // per
-    out = q[:, :width]
+    width = group_size // per
+    out = plane(slice(0, width)).to(torch.uint8, copy=True)  # never an alias of the input
     for j in range(1, per):
-        out = out | (q[:, j * width : (j + 1) * width] << (j * bits))
+        out = out | (plane(slice(j * width, (j + 1) * width)).to(torch.uint8) << (j * bits))
     return out
 
 
@@ -126,18 +142,30 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
     return torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)  # hi - lo overflowed
 
 
-def _codes(g, u, lo, hi, usable):
-    """Stochastically rounded codes (n, G) fp32 in ``[0, usable]`` and the per-group scale."""
+def _affine(lo, hi, usable):
+    """Per group: ``scale``, and the ``half`` factor and ``inv`` multiplier :func:`_codes_of` uses."""
     scale = _scale(lo, hi, usable)
     # groups spanning more than fp32's max work at half scale so that x - lo cannot overflow
     half = torch.where(torch.isinf(hi - lo), 0.5, 1.0)[:, None]
     inv = 1.0 / (torch.where(scale > 0, scale, 1.0)[:, None] * half)  # per group: multiply below
+    return scale, half, inv
+
+
+def _codes_of(g, u, lo, half, inv, usable):
+    """Stochastically rounded codes, fp32 in ``[0, usable]``, of values ``g`` with noise ``u``."""
     v = (g * half - lo[:, None] * half) * inv
-    return torch.minimum(torch.floor(v + u).clamp_min(0), usable[:, None]), scale
+    return torch.minimum(torch.floor(v + u).clamp_min(0), usable[:, None])
 
 
-def _quantize_general(g: torch.Tensor, u: torch.Tensor, finite: torch.Tensor, bits: int):
-    """Branch-free quantization of groups ``g`` (n, G) with noise ``u``, NaN/Inf handled."""
+def _codes(g, u, lo, hi, usable):
+    """Stochastically rounded codes (n, G) fp32 in ``[0, usable]`` and the per-group scale."""
+    scale, half, inv = _affine(lo, hi, usable)
+    return _codes_of(g, u, lo, half, inv, usable), scale
+
+
+def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
+    """Branch-free quantization of groups ``g`` (n, G), NaN/Inf handled; ``noise(cols)`` gives the
+    rounding noise of columns ``cols``."""
     levels = (1 << bits) - 1
     lo = torch.where(finite, g, torch.inf).amin(1)
     hi = torch.where(finite, g, -torch.inf).amax(1)
@@ -149,20 +177,26 @@ def _quantize_general(g: torch.Tensor, u: torch.Tensor, finite: torch.Tensor, bi
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
     usable = levels - special.float()  # special groups keep the top code for non-finite
-    q, scale = _codes(torch.where(finite, g, lo[:, None]), u, lo, hi, usable)
-    q = torch.where(finite, q, float(levels))
+    scale, half, inv = _affine(lo, hi, usable)
+
+    def plane(sl):
+        gs, fs = g[:, sl], finite[:, sl]
+        q = _codes_of(torch.where(fs, gs, lo[:, None]), noise(sl), lo, half, inv, usable)
+        return torch.where(fs, q, float(levels))
+
     kind = torch.where(nonfinite > 0, _KIND_POSINF, torch.where(nonfinite < 0, _KIND_NEGINF, _KIND_NAN))
     sbits = scale.view(torch.int32)
     sbits = torch.where(special, (sbits & ~3) | kind.to(torch.int32) | _SIGN, sbits)
-    return pack_codes(q, bits), torch.stack([lo, sbits.view(torch.float32)], 1)
+    return _pack_planes(plane, bits, g.shape[1]), torch.stack([lo, sbits.view(torch.float32)], 1)
 
 
 def quantize_pack_traceable(x: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int):
     """:func:`quantize_pack_reference` with :func:`hash_uniform` noise and no data-dependent
     branches, so it can be traced into a graph and fused by Inductor (same results)."""
     g = _grouped(x, group_size)
-    u = hash_uniform(seed, g.shape[0], group_size)
-    return _quantize_general(g, u, torch.isfinite(g), bits)
+    key = _seed_key(seed)
+    noise = lambda cols: _noise_columns(key, g.shape[0], group_size, cols)  # noqa: E731
+    return _quantize_general(g, noise, torch.isfinite(g), bits)
 
 
 def quantize_pack_reference(
@@ -184,7 +218,7 @@ def quantize_pack_reference(
         lo, hi = g.amin(1), g.amax(1)
         q, scale = _codes(g, u, lo, hi, torch.full_like(lo, levels))
         return pack_codes(q, bits), torch.stack([lo, scale], 1)
-    return _quantize_general(g, u, finite, bits)
+    return _quantize_general(g, lambda cols: u[:, cols], finite, bits)
 
 
 def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) -> torch.Tensor:
