@@ -85,6 +85,10 @@ def _exact_only(s, cfg: LowbitConfig) -> str | None:
         return f"{str(s.dtype)[6:]} tensor: kept exact"
     if not s.uses:
         return "no backward use found"
+    if len(s.shape) >= 2 and s.shape[-1] == 1:
+        # LayerNorm's mean and rstd, softmax's max/sum: 1/width of the rows they scale; one
+        # rounding error would scale a whole row's gradient (errors correlated along the row)
+        return "per-row statistic (keepdim reduction): kept exact, it scales a whole row"
     exact = [u.op for u in s.uses if u.role == EXACT]
     if exact:
         return f"backward use {exact[0]} needs it exact"

@@ -6,9 +6,16 @@ among the saved outputs. Packing and decoding are either the opaque ``fxlowbit::
 Inductor, the same pure-torch references traced into the graph so that Inductor fuses them.
 Backward: replace its placeholder by placeholders for the parts
 and decode them once, just before the first use (all backward readers share that one decode), so
-only the activations in use are live in full precision. Relies on AOTAutograd matching saved
-forward outputs and backward placeholders by position; order is kept, ``meta["val"]`` is set on
-every new node and both graphs are linted and recompiled.
+only the activations in use are live in full precision.
+
+Normalised form: when the backward only uses a quantized tensor ``x`` to recompute a value the
+forward also computed from saved tensors (LayerNorm's ``(x - mean) * rstd``), that value is
+quantized in ``x``'s place and the backward's recomputation is dropped (:func:`_normalised`).
+Rounding errors then stay the size of the normalised values: rounding ``x`` itself would be
+multiplied by ``rstd``, which is 1e6 on a constant row (a zero-initialised token) with eps=1e-12.
+
+Relies on AOTAutograd matching saved forward outputs and backward placeholders by position; order
+is kept, ``meta["val"]`` is set on every new node and both graphs are linted and recompiled.
 """
 
 from __future__ import annotations
@@ -54,11 +61,14 @@ class _Rewriter:
         self.out_node = self.fg.find_nodes(op="output")[0]
         self.outputs = list(self.out_node.args[0])
         self.new_outputs = self.outputs[:num_fwd_outputs]
+        self.num_fwd = num_fwd_outputs
+        self.saved_names = {o.name for o in self.outputs[num_fwd_outputs:] if isinstance(o, fx.Node)}
         self.placeholders = {p.name: p for p in self.bg.find_nodes(op="placeholder")}
         # (old placeholder, decode builder, comparison users or None, (parts, bits) of a quantized one)
         self.stored: list = []
         self.seed: fx.Node | None = None  # this graph's seed node (inline mode)
         self.n_seeded = 0
+        self.dropped: list[fx.Node] = []  # backward placeholders replaced by a normalised form
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -139,6 +149,12 @@ class _Rewriter:
         return [codes, meta]
 
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
+        reader = ph  # the backward node the decoded value replaces
+        normal = _normalised(ph, self.fg)
+        if normal is not None:  # store the forward's normalised value in node's place
+            self.dropped.append(ph)
+            node, reader = normal
+            self.counters["saved_normalised"] += 1
         val = node.meta["val"]
         packed = self._fused(node, bits) if self.fuse and not self.inline else None
         packed = packed or self._pack(
@@ -157,7 +173,7 @@ class _Rewriter:
             parts,
             (bits, self.group_size, val.dtype),
         )
-        self.stored.append((ph, decode, None, (parts, bits)))
+        self.stored.append((reader, decode, None, (parts, bits)))
         self.counters[f"saved_quant{bits}"] += 1
 
     def _mask_parts(self, node: fx.Node, ph: fx.Node, source: fx.Node, name: str):
@@ -217,12 +233,83 @@ class _Rewriter:
                 for u in users:
                     u.replace_all_uses_with(value)
                     self.bg.erase_node(u)
-        for ph in dict.fromkeys(s[0] for s in self.stored):
+        for ph in dict.fromkeys(s[0] for s in self.stored):  # placeholders or normalised readers
+            if ph.users:
+                raise AssertionError(f"fxlowbit: saved value {ph.name} still has users after rewrite")
+            self.bg.erase_node(ph)
+        # identity ops left without users by moved comparisons, recomputations a normalised form
+        # replaced; then the saved tensors only those used (LayerNorm's mean), forward and backward
+        self.bg.eliminate_dead_code()
+        for ph in self.dropped:
             if ph.users:
                 raise AssertionError(f"fxlowbit: placeholder {ph.name} still has users after rewrite")
             self.bg.erase_node(ph)
+        if self.dropped:
+            unused = set()
+            for p in self.bg.find_nodes(op="placeholder"):
+                if not p.users and p.name in self.saved_names and isinstance(p.meta.get("val"), torch.Tensor):
+                    unused.add(p.name)
+                    self.bg.erase_node(p)
+            self.new_outputs = self.new_outputs[: self.num_fwd] + [
+                o for o in self.new_outputs[self.num_fwd :] if getattr(o, "name", None) not in unused
+            ]
         self.out_node.args = (tuple(self.new_outputs),)
-        self.bg.eliminate_dead_code()  # identity ops left without users by moved comparisons
+
+
+def _mirror(n: fx.Node, fw_nodes: dict[str, fx.Node], memo: dict) -> fx.Node | None:
+    """The forward node computing what backward node ``n`` computes: saved placeholders map to
+    their forward node by name, ops to a forward op with the same target on mirrored arguments."""
+    if n in memo:
+        return memo[n]
+    memo[n] = None
+    if n.op == "placeholder":
+        memo[n] = fw_nodes.get(n.name)
+    elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and not n.kwargs:
+        args = [_mirror(a, fw_nodes, memo) if isinstance(a, fx.Node) else a for a in n.args]
+        first = next((a for a in args if isinstance(a, fx.Node)), None)
+        if first is not None and all(a is not None for a in args):
+            memo[n] = next(
+                (u for u in first.users if u.target == n.target and not u.kwargs and list(u.args) == args),
+                None,
+            )
+    return memo[n]
+
+
+def _normalised(ph: fx.Node, fg: fx.Graph) -> tuple[fx.Node, fx.Node] | None:
+    """``(forward node, backward node)`` when every backward use of saved ``ph`` is a replay of
+    forward ops ending in ONE node of ``ph``'s size and dtype (LayerNorm's ``(x - mean) * rstd``),
+    else None. The backward node's value is what the backward really reads: storing it instead of
+    ``ph`` puts the rounding error where the gradient formula sees it, not scaled by ``rstd``."""
+    fw_nodes = {n.name: n for n in fg.nodes}
+    memo: dict = {}
+    region, frontier, stack = set(), [], [ph]
+    while stack:
+        n = stack.pop()
+        if n in region:
+            continue
+        region.add(n)
+        users = list(n.users)
+        if not users or len(region) > 8:
+            return None
+        mirrored = [u for u in users if _mirror(u, fw_nodes, memo) is not None]
+        if len(mirrored) == len(users):
+            stack.extend(mirrored)
+        elif mirrored or n is ph:
+            return None  # read both raw and replayed, or not replayed at all
+        else:
+            frontier.append(n)
+    if len(frontier) != 1:
+        return None
+    (out,) = frontier
+    val, ref = out.meta.get("val"), ph.meta["val"]
+    if (
+        not isinstance(val, torch.Tensor)
+        or val.dtype != ref.dtype
+        or list(val.shape) != list(ref.shape)
+        or not val.is_contiguous()
+    ):
+        return None
+    return _mirror(out, fw_nodes, memo), out
 
 
 def run(

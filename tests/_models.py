@@ -6,8 +6,8 @@ Every model is called as ``model(**batch)`` and :func:`loss_of` turns its output
 loss, so one training loop serves them all. Text models read stdlib source characters
 (:func:`fxlowbit.examples.stdlib_text`), vision models and CNNs scikit-learn's 8x8 digits (bilinearly
 upsampled to 16x16 for the patch models), normalised to [-1, 1] as image processors do: raw digits'
-blank patches, through a zero-initialised patch-embedding bias, would give all-zero LayerNorm rows,
-DeiT's known failure in test_model_matrix.py (DeiT's zero-initialised CLS token has it anyway).
+blank patches, through a zero-initialised patch-embedding bias, would give all-zero LayerNorm rows
+(DeiT's zero-initialised CLS token has them anyway; see test_model_matrix.py).
 Dropout keeps each config's default.
 """
 
