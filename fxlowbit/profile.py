@@ -9,10 +9,17 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 - pack / unpack at 2, 4, 8 bits: the quantizer as the backend runs it under Inductor (the traceable
   pure-torch functions, compiled), fp32 bytes in (pack) / out (unpack) per second;
 - mask: ``pack_mask(x > 0)`` plus ``unpack_mask``, fp32 input bytes per second of both;
-- matmul: TFLOP/s per dtype and GEMM size bucket (one shape per bucket);
+- matmul: TFLOP/s per dtype and GEMM size bucket (one shape per bucket). ``int8`` and
+  ``float8_e4m3fn`` time the low-bit GEMMs as ``fxlowbit::lowbit_linear`` runs them, on codes
+  already quantized, scale epilogue included: ``int8_mm`` (Triton on CUDA, ``torch._int_mm`` on a
+  CPU) and ``fp8_mm`` (``torch._scaled_mm`` with row-wise scales; CUDA sm89+ only). B is the
+  (N, K) weight, i.e. column-major for the GEMM, as a linear layer hands it over;
+- gemm_quant: the row-wise quantizers of low-bit GEMM operands (codegen/kernels/int8_gemm.py), fp32
+  bytes in per second: ``int8`` / ``fp8`` round to nearest (forward operands), ``int8_sr`` /
+  ``fp8_sr`` round stochastically (gradients, hash noise included);
 - launch: one tiny op, in microseconds.
 
-    fxlowbit-profile --out my.json     # 2-core CPU: ~20 s, ~1 min with a cold Inductor cache
+    fxlowbit-profile --out my.json     # 2-core CPU: ~40 s, ~1.5 min with a cold Inductor cache
     python -m fxlowbit.profile --quick --out /tmp/p.json     # ~5 s: small sizes, no compile
 """
 
@@ -32,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fxlowbit.codegen.kernels import int8_gemm
 from fxlowbit.codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
 from fxlowbit.codegen.kernels.quant import BITS, dequantize_unpack_traceable, quantize_pack_traceable
 from fxlowbit.costmodel import BUCKETS, HardwareProfile
@@ -43,10 +51,11 @@ HIDDEN = 1024  # last dimension of the pointwise input (its per-column weight an
 
 # fp32 elements per bandwidth figure: large enough to leave the caches (quick: small, for tests)
 SIZES = {
-    "cpu": {"copy": 1 << 25, "pointwise": 1 << 24, "quant": 1 << 24, "mask": 1 << 24},
-    "cuda": {"copy": 1 << 28, "pointwise": 1 << 27, "quant": 1 << 26, "mask": 1 << 27},
-    "quick": {"copy": 1 << 20, "pointwise": 1 << 18, "quant": 1 << 16, "mask": 1 << 18},
-}
+    "cpu": {"copy": 1 << 25, "pointwise": 1 << 24, "quant": 1 << 24, "mask": 1 << 24, "gemm_quant": 1 << 22},
+    "cuda": {"copy": 1 << 28, "pointwise": 1 << 27, "quant": 1 << 26, "mask": 1 << 27, "gemm_quant": 1 << 26},
+    "quick": {"copy": 1 << 20, "pointwise": 1 << 18, "quant": 1 << 16, "mask": 1 << 18,
+              "gemm_quant": 1 << 14},
+}  # fmt: skip
 # (M, N, K) per GEMM bucket, 2*M*N*K inside the bucket; the CPU's "large" stays near its floor
 GEMMS = {
     "cpu": {"tiny": (64, 64, 128), "small": (256, 256, 512), "medium": (1024, 1024, 1024),
@@ -54,7 +63,11 @@ GEMMS = {
     "cuda": {"tiny": (64, 64, 128), "small": (256, 256, 512), "medium": (4096, 1024, 1024),
              "large": (8192, 8192, 8192)},
 }  # fmt: skip
-DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn")}
+DTYPES = {
+    "cpu": ("float32", "bfloat16", "int8"),
+    "cuda": ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn"),
+}
+GEMM_QUANT = ("int8", "int8_sr", "fp8", "fp8_sr")  # HardwareProfile.gemm_quant_gbps keys
 BUDGET_S = {False: 1.0, True: 0.05}  # timed seconds per figure (quick: True)
 MIN_SAMPLE_S = 2e-3  # a timed sample repeats the call until it lasts this long
 
@@ -91,16 +104,19 @@ def _pack_cmp(x):
 
 
 def _gemm(dtype: str, m: int, n: int, k: int, device: torch.device) -> Callable[[], object]:
-    # a: (M, K) @ b: (K, N); int8 and float8 through the kernels a quantized GEMM would call
-    if dtype == "int8":
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
-        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, device=device)
-        return lambda: torch._int_mm(a, b)
-    if dtype == "float8_e4m3fn":
+    # a: (M, K) @ b: (K, N); int8 and float8 as fxlowbit::lowbit_linear calls them: codes a (M, K)
+    # and b (N, K) (the weight), row scales, the scale epilogue, bf16 out
+    if dtype in ("int8", "float8_e4m3fn"):
+        sa, sb = torch.rand(m, device=device), torch.rand(n, device=device)
+        if dtype == "int8":
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+            b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+            return lambda: int8_gemm.int8_mm(a, b, sa, sb, None, torch.bfloat16)
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise NotImplementedError("fp8 GEMMs need CUDA sm89+ (elsewhere they are emulated)")
         a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
-        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn).t()  # column-major, as required
-        one = torch.ones((), device=device)
-        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+        return lambda: int8_gemm.fp8_mm(a, b, sa, sb, None, torch.bfloat16)
     a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
     b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
     return lambda: torch.mm(a, b)
@@ -204,6 +220,18 @@ def measure(
             return  # dtype or shape not supported on this device: skipped
         results.setdefault("matmul", {}).setdefault(dtype, {})[name] = 2 * m * n * k / time_it(fn) / 1e12
 
+    def gemm_quant(key: str):
+        # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
+        x = rand(sizes["gemm_quant"]).view(-1, HIDDEN)
+        seed = torch.tensor(12345, dtype=torch.int64, device=dev)
+        noise = (lambda: int8_gemm.rowwise_noise(seed, *x.shape)) if key.endswith("_sr") else (lambda: None)
+        if key.startswith("int8"):
+            fn = lambda: int8_gemm.quantize_int8_rowwise(x, noise())  # noqa: E731
+        else:
+            fmt = "e5m2" if key.endswith("_sr") else "e4m3"
+            fn = lambda: int8_gemm.quantize_fp8(x, fmt, noise())  # noqa: E731
+        results.setdefault("gemm_quant", {})[key] = x.nbytes / time_it(fn) / 1e9
+
     def launch():
         a, b = torch.ones(1, device=dev), torch.ones(1, device=dev)
         return time_it(lambda: torch.add(a, b)) * 1e6
@@ -211,6 +239,7 @@ def measure(
     steps: list[tuple[str, Callable]] = [("launch", launch), ("copy", copy), ("pointwise", pointwise)]
     steps += [(f"quant {b}-bit", lambda b=b: quant(b)) for b in BITS]
     steps += [("mask", mask)]
+    steps += [(f"gemm quant {key}", lambda key=key: gemm_quant(key)) for key in GEMM_QUANT]
     steps += [
         (f"matmul {dt} {name}", lambda dt=dt, name=name: matmul(dt, name))
         for dt in DTYPES[kind]
@@ -260,6 +289,7 @@ def measure(
         matmul_tflops={dt: {k: sig(v) for k, v in t.items()} for dt, t in results["matmul"].items()},
         launch_us=sig(results["launch"]),
         meta=meta,
+        gemm_quant_gbps={k: sig(v) for k, v in results["gemm_quant"].items()},
     )
 
 
@@ -292,10 +322,10 @@ def format_table(profile: HardwareProfile) -> str:
     for b in sorted(profile.pack_gbps):
         figures = f"{profile.pack_gbps[b]:.4g} / {profile.unpack_gbps[b]:.4g}"
         lines.append(row(f"pack {b}-bit / unpack", figures, "quant"))
-    lines += [
-        row("mask (pack + unpack)", f"{profile.mask_gbps:.4g}", "mask"),
-        row("launch (us)", f"{profile.launch_us:.3g}"),
-    ]
+    lines.append(row("mask (pack + unpack)", f"{profile.mask_gbps:.4g}", "mask"))
+    for key, v in profile.gemm_quant_gbps.items():
+        lines.append(row(f"GEMM operand quant {key}", f"{v:.4g}", "gemm_quant"))
+    lines.append(row("launch (us)", f"{profile.launch_us:.3g}"))
     lines += ["", f"| matmul TFLOP/s | {' | '.join(names)} |", "| --- |" + " ---: |" * len(names)]
     for dtype, table in profile.matmul_tflops.items():
         cells = [f"{table[n]:.4g}" if n in table else "-" for n in names]

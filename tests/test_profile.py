@@ -37,6 +37,7 @@ def _check_positive(p: HardwareProfile) -> None:
     figures = [p.copy_gbps, p.pointwise_gbps, p.mask_gbps, p.launch_us]
     figures += [*p.pack_gbps.values(), *p.unpack_gbps.values()]
     figures += [v for table in p.matmul_tflops.values() for v in table.values()]
+    figures += list(p.gemm_quant_gbps.values())
     assert all(v > 0 for v in figures), p
 
 
@@ -124,7 +125,9 @@ def test_measure_quick():
     assert (p.kind, p.device, p.measured) == ("cpu", "cpu", True)
     _check_positive(p)
     assert sorted(p.pack_gbps) == sorted(p.unpack_gbps) == [2, 4, 8]
-    assert set(p.matmul_tflops) == {"float32", "bfloat16"}
+    assert set(p.matmul_tflops) == {"float32", "bfloat16", "int8"}  # int8: fxlowbit's int8_mm
+    assert sorted(p.gemm_quant_gbps) == ["fp8", "fp8_sr", "int8", "int8_sr"]
+    assert all(v > 0 for v in p.gemm_quant_gbps.values())
     assert all(sorted(t) == sorted(BUCKET_NAMES) for t in p.matmul_tflops.values())
     assert p.meta["threads"] == 1 and p.meta["quick"] is True and p.meta["compiled"] is False
     assert p.meta["sizes"]["matmul"] == {k: list(v) for k, v in GEMMS["cpu"].items()}
