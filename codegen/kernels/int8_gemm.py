@@ -250,17 +250,17 @@ def _warn_scaled_mm(err: str) -> None:
 
 
 def fp8_mm(a_q, b_q, sa, sb, bias=None, out_dtype=torch.float32) -> torch.Tensor:
-    """The FP8 GEMM: ``torch._scaled_mm`` with row-wise scales on CUDA sm89+ (fp32 accumulation;
-    its epilogue order is cuBLAS's, so results differ from the emulation by fp32 rounding), else
+    """The FP8 GEMM: ``torch._scaled_mm`` with row-wise scales on CUDA sm89+ (fp32 accumulation,
+    bf16 output, cuBLAS's epilogue order: results differ from the emulation by that rounding), else
     :func:`fp8_mm_reference`."""
     if _scaled_mm_ok(a_q, b_q):
         try:
+            # row-wise scaling takes a bf16 output only; its 8 bits outdo the operands' 3-4
             out = torch._scaled_mm(
                 a_q, b_q.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16
-                if out_dtype == torch.bfloat16 else torch.float32,
-            )  # fmt: skip
-            out = out if bias is None else out + bias.to(out.dtype)
-            return out.to(out_dtype)
+            )
+            out = out.to(out_dtype)
+            return out if bias is None else out + bias.to(out_dtype)
         except RuntimeError as err:  # a layout or dtype mix this torch/cuBLAS does not take
             _warn_scaled_mm(str(err).split("\n")[0][:200])
     return fp8_mm_reference(a_q, b_q, sa, sb, bias, out_dtype)
