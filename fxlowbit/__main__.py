@@ -123,17 +123,20 @@ def digits_task(kind: str = "mlp", batch: int = 64, seed: int = 0, lr: float = 2
     )
 
 
-def compile_run(model: torch.nn.Module, run: str, inner: str = "inductor", seed: int = 0):
+def compile_run(
+    model: torch.nn.Module, run: str, inner: str = "inductor", seed: int = 0, options: dict | None = None
+):
     """``run``: "eager", "inductor", "aot_eager", "uncompressed" (the lowbit pipeline with
-    ``plan`` off: same decompositions, partition and RNG use), "lowbit<bits>" (every compressible
-    tensor at that width) or "budget<fraction>" (the cost-model planner under that memory budget)."""
+    ``plan`` and low-bit GEMMs off: same decompositions, partition and RNG use), "lowbit<bits>"
+    (every compressible tensor at that width) or "budget<fraction>" (the cost-model planner under
+    that memory budget). ``options``: more lowbit options for the lowbit runs (e.g. ``{"gemm": "int8"}``)."""
     if run == "eager":
         return model
     if run in ("inductor", "aot_eager"):
         return torch.compile(model, backend=run)
-    options: dict = {"inner": inner, "seed": seed}
+    options = {"inner": inner, "seed": seed, **(options or {})}
     if run == "uncompressed":
-        options["passes"] = {"plan": False}
+        options["passes"] = {"plan": False, "lowbit_gemm": False, **options.get("passes", {})}
     elif run.startswith("lowbit"):
         options["bits"] = int(run.removeprefix("lowbit"))
     elif run.startswith("budget"):
@@ -156,17 +159,19 @@ def train(
     warmup: int = 5,
     tail: int = 20,
     progress: bool = True,
+    options: dict | None = None,
 ) -> Result:
     """Train ``task``'s model from seed ``seed`` for ``steps`` AdamW steps under ``run``.
 
     Every run of a task sees the same initial weights, batches and dropout masks. Saved bytes are
-    measured at step 1 (after compilation); step time averages the steps after ``warmup``."""
+    measured at step 1 (after compilation); step time averages the steps after ``warmup``.
+    ``options``: more lowbit options (see :func:`compile_run`)."""
     from tqdm import tqdm
 
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = task.make_model()
-    compiled = compile_run(model, run, inner, seed)
+    compiled = compile_run(model, run, inner, seed, options)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
     # cosine decay to 10%: a calmer end point, so runs compare by their models, not by the last steps' noise
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))

@@ -1,6 +1,7 @@
 """The ``lowbit`` torch.compile backend: AOTAutograd with our partition function.
 
-Dynamo graph (linear_ce: projection + cross-entropy fused) -> AOTAutograd joint graph -> min-cut
+Dynamo graph (linear_ce: projection + cross-entropy fused; lowbit_gemm: linears with INT8/FP8
+GEMMs where chosen) -> AOTAutograd joint graph -> min-cut
 partition -> our pipeline (``config.PASSES``: saved_views, analyze, plan, recompute, rewrite_saved)
 -> inner compiler (Inductor by default, ``options={"inner": "eager"}`` for fast runs). With the
 cost-model planner the compiled graph is wrapped so that probes re-plan it as training goes
@@ -45,6 +46,7 @@ __all__ = ["lowbit", "last_plans", "last_graphs", "reset", "counters", "LowbitPa
 _last_plans: list[Plan] = []
 _last_graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
 _ordinal = itertools.count()
+_gemm_ordinal = itertools.count()
 counters: Counter = Counter()  # what the rewrites did; tests assert it (expected zeros included)
 
 
@@ -153,7 +155,7 @@ class LowbitPartitioner(CustomPartitionerFn):
 
 
 def _device_type(gm: fx.GraphModule) -> str:
-    """"cuda" if any input of ``gm`` lives on a CUDA device, else "cpu"."""
+    """ "cuda" if any input of ``gm`` lives on a CUDA device, else "cpu"."""
     vals = (p.meta.get("val") for p in gm.graph.find_nodes(op="placeholder"))
     return "cuda" if any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals) else "cpu"
 
@@ -175,6 +177,8 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     cfg = LowbitConfig.from_options(options)
     if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
         _fuse_loss(gm, cfg)
+    if cfg.enabled("lowbit_gemm") and cfg.gemm_active and torch.is_grad_enabled():
+        _lowbit_gemms(gm, cfg)
     if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
         return _compile(gm, example_inputs, cfg, LowbitPartitioner(cfg, _seed(cfg)), mode)
     return _Adaptive(gm, example_inputs, cfg, mode)
@@ -190,6 +194,24 @@ def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
         if cfg.strict:
             raise
         msg = f"fxlowbit: linear_ce pass failed ({type(err).__name__}: {err}); loss left unfused"
+        warnings.warn(msg, stacklevel=2)
+        counters["fallback_internal_error"] += 1
+
+
+_GEMM_SALT = 0x6A09E667F3BCC909  # the GEMM noise stream's seed differs from the partitioner's
+
+
+def _lowbit_gemms(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
+    """Linears -> fxlowbit::lowbit_linear with per-GEMM formats, on the Dynamo graph
+    (passes/lowbit_gemm.py); an internal error leaves the linear it hit as it was."""
+    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + next(_gemm_ordinal)
+    stream = rng.new_stream((base ^ _GEMM_SALT) % (2**63))
+    try:
+        passes.lowbit_gemm.run(gm, cfg, stream=stream, counters=counters)
+    except Exception as err:  # each rewrite undoes its own partial edits; finished ones stay
+        if cfg.strict:
+            raise
+        msg = f"fxlowbit: lowbit_gemm pass failed ({type(err).__name__}: {err}); linears left as they are"
         warnings.warn(msg, stacklevel=2)
         counters["fallback_internal_error"] += 1
 

@@ -25,6 +25,8 @@ import math
 import re
 from typing import Any
 
+import torch
+
 from . import planner, record
 from .config import LowbitConfig
 from .frontier import budget_frontier
@@ -236,8 +238,10 @@ def _entry(rec, frontier: bool) -> GraphReport:
         step = planner.step_time(rec.facts.gemms, rec.profile, plan.bytes_before)
     nodes = {n.name: n for k in ("fw_before", "fw_after") for n in rec.graphs[k].graph.nodes}
     var = plan.variance_ratio if math.isfinite(plan.variance_ratio) else 0.0
-    rows = [
-        Row(
+    rows = []
+    for d in plan.decisions:
+        gemm, gemm_why = _gemm(nodes.get(d.name))
+        rows.append(Row(
             d.name,
             d.producer,
             _layer(nodes.get(d.name)),
@@ -245,16 +249,14 @@ def _entry(rec, frontier: bool) -> GraphReport:
             d.dtype,
             d.form,
             d.bits,
-            "",
+            gemm,
             d.bytes_before,
             d.bytes_after,
             d.time_s,
             d.variance,
             d.variance / var if var else 0.0,
-            reason(d, plan, cfg),
-        )  # fmt: skip
-        for d in plan.decisions
-    ]
+            reason(d, plan, cfg) + gemm_why,
+        ))  # fmt: skip
     return GraphReport(
         index=rec.index,
         status=plan.status,
@@ -270,6 +272,43 @@ def _entry(rec, frontier: bool) -> GraphReport:
         frontier=budget_frontier(rec) if frontier else [],
         modules=dict(rec.graphs),
     )
+
+
+_PLAIN_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+_VIEWS = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand", "clone", "contiguous"}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _opname(node) -> str:
+    return getattr(getattr(node, "target", None), "__name__", "").split(".")[0]
+
+
+def _lowbit_formats(node) -> tuple[str, str, str] | None:
+    """(forward, grad-input, grad-weight) formats of an ``fxlowbit::lowbit_linear`` node, else None."""
+    if getattr(getattr(node, "target", None), "overloadpacket", None) is torch.ops.fxlowbit.lowbit_linear:
+        return tuple(node.args[3:6])
+    return None
+
+
+def _gemm(node) -> tuple[str, str]:
+    """(format of the forward GEMM a saved tensor feeds, a note for its reason): the forward format
+    of the ``fxlowbit::lowbit_linear`` whose saved input copy it is (its GEMMs in the note); a
+    low-bit linear's input saved as it is: the grad-weight format it is read by; the dtype of a
+    plain matmul it feeds; "" otherwise."""
+    if node is None:
+        return "", ""
+    note = "GEMMs fwd/grad-input/grad-weight: {}"
+    if _opname(node) == "getitem" and (fmts := _lowbit_formats(node.args[0])) is not None:
+        return fmts[0], f"; the {fmts[0]} GEMM's saved input copy ({note.format('/'.join(fmts))})"
+    users = list(node.users)
+    users += [u for v in users if _opname(v) in _VIEWS for u in v.users]
+    for user in users:
+        if (fmts := _lowbit_formats(user)) is not None:
+            return fmts[2], f"; input of a low-bit linear ({note.format('/'.join(fmts))})"
+    if any(_opname(user) in _PLAIN_GEMMS for user in users):
+        dtype = str(getattr(node.meta.get("val"), "dtype", "")).removeprefix("torch.")
+        return _SHORT.get(dtype, ""), ""
+    return "", ""
 
 
 _MODULE_ROOT = re.compile(r"^L\['[^']*'\]\.?|^L__self__\.?")

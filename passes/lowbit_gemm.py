@@ -1,0 +1,205 @@
+"""Rewrite: linear layers -> ``fxlowbit::lowbit_linear``, each GEMM in the format chosen for it.
+
+Runs on Dynamo's FX graph (torch-level ops) before AOTAutograd, like :mod:`.linear_ce`: there a
+linear is one ``torch._C._nn.linear`` node (``nn.Linear`` and ``F.linear`` alike) carrying its
+module path, and the replacement op brings its own backward, so the joint graph needs no surgery
+and the low-bit copy of x it saves is what the partition saves. Per linear, the forward,
+grad-input and grad-weight GEMMs get a format from the config (``gemm``, ``gemm_filter`` by module
+name) or, for "auto", from :func:`fxlowbit.costmodel.gemm_choice` at the example sizes. Left as
+they are: inputs of fewer than 2 dims, dtypes other than fp32/bf16/fp16, weights not 2-D, tensors
+on different devices, and linears whose three GEMMs all stay plain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import re
+from collections import Counter
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..codegen.kernels.lowbit_linear import LOWBIT, PLAIN, lowbit_linear, plain_format
+from ..config import GEMM_ROLES, LowbitConfig
+from ..costmodel import HardwareProfile, gemm_choice, load_profile
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "Decision", "module_name", "formats_for"]
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
+_ROOT = re.compile(r"^L\['[^']*'\]\.?|^L__self__\.?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the pass did with one linear."""
+
+    node: str  # the linear's node name in the Dynamo graph
+    module: str  # dotted module path ("" at the top level or unknown)
+    mnk: tuple[int, int, int]  # tokens, out features, in features (at the example sizes)
+    formats: tuple[str, str, str]  # forward, grad-input, grad-weight
+    reasons: tuple[str, str, str]
+    hadamard: int
+
+
+def module_name(node: fx.Node) -> str:
+    """Dotted path of the innermost module a Dynamo node came from (``"blocks.0.fc1"``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = _ROOT.sub("", path).replace("._modules['", ".").replace("']", "")
+    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+
+
+def _val(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _hint(d) -> int:
+    if isinstance(d, torch.SymInt):
+        return d.node.hint if d.node.has_hint() else 1 << 16  # unknown: assume large
+    return int(d)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def formats_for(
+    requested: tuple[str, str, str],
+    mnk: tuple[int, int, int],
+    dtype: torch.dtype,
+    profile: HardwareProfile,
+    capability: tuple[int, int] | None,
+) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(formats, reasons) of a linear's (forward, grad-input, grad-weight) GEMMs from the requested
+    config values ("auto" asks the cost model; "off" is the plain dtype's name)."""
+    m, n, k = mnk
+    plain, dname = plain_format(dtype), str(dtype).removeprefix("torch.")
+    # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
+    shapes = ((m, n, k, False), (m, k, n, True), (n, k, m, True))
+    formats, reasons = [], []
+    for want, (rows, cols, red, grad) in zip(requested, shapes, strict=True):
+        if want == "auto":
+            c = gemm_choice(rows, cols, red, dname, profile, capability, gradient=grad)
+            formats.append(c.fmt)
+            reasons.append(f"auto: {c.reason}")
+        else:
+            formats.append(plain if want == "off" else want)
+            reasons.append("gemm_filter / gemm option" if want != "off" else "off by option")
+    return tuple(formats), tuple(reasons)  # type: ignore[return-value]
+
+
+def run(
+    gm: fx.GraphModule,
+    cfg: LowbitConfig,
+    *,
+    stream: int = -1,
+    profile: HardwareProfile | str | None = None,
+    counters: Counter | None = None,
+) -> list[Decision]:
+    """Rewrite every supported linear of ``gm`` whose formats are not all plain; returns a
+    :class:`Decision` per linear considered. ``stream``: the random stream of the gradients'
+    stochastic rounding (:mod:`fxlowbit.codegen.rng`; negative: round to nearest)."""
+    counters = counters if counters is not None else Counter()
+    prof = load_profile(profile if profile is not None else cfg.profile)
+    decisions: list[Decision] = []
+    rewritten = 0
+    try:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _LINEAR:
+                d = _consider(gm.graph, node, cfg, prof, stream, counters)
+                decisions += [d] if d is not None else []
+                rewritten += d is not None and any(f in LOWBIT for f in d.formats)
+    finally:  # a failure leaves the linears rewritten so far rewritten, and the graph compiled
+        if rewritten:
+            gm.graph.lint()
+            gm.recompile()
+    return decisions
+
+
+def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> Decision | None:
+    """Choose the formats of one linear node and rewrite it when any is low-bit."""
+    try:
+        bound = _SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    x, w, b = bound["input"], bound["weight"], bound.get("bias")
+    xv, wv, bv, yv = _val(x), _val(w), _val(b), _val(node)
+    why = _unsupported(xv, wv, b, bv, yv)
+    if why:
+        counters["lowbit_gemm_skipped"] += 1
+        log.debug("lowbit_gemm: %s left as is: %s", node.name, why)
+        return None
+    name = module_name(node)
+    tokens = _hint(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
+    mnk = (tokens, _hint(wv.shape[0]), _hint(wv.shape[1]))
+    formats, reasons = formats_for(cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device))
+    low = formats[0] in LOWBIT
+    hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
+    decision = Decision(node.name, name, mnk, formats, reasons, hadamard)
+    if not any(f in LOWBIT for f in formats):
+        counters["lowbit_gemm_declined"] += 1
+        log.debug("lowbit_gemm: %s (%s) stays plain: %s", node.name, name, "; ".join(reasons))
+        return decision
+    _rewrite(graph, node, x, w, b, yv.dtype, (*formats, hadamard, stream))
+    counters["lowbit_gemm"] += 1
+    for role, fmt in zip(GEMM_ROLES, formats, strict=True):
+        counters[f"lowbit_gemm_{role}_{fmt}"] += 1
+    x_bytes = mnk[0] * mnk[2] * yv.dtype.itemsize
+    saved = mnk[0] * (mnk[2] + 4) if low else x_bytes
+    log.debug("lowbit_gemm: %s (%s, M N K %s) -> %s; saved x %d -> %d bytes; %s", node.name, name, mnk,
+              "/".join(formats), x_bytes, saved, "; ".join(reasons))  # fmt: skip
+    return decision
+
+
+def _unsupported(xv, wv, b, bv, yv) -> str:
+    if xv is None or wv is None or yv is None or (b is not None and bv is None):
+        return "no tensor values recorded"
+    if xv.dim() < 2 or wv.dim() != 2:
+        return f"input {tuple(xv.shape)} / weight {tuple(wv.shape)}: need (..., K) with >= 2 dims and (N, K)"
+    if yv.dtype not in PLAIN.values():
+        return f"dtype {yv.dtype}"
+    devices = {t.device for t in (xv, wv, bv, yv) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    return ""
+
+
+def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args: tuple) -> None:
+    new: list[fx.Node] = []
+
+    def add(target, *a) -> fx.Node:
+        n = graph.call_function(target, a)
+        new.append(n)
+        vals = fx.node.map_arg(a, _val)
+        mode = getattr(_val(x), "fake_mode", None)
+        if mode is not None:
+            with mode:
+                n.meta["example_value"] = target(*vals)
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                n.meta[key] = node.meta[key]
+        return n
+
+    try:
+        with graph.inserting_before(node):
+            # autocast made the linear's output dtype: cast its inputs so the op runs in it too
+            x, w, b = (v if v is None or _val(v).dtype == dtype else add(torch.Tensor.to, v, dtype)
+                       for v in (x, w, b))  # fmt: skip
+            out = add(lowbit_linear, x, w, b, *args)
+    except Exception:
+        for n in reversed(new):
+            graph.erase_node(n)
+        raise
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
