@@ -186,10 +186,14 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
 
 def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
     """Projection + cross-entropy -> fused op, on the Dynamo graph (passes/linear_ce.py). An
-    explicit memory budget below 1 binds, so the choice then always fuses."""
+    explicit memory budget below 1 binds: the choice then fuses LM heads (vocab >= 8 x hidden), or
+    every head when nothing else is compressed."""
     binding = cfg.memory_budget is not None and cfg.memory_budget != 1
     try:
-        passes.linear_ce.run(gm, budget_binding=binding, profile=cfg.profile, counters=counters)
+        compressing = cfg.enabled("plan") and cfg.enabled("rewrite_saved")
+        passes.linear_ce.run(
+            gm, budget_binding=binding, compressing=compressing, profile=cfg.profile, counters=counters
+        )
     except Exception as err:  # the rewrite undoes its own partial edits before raising
         if cfg.strict:
             raise

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = ["run", "choose", "Choice", "MIN_FUSE_BYTES"]
 
 MIN_FUSE_BYTES = 1 << 20  # saved logits at least this large: always fuse
+MIN_VOCAB_RATIO = 8  # under a binding budget fuse only logits this many times wider than the input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,19 @@ def choose(
     dtype: str = "float32",
     budget_binding: bool = False,
     logits_kept: bool = False,
+    compressing: bool = True,
 ) -> Choice:
     """Whether fusing pays. The unfused loss saves ``tokens x vocab x itemsize`` bytes (its
     log-probabilities); the fused one saves none but recomputes the logits in the backward, one
     extra ``2 tokens vocab hidden``-FLOP matmul (two when the logits are kept for other users).
-    Fuse when a memory budget binds, when the saved bytes reach ``MIN_FUSE_BYTES`` (they are then
-    usually the step's largest saved tensor), or when the matmul costs no more than writing and
-    reading those bytes back (``2 bytes / copy bandwidth``).
+    Fuse when a memory budget binds and the logits are at least ``MIN_VOCAB_RATIO`` times wider
+    than the input, when the saved bytes reach ``MIN_FUSE_BYTES`` (they are then usually the step's
+    largest saved tensor), or when the matmul costs no more than writing and reading those bytes
+    back (``2 bytes / copy bandwidth``). The fused backward reads its input exact: when saved
+    tensors are being compressed (``compressing``, the planner on), the unfused loss stores input
+    and log-probabilities compressed instead, (H + V) elements at about 4 bits a token against H at
+    32, so under a binding budget fusing only pays from V >= 7 H (an LM head, not a 10-class
+    classifier on 512 features).
 
         >>> choose(4096, 50257, 768, 4, load_profile("cpu")).fuse
         True
@@ -63,8 +70,9 @@ def choose(
     saved = tokens * vocab * itemsize
     extra = profile.matmul_time(2.0 * tokens * vocab * hidden, dtype) * (2 if logits_kept else 1)
     traffic = 2 * saved / (profile.copy_gbps * 1e9)
-    if budget_binding:
-        return Choice(True, saved, extra, "memory budget binds")
+    if budget_binding and (not compressing or vocab >= MIN_VOCAB_RATIO * hidden):
+        why = f" and vocab >= {MIN_VOCAB_RATIO} x hidden" if compressing else ""
+        return Choice(True, saved, extra, "memory budget binds" + why)
     if saved >= MIN_FUSE_BYTES:
         return Choice(True, saved, extra, f"saved logits {saved} B >= {MIN_FUSE_BYTES} B")
     if extra <= traffic:
@@ -76,10 +84,12 @@ def run(
     gm: fx.GraphModule,
     *,
     budget_binding: bool = False,
+    compressing: bool = True,
     profile: HardwareProfile | str | None = None,
     counters: Counter | None = None,
 ) -> int:
-    """Fuse every matching projection + cross-entropy in ``gm``; returns how many were fused."""
+    """Fuse every matching projection + cross-entropy in ``gm``; returns how many were fused.
+    ``compressing``: the planner will compress saved tensors (see :func:`choose`)."""
     counters = counters if counters is not None else Counter()
     prof = load_profile(profile)
     fused = 0
@@ -97,7 +107,7 @@ def run(
         kept = any(u not in inside for n in (m.proj, *m.chain) for u in n.users)  # logits used elsewhere
         choice = choose(tokens if tokens is not None else 1 << 30, xv.shape[1], hv.shape[-1],
                         xv.dtype.itemsize, prof, dtype=str(yv.dtype)[6:], budget_binding=budget_binding,
-                        logits_kept=kept)  # fmt: skip
+                        logits_kept=kept, compressing=compressing)  # fmt: skip
         if not choice.fuse:
             counters["linear_ce_declined"] += 1
             log.debug("linear_ce: %s not fused: %s", loss.name, choice.reason)

@@ -117,7 +117,11 @@ def test_choice_direction():
     assert big.fuse and big.saved_bytes == 8192 * 50257 * 4 >= MIN_FUSE_BYTES
     small = choose(16, 11, 8, 4, cpu)
     assert not small.fuse and small.extra_s > 0
-    assert choose(16, 11, 8, 4, cpu, budget_binding=True).fuse
+    assert choose(16, 88, 8, 4, cpu, budget_binding=True).fuse  # vocab 11 x hidden
+    # a classifier head (10 classes on 512 features): its exact input costs more than its logits,
+    # unless nothing is compressed (the input is then saved exact either way)
+    assert not choose(1024, 10, 512, 4, cpu, budget_binding=True).fuse
+    assert choose(1024, 10, 512, 4, cpu, budget_binding=True, compressing=False).fuse
     # the extra matmul doubles when the logits are kept for other users
     kept = choose(16, 11, 8, 4, cpu, logits_kept=True)
     assert kept.extra_s == pytest.approx(2 * small.extra_s)
