@@ -12,7 +12,7 @@ Works on the plain records of :mod:`fxlowbit.passes.analyze` and never touches t
 2. Each form is priced by :mod:`fxlowbit.costmodel`: stored bytes, seconds added to the step and
    gradient variance added, in units of the minibatch gradient variance.
 3. :func:`solve` picks one form per tensor minimising ``time + w * step_time * variance`` under the
-   memory budget: exact dynamic programming over the budget (in at most ``DP_UNITS`` units, sizes
+   memory budget: exact dynamic programming over the budget (in :func:`dp_unit` units, sizes
    rounded up, so a plan found is always within budget), a documented greedy beyond ``DP_LIMIT``
    cells. ``w`` starts at 1 (a variance ratio ``r`` costs about ``r`` more steps, i.e.
    ``r * step_time``) and is raised until the plan's variance ratio is within
@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 VALUE, COMPARE, EXACT = "value", "compare", "exact"  # mirrors fxlowbit.passes._ops roles (no torch.fx)
-DP_UNITS = 4096  # budget resolution of the exact solver
+DP_UNITS = 4096  # least budget resolution of the exact solver (finer when the instance is small)
+DP_MAX_UNITS = 1 << 18
 DP_LIMIT = 4_000_000  # items x units x choices beyond which the greedy solver is used
 _W_MAX = 1e9
 
@@ -201,7 +202,7 @@ def candidates(
 def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
     """Pick one ``(bytes, cost)`` choice per item minimising total cost with total bytes <= budget;
     None if no selection fits. Exact dynamic programming when ``items x units x choices`` is at
-    most ``DP_LIMIT`` (bytes rounded up to units of ``ceil(budget / DP_UNITS)``: exact whenever the
+    most ``DP_LIMIT`` (bytes rounded up to units of :func:`dp_unit` bytes: exact whenever the
     sizes are multiples of the unit, and never over budget), otherwise :func:`solve_greedy`."""
     if budget < 0:
         return None
@@ -211,7 +212,12 @@ def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int
     # items with a single choice only take their bytes off the budget (no rounding for them)
     free = [i for i, c in enumerate(items) if len(c) > 1]
     budget -= sum(c[0][0] for c in items if len(c) == 1)
-    sub = _solve_dp([items[i] for i in free], budget)
+    sub_items = [items[i] for i in free]
+    # sizes rounded down relax the problem: its optimum, if it truly fits, is the exact optimum;
+    # otherwise sizes rounded up give a plan that surely fits
+    sub = _solve_dp(sub_items, budget, round_up=False)
+    if sub is None or sum(c[k][0] for c, k in zip(sub_items, sub, strict=True)) > budget:
+        sub = _solve_dp(sub_items, budget)
     if sub is None:
         return None
     pick = [0] * len(items)
@@ -220,10 +226,28 @@ def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int
     return pick
 
 
-def _solve_dp(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
+def dp_unit(budget: int, items: Sequence[Sequence]) -> int:
+    """Bytes per unit of the exact solver: a multiple of the sizes' greatest common divisor (sizes
+    are then exact multiples whenever the budget allows), with the budget cut into as many units
+    as ``DP_LIMIT`` cells allow for these items (at least ``DP_UNITS``, at most ``DP_MAX_UNITS``)."""
+    width = max((len(c) for c in items), default=1)
+    units = max(DP_UNITS, min(DP_MAX_UNITS, DP_LIMIT // max(1, len(items) * width)))
+    g = math.gcd(*(int(b) for c in items for b, _ in c)) or 1
+    return g * max(1, math.ceil(budget / (units * g)))
+
+
+def _solve_dp(
+    items: Sequence[Sequence[tuple[int, float]]], budget: int, round_up: bool = True
+) -> list[int] | None:
+    """Exact DP in :func:`dp_unit` units; sizes rounded up (never over budget) or, with
+    ``round_up=False``, down (a relaxation: the caller checks the true bytes)."""
     if budget < 0:
         return None
-    unit = max(1, math.ceil(budget / DP_UNITS))
+    unit = dp_unit(budget, items)
+
+    def units_of(nbytes) -> int:
+        return -(-int(nbytes) // unit) if round_up else int(nbytes) // unit
+
     cap = budget // unit
     width = max((len(c) for c in items), default=1)
     if len(items) * (cap + 1) * width > DP_LIMIT:
@@ -235,7 +259,7 @@ def _solve_dp(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list
         new = np.full(cap + 1, np.inf)
         arg = np.zeros(cap + 1, dtype=np.int16)
         for k, (nbytes, cost) in enumerate(choices):
-            w = -(-int(nbytes) // unit)
+            w = units_of(nbytes)
             if w > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
@@ -252,7 +276,7 @@ def _solve_dp(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list
     for choices, arg in zip(reversed(items), reversed(picks), strict=True):
         k = int(arg[used])
         out.append(k)
-        used -= -(-int(choices[k][0]) // unit)
+        used -= units_of(choices[k][0])
     return out[::-1]
 
 

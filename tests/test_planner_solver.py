@@ -55,10 +55,10 @@ big_instances = st.lists(st.lists(big_choice, min_size=1, max_size=4), min_size=
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(items=big_instances, budget=st.integers(planner.DP_UNITS + 1, 120_000))
 def test_rounded_dp_never_exceeds_budget(items, budget):
-    """Beyond DP_UNITS the budget is cut into units of ``ceil(budget / DP_UNITS)`` bytes and sizes
-    are rounded up (except when the budget does not bind, and for single-choice items, which only
-    take their bytes off the budget): a plan found is within budget and at least as good as the
-    optimum for the rounded sizes."""
+    """The budget is cut into units of at most ``ceil(budget / DP_UNITS)`` bytes (finer for small
+    instances, :func:`planner.dp_unit`) and sizes are rounded up (except when the budget does not
+    bind, and for single-choice items, which only take their bytes off the budget): a plan found is
+    within budget and at least as good as the optimum for sizes rounded to the coarsest unit."""
     unit = math.ceil(budget / planner.DP_UNITS)
     pick = planner.solve(items, budget)
     exact = planner.brute_force(items, budget)
@@ -99,3 +99,19 @@ def test_edge_cases():
     assert planner.solve([[(1, 0.0)]], -1) is None
     assert planner.solve([[(0, 1.0), (0, 0.5)]], 0) == [1]
     assert planner.brute_force([[(5, 0.0)]], 4) is None
+
+
+def test_a_budget_equal_to_a_plans_bytes_fits_that_plan():
+    """lowbit at exactly uniform 4-bit's bytes must be able to choose uniform 4-bit: sizes rounded
+    up to coarse units would not fit it (one tensor shaved to 2 bits). Units are multiples of the
+    sizes' gcd, and a relaxation (sizes rounded down) is tried first and kept when it truly fits."""
+    items = [[(16_777_216, 0.0), (2_228_224, 1.0)], [(4_194_304, 0.0), (557_000, 1.0)]]
+    items.append([(8_388_608, 0.0), (1_114_112, 1.0)])
+    items.append([(40_964, 0.0), (5_444, 0.5)])
+    budget = 2_228_224 + 557_000 + 1_114_112 + 5_444
+    assert sum(
+        -(-b // math.ceil(budget / planner.DP_UNITS)) for b in (2_228_224, 557_000, 1_114_112, 5_444)
+    ) > (budget // math.ceil(budget / planner.DP_UNITS))  # coarse rounding up does not fit it
+    assert planner.solve(items, budget) == [1, 1, 1, 1]
+    many = [[(1000, 0.0), (100, 1.0)]] * 5000
+    assert planner.dp_unit(10**9, many) >= math.ceil(10**9 / planner.DP_UNITS)  # bounded work
