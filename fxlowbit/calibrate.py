@@ -6,9 +6,10 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
 1. the exact gradient ``g`` of every input for fixed tangents (ones for a scalar output, seeded
    N(0, 1/numel) otherwise);
 2. for each tensor the planner may quantize, the gradient ``g_l`` with only that tensor quantized
-   at 2 bits (stochastic rounding, groups as configured): ``||g_l - g||^2`` is one sample of the
-   variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
-   ranges, the sensitivity is ``s_l = 9 ||g_l - g||^2`` (the variance at "one level", see
+   at ``PROBE_BITS`` = 4 bits (stochastic rounding, groups as configured; in normalised form
+   where the rewrite stores it so, see :func:`_normalised_probe`): ``||g_l - g||^2`` is one
+   sample of the variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
+   ranges, the sensitivity is ``s_l = 225 ||g_l - g||^2`` (the variance at "one level", see
    :mod:`fxlowbit.costmodel`);
 3. at the next step, the exact gradient ``g'`` of a new minibatch: ``||g - g'||^2 / 2`` estimates
    the minibatch gradient variance (two consecutive batches; parameter drift over one step is
@@ -36,7 +37,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Probe", "probe_sensitivity", "exact_gradient", "minibatch_variance"]
 
-PROBE_BITS = 2
+# 4, not 2: the 1/(2^b - 1)^2 scaling holds while the noise is small next to the consumers'
+# curvature (softmax, normalisation); 2-bit probes misranked a CNN's tensors (a plan at uniform
+# 4-bit's bytes lost 3.5 dB to it; 4-bit probes gain 0.6 dB)
+PROBE_BITS = 4
 
 
 @dataclasses.dataclass
@@ -114,6 +118,26 @@ def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
     return g
 
 
+def _normalised_probe(pristine, name: str, noisy) -> fx.GraphModule | None:
+    """A copy of the backward in which the value the rewrite would store for ``name`` in its place
+    (its normalised form, e.g. LayerNorm's ``(x - mean) * rstd``; passes/rewrite_saved.py) goes
+    through ``noisy``; None when ``name`` is stored as itself."""
+    from .passes.rewrite_saved import _normalised
+
+    fw, bw, _ = pristine
+    g = copy.deepcopy(bw)
+    ph = next(p for p in g.graph.find_nodes(op="placeholder") if p.name == name)
+    found = _normalised(ph, fw.graph)
+    if found is None:
+        return None
+    _, reader = found
+    with g.graph.inserting_after(reader):
+        q = g.graph.call_function(noisy, (reader,))
+    reader.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+    g.recompile()
+    return g
+
+
 def _is_comparison(user: fx.Node) -> bool:
     return user.op == "call_function" and getattr(user.target, "overloadpacket", None) in _ops.COMPARISONS
 
@@ -133,17 +157,23 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
             x = saved[i]
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
                 continue
-            n_groups = -(-x.numel() // group_size)
-            noise = torch.rand(n_groups, group_size, generator=gen).to(x.device)
-            codes, meta = quantize_pack_reference(x.detach(), PROBE_BITS, group_size, noise)
-            xq = dequantize_unpack_reference(
-                codes, meta, PROBE_BITS, group_size, x.shape, x.dtype, x.stride()
-            )
-            split = _value_only(bw, name)
-            if split is not None:  # comparisons keep reading the exact value, as the masks do
+
+            def noisy(v: torch.Tensor) -> torch.Tensor:
+                noise = torch.rand(-(-v.numel() // group_size), group_size, generator=gen).to(v.device)
+                codes, meta = quantize_pack_reference(v.detach(), PROBE_BITS, group_size, noise)
+                return dequantize_unpack_reference(
+                    codes, meta, PROBE_BITS, group_size, v.shape, v.dtype, v.stride()
+                )
+
+            normal = _normalised_probe(pristine, name, noisy)
+            split = None if normal is not None else _value_only(bw, name)
+            if normal is not None:
+                g = _flat(normal(*saved, *tangents))
+            elif split is not None:  # comparisons keep reading the exact value, as the masks do
+                xq = noisy(x)
                 g = _flat(split(*saved, *tangents, xq))
             else:
-                g = _flat(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
+                g = _flat(bw(*saved[:i], noisy(x), *saved[i + 1 :], *tangents))
             sens[name] = float(((g - grad) ** 2).sum()) * (2**PROBE_BITS - 1) ** 2
     return Probe(sens, grad, float((grad**2).sum()))
 
