@@ -250,3 +250,36 @@ def test_probes_leave_the_random_stream_alone():
         compiled(x).sum().backward()
         states.append(torch.get_rng_state())
     assert torch.equal(*states)
+
+
+def test_layernorm_input_is_probed_in_normalised_form():
+    """The rewrite stores a LayerNorm input as ``(x - mean) * rstd``, so the probe must round that:
+    on rows of very different scale (one 1000x larger) rounding raw x puts the large row's range
+    on the small rows' group, which ``rstd`` then multiplies, so a raw probe reports a sensitivity
+    orders of magnitude above that of what the compressed step stores."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    x = torch.randn(64, 64)
+    x[::8] *= 1000.0  # every 8th row 1000x larger: groups of 256 span 4 rows
+    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
+    partitioner = backend.LowbitPartitioner(cfg, seed=0)
+    captured = []
+
+    def compiler(gm, example_inputs):
+        captured.append(list(example_inputs))
+        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+
+    torch.compile(model, backend=compiler)(x).pow(2).sum().backward()
+    (args,) = captured
+    pristine, names = partitioner.pristine, partitioner.quantizable
+    fw, bw, _ = pristine
+    ln_input = next(n for n in names if calibrate._normalised_probe(pristine, n, lambda v: v) is not None)
+    probed = calibrate.probe_sensitivity(pristine, args, [ln_input], 256, seed=1).sensitivity[ln_input]
+    # the raw probe, as before: round x itself
+    grad, saved, tangents = calibrate.exact_gradient(pristine, args, seed=1)
+    i = [p.name for p in bw.graph.find_nodes(op="placeholder")].index(ln_input)
+    raw = _rounding_error(lambda xq: bw(*saved[:i], xq, *saved[i + 1 :], *tangents), saved[i], 4, grad,
+                          torch.Generator().manual_seed(5)) * 15**2  # fmt: skip
+    assert raw > 100 * probed, (raw, probed)  # measured 2.3e9x
+    torch._dynamo.reset()
