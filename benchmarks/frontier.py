@@ -111,14 +111,20 @@ def make_case(name: str, size: str) -> Case:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
+LEAST_VARIANCE = 1e-9  # max_variance_ratio of the rows matching uniform bytes: least-variance plans
+
+
 @dataclasses.dataclass
 class Setting:
     frontier: str  # "aot_eager" | "inductor" | "min-cut" | "lowbit" | "uniform"
     budget: float | None = None
     bits: int | None = None
+    matches: int | None = None  # lowbit at the planned bytes of uniform ``matches``-bit
 
     @property
     def label(self) -> str:
+        if self.matches is not None:
+            return f"lowbit least-variance = uniform {self.matches}b bytes"
         if self.budget is not None:
             return f"{self.frontier} B={self.budget:g}"
         return f"{self.frontier} {self.bits}b" if self.bits is not None else self.frontier
@@ -160,6 +166,8 @@ def _compile(model: nn.Module, s: Setting, inner: str):
             lambda: rec.graphs
         )
     opts = {"memory_budget": s.budget} if s.frontier == "lowbit" else {"bits": s.bits}
+    if s.matches is not None:  # the least-variance plan within the budget (see vs_uniform)
+        opts["max_variance_ratio"] = LEAST_VARIANCE
     opts |= {"seed": 0, **({"inner": "eager"} if inner == "eager" else {})}
     fxlowbit.LowbitConfig.from_options(opts)  # an unknown option raises here, not inside Dynamo
     last_graphs = getattr(fxlowbit.backend, "last_graphs", None)
@@ -246,7 +254,14 @@ def time_rows(case: Case, lives: list[Live], steps: int, rounds: int) -> None:
 
 
 def run_model(
-    name: str, size: str, settings: list[Setting], inner: str, steps: int, rounds: int, warmup: int
+    name: str,
+    size: str,
+    settings: list[Setting],
+    inner: str,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    match_uniform: bool = False,
 ) -> list[dict]:
     torch._dynamo.reset()
     fxlowbit.reset()
@@ -255,8 +270,21 @@ def run_model(
     ref.update(saved_ratio=1.0, grad_sqnr_db=math.inf, note="fp32 reference: bytes, gradients")
     rows, lives = [ref], []
     n_graphs = None  # Dynamo's graphs of the model, counted on the first min-cut row
+    # lowbit at each uniform row's planned bytes (an absolute budget), right after that row
+    settings = list(settings)
+    if match_uniform:
+        for i in range(len(settings) - 1, -1, -1):
+            if settings[i].frontier == "uniform":
+                settings.insert(i + 1, Setting("lowbit", matches=settings[i].bits))
+    planned: dict[int, int] = {}  # uniform bits -> its planned saved bytes
     for s in settings:
+        if s.matches is not None:
+            if s.matches not in planned:
+                continue
+            s = dataclasses.replace(s, budget=planned[s.matches])
         row, live = build(case, s, inner, ref if ref["error"] is None else None, warmup, n_graphs)
+        if s.frontier == "uniform" and row["error"] is None:
+            planned[s.bits] = row["counters"].get("saved_bytes_after")
         if n_graphs is None and s.frontier in ("inductor", "min-cut"):
             n_graphs = row.get("graphs")
         rows.append(row)
@@ -379,6 +407,29 @@ def acceptance_line(name: str, acc: dict) -> str:
     )
 
 
+def vs_uniform(rows: list[dict]) -> list[dict]:
+    """Each ``lowbit least-variance = uniform b bytes`` row against its uniform row: saved bytes and
+    gradient SQNR (the planner must store no more and be strictly closer to the exact gradient).
+    Those rows ask for the least-variance plan (``max_variance_ratio`` tiny): by default the planner
+    spends the variance limit on speed (e.g. 8-bit codes, faster to pack on this CPU, and 2-bit
+    ones elsewhere), which at equal bytes can cost SQNR against uniform rounding."""
+    out = []
+    prefix = "lowbit least-variance = uniform "
+    for r in rows:
+        m = r["label"].removeprefix(prefix).removesuffix("b bytes")
+        u = next((x for x in rows if x["label"] == f"uniform {m}b"), None)
+        measured = [x for x in (r, u) if x and x["error"] is None and x["grad_sqnr_db"] is not None]
+        if r["label"].startswith(prefix) and len(measured) == 2:
+            better = r["saved_bytes"] <= u["saved_bytes"] and r["grad_sqnr_db"] > u["grad_sqnr_db"]
+            line = (f"{'PASS' if better else 'FAIL'} planned vs uniform {m}-bit at its bytes: "
+                    f"{r['saved_mb']:.3f} vs {u['saved_mb']:.3f} MB, "
+                    f"{r['grad_sqnr_db']:.1f} vs {u['grad_sqnr_db']:.1f} dB")  # fmt: skip
+            out.append({"bits": int(m), "better": better, "line": line,
+                        "saved_mb": [r["saved_mb"], u["saved_mb"]],
+                        "grad_sqnr_db": [r["grad_sqnr_db"], u["grad_sqnr_db"]]})  # fmt: skip
+    return out
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -443,6 +494,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mincut-budgets", default=MINCUT_BUDGETS, help="activation_memory_budget sweep")
     p.add_argument("--lowbit-budgets", default=LOWBIT_BUDGETS, help="lowbit memory_budget sweep")
     p.add_argument("--bits", default="8,4,2", help="uniform lowbit bit widths ('' for none)")
+    p.add_argument(
+        "--match-uniform",
+        action="store_true",
+        help="after each uniform row, lowbit with memory_budget = that row's planned bytes",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (0: no timing)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     warm = "steps before measuring (the first compiles; lowbit probes and re-plans at steps 10-11)"
@@ -469,7 +525,16 @@ def main(argv: list[str] | None = None) -> dict:
     limits = torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=1 << 16)
     with limits, torch._functorch.config.patch(enable_autograd_cache=False):
         for name in (m.strip() for m in args.models.split(",")):
-            mine = run_model(name, args.size, settings, args.inner, args.steps, args.rounds, args.warmup)
+            mine = run_model(
+                name,
+                args.size,
+                settings,
+                args.inner,
+                args.steps,
+                args.rounds,
+                args.warmup,
+                args.match_uniform,
+            )
             accept[name] = acceptance(mine)
             # timing ends run_model: a 1-min load average above the thread count means other processes
             # shared the CPUs while it ran (noisy step times)
@@ -478,6 +543,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"load average {load:.1f} on {os.cpu_count()} CPUs)\n")  # fmt: skip
             print(table(mine))
             print("\n" + acceptance_line(name, accept[name]), flush=True)
+            accept[name]["vs_uniform"] = versus = vs_uniform(mine)
+            for line in versus:
+                print(f"{name}: {line['line']}")
             rows += mine
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     sizes = "; ".join(f"{m}: {SIZES[m][args.size]}" for m in args.models.split(",") if m in SIZES)

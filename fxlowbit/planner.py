@@ -337,31 +337,36 @@ def decide(
     quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
     total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
     lossy_names = frozenset(s.name for s in quantizable)
-    options = [
-        candidates(
-            s,
-            cfg,
-            profile,
-            subs=subs,
-            sensitivity=sensitivity,
-            total_numel=total_numel,
-            lossy_names=lossy_names,
-        )  # fmt: skip
-        for s in saved
-    ]
-    # A replay reads its leaves' stored values: they must exist (no comparison-only masks, no
-    # replays of replays).
-    leaves = {leaf for s, (c, _, _) in zip(saved, options, strict=True) for leaf in _replay_leaves(s, c)}
-    for i, s in enumerate(saved):
-        if s.name in leaves:
-            c, why, n = options[i]
-            keep = [k for k, x in enumerate(c) if x.form not in (Form.CMP_MASK, Form.RECOMPUTE)]
-            options[i] = ([c[k] for k in keep], [why[k] for k in keep], n)
 
+    def forms(at: Mapping) -> list:
+        options = [
+            candidates(
+                s,
+                cfg,
+                profile,
+                subs=at,
+                sensitivity=sensitivity,
+                total_numel=total_numel,
+                lossy_names=lossy_names,
+            )  # fmt: skip
+            for s in saved
+        ]
+        # A replay reads its leaves' stored values: they must exist (no comparison-only masks, no
+        # replays of replays).
+        leaves = {leaf for s, (c, _, _) in zip(saved, options, strict=True) for leaf in _replay_leaves(s, c)}
+        for i, s in enumerate(saved):
+            if s.name in leaves:
+                c, why, n = options[i]
+                keep = [k for k, x in enumerate(c) if x.form not in (Form.CMP_MASK, Form.RECOMPUTE)]
+                options[i] = ([c[k] for k in keep], [why[k] for k in keep], n)
+        return options
+
+    options = forms(subs)
     total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
     budget = _budget(cfg, total)
     t_step = step_time(gemms, profile, total)
     pick, weight, status = _choose([c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio)
+    pick, status = _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step)
     decisions = []
     for s, (costs, why, n), k in zip(saved, options, pick, strict=True):
         c = costs[k]
@@ -378,14 +383,44 @@ def decide(
     return plan
 
 
+GROWTH_CHECKS = 3  # re-solves allowed to keep a symbolic plan within budget at grown sizes
+
+
+def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step):
+    """A plan over symbolic sizes runs at other sizes too (later batch sizes and sequence lengths
+    reuse the graph), where its stored fraction of the bytes shifts (T^2 attention terms, constant
+    tensors). Check it with every size doubled; if the fraction exceeds a fractional budget there,
+    solve again with the budget scaled down by the overshoot (at most ``GROWTH_CHECKS`` times)."""
+    free = {sym for s in saved for sym in sympy.sympify(s.nbytes).free_symbols}
+    frac = cfg.budget
+    if not free or frac > 1 or pick is None or "cannot be met" in status:
+        return pick, status
+    grown = forms({**subs, **{sym: 2 * int(subs.get(sym, 1)) for sym in free}})
+    total2 = sum(c[0].nbytes for c, _, _ in grown)
+    scaled = budget
+    for _ in range(GROWTH_CHECKS):
+        used2 = sum(c[k].nbytes for (c, _, _), k in zip(grown, pick, strict=True))
+        if used2 <= frac * total2:
+            return pick, status
+        scaled = int(scaled * frac * total2 / used2) - 1
+        new_pick, _, new_status = _choose(
+            [c for c, _, _ in options], scaled, t_step, cfg.max_variance_ratio, warn=False
+        )
+        if new_pick is None or "cannot be met" in new_status:
+            break
+        pick, status = new_pick, new_status
+    return pick, status
+
+
 def _replay_leaves(s, costs: list[Costs]) -> tuple[str, ...]:
     if s.recompute is not None and any(c.form == Form.RECOMPUTE for c in costs):
         return s.recompute.leaves
     return ()
 
 
-def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: float):
-    """(choice per item, variance weight used, status line)."""
+def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: float, warn: bool = True):
+    """(choice per item, variance weight used, status line); ``warn``: warn once when the budget
+    or the variance limit cannot be met."""
 
     def run(w: float):
         pick = solve([[(c.nbytes, c.time_s + w * t_step * c.variance) for c in it] for it in items], budget)
@@ -402,7 +437,8 @@ def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: flo
             f"fxlowbit: memory budget of {budget} saved bytes cannot be met: the smallest plan "
             f"stores {least} bytes; using it"
         )
-        _warn_once("budget", msg)
+        if warn:
+            _warn_once("budget", msg)
         return pick, math.inf, msg
     if ratio <= max_ratio:
         return pick, 1.0, "ok"
@@ -415,7 +451,8 @@ def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: flo
             f"{best_ratio:.3g} > max_variance_ratio={max_ratio:g}; using the least-variance plan within "
             f"budget. Within the variance limit the smallest plan stores {least_bytes} bytes"
         )
-        _warn_once("variance", msg)
+        if warn:
+            _warn_once("variance", msg)
         return best_pick, hi, msg
     for _ in range(40):  # smallest weight meeting the limit: the fastest plan that does
         mid = math.sqrt(lo * hi)

@@ -155,16 +155,26 @@ class _Rewriter:
             self.dropped.append(ph)
             node, reader = normal
             self.counters["saved_normalised"] += 1
-        val = node.meta["val"]
+        # inline kernels decode contiguously: a permuted tensor (attention's q/k/v) is packed in
+        # memory order and its decode permuted back, a view with the original strides (no copy)
+        perm = _memory_order(node.meta["val"]) if self.inline else None
+        src = node
+        if perm is not None:
+            with self.fg.inserting_after(node):
+                src = call(self.fg, torch.ops.aten.permute.default, (node, perm))
+        val = src.meta["val"]
         packed = self._fused(node, bits) if self.fuse and not self.inline else None
         packed = packed or self._pack(
-            node,
+            src,
             quantize_pack_traceable,
             lowbit.quantize_pack.default,
             (bits, self.group_size),
             ["codes", "qmeta"],
             seeded=True,
         )
+        if perm is not None:
+            for part, name in zip(packed, ("codes", "qmeta"), strict=True):
+                part._rename(f"{node.name}_{name}")
         parts = self.emit(node, ph, packed)
         decode = self._decoder(
             val,
@@ -173,6 +183,14 @@ class _Rewriter:
             parts,
             (bits, self.group_size, val.dtype),
         )
+        if perm is not None:
+            inverse = sorted(range(len(perm)), key=perm.__getitem__)
+            contiguous_decode = decode
+
+            def decode(syms):
+                return call(self.bg, torch.ops.aten.permute.default, (contiguous_decode(syms), inverse))
+
+            self.counters["saved_permuted"] += 1
         self.stored.append((reader, decode, None, (parts, bits)))
         self.counters[f"saved_quant{bits}"] += 1
 
@@ -254,6 +272,17 @@ class _Rewriter:
                 o for o in self.new_outputs[self.num_fwd :] if getattr(o, "name", None) not in unused
             ]
         self.out_node.args = (tuple(self.new_outputs),)
+
+
+def _memory_order(val) -> list[int] | None:
+    """The permutation of dims listing ``val``'s strides from largest to smallest when that makes
+    a non-contiguous tensor contiguous (a permuted dense tensor, static strides); else None."""
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return None
+    if any(not isinstance(d, int) for d in (*val.shape, *val.stride())):
+        return None
+    perm = sorted(range(val.dim()), key=lambda d: (-val.stride(d), d))
+    return perm if val.permute(perm).is_contiguous() else None
 
 
 def _mirror(n: fx.Node, fw_nodes: dict[str, fx.Node], memo: dict) -> fx.Node | None:
