@@ -177,7 +177,7 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     cfg = LowbitConfig.from_options(options)
     if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
         _fuse_loss(gm, cfg)
-    if cfg.enabled("lowbit_gemm") and cfg.gemm_active and torch.is_grad_enabled():
+    if cfg.enabled("lowbit_gemm") and (cfg.gemm_active or cfg.sparsity_active) and torch.is_grad_enabled():
         _lowbit_gemms(gm, cfg)
     if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
         return _compile(gm, example_inputs, cfg, LowbitPartitioner(cfg, _seed(cfg)), mode)

@@ -24,6 +24,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "kernels": ("auto", "inline", "triton"),
     "mode": ("memory", "balanced", "speed"),
     "gemm_hadamard": (0, 32, 128),
+    "sparsity": (None, "2:4"),
 }
 # Default memory budget of each mode, as a fraction of the uncompressed saved-activation bytes.
 MODE_BUDGET = {"memory": 0.1, "balanced": 0.2, "speed": 0.5}
@@ -60,6 +61,22 @@ class LowbitConfig:
         E.g. ``{"head": "off", "blocks.*.fc?": "int8"}``.
     gemm_hadamard: 0 (default), 32 or 128: rotate a low-bit forward GEMM's operands along K by
         block Hadamard matrices first (spreads outliers; layers whose K is not a multiple skip it).
+    sparsity: None (default) or "2:4": train the linear layers with 2:4 weight sparsity
+        (passes/lowbit_gemm.py, while training): each matching linear whose weight sizes are both
+        multiples of 4 becomes ``fxlowbit::sparse24_linear`` with a transposable 2:4 mask of its
+        weight (codegen/kernels/sparse24*.py: forward ``x (w*m)^T + b``, MVUE-sparsified
+        grad-weight GEMM, pruned weights get a zero gradient). Sparsity takes precedence over
+        ``gemm``: a sparse linear's GEMMs stay in its dtype. The mask lives in a process-wide
+        registry of ``fxlowbit::sparse24_mask`` (codegen/kernels/sparse24_mask.py), advanced once
+        per execution of the forward graph: activation checkpointing or anything else running the
+        forward twice per step shifts the schedule.
+    sparsity_filter: mapping of module-name glob pattern (as in ``gemm_filter``) -> bool: whether
+        the linears it matches are sparsified; the first matching pattern wins and a linear no
+        pattern matches is sparsified. Default {}: every eligible linear. E.g. ``{"head": False}``.
+    sparsity_refresh: int >= 1 (default 100): forward calls (training steps) between recomputations
+        of each mask from the current weights.
+    sparsity_dense_after: None (default) or int >= 0: from this training step on the masks are no
+        longer applied (dense fine-tuning; pruned weights resume from the values they had).
     """
 
     memory_budget: float | int | None = None
@@ -83,6 +100,10 @@ class LowbitConfig:
     gemm: Any = "auto"
     gemm_filter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     gemm_hadamard: int = 0
+    sparsity: str | None = None
+    sparsity_filter: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    sparsity_refresh: int = 100
+    sparsity_dense_after: int | None = None
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -145,6 +166,36 @@ class LowbitConfig:
                 raise ValueError(f"fxlowbit: gemm_filter pattern {pattern!r} must be a non-empty string")
             rules[pattern] = _gemm_formats(value, f"gemm_filter[{pattern!r}]")
         object.__setattr__(self, "gemm_filter", rules)
+        self._check_sparsity()
+
+    def _check_sparsity(self) -> None:
+        if not isinstance(self.sparsity_filter, Mapping):
+            raise ValueError(
+                f"fxlowbit: option sparsity_filter={self.sparsity_filter!r} must be a mapping of "
+                "module-name glob pattern -> bool"
+            )
+        for pattern, value in self.sparsity_filter.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"fxlowbit: sparsity_filter pattern {pattern!r} must be a non-empty string")
+            if not isinstance(value, bool):
+                raise ValueError(f"fxlowbit: sparsity_filter[{pattern!r}]={value!r} must be a bool")
+        object.__setattr__(self, "sparsity_filter", dict(self.sparsity_filter))
+        r = self.sparsity_refresh
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"fxlowbit: option sparsity_refresh={r!r} must be an int >= 1")
+        d = self.sparsity_dense_after
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            raise ValueError(f"fxlowbit: option sparsity_dense_after={d!r} must be None or an int >= 0")
+
+    def sparse(self, module: str) -> bool:
+        """Whether the linear in module ``module`` is to be 2:4 sparse: ``sparsity`` is set and the
+        first ``sparsity_filter`` pattern matching it (if any) says True."""
+        if self.sparsity is None:
+            return False
+        for pattern, keep in self.sparsity_filter.items():
+            if fnmatch.fnmatchcase(module, pattern):
+                return keep
+        return True
 
     def gemm_formats(self, module: str) -> tuple[str, str, str]:
         """(forward, grad-input, grad-weight) formats for the linear in module ``module`` (each one
@@ -173,6 +224,11 @@ class LowbitConfig:
     def gemm_active(self) -> bool:
         """Whether any linear may get a low-bit GEMM (else the lowbit_gemm pass has nothing to do)."""
         return any(f != "off" for fs in (self.gemm, *self.gemm_filter.values()) for f in fs)
+
+    @property
+    def sparsity_active(self) -> bool:
+        """Whether any linear may be made 2:4 sparse (the lowbit_gemm pass then runs too)."""
+        return self.sparsity is not None
 
     def inline_kernels(self, device_type: str) -> bool:
         """Whether pack/decode are traced into the graphs (see ``kernels``) on ``device_type``."""

@@ -8,6 +8,16 @@ grad-input and grad-weight GEMMs get a format from the config (``gemm``, ``gemm_
 name) or, for "auto", from :func:`fxlowbit.costmodel.gemm_choice` at the example sizes. Left as
 they are: inputs of fewer than 2 dims, dtypes other than fp32/bf16/fp16, weights not 2-D, tensors
 on different devices, and linears whose three GEMMs all stay plain.
+
+2:4 sparsity (``sparsity="2:4"``, opt-in) takes precedence over the formats: a linear its module
+matches in ``sparsity_filter`` (default: every one) whose weight sizes are both multiples of 4
+becomes ``fxlowbit::sparse24_linear(x, w, b, mask, seed, mvue=True, masked_grad=True)`` with
+``mask = fxlowbit::sparse24_mask(w, key, sparsity_refresh, sparsity_dense_after)``: a stateful op
+keeping the linear's transposable mask across steps under a ``key`` this pass assigns
+(codegen/kernels/sparse24_mask.py; key -> module path in its ``MODULES``), and ``seed`` a draw of
+``stream`` for the MVUE grad-weight GEMM. Its GEMMs stay in the linear's dtype. Counters:
+``sparse24`` per sparse linear, ``sparsity_declined`` per matching linear whose sizes are not
+multiples of 4 (it then gets the formats as usual).
 """
 
 from __future__ import annotations
@@ -22,7 +32,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..codegen import rng
+from ..codegen.kernels import sparse24_mask as _masks
 from ..codegen.kernels.lowbit_linear import LOWBIT, PLAIN, lowbit_linear, plain_format
+from ..codegen.kernels.sparse24_linear import sparse24_linear
+from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import GEMM_ROLES, LowbitConfig
 from ..costmodel import HardwareProfile, gemm_choice, load_profile
 
@@ -45,6 +59,7 @@ class Decision:
     formats: tuple[str, str, str]  # forward, grad-input, grad-weight
     reasons: tuple[str, str, str]
     hadamard: int
+    sparse24_key: int | None = None  # the sparse24_mask registry key of a 2:4 sparse linear
 
 
 def module_name(node: fx.Node) -> str:
@@ -119,7 +134,9 @@ def run(
             if node.op == "call_function" and node.target in _LINEAR:
                 d = _consider(gm.graph, node, cfg, prof, stream, counters)
                 decisions += [d] if d is not None else []
-                rewritten += d is not None and any(f in LOWBIT for f in d.formats)
+                rewritten += d is not None and (
+                    d.sparse24_key is not None or any(f in LOWBIT for f in d.formats)
+                )
     finally:  # a failure leaves the linears rewritten so far rewritten, and the graph compiled
         if rewritten:
             gm.graph.lint()
@@ -143,6 +160,11 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     name = module_name(node)
     tokens = _hint(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
     mnk = (tokens, _hint(wv.shape[0]), _hint(wv.shape[1]))
+    if cfg.sparse(name):
+        if mnk[1] % 4 == 0 and mnk[2] % 4 == 0 and not _symbolic(wv):
+            return _sparsify(graph, node, x, w, b, yv.dtype, cfg, name, mnk, stream, counters)
+        counters["sparsity_declined"] += 1
+        log.debug("lowbit_gemm: %s (%s) not 2:4: weight %s", node.name, name, tuple(wv.shape))
     formats, reasons = formats_for(cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device))
     low = formats[0] in LOWBIT
     hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
@@ -162,6 +184,30 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     return decision
 
 
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in t.shape)
+
+
+def _sparsify(
+    graph, node, x, w, b, dtype, cfg: LowbitConfig, name: str, mnk, stream: int, counters
+) -> Decision:
+    """Rewrite one linear to a 2:4 sparse one (see the module docstring)."""
+    key = _masks.new_key(name)
+    stream = stream if stream >= 0 else rng.new_stream(key)
+    dense_after = -1 if cfg.sparsity_dense_after is None else cfg.sparsity_dense_after
+
+    def build(add, x, w, b):
+        mask = add(torch.ops.fxlowbit.sparse24_mask.default, w, key, cfg.sparsity_refresh, dense_after)
+        seed = add(torch.ops.fxlowbit.draw_seed.default, x, stream)
+        return add(sparse24_linear, x, w, b, mask, seed, True, True)
+
+    _rewrite(graph, node, x, w, b, dtype, build)
+    counters["sparse24"] += 1
+    log.debug("lowbit_gemm: %s (%s, M N K %s) -> 2:4 sparse, mask key %d", node.name, name, mnk, key)
+    plain = plain_format(dtype)
+    return Decision(node.name, name, mnk, (plain,) * 3, ("2:4 sparsity",) * 3, 0, key)
+
+
 def _unsupported(xv, wv, b, bv, yv) -> str:
     if xv is None or wv is None or yv is None or (b is not None and bv is None):
         return "no tensor values recorded"
@@ -175,7 +221,9 @@ def _unsupported(xv, wv, b, bv, yv) -> str:
     return ""
 
 
-def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args: tuple) -> None:
+def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args) -> None:
+    """Replace ``node`` by ``lowbit_linear(x, w, b, *args)``, or by what ``args(add, x, w, b)``
+    builds when ``args`` is callable; inputs are cast to ``dtype`` first."""
     new: list[fx.Node] = []
 
     def add(target, *a) -> fx.Node:
@@ -196,7 +244,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args: 
             # autocast made the linear's output dtype: cast its inputs so the op runs in it too
             x, w, b = (v if v is None or _val(v).dtype == dtype else add(torch.Tensor.to, v, dtype)
                        for v in (x, w, b))  # fmt: skip
-            out = add(lowbit_linear, x, w, b, *args)
+            out = args(add, x, w, b) if callable(args) else add(lowbit_linear, x, w, b, *args)
     except Exception:
         for n in reversed(new):
             graph.erase_node(n)
