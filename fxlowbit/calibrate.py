@@ -118,19 +118,21 @@ def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
     return g
 
 
-def _normalised_probe(pristine, name: str, noisy) -> fx.GraphModule | None:
+def _normalised_probe(pristine, name: str, noisy, fw_nodes: dict | None = None) -> fx.GraphModule | None:
     """A copy of the backward in which the value the rewrite would store for ``name`` in its place
     (its normalised form, e.g. LayerNorm's ``(x - mean) * rstd``; passes/rewrite_saved.py) goes
-    through ``noisy``; None when ``name`` is stored as itself."""
+    through ``noisy``; None when ``name`` is stored as itself. ``fw_nodes``: the forward graph's
+    nodes by name (built here if not given); the backward is copied only when the form applies."""
     from .passes.rewrite_saved import _normalised
 
     fw, bw, _ = pristine
-    g = copy.deepcopy(bw)
-    ph = next(p for p in g.graph.find_nodes(op="placeholder") if p.name == name)
-    found = _normalised(ph, fw.graph)
+    fw_nodes = fw_nodes if fw_nodes is not None else {n.name: n for n in fw.graph.nodes}
+    ph = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == name)
+    found = _normalised(ph, fw_nodes)
     if found is None:
         return None
-    _, reader = found
+    g = copy.deepcopy(bw)
+    reader = next(n for n in g.graph.nodes if n.name == found[1].name)
     with g.graph.inserting_after(reader):
         q = g.graph.call_function(noisy, (reader,))
     reader.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
@@ -144,7 +146,8 @@ def _is_comparison(user: fx.Node) -> bool:
 
 def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> Probe:
     """Sensitivity of each saved tensor in ``names`` (see the module docstring)."""
-    _, bw, _ = pristine
+    fw, bw, _ = pristine
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
     grad, saved, tangents = exact_gradient(pristine, args, seed)
     placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
     gen = torch.Generator().manual_seed(seed + 1)
@@ -165,7 +168,7 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
                     codes, meta, PROBE_BITS, group_size, v.shape, v.dtype, v.stride()
                 )
 
-            normal = _normalised_probe(pristine, name, noisy)
+            normal = _normalised_probe(pristine, name, noisy, fw_nodes)
             split = None if normal is not None else _value_only(bw, name)
             if normal is not None:
                 g = _flat(normal(*saved, *tangents))

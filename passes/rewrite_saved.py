@@ -69,6 +69,7 @@ class _Rewriter:
         self.seed: fx.Node | None = None  # this graph's seed node (inline mode)
         self.n_seeded = 0
         self.dropped: list[fx.Node] = []  # backward placeholders replaced by a normalised form
+        self.fw_nodes = {n.name: n for n in self.fg.nodes}  # for _normalised (names are stable)
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -150,7 +151,7 @@ class _Rewriter:
 
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
         reader = ph  # the backward node the decoded value replaces
-        normal = _normalised(ph, self.fg)
+        normal = _normalised(ph, self.fw_nodes)
         if normal is not None:  # store the forward's normalised value in node's place
             self.dropped.append(ph)
             node, reader = normal
@@ -304,12 +305,12 @@ def _mirror(n: fx.Node, fw_nodes: dict[str, fx.Node], memo: dict) -> fx.Node | N
     return memo[n]
 
 
-def _normalised(ph: fx.Node, fg: fx.Graph) -> tuple[fx.Node, fx.Node] | None:
+def _normalised(ph: fx.Node, fw_nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
     """``(forward node, backward node)`` when every backward use of saved ``ph`` is a replay of
     forward ops ending in ONE node of ``ph``'s size and dtype (LayerNorm's ``(x - mean) * rstd``),
     else None. The backward node's value is what the backward really reads: storing it instead of
-    ``ph`` puts the rounding error where the gradient formula sees it, not scaled by ``rstd``."""
-    fw_nodes = {n.name: n for n in fg.nodes}
+    ``ph`` puts the rounding error where the gradient formula sees it, not scaled by ``rstd``.
+    ``fw_nodes``: the forward graph's nodes by name."""
     memo: dict = {}
     region, frontier, stack = set(), [], [ph]
     while stack:
