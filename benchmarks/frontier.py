@@ -182,7 +182,8 @@ def build(
     """Compile and run ``warmup`` steps (the first compiles; lowbit probes and re-plans at steps 10-11),
     then one seeded step (saved bytes, gradient, graphs); keep the model for timing. ``n_graphs``: how
     many graphs Dynamo makes of the model (lowbit's extra ones are re-plan variants)."""
-    row = {"model": case.name, "frontier": s.frontier, "label": s.label, "budget": s.budget, "bits": s.bits}
+    row = {"model": case.name, "frontier": s.frontier, "label": s.label, "budget": s.budget, "bits": s.bits,
+           "matches": s.matches}  # fmt: skip
     row.update(dict.fromkeys(("saved_bytes", "saved_ratio", "step_ms", "step_ratio", "matmul_flops",
                               "extra_flops_pct", "grad_sqnr_db", "error")), note="")  # fmt: skip
     c0 = Counter(fxlowbit.counters)
@@ -414,17 +415,16 @@ def vs_uniform(rows: list[dict]) -> list[dict]:
     spends the variance limit on speed (e.g. 8-bit codes, faster to pack on this CPU, and 2-bit
     ones elsewhere), which at equal bytes can cost SQNR against uniform rounding."""
     out = []
-    prefix = "lowbit least-variance = uniform "
     for r in rows:
-        m = r["label"].removeprefix(prefix).removesuffix("b bytes")
-        u = next((x for x in rows if x["label"] == f"uniform {m}b"), None)
+        m = r.get("matches")
+        u = next((x for x in rows if x["frontier"] == "uniform" and x["bits"] == m), None)
         measured = [x for x in (r, u) if x and x["error"] is None and x["grad_sqnr_db"] is not None]
-        if r["label"].startswith(prefix) and len(measured) == 2:
+        if m is not None and len(measured) == 2:
             better = r["saved_bytes"] <= u["saved_bytes"] and r["grad_sqnr_db"] > u["grad_sqnr_db"]
             line = (f"{'PASS' if better else 'FAIL'} planned vs uniform {m}-bit at its bytes: "
                     f"{r['saved_mb']:.3f} vs {u['saved_mb']:.3f} MB, "
                     f"{r['grad_sqnr_db']:.1f} vs {u['grad_sqnr_db']:.1f} dB")  # fmt: skip
-            out.append({"bits": int(m), "better": better, "line": line,
+            out.append({"bits": m, "better": better, "line": line,
                         "saved_mb": [r["saved_mb"], u["saved_mb"]],
                         "grad_sqnr_db": [r["grad_sqnr_db"], u["grad_sqnr_db"]]})  # fmt: skip
     return out
