@@ -1,8 +1,9 @@
 """The torch.library ops that compiled graphs call.
 
 Registered as ``custom_op`` + ``register_fake`` (opaque to Inductor; see DESIGN.md, Style): the
-forward graph calls ``quantize_pack`` / ``pack_mask`` on each compressed saved tensor and the
-backward graph calls ``dequantize_unpack`` / ``unpack_mask`` before the consumers.
+forward graph calls ``quantize_pack`` / ``pack_mask`` / ``pack_bits`` on each compressed saved
+tensor and the backward graph calls ``dequantize_unpack`` / ``unpack_mask`` / ``unpack_bits``
+before the consumers.
 
 Each op runs the hand-written Triton kernel (``kernels/*_triton.py``) on CUDA tensors, or anywhere
 when :data:`FORCE_TRITON` is set (env ``FXLOWBIT_TRITON=1``; tests use it to run the kernels in the
@@ -18,7 +19,14 @@ from collections.abc import Sequence
 import torch
 
 from . import fusion, rng
-from .kernels.bitmask import pack_mask_reference, packed_mask_numel, unpack_mask_reference
+from .kernels.bitmask import (
+    pack_bits_reference,
+    pack_mask_reference,
+    packed_bits_numel,
+    packed_mask_numel,
+    unpack_bits_reference,
+    unpack_mask_reference,
+)
 from .kernels.quant import (
     DTYPES,
     _numel,
@@ -35,6 +43,8 @@ __all__ = [
     "fused_dequantize_apply",
     "pack_mask",
     "unpack_mask",
+    "pack_bits",
+    "unpack_bits",
     "draw_seed",
     "FORCE_TRITON",
 ]
@@ -136,6 +146,44 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int], stride: Sequence[int
 @unpack_mask.register_fake
 def _(packed, shape, stride):
     return packed.new_empty_strided(shape, stride, dtype=torch.bool)
+
+
+@torch.library.custom_op("fxlowbit::pack_bits", mutates_args=())
+def pack_bits(x: torch.Tensor, bits: int, lo: int) -> torch.Tensor:
+    """Integers in ``[lo, lo + 2**bits)`` (or bool at 1 bit) -> uint8, ``8 // bits`` planar fields
+    per byte, stored exactly as ``x - lo``."""
+    if _triton(x):
+        from .kernels.bitmask_triton import pack_bits_triton
+
+        return pack_bits_triton(x, bits, lo)
+    return pack_bits_reference(x, bits, lo)
+
+
+@pack_bits.register_fake
+def _(x, bits, lo):
+    return x.new_empty((packed_bits_numel(x.numel(), bits),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fxlowbit::unpack_bits", mutates_args=())
+def unpack_bits(
+    packed: torch.Tensor,
+    bits: int,
+    lo: int,
+    shape: Sequence[int],
+    stride: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of ``pack_bits``: a ``dtype`` tensor with the given shape and strides."""
+    if _triton(packed):
+        from .kernels.bitmask_triton import unpack_bits_triton
+
+        return unpack_bits_triton(packed, bits, lo, list(shape), dtype, list(stride))
+    return unpack_bits_reference(packed, bits, lo, list(shape), dtype, list(stride))
+
+
+@unpack_bits.register_fake
+def _(packed, bits, lo, shape, stride, dtype):
+    return packed.new_empty_strided(shape, stride, dtype=dtype)
 
 
 @torch.library.custom_op("fxlowbit::fused_quantize_pack", mutates_args=())

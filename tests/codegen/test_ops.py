@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fxlowbit  # noqa: F401  (registers the fxlowbit:: ops)
 from fxlowbit.codegen import rng
+from fxlowbit.codegen.kernels.bitmask import pack_bits_reference
 from fxlowbit.codegen.kernels.quant import hash_uniform, quantize_pack_reference
 
 ops = torch.ops.fxlowbit
@@ -48,6 +49,29 @@ def _unpack_mask_samples():
     return [(ops.pack_mask(m), list(m.shape), list(m.stride())) for m in _mask_samples()]
 
 
+def _ints(x, lo, hi, dtype):
+    """``x`` mapped onto the integers ``[lo, hi]`` exactly (``x * 2`` and ``floor`` are exact)."""
+    return (x * 2).floor().clamp(lo, hi).to(dtype)
+
+
+def _bits_samples():
+    """(x, bits, lo): every width, odd sizes, non-contiguous inputs, negative and positive lo."""
+    return [
+        (_ints(_rand((257,)), 0, 8, torch.int8), 4, 0),  # 3x3 max-pool window offsets
+        (_ints(_rand((3, 5, 7)), -2, 1, torch.int64), 2, -2),
+        (_ints(_rand((40, 33)), -100, 100, torch.int32).t(), 8, -100),
+        (_rand((1,)) > 0, 1, 0),
+        (_ints(_rand((9,)), 3, 18, torch.uint8), 4, 3),
+    ]
+
+
+def _unpack_bits_samples():
+    return [
+        (ops.pack_bits(x, bits, lo), bits, lo, list(x.shape), list(x.stride()), x.dtype)
+        for x, bits, lo in _bits_samples()
+    ]
+
+
 # ---------------------------------------------------------------- opcheck
 
 
@@ -82,6 +106,16 @@ def test_opcheck_unpack_mask(i):
     torch.library.opcheck(ops.unpack_mask.default, _unpack_mask_samples()[i])
 
 
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck_pack_bits(i):
+    torch.library.opcheck(ops.pack_bits.default, _bits_samples()[i])
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck_unpack_bits(i):
+    torch.library.opcheck(ops.unpack_bits.default, _unpack_bits_samples()[i])
+
+
 # ---------------------------------------------------------------- fake vs real metadata
 
 
@@ -114,6 +148,11 @@ def test_fake_matches_real(i):
     m = x > 0
     _fake_vs_real(ops.pack_mask, (m,))
     _fake_vs_real(ops.unpack_mask, (ops.pack_mask(m), list(m.shape), list(m.stride())))
+    for bits, lo, dtype in [(2, -2, torch.int8), (8, 0, torch.int64), (1, 0, torch.bool)]:
+        n = x > 0 if dtype == torch.bool else _ints(x, lo, lo + 1, dtype)
+        _fake_vs_real(ops.pack_bits, (n, bits, lo))
+        args = (ops.pack_bits(n, bits, lo), bits, lo, list(n.shape), list(n.stride()), dtype)
+        _fake_vs_real(ops.unpack_bits, args)
 
 
 def test_fake_vs_real_check_can_fail():
@@ -140,6 +179,9 @@ def test_ops_match_references():
     assert torch.equal(codes, rc) and torch.equal(meta, rm)
     m = x > 0
     assert torch.equal(ops.unpack_mask(ops.pack_mask(m), [5, 77], [77, 1]), m)
+    n = _ints(x, -3, 4, torch.int64)
+    assert torch.equal(ops.pack_bits(n, 4, -3), pack_bits_reference(n, 4, -3))
+    assert torch.equal(ops.unpack_bits(ops.pack_bits(n, 4, -3), 4, -3, [5, 77], [1, 5], torch.int64), n)
 
 
 def test_nearest_stream_is_deterministic():
@@ -184,6 +226,10 @@ def test_ops_raise_on_bad_arguments():
         ops.quantize_pack(x, 4, 12, NEAREST)
     with pytest.raises(TypeError, match="float32"):
         ops.pack_mask(x)
+    with pytest.raises(TypeError, match="float32"):
+        ops.pack_bits(x, 4, 0)
+    with pytest.raises(ValueError, match="got 3"):
+        ops.pack_bits(x.int(), 3, 0)
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -194,7 +240,9 @@ def _roundtrip(x):
     y = ops.dequantize_unpack(codes, meta, 4, 64, x.shape, x.stride(), x.dtype)
     m = x > 0
     mm = ops.unpack_mask(ops.pack_mask(m), m.shape, m.stride())
-    return y, mm, codes, meta
+    n = _ints(x, -2, 1, torch.int8)
+    nn = ops.unpack_bits(ops.pack_bits(n, 2, -2), 2, -2, n.shape, n.stride(), n.dtype)
+    return y, mm, nn, codes, meta
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -205,6 +253,18 @@ def test_compiles_fullgraph_and_matches_eager(backend):
     for e, g in zip(expected, got, strict=True):
         assert g.dtype == e.dtype and g.shape == e.shape and g.stride() == e.stride()
         assert torch.equal(g, e)
+
+
+def test_bits_compile_with_dynamic_shapes():
+    # the fakes size the packed bytes and the restored tensor from symbolic sizes
+    def f(x):
+        n = _ints(x, 0, 8, torch.int64)
+        return n, ops.unpack_bits(ops.pack_bits(n, 4, 0), 4, 0, n.shape, n.stride(), n.dtype)
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape in [(5, 7), (9, 3), (1, 1)]:
+        n, nn = cf(_rand(shape).t())
+        assert nn.stride() == n.stride() and torch.equal(nn, n)
 
 
 def test_compiled_stream_replays_eager_stream():

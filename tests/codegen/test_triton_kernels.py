@@ -4,7 +4,8 @@ Without a GPU they run in Triton's interpreter (tests/conftest.py sets ``TRITON_
 which is slow, so the sizes stay small; with one they run on CUDA against the reference computed on
 CUDA. Covered: bits 2/4/8, group sizes 8 and 256, odd and 2-D shapes, non-contiguous inputs and
 output strides, fp32/bf16/fp16, NaN/+Inf/-Inf, constant and range-overflowing groups, empty tensors,
-the ``fxlowbit::`` ops with ``FORCE_TRITON`` against the ops without, and argument errors.
+masks, integer fields of 1/2/4/8 bits (every integer dtype, with ``lo``, values that wrap), the
+``fxlowbit::`` ops with ``FORCE_TRITON`` against the ops without, and argument errors.
 """
 
 import math
@@ -18,8 +19,19 @@ import torch
 import fxlowbit.codegen.ops as ops_module
 from fxlowbit.codegen import rng
 from fxlowbit.codegen.kernels import bitmask_triton, quant_triton
-from fxlowbit.codegen.kernels.bitmask import pack_mask_reference, unpack_mask_reference
-from fxlowbit.codegen.kernels.bitmask_triton import pack_mask_triton, unpack_mask_triton
+from fxlowbit.codegen.kernels.bitmask import (
+    BIT_WIDTHS,
+    pack_bits_reference,
+    pack_mask_reference,
+    unpack_bits_reference,
+    unpack_mask_reference,
+)
+from fxlowbit.codegen.kernels.bitmask_triton import (
+    pack_bits_triton,
+    pack_mask_triton,
+    unpack_bits_triton,
+    unpack_mask_triton,
+)
 from fxlowbit.codegen.kernels.quant import (
     BITS,
     dequantize_unpack_reference,
@@ -190,6 +202,81 @@ def test_mask_comparison_can_fail():
     assert not torch.equal(pack_mask_triton(flipped), pack_mask_reference(m))
 
 
+# ---------------------------------------------------------------- integer fields
+
+
+def _ints(shape, bits, lo, dtype, seed=0) -> torch.Tensor:
+    """Values of ``[lo, lo + 2**bits)`` clipped to what ``dtype`` holds (bool: a mask)."""
+    if dtype == torch.bool:
+        return _mask(shape, seed)
+    info = torch.iinfo(dtype)
+    a, b = max(lo, info.min), min(lo + (1 << bits) - 1, info.max)
+    return torch.randint(a, b + 1, shape, generator=_gen(seed), dtype=torch.int64).to(dtype).to(DEVICE)
+
+
+def _check_bits(x: torch.Tensor, bits: int, lo: int) -> None:
+    """Triton pack and unpack equal the references, to ``x``'s dtype, shape and strides."""
+    packed = pack_bits_triton(x, bits, lo)
+    assert torch.equal(packed, pack_bits_reference(x, bits, lo))
+    out = unpack_bits_triton(packed, bits, lo, x.shape, x.dtype, x.stride())
+    assert (out.dtype, out.shape, out.stride()) == (x.dtype, x.shape, x.stride())
+    assert torch.equal(out, x)
+
+
+# every integer dtype at every width (bool at 1 bit), each with its own lo: zero, positive, negative
+_LO = {torch.int8: -5, torch.uint8: 3, torch.int32: 0, torch.int64: -1000, torch.bool: 0}
+BITS_CASES = [(b, d, lo) for b in BIT_WIDTHS for d, lo in _LO.items() if d != torch.bool or b == 1]
+
+
+@pytest.mark.parametrize("bits,dtype,lo", BITS_CASES, ids=str)
+def test_bits_kernels_match_reference(bits, dtype, lo):
+    for shape in [(1,), (7,), (257,), (4097,), (3, 5, 7), (0,), (0, 4)]:
+        _check_bits(_ints(shape, bits, lo, dtype), bits, lo)
+    # unpacking wider planes than needed reads them as the reference does
+    packed = pack_bits_triton(_ints((9,), bits, lo, dtype), bits, lo)
+    wide = torch.cat([packed, packed.new_full((3,), 0xA5)])
+    ref = unpack_bits_reference(wide, bits, lo, (9,), dtype)
+    assert torch.equal(unpack_bits_triton(wide, bits, lo, (9,), dtype), ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("make", NONCONTIGUOUS.values(), ids=NONCONTIGUOUS.keys())
+def test_bits_kernels_noncontiguous(make, bits):
+    x = make(_ints((33, 40), bits, -1, torch.int64))
+    assert not x.is_contiguous()
+    _check_bits(x, bits, -1)  # also unpacks straight into x's strides
+
+
+@pytest.mark.parametrize("bits", BIT_WIDTHS)
+def test_bits_kernels_wrap_as_the_reference(bits):
+    # values outside [lo, lo + 2**bits) are the caller's error, but the bytes still match
+    x = torch.randint(-128, 128, (300,), generator=_gen(1), dtype=torch.int8).to(DEVICE)
+    assert torch.equal(pack_bits_triton(x, bits, 3), pack_bits_reference(x, bits, 3))
+    assert torch.equal(
+        pack_bits_triton(x.long() * 1000, bits, -7), pack_bits_reference(x.long() * 1000, bits, -7)
+    )
+    # and every byte unpacks as the reference does, into narrow types that wrap and into bool
+    every = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    shape = (256 * 8 // bits,)
+    for dtype, lo in [(torch.int8, 100), (torch.uint8, -7), (torch.int16, -300), (torch.bool, 0)]:
+        got, ref = (
+            unpack_bits_triton(every, bits, lo, shape, dtype),
+            unpack_bits_reference(every, bits, lo, shape, dtype),
+        )
+        # compared as bytes: a bool must be stored as 0 or 1, whatever the field held
+        assert torch.equal(got.view(_INT[got.element_size()]), ref.view(_INT[ref.element_size()])), dtype
+
+
+def test_bits_comparison_can_fail():
+    x = _ints((9,), 2, 0, torch.int8)
+    assert not torch.equal(pack_bits_triton(x, 2, 1), pack_bits_reference(x, 2, 0))  # another lo
+    bumped = x.clone()
+    bumped[8] = (bumped[8] + 1) % 4
+    assert not torch.equal(pack_bits_triton(bumped, 2, 0), pack_bits_reference(x, 2, 0))
+    packed = pack_bits_triton(x, 2, 0)
+    assert not torch.equal(unpack_bits_triton(packed, 2, -1, x.shape, x.dtype), x)
+
+
 # ---------------------------------------------------------------- argument errors
 
 
@@ -216,6 +303,24 @@ def test_launchers_raise_on_bad_arguments():
         unpack_mask_triton(x > 0, (8,))
     with pytest.raises(ValueError, match="cannot hold"):
         unpack_mask_triton(torch.zeros(1, dtype=torch.uint8, device=DEVICE), (9,))
+    ints = torch.zeros(9, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(TypeError, match="float32"):
+        pack_bits_triton(x, 4)
+    with pytest.raises(ValueError, match="got 3"):
+        pack_bits_triton(ints, 3)
+    with pytest.raises(ValueError, match="lo=2"):
+        pack_bits_triton(ints > 0, 1, 2)
+    packed = pack_bits_triton(ints, 4)
+    with pytest.raises(ValueError, match="got 3"):
+        unpack_bits_triton(packed, 3, 0, (9,), torch.int8)
+    with pytest.raises(TypeError, match="int8"):
+        unpack_bits_triton(ints, 4, 0, (9,), torch.int8)
+    with pytest.raises(TypeError, match="float32"):
+        unpack_bits_triton(packed, 4, 0, (9,), torch.float32)
+    with pytest.raises(ValueError, match="5 bytes cannot hold 4-bit fields of shape \\(11,\\)"):
+        unpack_bits_triton(packed, 4, 0, (11,), torch.int8)
+    with pytest.raises(ValueError, match="cannot hold 2-bit"):
+        unpack_bits_triton(packed[:2], 2, 0, (9,), torch.int8)
 
 
 # ---------------------------------------------------------------- the fxlowbit:: ops
@@ -231,7 +336,9 @@ def _all_ops(x: torch.Tensor, stream: int):
     y = ops.dequantize_unpack(codes, meta, 4, 64, x.shape, x.stride(), x.dtype)
     m = x > 0.5
     mm = ops.unpack_mask(ops.pack_mask(m), m.shape, m.stride())
-    return codes, meta, y, mm
+    i = (x > 0.5).to(torch.int8) - (x < -0.5).to(torch.int8)  # -1, 0, 1 in x's strides
+    ii = ops.unpack_bits(ops.pack_bits(i, 2, -1), 2, -1, i.shape, i.stride(), i.dtype)
+    return codes, meta, y, mm, ii
 
 
 def _spy_on_launchers(monkeypatch) -> list[str]:
@@ -264,7 +371,13 @@ def test_ops_with_force_triton_match_ops_without(monkeypatch, dtype):
     for g, e in zip(got, expected, strict=True):
         _assert_same_bits(g, e)
     quant = ["quantize_pack_triton", "dequantize_unpack_triton"] if dtype != torch.float64 else []
-    assert calls == [*quant, "pack_mask_triton", "unpack_mask_triton"]
+    assert calls == [
+        *quant,
+        "pack_mask_triton",
+        "unpack_mask_triton",
+        "pack_bits_triton",
+        "unpack_bits_triton",
+    ]
 
 
 def test_ops_with_force_triton_compile(monkeypatch, force_triton):
@@ -273,7 +386,7 @@ def test_ops_with_force_triton_compile(monkeypatch, force_triton):
     stream = rng.new_stream(9)
     calls = _spy_on_launchers(monkeypatch)
     got = torch.compile(lambda x: _all_ops(x, stream), backend="aot_eager", fullgraph=True)(x)
-    assert len(calls) == 4  # the compiled graph's ops ran the kernels (tracing runs the fakes)
+    assert len(calls) == 6  # the compiled graph's ops ran the kernels (tracing runs the fakes)
     for g, e in zip(got, expected, strict=True):
         _assert_same_bits(g, e)
 
@@ -284,6 +397,10 @@ def test_ops_with_force_triton_raise_on_bad_arguments(force_triton):
         ops.quantize_pack(x, 3, 64, rng.new_stream(0))
     with pytest.raises(TypeError, match="float32"):
         ops.pack_mask(x)
+    with pytest.raises(TypeError, match="float32"):
+        ops.pack_bits(x, 4, 0)
+    with pytest.raises(ValueError, match="got 3"):
+        ops.pack_bits(x.int(), 3, 0)
 
 
 def test_env_var_sets_force_triton():
