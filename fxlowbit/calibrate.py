@@ -6,8 +6,9 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
 1. the exact gradient ``g`` of every input for fixed tangents (ones for a scalar output, seeded
    N(0, 1/numel) otherwise);
 2. for each tensor the planner may quantize, the gradient ``g_l`` with only that tensor quantized
-   at ``PROBE_BITS`` = 4 bits (stochastic rounding, groups as configured; in normalised form
-   where the rewrite stores it so, see :func:`_normalised_probe`): ``||g_l - g||^2`` is one
+   at ``PROBE_BITS`` = 4 bits (stochastic rounding, groups as configured; in normalised or
+   standardised form where the rewrite stores it so, see :func:`_normalised_probe` and
+   ``passes.rewrite_saved.standardised``): ``||g_l - g||^2`` is one
    sample of the variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
    ranges, the sensitivity is ``s_l = 225 ||g_l - g||^2`` (the variance at "one level", see
    :mod:`fxlowbit.costmodel`);
@@ -146,10 +147,13 @@ def _is_comparison(user: fx.Node) -> bool:
 
 def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> Probe:
     """Sensitivity of each saved tensor in ``names`` (see the module docstring)."""
+    from .passes.rewrite_saved import standardised
+
     fw, bw, _ = pristine
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     grad, saved, tangents = exact_gradient(pristine, args, seed)
     placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
+    exact = set(placeholders) - set(names)  # never quantized: a standardised form may read them
     gen = torch.Generator().manual_seed(seed + 1)
     sens: dict[str, float] = {}
     with torch.no_grad():
@@ -169,9 +173,14 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
                 )
 
             normal = _normalised_probe(pristine, name, noisy, fw_nodes)
-            split = None if normal is not None else _value_only(bw, name)
+            std = standardised(fw_nodes[name], exact) if normal is None and name in fw_nodes else None
+            split = None if normal is not None or std is not None else _value_only(bw, name)
             if normal is not None:
                 g = _flat(normal(*saved, *tangents))
+            elif std is not None:  # rounded standardised, rebuilt as the rewrite stores it
+                mean, rstd = (saved[placeholders.index(n.name)] for n in std[1:])
+                xq = noisy((x - mean) * rstd) / rstd + mean
+                g = _flat(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
             elif split is not None:  # comparisons keep reading the exact value, as the masks do
                 xq = noisy(x)
                 g = _flat(split(*saved, *tangents, xq))

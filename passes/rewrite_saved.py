@@ -70,6 +70,7 @@ class _Rewriter:
         self.n_seeded = 0
         self.dropped: list[fx.Node] = []  # backward placeholders replaced by a normalised form
         self.fw_nodes = {n.name: n for n in self.fg.nodes}  # for _normalised (names are stable)
+        self.exact: set[str] = set()  # saved names stored as they are (run() fills it)
 
     def emit(self, node: fx.Node, ph: fx.Node, parts: list[fx.Node]) -> list[fx.Node]:
         """Return ``parts`` from the forward in ``node``'s place; matching backward placeholders."""
@@ -151,11 +152,16 @@ class _Rewriter:
 
     def quant(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
         reader = ph  # the backward node the decoded value replaces
+        rebuild = None  # (mean, rstd) backward placeholders: x = decoded / rstd + mean
         normal = _normalised(ph, self.fw_nodes)
         if normal is not None:  # store the forward's normalised value in node's place
             self.dropped.append(ph)
             node, reader = normal
             self.counters["saved_normalised"] += 1
+        elif (std := standardised(node, self.exact)) is not None:
+            node, *rebuild = std
+            rebuild = [self.placeholders[n.name] for n in rebuild]
+            self.counters["saved_standardised"] += 1
         # inline kernels decode contiguously: a permuted tensor (attention's q/k/v) is packed in
         # memory order and its decode permuted back, a view with the original strides (no copy)
         perm = _memory_order(node.meta["val"]) if self.inline else None
@@ -192,7 +198,16 @@ class _Rewriter:
                 return call(self.bg, torch.ops.aten.permute.default, (contiguous_decode(syms), inverse))
 
             self.counters["saved_permuted"] += 1
-        self.stored.append((reader, decode, None, (parts, bits)))
+        if rebuild is not None:
+            standard_decode = decode
+
+            def decode(syms):
+                y = standard_decode(syms)
+                x = call(self.bg, torch.ops.aten.div.Tensor, (y, rebuild[1]))
+                return call(self.bg, torch.ops.aten.add.Tensor, (x, rebuild[0]))
+
+        # a rebuilt value is not what the backward's pointwise consumers read: no fused decode
+        self.stored.append((reader, decode, None, (parts, bits) if rebuild is None else None))
         self.counters[f"saved_quant{bits}"] += 1
 
     def _mask_parts(self, node: fx.Node, ph: fx.Node, source: fx.Node, name: str):
@@ -273,6 +288,40 @@ class _Rewriter:
                 o for o in self.new_outputs[self.num_fwd :] if getattr(o, "name", None) not in unused
             ]
         self.out_node.args = (tuple(self.new_outputs),)
+
+
+def standardised(node: fx.Node, saved: dict) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(y, mean, rstd)`` when the forward computes ``y = (node - mean) * rstd`` with ``mean`` and
+    ``rstd`` saved as they are (their names in ``saved``) and ``y`` of ``node``'s shape and dtype: BatchNorm's
+    decomposition in training, whose backward reads ``node - mean`` and never ``y``. Storing ``y``
+    and rebuilding ``node = y / rstd + mean`` in the backward keeps the rounding error the size of
+    the standardised values (``rstd`` cancels it where the backward scales ``node - mean`` by it);
+    rounding ``node`` itself spans the channels' different means and scales in one group."""
+    ref = node.meta.get("val")
+    if not isinstance(ref, torch.Tensor):
+        return None
+    aten = torch.ops.aten
+    for sub in node.users:
+        if sub.target != aten.sub.Tensor or sub.args[0] is not node or sub.kwargs:
+            continue
+        mean = sub.args[1]
+        for mul in sub.users:
+            if mul.target != aten.mul.Tensor or mul.kwargs or sub not in mul.args:
+                continue
+            rstd = mul.args[1] if mul.args[0] is sub else mul.args[0]
+            val = mul.meta.get("val")
+            if (
+                isinstance(mean, fx.Node)
+                and isinstance(rstd, fx.Node)
+                and mean.name in saved
+                and rstd.name in saved
+                and isinstance(val, torch.Tensor)
+                and val.dtype == ref.dtype
+                and list(val.shape) == list(ref.shape)
+                and val.is_contiguous()
+            ):
+                return mul, mean, rstd
+    return None
 
 
 def _memory_order(val) -> list[int] | None:
@@ -361,6 +410,10 @@ def run(
         inline, fuse, fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters
     )
     decisions = plan.by_name()
+    rw.exact = {  # saved values the backward will read as they are
+        name for name in rw.placeholders
+        if name in rw.saved_names and getattr(decisions.get(name), "form", Form.KEEP) == Form.KEEP
+    }  # fmt: skip
     for node in rw.outputs[num_fwd_outputs:]:
         d = decisions.get(node.name) if isinstance(node, fx.Node) else None
         ph = rw.placeholders.get(getattr(node, "name", None))

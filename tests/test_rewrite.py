@@ -138,3 +138,44 @@ def test_normalised_form_only_replaces_pure_replays(graphs):
     torch.compile(model, backend="lowbit", options=opts)(torch.randn(64, 64)).sum().backward()
     assert fxlowbit.counters["saved_normalised"] == 0
     assert fxlowbit.counters["saved_quant4"] >= 1
+
+
+def test_batchnorm_input_stored_standardised_and_rebuilt(graphs):
+    """BatchNorm's backward reads its raw input x (as x - mean), never the forward's standardised
+    y = (x - mean) * rstd, so the normalised form does not apply. The standardised form stores y
+    (channels of different means and scales share one group otherwise) and rebuilds
+    x = y / rstd + mean from the exact statistics; the gradients stay within the 4-bit floor."""
+    from fxlowbit.examples import sqnr_db
+
+    def run(backend, options=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, 4, 1)
+        )
+        with torch.no_grad():  # channel means -200..200 and scales 0.01..10: raw groups span them
+            model[0].bias.copy_(torch.linspace(-200, 200, 16))
+            model[0].weight.mul_(torch.logspace(-2, 1, 16).view(16, 1, 1, 1))
+        x = torch.randn(32, 3, 8, 8, requires_grad=True)
+        compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
+        compiled(x).pow(2).sum().backward()
+        # the first conv's bias has a zero true gradient under BatchNorm: no SQNR to measure
+        return [model[0].weight.grad, *(p.grad for p in model[1:].parameters()), x.grad]
+
+    ref = run("aot_eager")
+    fxlowbit.counters.clear()
+    got = run("lowbit", {"bits": 4, "min_bytes": 0, "inner": "eager", "seed": 0, "fuse": False})
+    assert fxlowbit.counters["saved_standardised"] == 1
+    for r, g in zip(ref, got, strict=True):
+        assert sqnr_db(r, g) >= 15.0  # measured 20.3 dB minimum (the input's gradient)
+    plan, fw, bw = graphs[-1]
+    (pack,) = [
+        n for n in _calls(fw, lowbit.quantize_pack.default) if n.args[0].target == torch.ops.aten.mul.Tensor
+    ]
+    sub = pack.args[0].args[0]
+    assert sub.target == torch.ops.aten.sub.Tensor and sub.args[0].name == "convolution"
+    (div,) = _calls(bw, torch.ops.aten.div.Tensor)
+    assert div.args[0].target == lowbit.dequantize_unpack.default
+    assert div.args[1].op == "placeholder" and div.args[1].name.startswith("rsqrt")
+    (add,) = div.users
+    assert add.target == torch.ops.aten.add.Tensor and add.args[1].op == "placeholder"
+    assert {d.name: d.form for d in plan.decisions}[div.args[1].name] == "keep"
