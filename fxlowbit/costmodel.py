@@ -50,7 +50,7 @@ __all__ = [
     "MIN_GEMM_GAIN",
 ]
 
-KEEP, RECOMPUTE, QUANT, MASK, CMP_MASK = "keep", "recompute", "quant", "mask", "cmp_mask"
+KEEP, RECOMPUTE, QUANT, MASK, CMP_MASK, PACKED = "keep", "recompute", "quant", "mask", "cmp_mask", "packed"
 
 # GEMM size buckets by FLOPs (2*M*N*K) of one call: small GEMMs lose to launch and quantization
 # overheads, so throughput is measured per bucket.
@@ -210,17 +210,28 @@ def _default_name() -> str:
 def stored_bytes(form: str, numel, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
     """Exact bytes of a stored form as a sympy expression of the symbolic sizes. Quantized: per
     group of ``group_size`` elements, ``group_size * bits / 8`` bytes of codes and 8 bytes of fp32
-    (lo, scale); masks: one bit per element, rounded up to bytes."""
+    (lo, scale); masks: one bit per element, rounded up to bytes; packed integers: ``bits`` per
+    element (1, 2, 4 or 8), rounded up to bytes."""
     if form == KEEP:
         return numel * itemsize
     if form == RECOMPUTE:
         return sympy.Integer(0)
     if form in (MASK, CMP_MASK):
         return n_masks * sympy.ceiling(numel / 8)
+    if form == PACKED:  # bits-wide fields, 8 // bits per byte
+        return sympy.ceiling(numel / (8 // bits))
     if form == QUANT:
         groups = sympy.ceiling(numel / group_size)
         return groups * (group_size * bits // 8) + groups * 8
     raise ValueError(f"unknown form {form!r}")
+
+
+PACKED_WIDTHS = (1, 2, 4, 8)  # field widths that tile a byte (codegen.kernels.bitmask.BIT_WIDTHS)
+
+
+def packed_bits(lo: int, hi: int) -> int | None:
+    """The narrowest packed field holding every integer in ``[lo, hi]``, or None."""
+    return next((b for b in PACKED_WIDTHS if hi - lo < 1 << b), None)
 
 
 # -- variance -------------------------------------------------------------------------------------

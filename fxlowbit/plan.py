@@ -19,6 +19,7 @@ class Form:
     QUANT = "quant"  # b-bit per-group affine, stochastic rounding
     MASK = "mask"  # bool tensor packed to 1 bit
     CMP_MASK = "cmp_mask"  # float tensor whose backward only compares it with scalars
+    PACKED = "packed"  # integers of a known small range (max-pool window offsets), exact
 
 
 @dataclasses.dataclass(frozen=True)

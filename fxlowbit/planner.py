@@ -179,6 +179,12 @@ def candidates(
         return out, why, 0
     if exact_reason:
         why[0] = exact_reason
+        b = cm.packed_bits(*s.int_range) if s.int_range is not None else None
+        if b is not None and b < s.itemsize * 8:
+            packed = int(sympy.sympify(stored_bytes(Form.PACKED, s.numel, b, 1, 1)).subs(subs))
+            out.append(Costs(Form.PACKED, b, packed, profile.mask_time(fp32_bytes), 0.0))
+            lo, hi = s.int_range
+            why.append(f"integers in [{lo}, {hi}] (from {s.producer}'s op): {b}-bit fields, exact")
         return out, why, 0
     n = _n_masks(s)
     mask_bytes = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1, n)).subs(subs)) if n else 0
@@ -487,7 +493,7 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
         dtype=str(s.dtype).replace("torch.", ""),
         form=c.form,
         bits=(c.bits + masks)
-        if c.form in (Form.QUANT, Form.CMP_MASK, Form.MASK)
+        if c.form in (Form.QUANT, Form.CMP_MASK, Form.MASK, Form.PACKED)
         else (0 if c.form == Form.RECOMPUTE else s.itemsize * 8),  # fmt: skip
         bytes_before=0 if s.input_alias else int(sympy.sympify(s.nbytes).subs(subs)),
         bytes_after=c.nbytes,

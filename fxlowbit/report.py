@@ -48,7 +48,7 @@ class Row:
     layer: str  # module path from the forward graph's nn_module_stack ("" when unknown)
     shape: list[Any]  # ints, or strings of symbolic sizes
     dtype: str
-    form: str  # plan.Form: keep, recompute, quant, mask, cmp_mask
+    form: str  # plan.Form: keep, recompute, quant, mask, cmp_mask, packed
     bits: int  # stored bits per element (0: recomputed)
     gemm: str  # GEMM format of the consuming matmul (empty: none chosen)
     bytes_before: int
@@ -200,6 +200,8 @@ def reason(d: Decision, plan: Plan, cfg: LowbitConfig | None = None) -> str:
         return f"recompute (cheaper than storing): {why}"
     if d.form in (Form.MASK, Form.CMP_MASK):
         return f"mask: {why}"
+    if d.form == Form.PACKED:
+        return f"packed (exact): {why}"
     rule = f"uniform rule bits={cfg.bits}" if uniform else "to meet the budget"
     return f"quant, {rule}: {why}"
 

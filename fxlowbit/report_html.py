@@ -24,7 +24,7 @@ th,td{padding:.15rem .5rem;border-bottom:1px solid #eef;text-align:left;vertical
 th{background:#f3f5fa;position:sticky;top:0}td.n{text-align:right}
 td.reason{color:#445;font-size:.85em;max-width:28rem}
 .form-keep{color:#555}.form-quant{color:#0b5cad}.form-recompute{color:#7a3db8}
-.form-mask,.form-cmp_mask{color:#17803d}
+.form-mask,.form-cmp_mask,.form-packed{color:#17803d}
 .bars{display:grid;grid-template-columns:minmax(8rem,16rem) 1fr 10rem;gap:.15rem .6rem;align-items:center}
 .bar{height:.55rem;border-radius:2px}.before{background:#c9ced8}.after{background:#0b5cad}
 .label{font-size:.85em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}

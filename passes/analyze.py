@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from typing import Any
 
 import networkx as nx
@@ -72,6 +73,9 @@ class SavedTensor:
     input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
     forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
     recompute: Recompute | None = None
+    # (lo, hi): every value an integer tensor can hold, known from its producer (max-pool window
+    # offsets, pooling indices); None when unknown or not an integer tensor
+    int_range: tuple[int, int] | None = None
 
     @property
     def is_float(self) -> bool:
@@ -183,6 +187,40 @@ def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
     return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
 
+def _static_prod(dims) -> int | None:
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
+
+
+def int_range(node: fx.Node) -> tuple[int, int] | None:
+    """``(lo, hi)`` bounding an integer tensor's values by what its producer can return: the
+    window offsets of Inductor's low-memory max-pool (``[0, kernel area)``) and the indices of
+    ``max_pool*_with_indices`` (``[0, pooled input's spatial size)``). Static sizes only."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
+        return None
+    if node.target is not operator.getitem or node.args[1] != 1:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op != "call_function":
+        return None
+    name = _name(src.target).split(".")
+    if "_low_memory_max_pool_with_offsets" in name:
+        area = _static_prod(src.args[1])  # kernel_size, one entry per spatial dim
+    elif any(n.startswith("max_pool") and n.endswith("d_with_indices") for n in name):
+        op = next(n for n in name if n.startswith("max_pool"))
+        spatial = int(op[len("max_pool")])  # max_pool2d_with_indices -> 2 spatial dims
+        x = src.args[0].meta.get("val") if isinstance(src.args[0], fx.Node) else None
+        area = _static_prod(x.shape[-spatial:]) if isinstance(x, torch.Tensor) else None
+    else:
+        return None
+    return None if area is None or area < 1 else (0, area - 1)
+
+
 def _must_save(node: fx.Node) -> bool:
     """Whether activation checkpointing marked ``node`` MUST_SAVE: store it, never recompute it."""
     from torch.utils.checkpoint import CheckpointPolicy
@@ -288,6 +326,7 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 forward_output_alias=node in user_outputs or root in user_output_roots,
                 # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed
                 recompute=None if _must_save(node) else _recompute(node, saved_names, hints),
+                int_range=int_range(node),
             )
         )
     gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)

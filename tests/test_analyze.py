@@ -1,6 +1,8 @@
 """The analysis pass on real partitioned graphs: saved tensors, roles, symbolic bytes, networkx
 view, and no mutation."""
 
+import operator
+
 import pytest
 import sympy
 import torch
@@ -74,3 +76,29 @@ def test_networkx_view_links_saved_tensors(captured):
     import networkx as nx
 
     assert nx.is_directed_acyclic_graph(g)
+
+
+def test_value_range_of_pooling_offsets_and_indices(captured):
+    """Max-pool window offsets lie in [0, kernel area): 2x2 -> [0, 3], 3x3 -> [0, 8] (Inductor's
+    low-memory max-pool, our decompositions); aten's max_pool2d_with_indices returns indices into
+    the pooled input's spatial plane: [0, H*W)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, stride=2)
+    )
+    compiled = torch.compile(model, backend="lowbit", options=EAGER)
+    compiled(torch.randn(4, 3, 12, 12)).sum().backward()
+    ((facts, _, _),) = captured
+    ranges = sorted(s.int_range for s in facts.saved if s.int_range is not None)
+    assert ranges == [(0, 3), (0, 8)]
+    assert all(s.int_range is None for s in facts.saved if s.is_float)
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, 8, 6, 7)
+    pool = g.call_function(torch.ops.aten.max_pool2d_with_indices.default, (x, [2, 2]))
+    idx = g.call_function(operator.getitem, (pool, 1))
+    idx.meta["val"] = torch.empty(2, 8, 3, 3, dtype=torch.int64)
+    assert analyze.int_range(idx) == (0, 41)
+    values = g.call_function(operator.getitem, (pool, 0))
+    values.meta["val"] = torch.empty(2, 8, 3, 3)
+    assert analyze.int_range(values) is None

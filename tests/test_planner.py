@@ -39,6 +39,9 @@ def decide_one(s, cfg=CFG):
         (saved(numel=100), "keep", "below min_bytes=1024"),
         (saved(dtype=torch.bool), "mask", "1 bit, exact"),
         (saved(dtype=torch.int64), "keep", "int64"),
+        (saved(dtype=torch.int8, uses=(Use("x", None),), int_range=(0, 3)), "packed", "[0, 3]"),
+        (saved(dtype=torch.int64, uses=(Use("x", None),), int_range=(0, 200)), "packed", "8-bit fields"),
+        (saved(dtype=torch.int8, int_range=(0, 255)), "keep", "int8"),  # 8 bits: nothing to gain
         (saved(uses=()), "keep", "no backward use"),
         (saved(uses=(LE0,)), "cmp_mask", "only compares"),
         (saved(uses=(LE0, dataclasses.replace(LE0, op="aten.gt.Scalar"))), "cmp_mask", "2 exact"),
@@ -93,6 +96,25 @@ def test_stored_bytes_masks_and_keep():
     assert planner.stored_bytes("mask", sympy.Integer(9), 1, 1, 1) == 2
     assert planner.stored_bytes("mask", sympy.Integer(16), 1, 1, 1, n_masks=3) == 6
     assert planner.stored_bytes("keep", sympy.Integer(10), 32, 1, 2) == 20
+
+
+def test_stored_bytes_packed_integers():
+    assert planner.stored_bytes("packed", sympy.Integer(9), 2, 1, 1) == 3  # four 2-bit fields a byte
+    assert planner.stored_bytes("packed", sympy.Integer(9), 4, 1, 1) == 5
+    assert planner.stored_bytes("packed", sympy.Integer(9), 8, 1, 1) == 9
+
+
+def test_budget_planner_packs_offsets_only_when_the_budget_needs_it():
+    """Packing is exact but costs a pass: under a loose budget offsets are kept, under a tight one
+    they are packed (2 bits for a 2x2 window) before any float tensor loses precision to it."""
+    offsets = saved("offsets", dtype=torch.int8, numel=1 << 16, uses=(Use("x", None),), int_range=(0, 3))
+    values = saved("values", numel=1 << 16)
+    total = (1 << 16) * 5
+    loose = planner.decide((offsets, values), LowbitConfig(memory_budget=0.9, min_bytes=0)).by_name()
+    assert loose["offsets"].form == "keep"
+    tight = planner.decide((offsets, values), LowbitConfig(memory_budget=0.15, min_bytes=0, max_variance_ratio=1.0)).by_name()
+    assert tight["offsets"].form == "packed" and tight["offsets"].bytes_after == (1 << 16) // 4
+    assert sum(d.bytes_after for d in tight.values()) <= 0.15 * total
 
 
 def test_symbolic_bytes_hold_when_batch_changes():

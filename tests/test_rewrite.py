@@ -179,3 +179,34 @@ def test_batchnorm_input_stored_standardised_and_rebuilt(graphs):
     (add,) = div.users
     assert add.target == torch.ops.aten.add.Tensor and add.args[1].op == "placeholder"
     assert {d.name: d.form for d in plan.decisions}[div.args[1].name] == "keep"
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_pooling_offsets_packed_exactly(graphs, inner):
+    """Max-pool window offsets (int8) are stored in 2 bits (2x2 window) and 4 bits (3x3): the
+    gradients that depend only on them (no float tensor is saved on their path) are exact."""
+
+    def run(backend, options=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, stride=2)
+        )
+        x = torch.randn(64, 3, 12, 12)
+        compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
+        (compiled(x) * torch.linspace(-1, 1, 8).view(1, 8, 1, 1)).sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    ref = run("aot_eager")
+    fxlowbit.counters.clear()
+    got = run("lowbit", {"bits": 2, "min_bytes": 0, "inner": inner, "seed": 0})
+    assert fxlowbit.counters["saved_packed"] == 2
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)  # Inductor reorders sums
+    plan, fw, bw = graphs[-1]
+    packed = sorted((d.bits, d.bytes_after, d.bytes_before) for d in plan.decisions if d.form == "packed")
+    assert packed == [(2, 64 * 8 * 36 // 4, 64 * 8 * 36), (4, 64 * 8 * 4 // 2, 64 * 8 * 4)]
+    if inner == "eager":
+        assert len(_calls(fw, lowbit.pack_bits.default)) == 2
+        for unpack in _calls(bw, lowbit.unpack_bits.default):
+            (user,) = unpack.users
+            assert "offsets_to_indices" in str(user.target)

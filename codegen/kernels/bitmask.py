@@ -16,7 +16,6 @@ import torch
 
 __all__ = [
     "BIT_WIDTHS",
-    "bits_for_range",
     "pack_bits_reference",
     "unpack_bits_reference",
     "pack_bits_traceable",
@@ -30,13 +29,7 @@ __all__ = [
 ]
 
 
-BIT_WIDTHS = (1, 2, 4, 8)  # field widths that tile a byte
-
-
-def bits_for_range(lo: int, hi: int) -> int | None:
-    """The narrowest field of :data:`BIT_WIDTHS` holding every integer in ``[lo, hi]``, or None."""
-    span = hi - lo
-    return next((b for b in BIT_WIDTHS if span < 1 << b), None)
+BIT_WIDTHS = (1, 2, 4, 8)  # field widths that tile a byte (the planner picks one: costmodel.packed_bits)
 
 
 def _check_bits(bits: int) -> int:
@@ -109,7 +102,9 @@ def unpack_bits_reference(
     for d in shape:
         numel *= d
     if packed.numel() < packed_bits_numel(numel, bits):
-        raise ValueError(f"{packed.numel()} bytes cannot hold {numel} {bits}-bit values of shape {tuple(shape)}")
+        raise ValueError(
+            f"{packed.numel()} bytes cannot hold {numel} {bits}-bit values of shape {tuple(shape)}"
+        )
     out = unpack_bits_traceable(packed, bits, lo, list(shape), dtype)
     if stride is not None and tuple(out.stride()) != tuple(stride) and out.numel() > 0:
         out = torch.empty_strided(shape, stride, dtype=dtype, device=packed.device).copy_(out)

@@ -11,7 +11,6 @@ import torch
 
 from fxlowbit.codegen.kernels.bitmask import (
     BIT_WIDTHS,
-    bits_for_range,
     pack_bits_reference,
     pack_bits_traceable,
     pack_mask_reference,
@@ -20,6 +19,7 @@ from fxlowbit.codegen.kernels.bitmask import (
     unpack_bits_reference,
     unpack_mask_reference,
 )
+from fxlowbit.costmodel import PACKED_WIDTHS, packed_bits
 
 from ._views import NONCONTIGUOUS
 
@@ -251,7 +251,7 @@ def test_unpack_bits_reads_planes_of_packed_numel():
     ],
 )
 def test_bits_for_range(lo, hi, bits):
-    assert bits_for_range(lo, hi) == bits
+    assert packed_bits(lo, hi) == bits
     if bits is not None:  # and the values of the range survive at that width
         x = torch.arange(lo, hi + 1, dtype=torch.int64)
         assert torch.equal(
@@ -294,3 +294,7 @@ def test_bits_reference_rejects_float_output_and_bool_offset():
 def test_unpack_bits_rejects_non_uint8(dtype):
     with pytest.raises(TypeError, match=str(dtype)):
         unpack_bits_reference(torch.ones(2, dtype=dtype), 4, 0, (4,), torch.int8)
+
+
+def test_planner_widths_are_the_kernels_widths():
+    assert PACKED_WIDTHS == BIT_WIDTHS
