@@ -309,7 +309,9 @@ def run_model(
             if s.matches not in planned:
                 continue
             s = dataclasses.replace(s, budget=planned[s.matches])
-        row, live = build(case, s, inner, ref if ref["error"] is None else None, warmup, n_graphs, sqnr_samples)
+        row, live = build(
+            case, s, inner, ref if ref["error"] is None else None, warmup, n_graphs, sqnr_samples
+        )
         if s.frontier == "uniform" and row["error"] is None:
             planned[s.bits] = row["counters"].get("saved_bytes_after")
         if n_graphs is None and s.frontier in ("inductor", "min-cut"):
@@ -527,8 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (0: no timing)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-    p.add_argument("--sqnr-samples", type=int, default=4,
-                   help="rounding seeds per lowbit row; SQNR of their mean squared gradient error")  # fmt: skip
+    seeds = "rounding seeds per lowbit row; SQNR of their mean squared gradient error"
+    p.add_argument("--sqnr-samples", type=int, default=4, help=seeds)
     warm = "steps before measuring (the first compiles; lowbit probes and re-plans at steps 10-11)"
     p.add_argument("--warmup", type=int, default=12, help=warm)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

@@ -30,12 +30,18 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..codegen import fusion
-from ..codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
+from ..codegen.kernels.bitmask import (
+    pack_bits_traceable,
+    pack_mask_traceable,
+    unpack_bits_traceable,
+    unpack_mask_traceable,
+)
 from ..codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_traceable
 from ..plan import Form, Plan
 from . import _ops
 from ._graph import SymBuilder, call, first_user, placeholder_like, through_identities
 from ._inline import inline
+from .analyze import int_range
 
 log = logging.getLogger(__name__)
 lowbit = torch.ops.fxlowbit
@@ -218,6 +224,21 @@ class _Rewriter:
     def mask(self, node: fx.Node, ph: fx.Node) -> None:
         self.stored.append((ph, self._mask_parts(node, ph, node, "bits"), None, None))
         self.counters["saved_mask"] += 1
+
+    def packed(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
+        """Store integers of a known range (max-pool window offsets) as ``bits``-wide fields."""
+        found = int_range(node)
+        if found is None:
+            raise ValueError(f"fxlowbit: the plan packs {node.name}, whose value range is unknown")
+        lo, val = found[0], node.meta["val"]
+        parts = self.emit(
+            node, ph, self._pack(node, pack_bits_traceable, lowbit.pack_bits.default, (bits, lo), ["bits"])
+        )
+        decode = self._decoder(
+            val, unpack_bits_traceable, lowbit.unpack_bits.default, parts, (bits, lo, val.dtype)
+        )
+        self.stored.append((ph, decode, None, None))
+        self.counters["saved_packed"] += 1
 
     def comparisons(self, node: fx.Node, ph: fx.Node) -> None:
         """Move the backward's scalar comparisons of ``node`` into the forward as 1-bit masks."""
@@ -426,6 +447,8 @@ def run(
             rw.quant(node, ph, d.bits - d.masks)
         elif d.form == Form.MASK:
             rw.mask(node, ph)
+        elif d.form == Form.PACKED:
+            rw.packed(node, ph, d.bits)
         elif d.form != Form.CMP_MASK:
             raise ValueError(f"fxlowbit: unknown form {d.form!r} for {node.name}")
         log.debug("%s: %s %s bits, %d -> %d bytes", node.name, d.form, d.bits, d.bytes_before, d.bytes_after)

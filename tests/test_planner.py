@@ -112,7 +112,9 @@ def test_budget_planner_packs_offsets_only_when_the_budget_needs_it():
     total = (1 << 16) * 5
     loose = planner.decide((offsets, values), LowbitConfig(memory_budget=0.9, min_bytes=0)).by_name()
     assert loose["offsets"].form == "keep"
-    tight = planner.decide((offsets, values), LowbitConfig(memory_budget=0.15, min_bytes=0, max_variance_ratio=1.0)).by_name()
+    tight = planner.decide(
+        (offsets, values), LowbitConfig(memory_budget=0.15, min_bytes=0, max_variance_ratio=1.0)
+    ).by_name()
     assert tight["offsets"].form == "packed" and tight["offsets"].bytes_after == (1 << 16) // 4
     assert sum(d.bytes_after for d in tight.values()) <= 0.15 * total
 
