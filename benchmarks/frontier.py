@@ -466,7 +466,12 @@ def plot(rows: list[dict], path: str) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
-    styles = {"min-cut": ("o-", "C0"), "lowbit": ("s-", "C3"), "uniform": ("^", "C2"), "inductor": ("*", "k")}
+    styles = {"min-cut": ("o-", "C0"), "lowbit": ("s-", "C3"), "matched": ("D", "C1"), "uniform": ("^", "C2"),
+              "inductor": ("*", "k")}  # fmt: skip
+
+    def series(r: dict) -> str:  # least-variance rows at uniform's bytes are not the budget sweep
+        return "matched" if r["frontier"] == "lowbit" and r.get("matches") is not None else r["frontier"]
+
     for (ax_t, ax_q), name in zip(axes, models, strict=True):
         mine = [r for r in rows if r["model"] == name]
         finite = [r["grad_sqnr_db"] for r in mine if r["grad_sqnr_db"] not in (None, math.inf)]
@@ -474,26 +479,32 @@ def plot(rows: list[dict], path: str) -> None:
         exact = any(r["grad_sqnr_db"] == math.inf for r in mine if r["frontier"] in styles)
         for frontier, (marker, color) in styles.items():
             pts = sorted(
-                (r for r in mine if r["frontier"] == frontier and r["saved_mb"]), key=lambda r: r["saved_mb"]
+                (r for r in mine if series(r) == frontier and r["saved_mb"]), key=lambda r: r["saved_mb"]
             )
             if not pts:
                 continue
             mb = [r["saved_mb"] for r in pts]
             label = {"uniform": "uniform lowbit 8/4/2 b", "min-cut": "min-cut (activation_memory_budget)",
-                     "lowbit": "lowbit (memory_budget)"}.get(frontier, frontier)  # fmt: skip
+                     "lowbit": "lowbit (memory_budget)",
+                     "matched": "lowbit least-variance at uniform's bytes"}.get(frontier, frontier)  # fmt: skip
             t = [(r["saved_mb"], r["step_ratio"]) for r in pts if r["step_ratio"] is not None]
             if t:
                 ax_t.plot([x for x, _ in t], [y for _, y in t], marker, color=color, label=label, ms=7)
             sq = [min(r["grad_sqnr_db"], cap) for r in pts]
             ax_q.plot(mb, sq, marker, color=color, label=label, ms=7)
             for r in pts:
-                tag = (
-                    f"{r['budget']:g}" if r["budget"] is not None else (f"{r['bits']}b" if r["bits"] else "")
-                )
+                if frontier == "matched":
+                    tag = f"={r['matches']}b"
+                elif r["budget"] is not None:
+                    tag = f"{r['budget']:g}"
+                else:
+                    tag = f"{r['bits']}b" if r["bits"] else ""
                 for ax, y in ((ax_t, r["step_ratio"]), (ax_q, r["grad_sqnr_db"])):
                     if y is not None:
                         ax.annotate(tag, (r["saved_mb"], min(y, cap)), fontsize=7, xytext=(3, 3),
                                     textcoords="offset points")  # fmt: skip
+        if not any(r["step_ratio"] is not None for r in mine):
+            ax_t.text(0.5, 0.5, "not timed (--steps 0)", ha="center", va="center", transform=ax_t.transAxes)
         ref = next((r for r in mine if r["frontier"] == "aot_eager" and r["saved_mb"]), None)
         size = mine[0]["size"]
         for ax, ylabel in (
