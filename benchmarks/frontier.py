@@ -458,6 +458,14 @@ def vs_uniform(rows: list[dict]) -> list[dict]:
     return out
 
 
+LABELS = {
+    "uniform": "uniform lowbit 8/4/2 b",
+    "min-cut": "min-cut (activation_memory_budget)",
+    "lowbit": "lowbit (memory_budget)",
+    "matched": "lowbit least-variance at uniform's bytes",
+}
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -484,9 +492,7 @@ def plot(rows: list[dict], path: str) -> None:
             if not pts:
                 continue
             mb = [r["saved_mb"] for r in pts]
-            label = {"uniform": "uniform lowbit 8/4/2 b", "min-cut": "min-cut (activation_memory_budget)",
-                     "lowbit": "lowbit (memory_budget)",
-                     "matched": "lowbit least-variance at uniform's bytes"}.get(frontier, frontier)  # fmt: skip
+            label = LABELS.get(frontier, frontier)
             t = [(r["saved_mb"], r["step_ratio"]) for r in pts if r["step_ratio"] is not None]
             if t:
                 ax_t.plot([x for x, _ in t], [y for _, y in t], marker, color=color, label=label, ms=7)
