@@ -12,6 +12,8 @@ bit for bit. A 1-bit mask is the case ``bits=1, lo=0`` of a bool tensor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -67,9 +69,7 @@ def unpack_bits_traceable(
 ) -> torch.Tensor:
     """Contiguous, branch-free :func:`unpack_bits_reference` (traceable with symbolic sizes)."""
     per = _check_bits(bits)
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)  # SymInts multiply too
     field = (1 << bits) - 1
     planes = torch.cat([(packed >> (j * bits)) & field for j in range(per)]) if per > 1 else packed
     values = planes[:numel]
@@ -98,9 +98,7 @@ def unpack_bits_reference(
         raise TypeError(f"unpack_bits expects uint8 bytes, got {packed.dtype}")
     if dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"unpack_bits restores integer or bool tensors, not {dtype}")
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if packed.numel() < packed_bits_numel(numel, bits):
         raise ValueError(
             f"{packed.numel()} bytes cannot hold {numel} {bits}-bit values of shape {tuple(shape)}"
