@@ -6,7 +6,9 @@ hand-written kernels of ``codegen/kernels/*_triton.py``, when present). Bytes co
 read once plus every output written once (codes, scales, masks); GB/s over the median time of
 ``triton.testing.do_bench``; ``% copy`` is that over the copy's GB/s on the same tensor.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
+    python benchmarks/pack_kernels.py --out benchmarks/results/kernels_h100.json
+    TRITON_INTERPRET=1 python benchmarks/pack_kernels.py --cpu-smoke  # tiny sizes on a CPU, no compile,
+                                                                    # Triton kernels interpreted: it runs
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import statistics
 import sys
+import time
 
 import torch
 from _common import meta, write_json
@@ -30,6 +34,17 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _cpu_bench(fn, reps: int = 3) -> float:
+    """Median ms of ``reps`` calls after one warm-up (the smoke run: timings are no figure)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -43,27 +58,30 @@ def _triton():
         return None
 
 
-def run(numel: int, dtype: torch.dtype, bits_list, group_size: int) -> list[dict]:
-    dev = torch.device("cuda")
+def run(numel: int, dtype: torch.dtype, bits_list, group_size: int, smoke: bool = False) -> list[dict]:
+    dev = torch.device("cpu" if smoke else "cuda")
+    bench = _cpu_bench if smoke else _bench
     torch._dynamo.reset()  # bits are specialised: a fresh cache per size keeps under the recompile limit
     x = torch.randn(numel, device=dev, dtype=dtype)
     seed = torch.tensor(1234, device=dev, dtype=torch.int64)
     rows = []
     dst = torch.empty_like(x)
-    copy_ms = _bench(lambda: dst.copy_(x))
+    copy_ms = bench(lambda: dst.copy_(x))
     copy_gbps = 2 * _nbytes(x) / copy_ms / 1e6
     rows.append(dict(op="copy", provider="copy", numel=numel, dtype=str(dtype), ms=copy_ms, gbps=copy_gbps))
     tri = _triton()
 
     def add(op, provider, fn, nbytes):
-        ms = _bench(fn)
+        ms = bench(fn)
         gbps = nbytes / ms / 1e6
         rows.append(dict(op=op, provider=provider, numel=numel, dtype=str(dtype), ms=ms, gbps=gbps,
                          pct_copy=100 * gbps / copy_gbps))  # fmt: skip
 
     shape, stride = list(x.shape), list(x.stride())
-    pack = torch.compile(quant.quantize_pack_traceable, dynamic=False)
-    decode = torch.compile(quant.dequantize_unpack_traceable, dynamic=False)
+    # the smoke run skips compilation (minutes of Inductor on a CPU): the traceable code runs eagerly
+    jit = (lambda fn: fn) if smoke else functools.partial(torch.compile, dynamic=False)
+    pack = jit(quant.quantize_pack_traceable)
+    decode = jit(quant.dequantize_unpack_traceable)
     part = functools.partial
     for bits in bits_list:
         codes, qm = pack(x, seed, bits, group_size)
@@ -86,8 +104,8 @@ def run(numel: int, dtype: torch.dtype, bits_list, group_size: int) -> list[dict
             unpack = part(qt.dequantize_unpack_triton, codes, qm, bits, group_size, shape, stride, dtype)
             add(f"unpack{bits}", "triton", unpack, moved)
     mask = x > 0
-    packm = torch.compile(bitmask.pack_mask_traceable, dynamic=False)
-    unpackm = torch.compile(bitmask.unpack_mask_traceable, dynamic=False)
+    packm = jit(bitmask.pack_mask_traceable)
+    unpackm = jit(bitmask.unpack_mask_traceable)
     packed = packm(mask)
     moved = _nbytes(mask, packed)
     add("mask_pack", "inductor", part(packm, mask), moved)
@@ -108,18 +126,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--group-size", type=int, default=256)
     ap.add_argument("--out")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="CPU, 2**14 elements, no compile: it runs (figures meaningless)",
+    )
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("kernels.py needs a CUDA device")
+    if args.cpu_smoke:
+        args.numel = [1 << 14]
+    elif not torch.cuda.is_available():
+        sys.exit("pack_kernels.py needs a CUDA device (--cpu-smoke checks that it runs)")
     rows = []
     for numel in args.numel:
         for d in args.dtypes.split(","):
-            rows += run(numel, DTYPES[d], [int(b) for b in args.bits.split(",")], args.group_size)
+            bits = [int(b) for b in args.bits.split(",")]
+            rows += run(numel, DTYPES[d], bits, args.group_size, args.cpu_smoke)
     print(f"{'op':<12} {'provider':<9} {'numel':>10} {'dtype':<15} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
     for r in rows:
         print(f"{r['op']:<12} {r['provider']:<9} {r['numel']:>10} {r['dtype']:<15} {r['ms']:>8.4f} "
               f"{r['gbps']:>8.1f} {r.get('pct_copy', 100.0):>7.1f}")  # fmt: skip
-    result = {"meta": meta(args, "pack/unpack bandwidth vs device copy"), "rows": rows}
+    setup = "pack/unpack bandwidth vs device copy"
+    if args.cpu_smoke:
+        setup = "CPU smoke run: tiny size, no compile (the inductor rows ran eagerly), timings meaningless"
+    result = {"meta": meta(args, setup), "rows": rows}
     write_json(args.out, result)
     return result
 
