@@ -150,10 +150,14 @@ def candidates(
     sensitivity: Mapping[str, float] | None = None,
     total_numel: float = 1.0,
     lossy_names: frozenset[str] = frozenset(),
+    row_stats: frozenset[str] = frozenset(),
 ) -> tuple[list[Costs], list[str], int]:
     """The forms ``s`` may take with their costs, a reason per form, and the comparison masks a
     quantized form carries. ``lossy_names``: saved tensors a plan may store lossily (a replay that
-    must be exact may not read them)."""
+    must be exact may not read them). ``row_stats``: per-row statistics (keepdim reductions such as
+    RMSNorm's rsqrt); a replay that scales a lossy leaf by one multiplies the leaf's rounding error
+    by 1/rms of each row (Qwen3's 16-wide per-head norms: 1e3x on small rows), an error no
+    variance estimate of the leaf sees, so such replays are not offered."""
     subs = subs or {}
     numel = int(sympy.sympify(s.numel).subs(subs))
     nbytes = int(sympy.sympify(s.nbytes).subs(subs))
@@ -165,7 +169,9 @@ def candidates(
     out, why = [keep], ["kept: cheapest in time within the budget"]
     exact_reason = _exact_only(s, cfg)
     r = s.recompute
-    if cfg.recompute and r is not None and (exact_reason is None or not lossy_names & set(r.leaves)):
+    lossy_leaves = lossy_names & set(r.leaves) if r is not None else set()
+    scaled = bool(lossy_leaves and row_stats & set(r.leaves)) if r is not None else False
+    if cfg.recompute and r is not None and not scaled and (exact_reason is None or not lossy_leaves):
         out.append(Costs(Form.RECOMPUTE, 0, 0, profile.pointwise_time(r.nbytes_moved), 0.0))
         leaves = ", ".join(r.leaves) or "constants"
         why.append(f"replayed in the backward: {len(r.nodes)} pointwise op(s) on {leaves}")
@@ -343,6 +349,7 @@ def decide(
     quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
     total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
     lossy_names = frozenset(s.name for s in quantizable)
+    row_stats = frozenset(s.name for s in saved if len(s.shape) >= 2 and str(s.shape[-1]) == "1")
 
     def forms(at: Mapping) -> list:
         options = [
@@ -354,6 +361,7 @@ def decide(
                 sensitivity=sensitivity,
                 total_numel=total_numel,
                 lossy_names=lossy_names,
+                row_stats=row_stats,
             )  # fmt: skip
             for s in saved
         ]
@@ -371,7 +379,9 @@ def decide(
     total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
     budget = _budget(cfg, total)
     t_step = step_time(gemms, profile, total)
-    pick, weight, status = _choose([c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio)
+    pick, weight, status = _choose(
+        [c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio, soft=cfg.memory_budget is None
+    )
     pick, status = _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step)
     decisions = []
     for s, (costs, why, n), k in zip(saved, options, pick, strict=True):
@@ -399,7 +409,7 @@ def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget
     solve again with the budget scaled down by the overshoot (at most ``GROWTH_CHECKS`` times)."""
     free = {sym for s in saved for sym in sympy.sympify(s.nbytes).free_symbols}
     frac = cfg.budget
-    if not free or frac > 1 or pick is None or "cannot be met" in status:
+    if not free or frac > 1 or pick is None or "cannot be met" in status or "yields" in status:
         return pick, status
     grown = forms({**subs, **{sym: 2 * int(subs.get(sym, 1)) for sym in free}})
     total2 = sum(c[0].nbytes for c, _, _ in grown)
@@ -424,18 +434,41 @@ def _replay_leaves(s, costs: list[Costs]) -> tuple[str, ...]:
     return ()
 
 
-def _choose(items: list[list[Costs]], budget: int, t_step: float, max_ratio: float, warn: bool = True):
+def _choose(
+    items: list[list[Costs]],
+    budget: int,
+    t_step: float,
+    max_ratio: float,
+    warn: bool = True,
+    soft: bool = False,
+):
     """(choice per item, variance weight used, status line); ``warn``: warn once when the budget
-    or the variance limit cannot be met."""
+    or the variance limit cannot be met. ``soft``: the budget came from ``mode``, not from the user,
+    so the variance limit wins: when no plan within the budget meets it, the smallest plan that
+    does is used and the status says by how much the budget was missed."""
 
-    def run(w: float):
-        pick = solve([[(c.nbytes, c.time_s + w * t_step * c.variance) for c in it] for it in items], budget)
+    def run(w: float, at: int = budget):
+        pick = solve([[(c.nbytes, c.time_s + w * t_step * c.variance) for c in it] for it in items], at)
         ratio = None if pick is None else sum(it[k].variance for it, k in zip(items, pick, strict=True))
         return pick, ratio
 
     pick, ratio = run(1.0)
     if all(len(it) == 1 for it in items):
         return [0] * len(items), 1.0, "nothing to choose: every saved tensor has one form"
+    if soft and (pick is None or ratio > max_ratio):
+        best_pick, best_ratio = run(_W_MAX)
+        if best_pick is None or best_ratio > max_ratio:  # the mode's budget yields to the variance limit
+            least = _least_bytes_within(items, max_ratio)
+            if least > budget:
+                pick, weight, _ = _choose(items, least, t_step, max_ratio, warn=False)
+                msg = (
+                    f"fxlowbit: the mode's memory budget of {budget} saved bytes needs more gradient "
+                    f"variance than max_variance_ratio={max_ratio:g}, so the budget yields to the variance "
+                    f"limit: storing {least} bytes ({least / max(budget, 1):.2f}x the budget)"
+                )
+                if warn:
+                    _warn_once("soft-budget", msg)
+                return pick, weight, msg
     if pick is None:  # even the smallest forms exceed the budget
         pick = [min(range(len(it)), key=lambda k, it=it: (it[k].nbytes, it[k].variance)) for it in items]
         least = sum(it[k].nbytes for it, k in zip(items, pick, strict=True))
