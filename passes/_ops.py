@@ -173,11 +173,24 @@ for _name, _idx in (
         _ARG_VALUES[getattr(aten, _name).default] = frozenset(_idx)
 
 
+# Library custom ops (by qualified name: the library may not be imported), same meaning. MoE
+# layers: grouped GEMMs over experts. Their backward multiplies the saved tokens and weights by
+# the output gradient (two GEMMs per expert), so both tolerate bounded noise; the group offsets
+# (integers) must stay exact.
+_NAMED_ARG_VALUES: dict[str, frozenset[int]] = {
+    "transformers::grouped_mm_fallback_backward": frozenset((0, 1, 3)),  # (input, weight, offs, grad)
+    "aten::_grouped_mm": frozenset((0, 1)),  # (mat_a, mat_b, offs, bias, out_dtype): its backward
+}
+
+
 def role(target, arg_index: int, args) -> str | None:
     """Role of a saved tensor appearing as positional argument ``arg_index`` of ``target``;
     EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
+    named = _NAMED_ARG_VALUES.get(getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None)
+    if named is not None:
+        return VALUE if arg_index in named else EXACT
     if getattr(target, "namespace", None) == "fxlowbit":
         return EXACT  # our fused ops (linear_ce_bwd recomputes logits from h, w, lse) need them as saved
     if target is operator.getitem:
