@@ -99,7 +99,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             if self.cfg.enabled("saved_views"):
                 passes.saved_views.run(fw, bw, num_fwd_outputs=n, counters=counters)
             if self.cfg.calibrate_every and self.cfg.bits is None:
-                self.pristine = (copy.deepcopy(fw), copy.deepcopy(bw), n)
+                self.pristine = self._keep_for_probes(fw, bw, n)
             self._compress(fw, bw, n)
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
@@ -115,6 +115,22 @@ class LowbitPartitioner(CustomPartitionerFn):
         _last_graphs.append((fw, bw))
         record.add(self, before, (fw, bw), fallback)
         return fw, bw
+
+    def _keep_for_probes(self, fw: fx.GraphModule, bw: fx.GraphModule, n: int):
+        """Copies of the partitioned graphs for the probes to replay; a failure disables probing
+        for this graph (one warning, counted), never the compression."""
+        try:
+            return passes._graph.copy_module(fw), passes._graph.copy_module(bw), n
+        except Exception as err:
+            if self.cfg.strict:
+                raise
+            warnings.warn(
+                f"fxlowbit: probes disabled for this graph: could not copy it ({type(err).__name__}: "
+                f"{err}); it is compressed under the prior sensitivities",
+                stacklevel=3,
+            )
+            counters["probes_disabled"] += 1
+            return None
 
     def _compress(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
         cfg = self.cfg
@@ -257,7 +273,7 @@ class _Adaptive:
 
     def __init__(self, gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, mode: str | None):
         self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
-        self.example_inputs = list(example_inputs)
+        # no reference to example_inputs: a re-plan compiles with the batch that triggers it
         self.cfg, self.mode = cfg, mode
         self.partitioner = LowbitPartitioner(cfg, _seed(cfg))
         self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
@@ -269,6 +285,7 @@ class _Adaptive:
         self.pending = None  # a probe waiting for the next batch's gradient
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
+        self.unsafe = False  # the last probe found the plan in force far over the variance limit
 
     def _still_good(self, new: Plan) -> bool:
         """Hysteresis against plan churn (each new variant is a compilation): keep the current plan
@@ -300,7 +317,10 @@ class _Adaptive:
                     with torch.random.fork_rng(devices=_devices(args)):
                         self._calibrate(list(args[0] if boxed else args), due)
                 except Exception as err:  # a probe must never cost the user's step
+                    if self.cfg.strict:
+                        raise
                     self.failed = True
+                    counters["probes_disabled"] += 1
                     log.warning("fxlowbit: probes disabled for this graph (%s: %s)", type(err).__name__, err)
         return self.current(*args)
 
@@ -312,13 +332,47 @@ class _Adaptive:
             var = calibrate.minibatch_variance(probe.grad, g2)
             self.sensitivity = {k: v / var for k, v in probe.sensitivity.items()}
             counters["probes"] += 1
-            self._replan()
+            self._guard()
+            self._replan(args)
         elif due:
             self.pending = calibrate.probe_sensitivity(
                 p.pristine, args, p.quantizable, self.cfg.group_size, seed=self.steps
             )
 
-    def _replan(self) -> None:
+    GUARD_FACTOR = 10.0  # a measured error this many times the plan's estimate re-plans at once
+
+    def _measured_variance(self, plan: Plan) -> dict[str, float]:
+        """Each quantized tensor's added gradient variance under ``plan``, from the last probe."""
+        sens = self.sensitivity or {}
+        return {
+            d.name: sens[d.name] / (2 ** (d.bits - d.masks) - 1) ** 2
+            for d in plan.decisions
+            if d.form == "quant" and d.name in sens
+        }
+
+    def _guard(self) -> None:
+        """The runtime guard: when a probe measures a tensor's gradient error far above what the
+        plan in force assumed (a prior wrong for an op kind), say so; the re-plan that follows then
+        may compile past ``max_variants`` (see :meth:`_replan`)."""
+        self.unsafe = False
+        if self.plan is None:
+            return
+        estimated = {d.name: d.variance for d in self.plan.decisions}
+        worst = max(
+            ((v / max(estimated.get(k, 0.0), 1e-12), k) for k, v in self._measured_variance(self.plan).items()),
+            default=(0.0, ""),
+        )
+        total = sum(self._measured_variance(self.plan).values())
+        if worst[0] > self.GUARD_FACTOR and total > self.cfg.max_variance_ratio:
+            self.unsafe = True
+            counters["guard_replans"] += 1
+            log.warning(
+                "fxlowbit: step %d: the probe measured %.3g x the estimated gradient error of %r (the plan "
+                "adds %.3g of the minibatch variance, limit %g); re-planning now",
+                self.steps, worst[0], worst[1], total, self.cfg.max_variance_ratio,
+            )  # fmt: skip
+
+    def _replan(self, args: list) -> None:
         p = self.partitioner
         plan = planner.decide(
             p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
@@ -332,7 +386,7 @@ class _Adaptive:
         if sig in self.variants:
             self.current = self.variants[sig]
             return
-        if len(self.variants) >= self.cfg.max_variants:
+        if len(self.variants) >= self.cfg.max_variants and not self.unsafe:
             log.info(
                 "fxlowbit: %d plan variants compiled already; keeping the current one", len(self.variants)
             )
@@ -340,7 +394,7 @@ class _Adaptive:
         keys = planner.canonical_keys(p.facts.saved)
         by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
         q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key)
-        fn = _compile(copy.deepcopy(self.source), self.example_inputs, self.cfg, q, self.mode)
+        fn = _compile(copy.deepcopy(self.source), args, self.cfg, q, self.mode)
         self.variants[sig] = fn
         self.current = fn
         counters["plan_variants"] += 1

@@ -23,7 +23,6 @@ The cost is one eager forward, ``L + 2`` eager backwards (``L`` probed tensors) 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 
@@ -32,7 +31,7 @@ import torch.fx as fx
 
 from .codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
 from .passes import _ops
-from .passes._graph import through_identities
+from .passes._graph import copy_module, through_identities
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
     ph = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == name)
     if not any(_is_comparison(u) for u in through_identities(ph)):
         return None
-    g = copy.deepcopy(bw)
+    g = copy_module(bw)
     ph = next(p for p in g.graph.find_nodes(op="placeholder") if p.name == name)
     *_, last = g.graph.find_nodes(op="placeholder")
     with g.graph.inserting_after(last):
@@ -132,7 +131,7 @@ def _normalised_probe(pristine, name: str, noisy, fw_nodes: dict | None = None) 
     found = _normalised(ph, fw_nodes)
     if found is None:
         return None
-    g = copy.deepcopy(bw)
+    g = copy_module(bw)
     reader = next(n for n in g.graph.nodes if n.name == found[1].name)
     with g.graph.inserting_after(reader):
         q = g.graph.call_function(noisy, (reader,))

@@ -11,7 +11,28 @@ from torch.utils._sympy.functions import FloorDiv
 
 from ._ops import IDENTITIES
 
-__all__ = ["fake", "call", "SymBuilder", "first_user", "placeholder_like", "through_identities"]
+__all__ = [
+    "fake",
+    "call",
+    "copy_module",
+    "SymBuilder",
+    "first_user",
+    "placeholder_like",
+    "through_identities",
+]
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph can be rewritten without touching ``gm``'s: nodes are new,
+    ``meta`` dicts are shallow copies and attributes (weights, lifted tensor constants) are shared.
+    ``copy.deepcopy`` would copy every FakeTensor in ``meta["val"]`` and every constant, and fails
+    on graphs holding lifted constants (T5, Whisper: "Attempted to set the storage of a tensor on
+    device "meta" to a storage on different device "cpu"")."""
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
 def fake(fn, *args):
