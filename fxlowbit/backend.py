@@ -73,8 +73,16 @@ def reset() -> None:
 class LowbitPartitioner(CustomPartitionerFn):
     """Min-cut partition, then store each saved tensor in the form the planner chose."""
 
-    def __init__(self, cfg: LowbitConfig, seed: int, sensitivity: dict | None = None) -> None:
+    def __init__(
+        self,
+        cfg: LowbitConfig,
+        seed: int,
+        sensitivity: dict | None = None,
+        activations: frozenset[int] = frozenset(),
+    ) -> None:
         self.cfg = cfg
+        # indices of graph inputs that are activations or user inputs (not parameters or buffers)
+        self.activations = activations
         # measured sensitivities by planner.canonical_keys (names change between partitions)
         self.sensitivity = sensitivity
         self.stream = rng.new_stream(seed)
@@ -116,6 +124,12 @@ class LowbitPartitioner(CustomPartitionerFn):
         record.add(self, before, (fw, bw), fallback)
         return fw, bw
 
+    def _activation_names(self, fw: fx.GraphModule) -> frozenset[str]:
+        """Forward placeholders of the graph inputs in :attr:`activations` (AOTAutograd names the
+        i-th flat input ``primals_{i+1}``)."""
+        names = {f"primals_{i + 1}" for i in self.activations}
+        return frozenset(p.name for p in fw.graph.find_nodes(op="placeholder") if p.name in names)
+
     def _keep_for_probes(self, fw: fx.GraphModule, bw: fx.GraphModule, n: int):
         """Copies of the partitioned graphs for the probes to replay; a failure disables probing
         for this graph (one warning, counted), never the compression."""
@@ -136,7 +150,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         cfg = self.cfg
         if not cfg.enabled("analyze"):
             return
-        facts = passes.analyze.run(fw, bw, num_fwd_outputs)
+        facts = passes.analyze.run(fw, bw, num_fwd_outputs, self._activation_names(fw))
         if not cfg.enabled("plan"):
             return
         sens = None
@@ -188,16 +202,36 @@ def _seed(cfg: LowbitConfig) -> int:
     return (base + 0x9E3779B97F4A7C15 * (next(_ordinal) if cfg.seed is None else 0)) % (2**63)
 
 
+def _activation_inputs(gm: fx.GraphModule, example_inputs) -> frozenset[int]:
+    """Indices of the Dynamo graph's tensor inputs that are neither parameters nor buffers: user
+    inputs and activations handed over from an earlier graph (at a graph break). Their saved
+    aliases are memory the budget counts and a plan may compress."""
+    out = set()
+    phs = gm.graph.find_nodes(op="placeholder")
+    for i, (ph, x) in enumerate(zip(phs, example_inputs, strict=False)):
+        if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
+            continue
+        arg = ph.meta.get("grapharg")
+        source = getattr(getattr(arg, "source", None), "name", None)
+        name = source() if callable(source) else str(source or "")
+        if "_buffers" in name or "_parameters" in name or ph.meta.get("is_buffer", False):
+            continue
+        out.add(i)
+    return frozenset(out)
+
+
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``)."""
     cfg = LowbitConfig.from_options(options)
+    activations = _activation_inputs(gm, example_inputs)
     if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
         _fuse_loss(gm, cfg)
     if cfg.enabled("lowbit_gemm") and (cfg.gemm_active or cfg.sparsity_active) and torch.is_grad_enabled():
         _lowbit_gemms(gm, cfg)
     if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
-        return _compile(gm, example_inputs, cfg, LowbitPartitioner(cfg, _seed(cfg)), mode)
-    return _Adaptive(gm, example_inputs, cfg, mode)
+        partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations)
+        return _compile(gm, example_inputs, cfg, partitioner, mode)
+    return _Adaptive(gm, example_inputs, cfg, mode, activations)
 
 
 def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
@@ -271,11 +305,19 @@ class _Adaptive:
     another compiled variant of the same graph: one already compiled, a new one while fewer than
     ``max_variants`` exist, else the current one stays (recompiles are bounded)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, mode: str | None):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs,
+        cfg: LowbitConfig,
+        mode: str | None,
+        activations: frozenset[int] = frozenset(),
+    ):
         self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
         # no reference to example_inputs: a re-plan compiles with the batch that triggers it
         self.cfg, self.mode = cfg, mode
-        self.partitioner = LowbitPartitioner(cfg, _seed(cfg))
+        self.activations = activations
+        self.partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations)
         self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
         self._boxed_call = getattr(self.current, "_boxed_call", False)
         self.variants = {self._signature(self.partitioner): self.current}
@@ -393,7 +435,7 @@ class _Adaptive:
             return
         keys = planner.canonical_keys(p.facts.saved)
         by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
-        q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key)
+        q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations)
         fn = _compile(copy.deepcopy(self.source), args, self.cfg, q, self.mode)
         self.variants[sig] = fn
         self.current = fn

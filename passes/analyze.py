@@ -156,7 +156,9 @@ def _replayable(node: fx.Node) -> bool:
     return torch.Tag.pointwise in target.tags or target in (_ops.VIEWS | _ops.CONSTRUCTORS | _ops.CHEAP_MOVES)
 
 
-def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
+def _recompute(
+    node: fx.Node, saved: set[str], hints: dict, activations: frozenset[str] = frozenset()
+) -> Recompute | None:
     """A replay of ``node`` from saved tensors and graph inputs, or None if it needs anything else
     (a matmul, a reduction, random numbers, a long chain)."""
     order: list[fx.Node] = []
@@ -183,7 +185,7 @@ def _recompute(node: fx.Node, saved: set[str], hints: dict) -> Recompute | None:
     # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
     moved = sum(_hint(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
-    from_inputs = all(n.op == "placeholder" for n in seen if n.name in leaves)
+    from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
     return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
 
@@ -281,8 +283,13 @@ def _name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFacts:
-    """Collect :class:`GraphFacts` for a partitioned forward/backward pair (no mutation)."""
+def run(
+    fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, activations: frozenset[str] = frozenset()
+) -> GraphFacts:
+    """Collect :class:`GraphFacts` for a partitioned forward/backward pair (no mutation).
+    ``activations``: forward placeholders that are activations of an earlier compiled graph (a
+    graph break before the loss hands it the logits) or user inputs, not parameters or buffers:
+    a saved alias of one is memory this graph keeps alive, so it is not ``input_alias``."""
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
@@ -322,10 +329,10 @@ def run(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> GraphFa
                 nbytes_hint=int(nbytes.subs(hints)),
                 uses=tuple(_uses(placeholder)) if placeholder is not None else (),
                 view_root=root.name,
-                input_alias=root.op == "placeholder",
+                input_alias=root.op == "placeholder" and root.name not in activations,
                 forward_output_alias=node in user_outputs or root in user_output_roots,
                 # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed
-                recompute=None if _must_save(node) else _recompute(node, saved_names, hints),
+                recompute=None if _must_save(node) else _recompute(node, saved_names, hints, activations),
                 int_range=int_range(node),
             )
         )

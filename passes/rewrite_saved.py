@@ -99,8 +99,12 @@ class _Rewriter:
 
     def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False):
         """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline) or the
-        opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op)."""
-        with self.fg.inserting_before(node.next):
+        opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op). A graph
+        input (an earlier graph's activation) is packed after the last placeholder and the seed."""
+        anchor = node
+        if node.op == "placeholder":
+            anchor = self._graph_seed() if self.inline and seeded else self.fg.find_nodes(op="placeholder")[-1]
+        with self.fg.inserting_before(anchor.next):
             if self.inline and seeded:
                 seed = call(self.fg, torch.ops.aten.add.Tensor, (self._graph_seed(), self.n_seeded))
                 self.n_seeded += 1

@@ -19,9 +19,9 @@ def captured(monkeypatch):
     seen = []
     original = analyze.run
 
-    def spy(fw, bw, num_fwd_outputs):
+    def spy(fw, bw, num_fwd_outputs, *rest):
         before = (fw.code, bw.code)
-        facts = original(fw, bw, num_fwd_outputs)
+        facts = original(fw, bw, num_fwd_outputs, *rest)
         seen.append((facts, before, (fw.code, bw.code)))
         return facts
 
