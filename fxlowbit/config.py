@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,7 +108,7 @@ class LowbitConfig:
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
-            if getattr(self, key) not in choices:
+            if not _one_of(getattr(self, key), choices):
                 raise ValueError(
                     f"fxlowbit: option {key}={getattr(self, key)!r} is invalid; valid values: {choices}"
                 )
@@ -124,6 +125,7 @@ class LowbitConfig:
         if b is not None and (
             isinstance(b, bool)
             or not isinstance(b, (int, float))
+            or (isinstance(b, float) and not math.isfinite(b))  # NaN passes every comparison below
             or b <= 0
             or (isinstance(b, float) and 1 < b < 2)
         ):
@@ -131,10 +133,11 @@ class LowbitConfig:
                 f"fxlowbit: option memory_budget={b!r} is invalid; give a fraction in (0, 1] of the "
                 "uncompressed saved-activation bytes or a byte count (int > 1)"
             )
-        if not isinstance(self.max_variance_ratio, (int, float)) or not self.max_variance_ratio > 0:
+        r = self.max_variance_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
             raise ValueError(f"fxlowbit: option max_variance_ratio={self.max_variance_ratio!r} must be > 0")
         bits = tuple(self.allowed_bits) if isinstance(self.allowed_bits, (list, tuple)) else None
-        if not bits or any(x not in (2, 4, 8) for x in bits):
+        if not bits or any(not _one_of(x, (2, 4, 8)) for x in bits):
             raise ValueError(
                 f"fxlowbit: option allowed_bits={self.allowed_bits!r} is invalid; "
                 "give a non-empty subset of (2, 4, 8)"
@@ -149,11 +152,18 @@ class LowbitConfig:
         for key in ("masks", "strict", "recompute", "fuse"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"fxlowbit: option {key}={getattr(self, key)!r} must be a bool")
+        if not isinstance(self.passes, Mapping) or not all(isinstance(v, bool) for v in self.passes.values()):
+            raise ValueError(
+                f"fxlowbit: option passes={self.passes!r} is invalid; give a mapping of pass name -> bool, "
+                f'e.g. {{"plan": False}}; pass names: {PASSES}'
+            )
         unknown = set(self.passes) - set(PASSES)
         if unknown:
             raise ValueError(
-                f"fxlowbit: unknown pass name(s) {sorted(unknown)} in options['passes']; valid: {PASSES}"
+                f"fxlowbit: unknown pass name(s) {sorted(unknown, key=str)} in options['passes']; "
+                f"valid: {PASSES}"
             )
+        object.__setattr__(self, "passes", dict(self.passes))
         object.__setattr__(self, "gemm", _gemm_formats(self.gemm, "gemm"))
         if not isinstance(self.gemm_filter, Mapping):
             raise ValueError(
@@ -167,6 +177,29 @@ class LowbitConfig:
             rules[pattern] = _gemm_formats(value, f"gemm_filter[{pattern!r}]")
         object.__setattr__(self, "gemm_filter", rules)
         self._check_sparsity()
+        self._check_bits()
+        _check_profile(self.profile)
+
+    def _check_bits(self) -> None:
+        """``bits`` is the uniform rule and skips the planner: options that only the planner reads
+        would be silently ignored, so giving them with ``bits`` is an error."""
+        if self.bits is None:
+            return
+        if self.memory_budget is not None:
+            raise ValueError(
+                f"fxlowbit: options bits={self.bits!r} and memory_budget={self.memory_budget!r} contradict: "
+                "bits stores every compressible tensor at that width whatever the budget; give one of them"
+            )
+        if self.mode != "balanced":
+            raise ValueError(
+                f"fxlowbit: options bits={self.bits!r} and mode={self.mode!r} contradict: bits skips the "
+                "planner, which is what mode sets the budget of; give one of them"
+            )
+        if self.bits not in self.allowed_bits:
+            raise ValueError(
+                f"fxlowbit: options bits={self.bits!r} and allowed_bits={self.allowed_bits!r} contradict: "
+                "bits is not among the allowed widths"
+            )
 
     def _check_sparsity(self) -> None:
         if not isinstance(self.sparsity_filter, Mapping):
@@ -238,6 +271,25 @@ class LowbitConfig:
 
     def enabled(self, step: str) -> bool:
         return bool(self.passes.get(step, True))
+
+
+def _one_of(value: Any, choices: tuple[Any, ...]) -> bool:
+    """``value in choices`` with types compared too: 8.0 and True are not the int choices 8 and 1."""
+    return any(value == c and type(value) is type(c) for c in choices)
+
+
+def _check_profile(spec: Any) -> None:
+    """Load the hardware profile once, so that a bad ``profile`` fails when the options are read
+    (``torch.compile``'s first call) with its name, before any pass runs."""
+    from .costmodel import load_profile
+
+    try:
+        load_profile(spec)
+    except ValueError as err:
+        text = repr(spec)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        why = str(err).removeprefix("fxlowbit profile: ").removeprefix("fxlowbit: ")
+        raise ValueError(f"fxlowbit: option profile={text} is invalid: {why}") from None
 
 
 def _gemm_formats(value: Any, key: str) -> tuple[str, str, str]:

@@ -99,23 +99,38 @@ class HardwareProfile:
     gemm_quant_gbps: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Schema first: a wrong type or an unknown key must fail here, with the field's name, not
+        # later as a TypeError or a silent fallback in the planner.
+        for key in ("device", "kind"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"fxlowbit profile: {key} must be a string, got {getattr(self, key)!r}")
+        if self.kind not in ("cpu", "cuda"):
+            raise ValueError(f"fxlowbit profile: kind must be 'cpu' or 'cuda', got {self.kind!r}")
+        if not isinstance(self.measured, bool):
+            raise ValueError(f"fxlowbit profile: measured must be true or false, got {self.measured!r}")
         for key in ("copy_gbps", "pointwise_gbps", "mask_gbps"):
-            if not getattr(self, key) > 0:
+            if not _positive(getattr(self, key)):
                 raise ValueError(f"fxlowbit profile: {key} must be > 0, got {getattr(self, key)!r}")
         for key in ("pack_gbps", "unpack_gbps"):
             table = getattr(self, key)
-            missing = {2, 4, 8} - set(table)
-            if missing or not all(v > 0 for v in table.values()):
+            if (
+                not isinstance(table, Mapping)
+                or set(table) != {2, 4, 8}
+                or not all(_positive(v) for v in table.values())
+            ):
                 raise ValueError(f"fxlowbit profile: {key} needs positive figures for bits 2, 4, 8: {table}")
-        if not self.matmul_tflops:
-            raise ValueError("fxlowbit profile: matmul_tflops is empty")
-        if self.launch_us < 0:
-            raise ValueError(f"fxlowbit profile: launch_us must be >= 0, got {self.launch_us}")
-        bad = {k: v for k, v in self.gemm_quant_gbps.items() if k not in _QUANT_KEYS or not v > 0}
+        _check_tflops(self.matmul_tflops)
+        if not _number(self.launch_us) or not 0 <= self.launch_us < math.inf:
+            raise ValueError(f"fxlowbit profile: launch_us must be >= 0, got {self.launch_us!r}")
+        if not isinstance(self.gemm_quant_gbps, Mapping):
+            raise ValueError(f"fxlowbit profile: gemm_quant_gbps must be a mapping: {self.gemm_quant_gbps!r}")
+        bad = {k: v for k, v in self.gemm_quant_gbps.items() if k not in _QUANT_KEYS or not _positive(v)}
         if bad:
             raise ValueError(
                 f"fxlowbit profile: gemm_quant_gbps takes positive figures for {_QUANT_KEYS}, got {bad}"
             )
+        if not isinstance(self.meta, Mapping):
+            raise ValueError(f"fxlowbit profile: meta must be a mapping, got {self.meta!r}")
 
     # -- times in seconds -------------------------------------------------------------------------
     def pack_time(self, nbytes: float, bits: int) -> float:
@@ -165,13 +180,19 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HardwareProfile:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"fxlowbit profile: expected a JSON object of fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(f for f in fields - set(d) if f not in ("meta", "gemm_quant_gbps"))
         if missing:
             raise ValueError(f"fxlowbit profile: missing field(s) {missing}")
         d = {k: v for k, v in d.items() if k in fields}
-        d["pack_gbps"] = {int(k): float(v) for k, v in d["pack_gbps"].items()}
-        d["unpack_gbps"] = {int(k): float(v) for k, v in d["unpack_gbps"].items()}
+        for key in ("pack_gbps", "unpack_gbps"):  # JSON object keys are strings: "2" -> 2
+            table = d[key]
+            keys = {str(k): k for k in table} if isinstance(table, Mapping) else {}
+            if set(keys) != {"2", "4", "8"} or not all(_positive(v) for v in table.values()):
+                raise ValueError(f"fxlowbit profile: {key} needs positive figures for bits 2, 4, 8: {table}")
+            d[key] = {int(s): float(table[k]) for s, k in keys.items()}
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -180,13 +201,20 @@ class HardwareProfile:
 
 def load_profile(spec: str | os.PathLike | Mapping | HardwareProfile | None = None) -> HardwareProfile:
     """A profile from a path to a JSON file, a dict, a shipped name (``"cpu"``, ``"h100"``), or
-    ``None`` for the shipped default of the device this process would train on."""
+    ``None`` for the shipped default of the device this process would train on. A file or dict
+    that breaks the schema raises ``ValueError`` naming the field."""
     if isinstance(spec, HardwareProfile):
         return spec
     if isinstance(spec, Mapping):
         return HardwareProfile.from_dict(spec)
     if spec is None:
         spec = _default_name()
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec):
+        shipped = sorted(p.stem for p in _PROFILES_DIR.glob("*.json"))
+        raise ValueError(
+            f"fxlowbit: expected a JSON path, a shipped name {shipped}, a dict, a HardwareProfile or None "
+            f"as the profile, got {type(spec).__name__} {spec!r}"
+        )
     path = Path(spec)
     if not path.suffix and (_PROFILES_DIR / f"{spec}.json").exists():
         path = _PROFILES_DIR / f"{spec}.json"
@@ -198,6 +226,36 @@ def load_profile(spec: str | os.PathLike | Mapping | HardwareProfile | None = No
     except json.JSONDecodeError as err:
         raise ValueError(f"fxlowbit: profile {str(path)!r} is not valid JSON: {err}") from None
     return HardwareProfile.from_dict(data)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(v: Any) -> bool:
+    """A finite number > 0 (NaN, Inf, strings and booleans are not)."""
+    return _number(v) and 0 < v < math.inf
+
+
+def _check_tflops(tables: Any) -> None:
+    """``matmul_tflops``: dtype name -> {bucket name: TFLOP/s > 0}, every table non-empty with
+    buckets of :data:`BUCKETS` only (a misspelt bucket would otherwise be ignored, and an empty
+    table fails in :meth:`HardwareProfile.matmul_time`)."""
+    if not isinstance(tables, Mapping) or not tables:
+        raise ValueError(f"fxlowbit profile: matmul_tflops is empty or not a mapping: {tables!r}")
+    names = [name for name, _ in BUCKETS]
+    for dtype, table in tables.items():
+        where = f"fxlowbit profile: matmul_tflops[{dtype!r}]"
+        if not isinstance(dtype, str) or not dtype:
+            raise ValueError(f"{where}: dtype names are non-empty strings")
+        if not isinstance(table, Mapping) or not table:
+            raise ValueError(f"{where} must map some of the buckets {names} to TFLOP/s, got {table!r}")
+        unknown = sorted(str(k) for k in table if k not in names)
+        if unknown:
+            raise ValueError(f"{where}: unknown bucket(s) {unknown}; valid: {names}")
+        bad = {k: v for k, v in table.items() if not _positive(v)}
+        if bad:
+            raise ValueError(f"{where}: TFLOP/s must be finite and > 0, got {bad}")
 
 
 def _default_name() -> str:

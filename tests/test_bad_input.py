@@ -1,0 +1,163 @@
+"""Bad input (issue 15): every item ends as a ValueError naming the option, before any pass runs,
+or as behaviour identical to the uncompressed run.
+
+- options that used to pass validation (NaN/Inf budgets, float bit widths, a list or None for
+  ``passes``, a profile that is not a path, a profile whose GEMM tables are empty or misspelt);
+- ``bits`` with options only the planner reads (it used to override them silently);
+- non-finite activations: NaN, +Inf and -Inf in one group come back as they went in, so gradients
+  have the uncompressed run's NaN/Inf pattern (eager and Inductor inner compilers);
+- float64 activations beyond fp32's range are kept exact (the quantizer computes in fp32);
+- calibration probes leave no generated FX source behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+
+import pytest
+import torch
+
+import fxlowbit
+from fxlowbit import LowbitConfig
+from fxlowbit.costmodel import load_profile
+
+SHIPPED = load_profile("cpu").to_dict()
+
+
+def _profile_file(tmp_path, **changes) -> str:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**SHIPPED, **changes}))
+    return str(path)
+
+
+# -- options --------------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    ({"memory_budget": math.nan}, r"option memory_budget=nan is invalid"),
+    ({"memory_budget": math.inf}, r"option memory_budget=inf is invalid"),
+    ({"memory_budget": -math.inf}, r"option memory_budget=-inf is invalid"),
+    ({"bits": 8.0}, r"option bits=8\.0 is invalid; valid values: \(None, 2, 4, 8\)"),
+    ({"bits": True}, r"option bits=True is invalid"),
+    ({"allowed_bits": (2.0,)}, r"option allowed_bits=\(2\.0,\) is invalid"),
+    ({"allowed_bits": [4, 8.0]}, r"option allowed_bits=\[4, 8\.0\] is invalid"),
+    ({"gemm_hadamard": 32.0}, r"option gemm_hadamard=32\.0 is invalid"),
+    ({"max_variance_ratio": math.nan}, r"option max_variance_ratio=nan must be > 0"),
+    ({"max_variance_ratio": True}, r"option max_variance_ratio=True must be > 0"),
+    ({"passes": ["plan"]}, r"option passes=\['plan'\] is invalid; give a mapping of pass name -> bool"),
+    ({"passes": None}, r"option passes=None is invalid; give a mapping"),
+    ({"passes": {"plan": "no"}}, r"option passes=\{'plan': 'no'\} is invalid"),
+    ({"profile": 123}, r"option profile=123 is invalid: expected a JSON path.*got int 123"),
+    ({"profile": ""}, r"option profile='' is invalid"),
+]
+
+
+@pytest.mark.parametrize("options, match", BAD_OPTIONS, ids=lambda v: str(v)[:40])
+def test_bad_option_values(options, match):
+    with pytest.raises(ValueError, match=match):
+        LowbitConfig.from_options(options)
+
+
+BAD_TABLES = [
+    ({}, r"matmul_tflops is empty"),
+    ({"float32": {}}, r"matmul_tflops\['float32'\] must map some of the buckets"),
+    ({"float32": {"huge": 1.0}}, r"matmul_tflops\['float32'\]: unknown bucket\(s\) \['huge'\]"),
+    ({"float32": {"tiny": 0.1, "smal": 0.2}}, r"unknown bucket\(s\) \['smal'\]"),
+    ({"float32": {"tiny": 0.0}}, r"TFLOP/s must be finite and > 0"),
+    ({"float32": {"tiny": "fast"}}, r"TFLOP/s must be finite and > 0"),
+    ({"float32": [1.0]}, r"must map some of the buckets"),
+]
+
+
+@pytest.mark.parametrize("table, match", BAD_TABLES, ids=lambda v: str(v)[:40])
+def test_bad_profile_tables_fail_when_options_are_read(tmp_path, table, match):
+    path = _profile_file(tmp_path, matmul_tflops=table)
+    with pytest.raises(ValueError, match=match):
+        load_profile(path)
+    with pytest.raises(ValueError, match=r"option profile='.*profile\.json' is invalid: .*" + match):
+        LowbitConfig.from_options({"profile": path})
+    with pytest.raises(ValueError, match=r"option profile=\{.* is invalid: .*" + match):
+        LowbitConfig.from_options({"profile": {**SHIPPED, "matmul_tflops": table}})
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"launch_us": math.nan}, r"launch_us must be >= 0"),
+        ({"copy_gbps": math.inf}, r"copy_gbps must be > 0"),
+        ({"copy_gbps": "10"}, r"copy_gbps must be > 0"),
+        ({"pack_gbps": {"2": 1.0, "4": 1.0, "8": 1.0, "3": 1.0}}, r"pack_gbps needs positive figures"),
+        ({"pack_gbps": [1.0, 2.0, 3.0]}, r"pack_gbps needs positive figures"),
+        ({"unpack_gbps": {"2": None, "4": 1.0, "8": 1.0}}, r"unpack_gbps needs positive figures"),
+        ({"kind": "tpu"}, r"kind must be 'cpu' or 'cuda'"),
+        ({"measured": "yes"}, r"measured must be true or false"),
+        ({"gemm_quant_gbps": {"int4": 1.0}}, r"gemm_quant_gbps takes positive figures"),
+        ({"meta": []}, r"meta must be a mapping"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_bad_profile_fields(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=r"option profile=.* is invalid: " + match):
+        LowbitConfig.from_options({"profile": _profile_file(tmp_path, **changes)})
+
+
+def test_profile_not_an_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(
+        ValueError, match=r"option profile=.* is invalid: expected a JSON object of fields, got list"
+    ):
+        LowbitConfig.from_options({"profile": str(path)})
+
+
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        ({"bits": 4, "memory_budget": 0.01}, ("bits=4", "memory_budget=0.01")),
+        ({"bits": 4, "memory_budget": 4096}, ("bits=4", "memory_budget=4096")),
+        ({"bits": 2, "mode": "memory"}, ("bits=2", "mode='memory'")),
+        ({"bits": 8, "mode": "speed"}, ("bits=8", "mode='speed'")),
+        ({"bits": 4, "allowed_bits": (2, 8)}, ("bits=4", "allowed_bits=(2, 8)")),
+    ],
+)
+def test_bits_contradicting_planner_options(options, names):
+    """``bits`` skips the planner: a budget, a mode or widths it excludes would be ignored (bits=4
+    with memory_budget=0.01 stored 94 KB against a 4 KB budget)."""
+    with pytest.raises(ValueError, match=r"options " + r" and ".join(map(re.escape, names)) + " contradict"):
+        LowbitConfig.from_options(options)
+
+
+def test_bits_with_consistent_options():
+    for options in ({"bits": 4}, {"bits": 4, "mode": "balanced"}, {"bits": 4, "allowed_bits": (4, 8)}):
+        assert LowbitConfig.from_options(options).bits == 4
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"passes": ["plan"]}, "option passes=['plan'] is invalid"),
+        ({"passes": None}, "option passes=None is invalid"),
+        ({"profile": 123}, "option profile=123 is invalid"),
+        ({"profile": "EMPTY_TABLE"}, "profile.json' is invalid: matmul_tflops['float32'] must map"),
+        ({"memory_budget": math.nan}, "option memory_budget=nan is invalid"),
+        ({"bits": 4, "memory_budget": 0.01}, "options bits=4 and memory_budget=0.01 contradict"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_bad_options_fail_at_the_first_call_before_any_pass(tmp_path, options, match):
+    """Through torch.compile (Dynamo wraps the backend's ValueError), with no "pass failed" or
+    "internal error" warning first (a bad profile used to warn twice, then raise a TypeError)."""
+    if options.get("profile") == "EMPTY_TABLE":
+        options = {"profile": _profile_file(tmp_path, matmul_tflops={"float32": {}})}
+    model = torch.compile(torch.nn.Linear(4, 4), backend="lowbit", options={"inner": "eager", **options})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Exception) as info:
+            model(torch.randn(2, 4, requires_grad=True))
+    err: BaseException | None = info.value
+    while err is not None and not isinstance(err, ValueError):
+        err = getattr(err, "inner_exception", None) or err.__cause__
+    assert isinstance(err, ValueError) and match in str(err), info.value
+    assert not [w for w in caught if "fxlowbit" in str(w.message)], [str(w.message) for w in caught]
+    assert fxlowbit.counters["fallback_internal_error"] == 0 and not fxlowbit.last_plans()
