@@ -125,6 +125,9 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     started = time.perf_counter()
+    setup = f"GPT-2 {args.size} {SIZES[args.size]}, batch {args.batch}, {args.dtype}"
+    if not cuda:
+        setup = f"CPU smoke run, inner {args.inner}: {setup}; timings meaningless, no peak memory"
     s = SIZES[args.size]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (args.batch, s["seq"]), generator=g).to(dev)
@@ -184,6 +187,8 @@ def main(argv=None) -> dict:
         except Exception as err:  # a row that fails is a row saying why
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
         print(f"  built {label}: {row}", flush=True)
+        # kept if the run is stopped before the timing (a caller's timeout): the rows built so far
+        write_json(args.out, {"meta": meta(args, setup + "; PARTIAL: stopped before timing"), "rows": rows})
 
     rng = random.Random(0)
     for _ in range(args.steps):
@@ -211,9 +216,6 @@ def main(argv=None) -> dict:
             r["step_ratio"] = r["step_ms"] / base["step_ms"]
             r["saved_ratio"] = base["saved_MB"] / r["saved_MB"] if r["saved_MB"] else float("inf")
             r["peak_ratio"] = r["peak_MB"] / base["peak_MB"] if cuda else None
-    setup = f"GPT-2 {args.size} {s}, batch {args.batch}, {args.dtype}"
-    if not cuda:
-        setup = f"CPU smoke run, inner {args.inner}: {setup}; timings meaningless, no peak memory"
     result = {"meta": meta(args, setup), "rows": rows}
     print(f"\n{'setting':<34} {'compile s':>9} {'step ms':>8} {'ratio':>6} {'saved MB':>9} {'x less':>6} "
           f"{'peak MB':>8} {'ratio':>6} {'SQNR dB':>8}")  # fmt: skip

@@ -34,7 +34,7 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _cpu_bench(fn, reps: int = 3) -> float:
+def _cpu_bench(fn, reps: int = 1) -> float:
     """Median ms of ``reps`` calls after one warm-up (the smoke run: timings are no figure)."""
     fn()
     times = []
