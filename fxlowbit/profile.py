@@ -21,6 +21,9 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 
     fxlowbit-profile --out my.json     # 2-core CPU: ~40 s, ~1.5 min with a cold Inductor cache
     python -m fxlowbit.profile --quick --out /tmp/p.json     # ~5 s: small sizes, no compile
+    python -m fxlowbit.profile --from-device-check DIR --out fxlowbit/profiles/   # <device>.json
+    # ^ a benchmarks/device_check.py folder: this profile plus its kernel and GEMM figures
+    #   (fxlowbit/profile_merge.py)
 """
 
 from __future__ import annotations
@@ -340,7 +343,8 @@ def format_table(profile: HardwareProfile) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fxlowbit-profile", description=__doc__.split("\n")[0].strip("`: "))
-    p.add_argument("--out", required=True, help="JSON file to write the profile to")
+    p.add_argument("--out", required=True, help="JSON file to write the profile to (or a folder)")
+    p.add_argument("--from-device-check", metavar="DIR", help="merge a device-check folder")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -359,6 +363,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.from_device_check:
+        from fxlowbit.profile_merge import from_device_check, profile_path
+
+        profile = from_device_check(args.from_device_check)
+        out = profile_path(args.out, profile)
+        profile.save(out)
+        print(f"{format_table(profile)}\n\nwrote {out}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fxlowbit-profile: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
