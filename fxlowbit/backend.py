@@ -203,13 +203,14 @@ def _seed(cfg: LowbitConfig) -> int:
 
 
 def _activation_inputs(gm: fx.GraphModule, example_inputs) -> frozenset[int]:
-    """Indices of the Dynamo graph's tensor inputs that are neither parameters nor buffers: user
-    inputs and activations handed over from an earlier graph (at a graph break). Their saved
-    aliases are memory the budget counts and a plan may compress."""
+    """Indices of the Dynamo graph's tensor inputs that are activations handed over from an earlier
+    graph (at a graph break: tensors that require grad and are neither parameters nor buffers).
+    Their saved aliases are memory the budget counts and a plan may compress. The user's batch
+    (no grad) stays as it is: the training loop holds it anyway, and it is the data itself."""
     out = set()
     phs = gm.graph.find_nodes(op="placeholder")
     for i, (ph, x) in enumerate(zip(phs, example_inputs, strict=False)):
-        if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
+        if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter) or not x.requires_grad:
             continue
         arg = ph.meta.get("grapharg")
         source = getattr(getattr(arg, "source", None), "name", None)
