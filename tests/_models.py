@@ -46,6 +46,17 @@ FAMILY = {
     "swin": "vision",
     "cnn": "cnn",
     "resnet": "cnn",
+    # architectures nobody tuned for (issue 15): MoE routing, softcaps, audio, two towers, scans
+    "qwen3_moe": "moe",
+    "mixtral": "moe",
+    "gemma2": "decoder",
+    "phi3": "decoder",
+    "falcon": "decoder",
+    "modernbert": "encoder",
+    "whisper": "audio",
+    "clip": "multimodal",
+    "mamba": "ssm",
+    "mbconv": "cnn",
 }
 
 
@@ -58,7 +69,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     """Seeded model ``name`` (a key of :data:`FAMILY`) in train mode."""
     torch.manual_seed(seed)
     if FAMILY[name] == "cnn":
-        return (CNN() if name == "cnn" else TinyResNet()).train()
+        return {"cnn": CNN, "resnet": TinyResNet, "mbconv": MBConvNet}[name]().train()
     return _hf(name).train()
 
 
@@ -66,6 +77,13 @@ def batch(name: str, step: int = 0, size: tuple[int, int] | None = None) -> dict
     """Keyword inputs of ``name`` for training step ``step``. ``size``: (batch, sequence length) for
     text models, (batch, image side) for vision models; default the matrix's sizes."""
     family = FAMILY[name]
+    if family == "audio":  # log-spectrogram features of a signal made from the text, and the text
+        b, t = size or (TEXT_BATCH, SEQ)
+        return {"input_features": _features(b, step), "labels": _text(b, t, step)}
+    if family == "multimodal":  # digits and their captions ("digit 7 ..."), contrastive loss
+        b, t = size or (IMAGE_BATCH, 8)
+        x, y = _images(b, IMAGE, step)
+        return {"input_ids": _captions(y, t), "pixel_values": x, "return_loss": True}
     if family in ("vision", "cnn"):
         b, side = size or (IMAGE_BATCH, IMAGE if family == "vision" else 8)
         x, y = _images(b, side, step)
@@ -75,9 +93,29 @@ def batch(name: str, step: int = 0, size: tuple[int, int] | None = None) -> dict
         rows = _text(b, 2 * t, step)
         return {"input_ids": rows[:, :t].contiguous(), "labels": rows[:, t:].contiguous()}
     idx = _text(b, t, step)
-    if family == "encoder":  # masked LM: 15% of positions masked, the loss only there
+    if family in ("encoder",):  # masked LM: 15% of positions masked, the loss only there
         return examples.hf_batch("bert", idx, seed=step)
     return {"input_ids": idx, "labels": idx}  # causal LM: the model shifts the labels
+
+
+MEL_BINS, FRAMES = 16, 64  # Whisper's input: (b, MEL_BINS, FRAMES), FRAMES = 2 * max_source_positions
+
+
+@functools.cache
+def _features(b: int, step: int) -> torch.Tensor:
+    # (b, MEL_BINS, FRAMES): log-magnitude STFT of a tone sequence whose pitches follow stdlib text
+    codes = _text(b, FRAMES // 4, step).float()  # (b, FRAMES/4) character codes
+    freq = 0.02 + 0.3 * codes / VOCAB  # cycles per sample, one tone per character
+    phase = torch.cumsum(freq.repeat_interleave(2 * (MEL_BINS - 1), dim=1), dim=1)  # (b, n)
+    spec = torch.stft(torch.sin(2 * torch.pi * phase), 2 * (MEL_BINS - 1), hop_length=phase.shape[1] // FRAMES,
+                      window=torch.hann_window(2 * (MEL_BINS - 1)), return_complex=True).abs()  # fmt: skip
+    return torch.log1p(spec[:, :, :FRAMES]).contiguous()
+
+
+def _captions(labels: torch.Tensor, t: int) -> torch.Tensor:
+    # (b,) digit labels -> (b, t) character codes of "digit N " repeated
+    rows = [list(f"digit {int(y)} ".encode() * t)[:t] for y in labels]
+    return torch.tensor(rows) % VOCAB
 
 
 def _text(b: int, t: int, step: int) -> torch.Tensor:
@@ -136,6 +174,46 @@ class TinyResNet(nn.Module):
             _Residual(c),
             nn.AvgPool2d(2),
             _Residual(c),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(c, n_out),
+        )
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(pixel_values), labels)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual of the timm kind: 1x1 expand, depthwise 3x3, squeeze-excite, 1x1 project."""
+
+    def __init__(self, c: int, expand: int = 4, act: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), act())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), act())
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 8, 1), nn.ReLU(), nn.Conv2d(h // 8, h, 1), nn.Hardsigmoid()
+        )
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.expand(x))
+        return x + self.project(y * self.se(y))
+
+
+class MBConvNet(nn.Module):
+    """MobileNetV3 / EfficientNet-style: hardswish stem, SiLU and hardswish inverted residuals with
+    depthwise convolutions and squeeze-excite, global pool, dropout 0.2, linear; for 8x8 digits."""
+
+    def __init__(self, c: int = 16, n_out: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.Hardswish(),
+            _MBConv(c, act=nn.SiLU),
+            _MBConv(c, act=nn.Hardswish),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Dropout(0.2),
@@ -216,4 +294,46 @@ def _hf(name: str) -> nn.Module:
             **vision, patch_size=2, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4
         )
         return tf.SwinForImageClassification(cfg)
+    moe = dict(llama_like, head_dim=16, num_experts_per_tok=2)
+    if name == "qwen3_moe":  # 4 experts, top-2, every layer sparse
+        cfg = tf.Qwen3MoeConfig(**moe, num_experts=4, moe_intermediate_size=64, decoder_sparse_step=1)
+        return tf.Qwen3MoeForCausalLM(cfg)
+    if name == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**moe, num_local_experts=4))
+    if name == "gemma2":  # logit softcaps, alternating sliding-window layers
+        cfg = tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=SEQ // 4, final_logit_softcapping=30.0,
+                              attn_logit_softcapping=50.0)  # fmt: skip
+        return tf.Gemma2ForCausalLM(cfg)
+    if name == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**llama_like, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    if name == "falcon":  # parallel attention + MLP, multi-query attention
+        cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=2 * SEQ, bos_token_id=2, eos_token_id=3, use_cache=False)  # fmt: skip
+        return tf.FalconForCausalLM(cfg)
+    if name == "modernbert":  # alternating local / global attention, GeGLU, no biases
+        cfg = tf.ModernBertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=2 * SEQ, local_attention=16,
+                                  pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2,
+                                  sep_token_id=3)  # fmt: skip
+        return tf.ModernBertForMaskedLM(cfg)
+    if name == "whisper":
+        cfg = tf.WhisperConfig(vocab_size=VOCAB, num_mel_bins=MEL_BINS, encoder_layers=2, decoder_layers=2,
+                               d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=FRAMES // 2,
+                               max_target_positions=2 * SEQ, decoder_start_token_id=2, pad_token_id=0,
+                               bos_token_id=2, eos_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
+                               use_cache=False)  # fmt: skip
+        return tf.WhisperForConditionalGeneration(cfg)
+    if name == "clip":  # two towers, contrastive loss over the batch
+        text_cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=SEQ, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3)  # fmt: skip
+        vision_cfg = dict(image_size=IMAGE, patch_size=2, num_channels=1, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        cfg = tf.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=32)
+        return tf.CLIPModel(cfg)
+    if name == "mamba":  # selective state-space scan (the sequential CPU path)
+        cfg = tf.MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
+                             conv_kernel=4, pad_token_id=0, bos_token_id=2, eos_token_id=3, use_cache=False)  # fmt: skip
+        return tf.MambaForCausalLM(cfg)
     raise KeyError(f"unknown model {name!r}; valid: {sorted(FAMILY)}")
