@@ -232,11 +232,13 @@ def _earlier(path: str) -> dict | None:
 
 
 def run(out: str, dry: bool, time_limit: float, plan: list[Bench] | None = None,
-        only: set[str] | None = None, install: bool = True, command: str = "") -> dict:  # fmt: skip
-    """Run ``plan`` (default :data:`PLAN`) into the folder ``out``; returns the summary."""
+        only: set[str] | None = None, install: bool = True, command: str = "",
+        env_info: dict | None = None) -> dict:  # fmt: skip
+    """Run ``plan`` (default :data:`PLAN`) into the folder ``out``; returns the summary.
+    ``env_info``: :func:`environment`'s answer, when the caller has it (tests)."""
     plan = PLAN if plan is None else plan
     os.makedirs(os.path.join(out, ".raw"), exist_ok=True)
-    env_info = environment(install)
+    env_info = environment(install) if env_info is None else env_info
     started = time.perf_counter()
     sampling = bool(env_info.get("sampling"))
     rows = []

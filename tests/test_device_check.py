@@ -118,7 +118,8 @@ def test_failures_timeouts_and_the_time_limit_do_not_stop_the_run(dc, tmp_path):
         bench("works", write),
         bench("too_late", write, min_s=1e6),
     ]
-    summary = dc.run(str(tmp_path), dry=False, time_limit=120, plan=plan, install=False)
+    env = {"device": "test", "torch": "-", "triton": "-", "commit": None}  # no probe: seconds saved
+    summary = dc.run(str(tmp_path), dry=False, time_limit=120, plan=plan, env_info=env)
     status = {r["name"]: r["status"] for r in summary["rows"]}
     assert status == {
         "fails": "error: exit code 3",
@@ -142,7 +143,7 @@ def test_failures_timeouts_and_the_time_limit_do_not_stop_the_run(dc, tmp_path):
     assert "| 2 | hangs | timeout: killed after 2 s |" in (tmp_path / "summary.md").read_text()
     # a rerun of one benchmark into the same folder keeps the others' results and shows them
     before = (tmp_path / "fails.json").read_text()
-    again = dc.run(str(tmp_path), dry=False, time_limit=120, plan=plan, only={"works"}, install=False)
+    again = dc.run(str(tmp_path), dry=False, time_limit=120, plan=plan, only={"works"}, env_info=env)
     status = {r["name"]: r["status"] for r in again["rows"]}
     assert status["works"] == "ok" and status["fails"].startswith("error: exit code 3 (earlier run, ")
     assert (tmp_path / "fails.json").read_text() == before
