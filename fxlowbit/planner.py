@@ -170,7 +170,8 @@ def candidates(
     exact_reason = _exact_only(s, cfg)
     r = s.recompute
     lossy_leaves = lossy_names & set(r.leaves) if r is not None else set()
-    scaled = bool(lossy_leaves and row_stats & set(r.leaves)) if r is not None else False
+    # row statistics are kept exact (``_exact_only``): only other lossy leaves are scaled by them
+    scaled = bool(lossy_leaves - row_stats and row_stats & set(r.leaves)) if r is not None else False
     if cfg.recompute and r is not None and not scaled and (exact_reason is None or not lossy_leaves):
         out.append(Costs(Form.RECOMPUTE, 0, 0, profile.pointwise_time(r.nbytes_moved), 0.0))
         leaves = ", ".join(r.leaves) or "constants"
@@ -336,10 +337,14 @@ def decide(
     profile: cm.HardwareProfile | None = None,
     sensitivity: Mapping[str, float] | None = None,
     gemms: Sequence = (),
+    extra_bytes: int | sympy.Expr = 0,
 ) -> Plan:
     """Plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records: the cost-model
     plan, or the uniform rule when ``cfg.bits`` is set. ``sensitivity``: measured sensitivities by
-    saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`)."""
+    saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`).
+    ``extra_bytes``: saved bytes the model holds without fxlowbit beyond ``saved`` (the logits a
+    fused loss no longer saves, :func:`fxlowbit.passes.linear_ce.unfused_extra_bytes`), a sympy
+    expression of the sizes: a fractional budget is a fraction of the uncompressed bytes with them."""
     subs = subs or {}
     if cfg.bits is not None:
         plan = _uniform(saved, cfg, subs)
@@ -377,12 +382,14 @@ def decide(
 
     options = forms(subs)
     total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
-    budget = _budget(cfg, total)
+    budget = _budget(cfg, total + int(sympy.sympify(extra_bytes).subs(subs)))
     t_step = step_time(gemms, profile, total)
     pick, weight, status = _choose(
         [c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio, soft=cfg.memory_budget is None
     )
-    pick, status = _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step)
+    pick, status = _hold_when_sizes_grow(
+        saved, cfg, subs, forms, options, pick, status, budget, t_step, extra_bytes
+    )
     decisions = []
     for s, (costs, why, n), k in zip(saved, options, pick, strict=True):
         c = costs[k]
@@ -402,17 +409,19 @@ def decide(
 GROWTH_CHECKS = 3  # re-solves allowed to keep a symbolic plan within budget at grown sizes
 
 
-def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step):
+def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget, t_step, extra_bytes=0):
     """A plan over symbolic sizes runs at other sizes too (later batch sizes and sequence lengths
     reuse the graph), where its stored fraction of the bytes shifts (T^2 attention terms, constant
     tensors). Check it with every size doubled; if the fraction exceeds a fractional budget there,
     solve again with the budget scaled down by the overshoot (at most ``GROWTH_CHECKS`` times)."""
-    free = {sym for s in saved for sym in sympy.sympify(s.nbytes).free_symbols}
+    extra = sympy.sympify(extra_bytes)
+    free = {sym for s in saved for sym in sympy.sympify(s.nbytes).free_symbols} | extra.free_symbols
     frac = cfg.budget
     if not free or frac > 1 or pick is None or "cannot be met" in status or "yields" in status:
         return pick, status
-    grown = forms({**subs, **{sym: 2 * int(subs.get(sym, 1)) for sym in free}})
-    total2 = sum(c[0].nbytes for c, _, _ in grown)
+    at = {**subs, **{sym: 2 * int(subs.get(sym, 1)) for sym in free}}
+    grown = forms(at)
+    total2 = sum(c[0].nbytes for c, _, _ in grown) + int(extra.subs(at))
     scaled = budget
     for _ in range(GROWTH_CHECKS):
         used2 = sum(c[k].nbytes for (c, _, _), k in zip(grown, pick, strict=True))

@@ -14,7 +14,7 @@ from ._util import UNCOMPRESSED, make, step
 EAGER = {"inner": "eager", "seed": 0, "strict": True}
 
 
-def _recompute_all(items, budget, t_step, max_ratio, warn=True):
+def _recompute_all(items, budget, t_step, max_ratio, warn=True, soft=False):
     """A planner choice: replay every tensor that has a replay, keep everything else."""
     pick = [next((k for k, c in enumerate(it) if c.form == Form.RECOMPUTE), 0) for it in items]
     return pick, 1.0, "test: replay everything replayable"
