@@ -89,6 +89,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         self.profile = load_profile(cfg.profile)
         self.plan: Plan | None = None
         self.facts = None  # GraphFacts of the last partition
+        self.extra_bytes = 0  # saved bytes of the losses linear_ce fused, unfused (the budget counts them)
         self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
         self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
 
@@ -157,9 +158,12 @@ class LowbitPartitioner(CustomPartitionerFn):
         if self.sensitivity is not None:
             keys = planner.canonical_keys(facts.saved)
             sens = {name: self.sensitivity[k] for name, k in keys.items() if k in self.sensitivity}
+        # a fused loss saves no logits: the budget's fraction is of the bytes saved without fxlowbit
+        self.extra_bytes = passes.linear_ce.unfused_extra_bytes(fw)
         plan = planner.decide(
-            facts.saved, cfg, facts.hints, profile=self.profile, sensitivity=sens, gemms=facts.gemms
-        )
+            facts.saved, cfg, facts.hints, profile=self.profile, sensitivity=sens, gemms=facts.gemms,
+            extra_bytes=self.extra_bytes,
+        )  # fmt: skip
         self.plan, self.facts = plan, facts
         self.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
         _last_plans.append(plan)  # planner.decide logs it at INFO
@@ -236,9 +240,9 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
 
 
 def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
-    """Projection + cross-entropy -> fused op, on the Dynamo graph (passes/linear_ce.py). An
-    explicit memory budget below 1 binds: the choice then fuses LM heads (vocab >= 8 x hidden), or
-    every head when nothing else is compressed."""
+    """Projection + cross-entropy -> fused op, on the Dynamo graph (passes/linear_ce.py): whenever
+    the logits exceed one cache-resident chunk; under an explicit memory budget below 1 (binding)
+    smaller heads too, when that saves bytes."""
     binding = cfg.memory_budget is not None and cfg.memory_budget != 1
     try:
         compressing = cfg.enabled("plan") and cfg.enabled("rewrite_saved")
@@ -419,7 +423,7 @@ class _Adaptive:
         p = self.partitioner
         plan = planner.decide(
             p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
-            gemms=p.facts.gemms,
+            gemms=p.facts.gemms, extra_bytes=p.extra_bytes,
         )  # fmt: skip
         sig = plan.signature()
         log.info("fxlowbit re-plan at step %d (the plan is logged by fxlowbit.planner)", self.steps)

@@ -30,6 +30,7 @@ class _Match:
     target: fx.Node
     ignore_index: int
     reduction: str
+    label_smoothing: float
     scale: float
     softcap: float
     slices: list  # leading-dim getitem indices of the logits, replayed on h
@@ -125,8 +126,11 @@ def _match(loss: fx.Node) -> _Match:
     except TypeError as err:
         raise _Skip(f"{loss.name}: {err}") from None
     x, target = bound["input"], bound["target"]
-    if bound.get("weight") is not None or bound.get("label_smoothing", 0.0) != 0.0:
-        raise _Skip(f"{loss.name}: class weights or label smoothing")
+    smoothing = bound.get("label_smoothing", 0.0)
+    if bound.get("weight") is not None:
+        raise _Skip(f"{loss.name}: class weights")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
+        raise _Skip(f"{loss.name}: label smoothing {smoothing!r} not a number in [0, 1]")
     if bound.get("size_average") is not None or bound.get("reduce") is not None:
         raise _Skip(f"{loss.name}: legacy size_average/reduce arguments")
     reduction, ignore_index = bound.get("reduction", "mean"), bound.get("ignore_index", -100)
@@ -169,7 +173,7 @@ def _match(loss: fx.Node) -> _Match:
     if w_t and (root := _untranspose(w)) is not None:
         tail.append(w)
         w, w_t = root, False
-    return _Match(loss, x, node, h, w, w_t, b, target, ignore_index, reduction,
+    return _Match(loss, x, node, h, w, w_t, b, target, ignore_index, reduction, float(smoothing),
                   *_scaling(chain[::-1], yv.dim(), vocab, loss), chain, tail)  # fmt: skip
 
 

@@ -5,9 +5,11 @@ place (afterwards log_softmax and nll_loss are split into many aten ops across f
 backward) and the fused op brings its own backward, so the joint graph needs no surgery. Matches
 linear / matmul / mm / addmm (weight any 2-D tensor, optional bias), then casts, scalar scaling,
 a tanh softcap, reshapes that keep the vocabulary last, slices of leading dims, then
-``cross_entropy`` or ``log_softmax`` + ``nll_loss`` (no class weights, no label smoothing). The
-target side (transformers' pad + slice label shift) is left as it is. A projection with other
-users stays for them. Anything else, or a fusion :func:`choose` rejects, leaves the graph alone.
+``cross_entropy`` (label smoothing included) or ``log_softmax`` + ``nll_loss``; no class weights.
+The target side (transformers' pad + slice label shift) is left as it is. Logits with other users
+(a model that returns them) are handed to the fused op, which reads them instead of rebuilding
+them. The fused op forms the gradients in the forward, so it is fused whenever the logits exceed
+one cache-resident chunk (:func:`choose`); anything else leaves the graph alone.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import logging
 import operator
 from collections import Counter
 
+import sympy
 import torch
 import torch.fx as fx
 
+from ..codegen.kernels import linear_ce_grad
 from ..codegen.kernels.linear_ce import linear_cross_entropy
 from ..costmodel import HardwareProfile, load_profile
-from ._linear_ce_match import _LOSSES, _hint, _is, _Match, _match, _val
+from ._linear_ce_match import _LOSSES, _hint, _is, _Match, _match, _Skip, _val
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "choose", "Choice", "MIN_FUSE_BYTES"]
+__all__ = ["run", "choose", "Choice", "unfused_extra_bytes", "MIN_FUSE_BYTES"]
 
-MIN_FUSE_BYTES = 1 << 20  # saved logits at least this large: always fuse
-MIN_VOCAB_RATIO = 8  # under a binding budget fuse only logits this many times wider than the input
+MIN_FUSE_BYTES = 1 << 20  # recompute path: saved logits at least this large: always fuse
+MIN_VOCAB_RATIO = 8  # recompute path, binding budget: fuse only logits this many times wider than h
+COMPRESSED = 8  # a binding budget stores the unfused loss's tensors ~4-bit: 8x fewer bytes than fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,30 +56,48 @@ def choose(
     budget_binding: bool = False,
     logits_kept: bool = False,
     compressing: bool = True,
+    recompute: bool = False,
+    cache_bytes: int | None = None,
 ) -> Choice:
-    """Whether fusing pays. The unfused loss saves ``tokens x vocab x itemsize`` bytes (its
-    log-probabilities); the fused one saves none but recomputes the logits in the backward, one
-    extra ``2 tokens vocab hidden``-FLOP matmul (two when the logits are kept for other users).
-    Fuse when a memory budget binds and the logits are at least ``MIN_VOCAB_RATIO`` times wider
-    than the input, when the saved bytes reach ``MIN_FUSE_BYTES`` (they are then usually the step's
-    largest saved tensor), or when the matmul costs no more than writing and reading those bytes
-    back (``2 bytes / copy bandwidth``). The fused backward reads its input exact: when saved
-    tensors are being compressed (``compressing``, the planner on), the unfused loss stores input
-    and log-probabilities compressed instead, (H + V) elements at about 4 bits a token against H at
-    32, so under a binding budget fusing only pays from V >= 7 H (an LM head, not a 10-class
-    classifier on 512 features).
+    """Whether to fuse. The unfused loss saves ``tokens x vocab x itemsize`` bytes (its logits or
+    log-probabilities) plus its input h; the fused op forms the gradients in the forward and saves
+    dh and dw instead, with the same three GEMMs and fewer passes over the logits, so it is no
+    slower: fuse whenever the logits (fp32) exceed ``cache_bytes``, one cache-resident chunk
+    (:func:`~fxlowbit.codegen.kernels.linear_ce_grad.cache_bytes` of the profile's device). Under a
+    binding budget smaller heads are fused too when dh + dw take fewer bytes than the unfused loss's
+    tensors stored compressed (``compressing``: ~4 bits).
+
+    ``recompute``: ``reduction="none"`` with a weight gradient, where the op rebuilds the logits in
+    the backward, one extra ``2 tokens vocab hidden``-FLOP matmul (two when the logits are kept for
+    other users). Fused then under a binding budget for LM heads (vocab >= ``MIN_VOCAB_RATIO`` x
+    hidden when compressing), when the logits reach ``MIN_FUSE_BYTES``, or when the matmul costs no
+    more than writing and reading them back.
 
         >>> choose(4096, 50257, 768, 4, load_profile("cpu")).fuse
         True
     """
     saved = tokens * vocab * itemsize
+    if recompute:
+        return _choose_recompute(tokens, vocab, hidden, saved, profile, dtype, budget_binding, logits_kept,
+                                 compressing)  # fmt: skip
+    cache = cache_bytes if cache_bytes is not None else linear_ce_grad.cache_bytes(profile.kind)
+    if tokens * vocab * 4 > cache:
+        return Choice(True, saved, 0.0, f"logits ({tokens} x {vocab}) exceed one cache-resident chunk")
+    fused = (tokens + vocab) * hidden * itemsize  # dh, dw
+    unfused = (saved + tokens * hidden * itemsize) // (COMPRESSED if compressing else 1)
+    if budget_binding and fused < unfused:
+        return Choice(True, saved, 0.0, f"memory budget binds: dh + dw {fused} B < {unfused} B")
+    return Choice(False, saved, 0.0, f"logits ({tokens} x {vocab}) fit one cache-resident chunk")
+
+
+def _choose_recompute(tokens, vocab, hidden, saved, profile, dtype, budget_binding, logits_kept, compressing):
     extra = profile.matmul_time(2.0 * tokens * vocab * hidden, dtype) * (2 if logits_kept else 1)
     traffic = 2 * saved / (profile.copy_gbps * 1e9)
     if budget_binding and (not compressing or vocab >= MIN_VOCAB_RATIO * hidden):
         why = f" and vocab >= {MIN_VOCAB_RATIO} x hidden" if compressing else ""
-        return Choice(True, saved, extra, "memory budget binds" + why)
+        return Choice(True, saved, extra, "recompute: memory budget binds" + why)
     if saved >= MIN_FUSE_BYTES:
-        return Choice(True, saved, extra, f"saved logits {saved} B >= {MIN_FUSE_BYTES} B")
+        return Choice(True, saved, extra, f"recompute: saved logits {saved} B >= {MIN_FUSE_BYTES} B")
     if extra <= traffic:
         return Choice(True, saved, extra, f"recompute {extra:.3g} s <= saved-bytes traffic {traffic:.3g} s")
     return Choice(False, saved, extra, f"small ({saved} B) and recompute {extra:.3g} s > {traffic:.3g} s")
@@ -98,6 +121,11 @@ def run(
             continue
         try:
             m = _match(loss)
+            recompute = m.reduction == "none" and any(
+                x is not None and _val(x).requires_grad for x in (m.w, m.b)
+            )  # per-token output gradients: dw cannot be formed in the forward
+            if recompute and m.label_smoothing:
+                raise _Skip(f"{loss.name}: reduction 'none' with label smoothing and a weight gradient")
         except Exception as why:  # _Skip, or a construct the matcher did not foresee
             log.debug("linear_ce: %s left as is: %s", loss.name, why)
             continue
@@ -107,12 +135,13 @@ def run(
         kept = any(u not in inside for n in (m.proj, *m.chain) for u in n.users)  # logits used elsewhere
         choice = choose(tokens if tokens is not None else 1 << 30, xv.shape[1], hv.shape[-1],
                         xv.dtype.itemsize, prof, dtype=str(yv.dtype)[6:], budget_binding=budget_binding,
-                        logits_kept=kept, compressing=compressing)  # fmt: skip
+                        logits_kept=kept, compressing=compressing, recompute=recompute,
+                        cache_bytes=linear_ce_grad.cache_bytes(xv.device.type))  # fmt: skip
         if not choice.fuse:
             counters["linear_ce_declined"] += 1
             log.debug("linear_ce: %s not fused: %s", loss.name, choice.reason)
             continue
-        _rewrite(gm.graph, m, yv.dtype, _val(loss).dtype)
+        _rewrite(gm.graph, m, yv.dtype, _val(loss).dtype, pass_logits=kept and not recompute)
         fused += 1
         counters["linear_ce"] += 1
         log.debug("linear_ce: fused %s (%s x %s, hidden %s; %s): saved logits %d -> 0 bytes, +%.3g ms",
@@ -124,7 +153,41 @@ def run(
     return fused
 
 
-def _rewrite(graph: fx.Graph, m: _Match, compute_dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+def unfused_extra_bytes(gm: fx.GraphModule) -> sympy.Expr:
+    """Bytes the unfused losses of ``gm`` (an AOTAutograd forward graph) would save beyond what
+    their fused ops save instead, as a sympy expression of the symbolic sizes: per forward-gradient
+    op its logits (tokens x vocab, in the projection's dtype) and its input h (kept for the weight
+    gradient) less the dh / dw / db it stores; per recompute op its logits less its log-sum-exps.
+    The planner adds them to the graph's uncompressed bytes, so a fractional budget is a fraction
+    of what the model saves without fxlowbit, logits included."""
+    ops = torch.ops.fxlowbit
+    total = sympy.Integer(0)
+    for node in gm.graph.nodes:
+        grad_op = node.target is ops.linear_ce_fwd_grad.default
+        if node.op != "call_function" or not (grad_op or node.target is ops.linear_ce_fwd.default):
+            continue
+        h, w, b = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:3])
+        if not isinstance(h, torch.Tensor) or not isinstance(w, torch.Tensor):
+            continue
+        (n, hid), v = (_expr(d) for d in h.shape), _expr(w.shape[0])
+        logits = n * v * torch.promote_types(h.dtype, w.dtype).itemsize
+        if not grad_op:
+            total += logits - n * 4  # both keep h and w; the fused op keeps the fp32 log-sum-exps
+            continue
+        grad_h, grad_w, grad_b = node.args[10:13]
+        total += logits + (n * hid * h.dtype.itemsize if grad_w else 0)
+        total -= (n * hid * h.dtype.itemsize if grad_h else 0) + (v * hid * w.dtype.itemsize if grad_w else 0)
+        total -= v * b.dtype.itemsize if grad_b and isinstance(b, torch.Tensor) else 0
+    return total
+
+
+def _expr(d) -> sympy.Expr:
+    return d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
+
+
+def _rewrite(
+    graph: fx.Graph, m: _Match, compute_dtype: torch.dtype, out_dtype: torch.dtype, pass_logits: bool
+) -> None:
     new: list[fx.Node] = []
 
     def add(target, *args, **kwargs) -> fx.Node:
@@ -140,13 +203,15 @@ def _rewrite(graph: fx.Graph, m: _Match, compute_dtype: torch.dtype, out_dtype: 
 
     try:
         with graph.inserting_before(m.loss):
-            h, w, b = m.h, m.w, m.b
+            h, w, b, y = m.h, m.w, m.b, (m.proj if pass_logits else None)
             for index in m.slices:  # logits[..., :-1, :] is linear(h[..., :-1, :])
                 h = add(operator.getitem, h, index)
+                y = add(operator.getitem, y, index) if y is not None else None
             if m.w_transposed:
                 w = add(torch.t, w)
             h, w, b = (_cast(add, x, compute_dtype) for x in (h, w, b))  # autocast: the projection's dtype
-            kw = dict(reduction=m.reduction, scale=m.scale, softcap=m.softcap, out_dtype=out_dtype)
+            kw = dict(reduction=m.reduction, scale=m.scale, softcap=m.softcap, out_dtype=out_dtype,
+                      label_smoothing=m.label_smoothing, logits=y)  # fmt: skip
             fused = add(linear_cross_entropy, h, w, b, m.target, ignore_index=m.ignore_index, **kw)
     except Exception:
         for node in reversed(new):

@@ -1,4 +1,9 @@
-"""Linear + cross-entropy without materialised logits (Cut Cross-Entropy), forward and backward.
+"""Linear + cross-entropy without materialised logits: the public op and its recompute path.
+
+:func:`linear_cross_entropy` forms the gradients in the forward, chunk by chunk
+(:mod:`.linear_ce_grad`, the default). This module keeps the recompute path (Cut Cross-Entropy's
+scheme), used for ``reduction="none"`` when the weight needs a gradient: ``linear_ce_fwd`` saves
+only the log-sum-exps, ``linear_ce_bwd`` rebuilds the logits.
 
 Maths. Row ``i`` of ``h`` (N, H) against ``w`` (V, H), optional bias ``b`` (V,): ``y = h w^T + b``,
 logits ``z = scale * y`` or, with a softcap ``c > 0``, ``z = c * tanh(scale * y / c)``. Forward:
@@ -11,13 +16,16 @@ torch path works on (token chunk, vocab block) tiles, the Triton kernels (linear
 (BLOCK_N, BLOCK_V) tiles. Dispatch: torch on CPU and, with cuBLAS-sized tiles, on CUDA (the
 Triton kernels are slower there so far: ``TRITON_FORWARD`` / ``TRITON_BACKWARD``, measured);
 ``FORCE_TRITON`` runs the kernels anywhere (the interpreter on CPU).
-Mean/sum are plain torch on the per-token losses, so autograd hands the backward ``g`` scaled.
+The recompute ops return per-token losses; autograd hands their backward per-token ``g``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+
+from .linear_ce_grad import _check, linear_ce_fwd_grad  # noqa: F401  (registers fxlowbit::linear_ce_fwd_grad)
 
 __all__ = [
     "linear_cross_entropy",
@@ -43,25 +51,7 @@ FILTER_EPS = 0.0
 BLOCK_V = 1024  # reference: vocab columns per tile (the last tile may be shorter)
 CHUNK_N = 2048  # reference: tokens per tile, so a tile is at most CHUNK_N x BLOCK_V fp32 (8 MiB)
 CUDA_BLOCK_V, CUDA_CHUNK_N = 4096, 8192  # CUDA backward tiles: 128 MiB fp32, GEMMs large enough
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check(h, w, b, target) -> None:
-    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
-        raise ValueError(
-            f"fxlowbit linear_ce: need h (N, H) and w (V, H), got {tuple(h.shape)} and {tuple(w.shape)}"
-        )
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"fxlowbit linear_ce: bias must be ({w.shape[0]},), got {tuple(b.shape)}")
-    if tuple(target.shape) != (h.shape[0],) or target.dtype.is_floating_point:
-        raise ValueError(
-            f"fxlowbit linear_ce: target must be integer ({h.shape[0]},), got {target.dtype} "
-            f"{tuple(target.shape)}"
-        )
-    for name, t in (("h", h), ("w", w), ("b", b)):
-        if t is not None and t.dtype not in _FLOATS:
-            raise ValueError(f"fxlowbit linear_ce: {name} must be floating point, got {t.dtype}")
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -278,11 +268,22 @@ def linear_cross_entropy(
     scale: float = 1.0,
     softcap: float = 0.0,
     out_dtype: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy(logits(h, w, b).view(-1, V), target.view(-1), ignore_index=..., reduction=...)``
-    without the logits (see the module docstring for ``scale`` and ``softcap``). ``h`` (..., H) is
-    flattened to rows; ``out_dtype`` defaults to h's dtype (what the unfused loss would return).
-    Mean over zero non-ignored targets is NaN, as in PyTorch.
+    """``F.cross_entropy(logits(h, w, b).view(-1, V), target.view(-1), ignore_index=...,
+    reduction=..., label_smoothing=...)`` without the logits (see the module docstring for ``scale``
+    and ``softcap``). ``h`` (..., H) is flattened to rows; ``out_dtype`` defaults to h's dtype (what
+    the unfused loss would return). Mean over zero non-ignored targets is NaN, as in PyTorch.
+
+    The gradients of the inputs that need one are formed in the forward, chunk by chunk
+    (:mod:`.linear_ce_grad`), and the backward scales them; without grad mode or inputs needing
+    gradients only the loss is computed. ``logits`` (..., V), optional: ``h w^T + b`` when the
+    caller computes them anyway (a model returning them); read instead of rebuilt, not saved, not
+    differentiated through (h, w and b get the loss's gradients). ``reduction="none"`` with a
+    weight or bias needing a gradient takes the recompute path instead (``linear_ce_fwd`` /
+    ``linear_ce_bwd``: the logits are rebuilt in the backward), and with label smoothing too the
+    plain unfused loss. Not twice differentiable.
 
         >>> h, w, t = torch.randn(6, 8), torch.randn(11, 8), torch.tensor([0, 3, -100, 10, 2, 2])
         >>> loss = linear_cross_entropy(h, w, None, t)
@@ -290,9 +291,20 @@ def linear_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fxlowbit linear_ce: reduction={reduction!r}; valid: {_REDUCTIONS}")
     h2, t = h.reshape(-1, h.shape[-1]), target.reshape(-1)
-    loss, _ = torch.ops.fxlowbit.linear_ce_fwd(h2, w, b, t, ignore_index, float(scale), float(softcap))
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / (t != ignore_index).sum()
+    eps = float(label_smoothing)
+    on = torch.is_grad_enabled()
+    gh, gw, gb = (on and x is not None and x.requires_grad for x in (h2, w, b))
+    if reduction == "none" and (gw or gb):
+        if eps:  # the recompute path has no label smoothing: the plain loss, logits and all
+            z = F.linear(h2, w, b) * scale
+            z = softcap * torch.tanh(z / softcap) if softcap > 0 else z
+            kw = dict(ignore_index=ignore_index, reduction="none", label_smoothing=eps)
+            loss = F.cross_entropy(z.float(), t, **kw)
+        else:
+            args = (ignore_index, float(scale), float(softcap))
+            loss, _ = torch.ops.fxlowbit.linear_ce_fwd(h2, w, b, t, *args)
+    else:
+        y = logits.detach().reshape(-1, w.shape[0]) if logits is not None else None
+        args = (ignore_index, float(scale), float(softcap), eps, reduction, gh, gw, gb)
+        loss = torch.ops.fxlowbit.linear_ce_fwd_grad(h2, w, b, t, y, *args)[0]
     return loss.to(out_dtype or h.dtype)

@@ -1,5 +1,6 @@
-"""The fused linear + cross-entropy ops: Triton kernels (interpreter on CPU, ``FORCE_TRITON``)
-against the chunked reference, opcheck of the torch.library ops, and torch.compile of the op.
+"""The fused linear + cross-entropy ops: the recompute path's Triton kernels (interpreter on CPU,
+``FORCE_TRITON``) against its chunked reference; the forward-gradient op over chunk sizes and its
+chunk size from the cost model; opcheck of the torch.library ops, and torch.compile of the op.
 
 Tiny odd shapes (vocab and hidden not multiples of the tiles) keep the interpreter fast. Both
 paths accumulate in fp32, so fp32 results agree to float rounding: rtol 1e-5, atol 1e-5 of the
@@ -13,6 +14,8 @@ import torch
 
 import fxlowbit  # noqa: F401  (registers the fxlowbit:: ops)
 from fxlowbit.codegen.kernels import linear_ce as lce
+from fxlowbit.codegen.kernels import linear_ce_grad as lcg
+from fxlowbit.costmodel import load_profile
 
 pytest.importorskip("triton")
 ops = torch.ops.fxlowbit
@@ -82,6 +85,45 @@ def test_opcheck():
     )
 
 
+def test_opcheck_forward_gradient_op():
+    h, w, b, t, _ = _sample(9, 5, 13, True)
+    y = torch.nn.functional.linear(h, w, b)
+    for logits, red, asked in ((None, "mean", (True, True, True)), (y, "sum", (False, True, True)),
+                               (None, "none", (True, False, False))):  # fmt: skip
+        xs = [x.clone().requires_grad_(a) for x, a in zip((h, w, b), asked, strict=True)]
+        torch.library.opcheck(ops.linear_ce_fwd_grad, (*xs, t, logits, -100, 0.8, 2.0, 0.1, red, *asked))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_chunks_agree(monkeypatch, dtype, chunk):
+    """Any chunk size (tokens not a multiple of it, one token, the cost model's) gives the one-chunk
+    result: fp32 to float rounding; bf16/fp16 up to dw's chunk products, rounded to the GEMM dtype
+    before their fp32 sum (a few epsilons of dw's max)."""
+    h, w, b, t, _ = _sample(37, 19, 101, True, dtype=dtype)
+    args = (t, None, -100, 1.0, 0.0, 0.0, "mean", True, True, True)
+    monkeypatch.setattr(lcg, "CHUNK_ROWS", 37)
+    ref = lcg.linear_ce_grad_reference(h, w, b, *args)
+    monkeypatch.setattr(lcg, "CHUNK_ROWS", chunk)
+    got = lcg.linear_ce_grad_reference(h, w, b, *args)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}[dtype]
+    for x, r in zip(got, ref, strict=True):
+        _close(x, r, rtol=tol, atol=tol)
+
+
+def test_chunk_rows_from_the_cost_model():
+    cpu, h100 = load_profile("cpu"), load_profile("h100")
+    # small GEMMs waste throughput and every chunk streams the weight and dw: a few big chunks
+    assert lcg.chunk_rows(8192, 50257, 768, torch.float32, cpu) == 1024
+    assert lcg.chunk_rows(8192, 50257, 768, torch.bfloat16, h100) == 8192
+    assert lcg.chunk_rows(3, 50257, 768, torch.float32, cpu) == 3  # never more than the tokens
+    tokens = (64, 1024, 65536)
+    sizes = [lcg.chunk_rows(n, 32000, 512, torch.float32, cpu) for n in tokens]
+    assert sizes == sorted(sizes) and all(
+        s & (s - 1) == 0 or s == n for s, n in zip(sizes, tokens, strict=True)
+    )
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiles(backend):
     h, w, b, t, _ = _sample(12, 9, 23, True)
@@ -111,3 +153,17 @@ def test_cuda_matches_cpu_reference(monkeypatch, dtype, triton):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for x, exp in zip((loss, lse, *got), (ref_loss, ref_lse, *ref), strict=True):
         _close(x.cpu().float(), exp, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_gradient_matches_cpu(dtype):
+    """The forward-gradient op on CUDA (masked ignored rows, cuBLAS GEMMs, dw summed in fp32)
+    against the CPU op on the same values (CPU: fp32 GEMMs for fp32, bf16 for bf16)."""
+    h, w, b, t, _ = _sample(1000, 257, 5003, True, dtype=dtype, device="cuda")
+    args = (t, None, -100, 1.0, 30.0, 0.1, "mean", True, True, True)
+    got = lcg.linear_ce_grad_reference(h, w, b, *args)
+    ref = lcg.linear_ce_grad_reference(h.cpu(), w.cpu(), b.cpu(), t.cpu(), *args[1:])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for x, exp in zip(got, ref, strict=True):
+        _close(x.cpu(), exp, rtol=tol, atol=tol)
