@@ -1,20 +1,30 @@
 """Loss memory and time: output projection + cross-entropy, fused (lowbit's linear_ce) vs unfused.
 
-One training step of the loss alone, ``F.cross_entropy(F.linear(h, w).float(), t)`` with h
-(tokens, hidden) requiring grad: eager, Inductor (unfused), and ``backend="lowbit"`` (the pass
-fuses it; Inductor compiles the rest), interleaved in one run. Prints a table and writes JSON:
-ms per forward+backward (median), peak MB above the inputs (CUDA), saved MB, useful TFLOP/s
-(6 tokens vocab hidden: forward and two backward matmuls; the fused op does one more).
+One training step of the head and loss alone, ``F.cross_entropy(F.linear(h, w).float(), t)`` with
+h (tokens, hidden) and w (vocab, hidden) requiring grad and every 7th target ignored: eager,
+Inductor (unfused), and ``backend="lowbit"`` with the planner off (the pass fuses the loss, Inductor
+compiles the rest), rows interleaved in one run. Prints a table and writes JSON: ms per forward +
+backward (median and interquartile range), the paired ratio to Inductor's time (median and IQR of
+the per-round ratios), saved MB and how many times fewer than Inductor, peak MB above the inputs
+(CUDA), useful TFLOP/s (6 tokens vocab hidden: the forward and two backward matmuls). CPU runs
+use one thread (``--threads``).
 
-    python benchmarks/linear_ce.py [--out results/linear_ce_<device>.json] [--quick]
+``--llama``: the issue's model check instead: a ``transformers`` Llama (2 layers, hidden 128, vocab
+16384, batch 8 x 128) training step at default options (Inductor inner) against the same with
+``passes={"linear_ce": False}``; the largest saved tensor and the step time ratio.
+
+    python benchmarks/linear_ce.py [--out results/linear_ce_<device>.json] [--quick] [--reps 7]
+    python benchmarks/linear_ce.py --llama [--out results/linear_ce_llama_cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -22,15 +32,25 @@ import torch
 import torch.nn.functional as F
 
 import fxlowbit
+from fxlowbit.memory import saved_tensors
 
 SHAPES = {  # name: (tokens, hidden, vocab, dtype)
     "cuda": [
         ("gpt2", 8192, 768, 50257, torch.bfloat16),
         ("llama3-8b", 4096, 4096, 128256, torch.bfloat16),
+        ("small", 8192, 128, 8192, torch.bfloat16),
         ("fp32", 4096, 1024, 32000, torch.float32),
     ],  # fmt: skip
-    "cpu": [("small", 1024, 128, 8192, torch.float32)],
+    "cpu": [
+        ("small", 8192, 128, 8192, torch.float32),
+        ("small", 8192, 128, 8192, torch.bfloat16),
+        ("llama2", 8192, 256, 32000, torch.float32),
+        ("llama2", 8192, 256, 32000, torch.bfloat16),
+        ("gpt2", 8192, 768, 50257, torch.float32),
+        ("gpt2", 8192, 768, 50257, torch.bfloat16),
+    ],
 }
+LOWBIT = {"calibrate_every": 0, "passes": {"plan": False}}  # the fusion alone
 
 
 def loss_fn(h, w, t):
@@ -42,33 +62,108 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def measure(fn, h, w, t, reps: int) -> dict:
-    dev = h.device.type
-    for _ in range(2):  # compile + warm up
-        torch.autograd.grad(fn(h, w, t), (h, w))
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+    return q1, q2, q3
+
+
+def _memory(fn, args, exclude) -> tuple[float | None, float]:
+    """(peak MB above the inputs on CUDA, else None; MB saved for the backward)."""
+    dev = args[0].device.type
     _sync(dev)
     base = torch.cuda.memory_allocated() if dev == "cuda" else 0
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    loss = fn(h, w, t)
-    saved = fxlowbit.saved_activation_bytes(loss, [h, w, t])
-    torch.autograd.grad(loss, (h, w))
+    loss = fn(*args)
+    saved = fxlowbit.saved_activation_bytes(loss, exclude)
+    loss.backward()
     del loss
     _sync(dev)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None
-    times = []
-    for _ in range(reps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        torch.autograd.grad(fn(h, w, t), (h, w))
-        _sync(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "peak_mb": peak, "saved_mb": saved / 2**20}
+    return peak, saved / 2**20
+
+
+def interleaved(steps: dict, reps: int, dev: str) -> dict[str, list[float]]:
+    """ms of each step, one of each per round, the order rotating between rounds."""
+    names, times = list(steps), {k: [] for k in steps}
+    for r in range(reps):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            steps[k]()
+            _sync(dev)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _summary(times: dict[str, list[float]], base: str) -> dict[str, dict]:
+    out = {}
+    for k, ts in times.items():
+        q1, med, q3 = _quartiles(ts)
+        r1, rmed, r3 = _quartiles([a / b for a, b in zip(ts, times[base], strict=True)])
+        out[k] = {"ms": med, "ms_q1": q1, "ms_q3": q3, "ratio_vs_" + base: rmed,
+                  "ratio_q1": r1, "ratio_q3": r3, "times_ms": ts}  # fmt: skip
+    return out
+
+
+def head_rows(shapes, reps: int) -> list[dict]:
+    rows = []
+    for name, n, hid, v, dtype in shapes:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        g = torch.Generator(device=dev).manual_seed(0)
+        h = (torch.randn(n, hid, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
+        w = (torch.randn(v, hid, device=dev, generator=g) * hid**-0.5).to(dtype).requires_grad_()
+        t = torch.randint(0, v, (n,), device=dev, generator=g)
+        t[::7] = -100
+        torch._dynamo.reset()
+        fxlowbit.reset()
+        fns = {"eager": loss_fn, "inductor": torch.compile(loss_fn),
+               "lowbit": torch.compile(loss_fn, backend="lowbit", options=LOWBIT)}  # fmt: skip
+        steps = {k: functools.partial(_step, fn, h, w, t) for k, fn in fns.items()}
+        mem = {}
+        for k in fns:  # compile, warm up, then the memory of one more step
+            for _ in range(2):
+                steps[k]()
+            mem[k] = _memory(fns[k], (h, w, t), [h, w, t])
+        summary = _summary(interleaved(steps, reps, dev), "inductor")
+        for k in fns:
+            peak, saved = mem[k]
+            s = summary[k]
+            rows.append({"shape": name, "tokens": n, "hidden": hid, "vocab": v, "dtype": str(dtype)[6:],
+                         "provider": k, **s, "speedup_vs_inductor": 1 / s["ratio_vs_inductor"],
+                         "peak_mb": peak, "saved_mb": saved,
+                         "saved_fewer_than_inductor": mem["inductor"][1] / saved,
+                         "tflops": 6 * n * v * hid / s["ms"] / 1e9})  # fmt: skip
+        rows[-1]["linear_ce_fused"] = fxlowbit.counters.get("linear_ce", 0)
+        _print_rows(rows[-3:], header=len(rows) == 3)
+        del h, w, t, fns, steps
+    return rows
+
+
+def _step(fn, h, w, t):
+    h.grad = w.grad = None
+    fn(h, w, t).backward()
+
+
+def _print_rows(rows, header: bool) -> None:
+    if header:
+        print(
+            "| shape | provider | ms (IQR) | vs inductor (IQR) | TFLOP/s | peak MB | saved MB | fewer saved |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        print(f"| {r['shape']} {r['tokens']}x{r['hidden']}x{r['vocab']} {r['dtype']} | {r['provider']} | "
+              f"{r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | {r['ratio_vs_inductor']:.3f}x "
+              f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['tflops']:.3f} | {peak} | "
+              f"{r['saved_mb']:.1f} | {r['saved_fewer_than_inductor']:.1f}x |", flush=True)  # fmt: skip
 
 
 def kernel_rows(shapes) -> list[dict]:
-    """fwd / bwd op times on CUDA: the Triton kernels against the tiled torch (cuBLAS) path."""
+    """fwd / bwd op times on CUDA: the recompute path's Triton kernels against its tiled torch
+    (cuBLAS) path, and the forward-gradient op (the default)."""
     from fxlowbit.codegen.kernels import linear_ce as lce
+    from fxlowbit.codegen.kernels import linear_ce_grad as lcg
 
     ops, rows = torch.ops.fxlowbit, []
     for name, n, hid, v, dtype in shapes:
@@ -89,16 +184,13 @@ def kernel_rows(shapes) -> list[dict]:
                 bwd = functools.partial(lce.linear_cross_entropy_backward_reference, grad, h, w, None, t, lse)
             for phase, fn, mm in (("fwd", fwd, 1), ("bwd", bwd, 3)):
                 ms = triton_bench(fn)
-                rows.append(
-                    {
-                        "shape": name,
-                        "path": path,
-                        "phase": phase,
-                        "ms": ms,
-                        "tflops": mm * 2 * n * v * hid / ms / 1e9,
-                    }
-                )
+                rows.append({"shape": name, "path": path, "phase": phase, "ms": ms,
+                             "tflops": mm * 2 * n * v * hid / ms / 1e9})  # fmt: skip
         lce.FORCE_TRITON = False
+        fg = functools.partial(lcg.linear_ce_grad_reference, h, w, None, t)
+        ms = triton_bench(fg)
+        rows.append({"shape": name, "path": "forward-gradient", "phase": "fwd+grads", "ms": ms,
+                     "tflops": 3 * 2 * n * v * hid / ms / 1e9})  # fmt: skip
     return rows
 
 
@@ -108,55 +200,119 @@ def triton_bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=50)
 
 
+LLAMA = dict(vocab_size=16384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, intermediate_size=512, max_position_embeddings=128,
+             use_cache=False)  # fmt: skip
+
+
+def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
+    """The Llama step at default options, with and without the fusion (Inductor inner)."""
+    import transformers as tf
+
+    from fxlowbit import examples
+
+    tf.logging.set_verbosity_error()
+    data = examples.stdlib_text()
+    batches = list(examples.char_batches(data, batch, seq, steps=4, seed=0))
+    variants = {"lowbit defaults": {}, "lowbit linear_ce off": {"passes": {"linear_ce": False}}}
+    steps, info = {}, {}
+    for k, opts in variants.items():
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).train()
+        model.loss_type = "ForCausalLM"
+        torch._dynamo.reset()
+        fxlowbit.reset()
+        compiled = torch.compile(model, backend="lowbit", options=opts)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        state = {"i": 0}
+
+        def step(compiled=compiled, opt=opt, state=state):
+            idx = batches[state["i"] % len(batches)][0]
+            state["i"] += 1
+            compiled(input_ids=idx, labels=idx).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        idx = batches[0][0]
+        loss = compiled(input_ids=idx, labels=idx).loss
+        shapes = [tuple(s.shape) for s in saved_tensors(loss)]
+        info[k] = {"saved_mb": fxlowbit.saved_activation_bytes(loss, model.parameters()) / 2**20,
+                   "largest_saved_numel": max(int(torch.Size(s).numel()) for s in shapes),
+                   "tokens_x_vocab_saved": any(torch.Size(s).numel() in (batch * seq * 16384,
+                                                                           batch * (seq - 1) * 16384)
+                                               for s in shapes),
+                   "linear_ce_fused": fxlowbit.counters.get("linear_ce", 0)}  # fmt: skip
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        steps[k] = step
+    summary = _summary(interleaved(steps, reps, "cpu"), "lowbit linear_ce off")
+    rows = []
+    for k in variants:
+        rows.append(
+            {"model": "llama", "tokens": batch * seq, **LLAMA, "provider": k, **summary[k], **info[k]}
+        )
+        r = rows[-1]
+        print(
+            f"| llama {batch}x{seq} | {k} | {r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | "
+            f"{r['ratio_vs_lowbit linear_ce off']:.3f}x ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | "
+            f"{r['saved_mb']:.2f} | {r['largest_saved_numel']} | {r['tokens_x_vocab_saved']} |",
+            flush=True,
+        )
+    return rows
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
-    ap.add_argument("--kernels", action="store_true", help="CUDA: also time the ops, Triton vs reference")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 7; 3 with --quick)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    ap.add_argument("--only", default=None, help="comma-separated shape names")
+    ap.add_argument("--llama", action="store_true", help="the transformers Llama check instead of the heads")
+    ap.add_argument("--kernels", action="store_true", help="CUDA: also time the ops")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = SHAPES[dev][:1] if args.quick else SHAPES[dev]
-    reps = 5 if args.quick else 20
-    rows = []
-    for name, n, hid, v, dtype in shapes:
-        g = torch.Generator(device=dev).manual_seed(0)
-        h = (torch.randn(n, hid, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
-        w = (torch.randn(v, hid, device=dev, generator=g) * hid**-0.5).to(dtype).requires_grad_()
-        t = torch.randint(0, v, (n,), device=dev, generator=g)
-        t[::7] = -100
-        torch._dynamo.reset()
-        providers = {
-            "eager": loss_fn,
-            "inductor": torch.compile(loss_fn),
-            "lowbit": torch.compile(loss_fn, backend="lowbit", options={"calibrate_every": 0}),
-        }
-        for prov, fn in providers.items():
-            r = measure(fn, h, w, t, reps)
-            flops = 6 * n * v * hid
-            rows.append({"shape": name, "tokens": n, "hidden": hid, "vocab": v, "dtype": str(dtype)[6:],
-                         "provider": prov, **r, "tflops": flops / r["ms"] / 1e9})  # fmt: skip
-        base = next(r for r in rows if r["shape"] == name and r["provider"] == "inductor")
-        for r in rows[-3:]:
-            r["speedup_vs_inductor"] = base["ms"] / r["ms"]
-    fused = fxlowbit.counters.get("linear_ce", 0)
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    shapes = [s for s in SHAPES[dev] if args.only is None or s[0] in args.only.split(",")]
+    shapes = shapes[:1] if args.quick else shapes
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-            "linear_ce_fired": fused}  # fmt: skip
-    print("| shape | provider | ms | TFLOP/s | peak MB | saved MB | speedup vs inductor |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['shape']} {r['tokens']}x{r['hidden']}x{r['vocab']} {r['dtype']} | {r['provider']} | "
-              f"{r['ms']:.2f} | {r['tflops']:.2f} | {r['peak_mb'] or 0:.0f} | {r['saved_mb']:.1f} | "
-              f"{r['speedup_vs_inductor']:.2f}x |")  # fmt: skip
-    kernels = kernel_rows(shapes) if args.kernels and dev == "cuda" else []
-    for r in kernels:
-        print(f"| {r['shape']} op {r['phase']} | {r['path']} | {r['ms']:.2f} | {r['tflops']:.1f} | | | |")
-    text = json.dumps(
-        {"meta": meta, "rows": rows, "kernels": kernels}, indent=1, allow_nan=False, default=str
-    )
+            "threads": torch.get_num_threads(), "reps": reps, "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/linear_ce.py", *(argv or sys.argv[1:])]),
+            "lowbit_options": LOWBIT}  # fmt: skip
+    if args.llama:
+        cols = "ms (IQR) | vs linear_ce off (IQR) | saved MB | largest saved numel | tokens x vocab saved"
+        print(f"| model | run | {cols} |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+        result = {"meta": meta, "rows": llama_rows(reps)}
+    else:
+        rows = head_rows(shapes, reps)
+        kernels = kernel_rows(shapes) if args.kernels and dev == "cuda" else []
+        for r in kernels:
+            print(
+                f"| {r['shape']} op {r['phase']} | {r['path']} | {r['ms']:.2f} | {r['tflops']:.1f} | | | | |"
+            )
+        result = {"meta": meta, "rows": rows, "kernels": kernels}
+    text = json.dumps(result, indent=1, allow_nan=False, default=str)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text, file=sys.stderr if args.out is None else sys.stdout)
+    else:
+        print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":
