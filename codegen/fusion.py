@@ -358,7 +358,7 @@ def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_group
     last = _value(_produce({call_params}lastidx, lastidx >= 0, period), out_ptr, OUT_BF16)
     lo_t = tl.full([ROWS, BLOCK_W], _INF, tl.float32)
     hi_t = tl.full([ROWS, BLOCK_W], -_INF, tl.float32)
-    nonfinite_t = tl.zeros([ROWS, BLOCK_W], tl.float32)
+    kinds_t = tl.zeros([ROWS, BLOCK_W], tl.int32)
     for j in tl.static_range(P):  # pass 1: the forward value, and the group statistics
         idx = base + offs + j * W
         inside = idx < numel
@@ -368,8 +368,8 @@ def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_group
         else:
             tl.store(out_ptr + idx, x.to(out_ptr.dtype.element_ty), mask=inside & byte_ok)
         x = tl.where(inside, _value(x, out_ptr, OUT_BF16), last)
-        lo_t, hi_t, nonfinite_t = _plane_stats(x, lo_t, hi_t, nonfinite_t)
-    lo, scale, usable, half, inv, nonfinite = _group_scales(lo_t, hi_t, nonfinite_t, LEVELS)
+        lo_t, hi_t, kinds_t = _plane_stats(x, lo_t, hi_t, kinds_t)
+    lo, scale, usable, half, inv, kinds = _group_scales(lo_t, hi_t, kinds_t, LEVELS)
     key = _seed_key(seed_ptr)
     packed = tl.zeros([ROWS, BLOCK_W], tl.uint32)
     for j in tl.static_range(P):  # pass 2: codes; the chain is recomputed (inputs from L1/L2)
@@ -377,9 +377,9 @@ def _fused_kernel({params}out_ptr, seed_ptr, codes_ptr, meta_ptr, numel, n_group
         inside = idx < numel
         x = _value(_produce({call_params}idx, inside, period), out_ptr, OUT_BF16)
         x = tl.where(inside, x, last)
-        q = _codes(x, idx.to(tl.uint32), key, lo, half, inv, usable, LEVELS)
+        q = _codes(x, idx.to(tl.uint32), key, lo, half, inv, usable, kinds, LEVELS)
         packed |= q.to(tl.uint32) << (j * BITS)
-    _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W, ROWS)
+    _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, kinds, W, BLOCK_W, ROWS)
 '''
 
 _DECODE_TEMPLATE = """@triton.jit
@@ -394,11 +394,11 @@ def _fused_kernel(codes_ptr, meta_ptr, {params}out_ptr, numel, n_groups, period,
     row_ok = rows < n_groups
     byte_ok = row_ok[:, None] & (kk < W)[None, :]
     packed = tl.load(codes_ptr + rows[:, None] * W + kk[None, :], mask=byte_ok, other=0)
-    lo, scale, special, nonfinite = _load_meta(meta_ptr, rows, row_ok)
+    lo, scale, kinds = _load_meta(meta_ptr, rows, row_ok)
     base = pid.to(tl.int64) * (ROWS * G)
     offs = tl.arange(0, ROWS)[:, None] * G + kk[None, :]
     for j in tl.static_range(P):
-        x = _decode_plane(packed, j, lo, scale, special, nonfinite, BITS)
+        x = _decode_plane(packed, j, lo, scale, kinds, BITS)
         if DEC_BF16:  # the decoded value as the unfused decode writes it
             x = _round_bf16(x)
         if DEC_F16:

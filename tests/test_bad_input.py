@@ -161,3 +161,82 @@ def test_bad_options_fail_at_the_first_call_before_any_pass(tmp_path, options, m
     assert isinstance(err, ValueError) and match in str(err), info.value
     assert not [w for w in caught if "fxlowbit" in str(w.message)], [str(w.message) for w in caught]
     assert fxlowbit.counters["fallback_internal_error"] == 0 and not fxlowbit.last_plans()
+
+
+# -- non-finite activations -----------------------------------------------------------------------
+class _Tiny(torch.nn.Module):
+    """Leaky ReLUs keep -Inf (a ReLU would zero it): a single +Inf in the input makes a whole
+    256-wide row of +Inf and -Inf, saved for the next layer's weight gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(16, 256), torch.nn.Linear(256, 256)
+        self.l3 = torch.nn.Linear(256, 4)
+
+    def forward(self, x):
+        act = torch.nn.functional.leaky_relu
+        return self.l3(act(self.l2(act(self.l1(x), 0.1)), 0.1))
+
+
+def _poisoned_input(case: str, dtype) -> torch.Tensor:
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    if case == "+inf":
+        x[3, 5] = math.inf
+    elif case == "+inf-inf":  # in one group of the input, and rows of mixed sign in every layer
+        x[3, 5], x[3, 9] = math.inf, -math.inf
+    elif case == "nan+inf-inf":
+        x[2, 0], x[5, 3], x[5, 4] = math.nan, math.inf, -math.inf
+    return x.to(dtype)
+
+
+def _grads(options: dict, case: str, dtype) -> list[torch.Tensor]:
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    torch.manual_seed(0)
+    model = _Tiny().to(dtype)
+    x = _poisoned_input(case, dtype).requires_grad_()
+    out = torch.compile(model, backend="lowbit", options=options)(x)
+    out.float().sum().backward()
+    return [out.detach(), x.grad, *(p.grad for p in model.parameters())]
+
+
+def _assert_same_pattern(ref: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(r), kind(g)), f"{i}: {kind.__name__} {kind(r).sum()} vs {kind(g).sum()}"
+    # the check has teeth: the uncompressed weight gradients hold +Inf and -Inf (the former
+    # quantizer decoded every non-finite value of a group holding two kinds as NaN)
+    assert any(r.isposinf().any() for r in ref[2:]) and any(r.isneginf().any() for r in ref[2:])
+
+
+UNCOMPRESSED = {"inner": "eager", "passes": {"plan": False}}
+CASES = ["+inf", "+inf-inf", "nan+inf-inf"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_nonfinite_gradients_match_uncompressed_eager(case, dtype):
+    ref = _grads(UNCOMPRESSED, case, dtype)
+    for extra in ({"bits": 8}, {"bits": 4}, {"bits": 2}, {"memory_budget": 0.05}):
+        got = _grads({"inner": "eager", "seed": 0, "min_bytes": 0, **extra}, case, dtype)
+        bits = extra.get("bits", 2)  # the planner picks 2 bits at this budget
+        assert fxlowbit.counters[f"saved_quant{bits}"] >= 2, (extra, dict(fxlowbit.counters))
+        _assert_same_pattern(ref, got)
+
+
+@pytest.mark.parametrize(
+    "case, dtype, extra",
+    [
+        ("nan+inf-inf", torch.float32, {"bits": 2}),
+        pytest.param("+inf-inf", torch.bfloat16, {"memory_budget": 0.05}, marks=pytest.mark.slow),
+    ],
+    ids=["fp32-bits2", "bf16-planner"],
+)
+def test_nonfinite_gradients_match_uncompressed_inductor(case, dtype, extra):
+    """The inline (traced) pack and decode, compiled by Inductor with the graph (~30-60 s each
+    on a 2-core CPU: one case by default, the other with -m slow)."""
+    ref = _grads(UNCOMPRESSED, case, dtype)
+    got = _grads({"seed": 0, "min_bytes": 0, **extra}, case, dtype)
+    assert fxlowbit.counters["saved_quant2"] >= 2, dict(fxlowbit.counters)
+    _assert_same_pattern(ref, got)

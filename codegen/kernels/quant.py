@@ -15,11 +15,15 @@ group's ``8 // b`` planes of ``W = G * b // 8`` elements, lowest bits first (2-b
 ``j*W + k`` sits in bits ``2j .. 2j+1`` of byte ``k``). ``meta``: fp32
 ``(n_groups, 2)`` holding ``(lo, scale)``.
 
-Non-finite values. A group holding NaN or +-Inf is flagged by the sign bit of its scale; its top
-code ``L`` then means "non-finite" and its finite values use levels ``0 .. L-1``. Which non-finite
-value it decodes to sits in the two lowest mantissa bits of the stored scale (0: NaN, 1: +Inf,
-2: -Inf; a group mixing kinds decodes all of them to NaN). Finite values therefore never turn
-into NaN, and Inf/NaN come back as they went in. Constant groups have ``scale == 0`` and decode
+Non-finite values. A group holding NaN or +-Inf is flagged by the sign bit of its stored scale,
+and the three lowest bits of the scale's bit pattern say which kinds it holds (1: +Inf, 2: -Inf,
+4: NaN; the scale itself is truncated to those bits' resolution before the codes are computed, so
+codes and decode use the same scale). The ``k`` kinds present take the top ``k`` codes, in the
+order +Inf, -Inf, NaN from code ``L`` down (a group holding only NaN: ``L`` is NaN; +Inf and NaN:
+``L`` is +Inf, ``L - 1`` NaN), and its finite values use levels ``0 .. L - k`` (a 2-bit group
+holding all three kinds has one level left: its finite values decode to the group's minimum).
+So NaN, +Inf and -Inf come back exactly as they went in, finite values never turn non-finite, and
+all-finite groups are untouched by any of this. Constant groups have ``scale == 0`` and decode
 exactly.
 """
 
@@ -40,7 +44,10 @@ __all__ = [
 
 BITS = (2, 4, 8)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels'; references take any float
-_KIND_NAN, _KIND_POSINF, _KIND_NEGINF = 0, 1, 2
+# kind bits of a special group, in the low bits of its scale; the kinds present take the top codes
+# in this order (+Inf at L)
+_KIND_POSINF, _KIND_NEGINF, _KIND_NAN = 1, 2, 4
+_KIND_MASK = 7
 _SIGN = -(2**31)  # int32 bit pattern of the sign bit
 _FP32_MAX = torch.finfo(torch.float32).max
 
@@ -145,10 +152,14 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
 def _affine(lo, hi, usable):
     """Per group: ``scale``, and the ``half`` factor and ``inv`` multiplier :func:`_codes_of` uses."""
     scale = _scale(lo, hi, usable)
+    return (scale, *_half_inv(lo, hi, scale))
+
+
+def _half_inv(lo, hi, scale):
     # groups spanning more than fp32's max work at half scale so that x - lo cannot overflow
     half = torch.where(torch.isinf(hi - lo), 0.5, 1.0)[:, None]
     inv = 1.0 / (torch.where(scale > 0, scale, 1.0)[:, None] * half)  # per group: multiply below
-    return scale, half, inv
+    return half, inv
 
 
 def _codes_of(g, u, lo, half, inv, usable):
@@ -169,24 +180,34 @@ def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
     levels = (1 << bits) - 1
     lo = torch.where(finite, g, torch.inf).amin(1)
     hi = torch.where(finite, g, -torch.inf).amax(1)
-    # One reduction names a group's non-finite values: 0 if none, else NaN, +Inf or -Inf (a mix
-    # of +Inf and -Inf sums to NaN), which is exactly what the top code will decode to.
-    nonfinite = torch.where(finite, 0.0, g).sum(1)
-    special = ~torch.isfinite(nonfinite)
+    # the kinds of non-finite values each group holds, as counts: fp32 sums fuse with the min and
+    # max into one vectorised pass (isnan and any() do not vectorise in Inductor's CPU code)
+    pinf = torch.where(g == torch.inf, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
+    ninf = torch.where(g == -torch.inf, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
+    nan = torch.where(g != g, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
+    kinds = pinf * _KIND_POSINF + ninf * _KIND_NEGINF + nan * _KIND_NAN
+    special = kinds != 0
     empty = torch.isinf(lo)  # no finite value at all
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
-    usable = levels - special.float()  # special groups keep the top code for non-finite
-    scale, half, inv = _affine(lo, hi, usable)
+    usable = levels - (pinf + ninf + nan).float()  # the kinds present take the top codes
+    scale = _scale(lo, hi, usable.clamp_min(1.0))
+    scale = torch.where(usable > 0, scale, 0.0)  # one level left: every finite value decodes to lo
+    # special groups: sign bit set, kinds in the low bits; the codes use the truncated scale
+    sbits = scale.view(torch.int32)
+    sbits = torch.where(special, (sbits & ~_KIND_MASK) | kinds | _SIGN, sbits)
+    scale = torch.where(special, sbits & ~_KIND_MASK & ~_SIGN, sbits).view(torch.float32)
+    half, inv = _half_inv(lo, hi, scale)
+    # top codes of the non-finite values: +Inf at L, then -Inf, then NaN (only the kinds present)
+    code_ninf = float(levels) - pinf.float()
+    code_nan = code_ninf - ninf.float()
 
     def plane(sl):
         gs, fs = g[:, sl], finite[:, sl]
         q = _codes_of(torch.where(fs, gs, lo[:, None]), noise(sl), lo, half, inv, usable)
-        return torch.where(fs, q, float(levels))
+        top = torch.where(gs == gs, torch.where(gs > 0, float(levels), code_ninf[:, None]), code_nan[:, None])
+        return torch.where(fs, q, top)
 
-    kind = torch.where(nonfinite > 0, _KIND_POSINF, torch.where(nonfinite < 0, _KIND_NEGINF, _KIND_NAN))
-    sbits = scale.view(torch.int32)
-    sbits = torch.where(special, (sbits & ~3) | kind.to(torch.int32) | _SIGN, sbits)
     return _pack_planes(plane, bits, g.shape[1]), torch.stack([lo, sbits.view(torch.float32)], 1)
 
 
@@ -229,17 +250,21 @@ def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) 
     if specials:
         sbits = scale.contiguous().view(torch.int32)
         special = sbits < 0
-        scale = torch.where(special, (sbits & ~3 & ~_SIGN), sbits).view(torch.float32)
+        scale = torch.where(special, sbits & ~_KIND_MASK & ~_SIGN, sbits).view(torch.float32)
     half = q * (scale * 0.5)
     x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
     # rounding of scale can carry the top code a few ulps past hi: never past fp32's max into Inf
     x = x.clamp(-_FP32_MAX, _FP32_MAX)
     if specials:
-        kind = sbits & 3
-        nonfinite = torch.where(
-            kind == _KIND_POSINF, torch.inf, torch.where(kind == _KIND_NEGINF, -torch.inf, torch.nan)
-        )
-        x = torch.where(special & (q == levels), nonfinite, x)
+        kinds = torch.where(special, sbits & _KIND_MASK, 0)  # (n, 1)
+        pinf, ninf, nan = ((kinds & k) != 0 for k in (_KIND_POSINF, _KIND_NEGINF, _KIND_NAN))
+        usable = levels - (pinf.float() + ninf.float() + nan.float())
+        # per group, the values of codes L and L - 1 (L - 2 is only ever NaN): +Inf, -Inf, NaN in
+        # that order, of the kinds present
+        first = torch.where(pinf, torch.inf, torch.where(ninf, -torch.inf, torch.nan))
+        second = torch.where(pinf & ninf, -torch.inf, torch.nan)
+        top = torch.where(q == levels, first, torch.where(q == levels - 1, second, torch.nan))
+        x = torch.where(q > usable, top, x)
     return x
 
 

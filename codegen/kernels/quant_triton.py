@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import _KIND_NEGINF, _KIND_POSINF, _SIGN, DTYPES, _check, packed_shapes
+from .quant import _KIND_MASK, _KIND_NAN, _KIND_NEGINF, _KIND_POSINF, _SIGN, DTYPES, _check, packed_shapes
 
 __all__ = ["quantize_pack_triton", "dequantize_unpack_triton"]
 
@@ -29,6 +29,8 @@ _TILE = 4096
 _NUM_WARPS = 4
 _POSINF = tl.constexpr(_KIND_POSINF)
 _NEGINF = tl.constexpr(_KIND_NEGINF)
+_NAN_KIND = tl.constexpr(_KIND_NAN)
+_KINDS = tl.constexpr(_KIND_MASK)
 _SIGN_BIT = tl.constexpr(_SIGN)
 _INF = tl.constexpr(float("inf"))
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -90,11 +92,11 @@ def _quantize_pack_kernel(
     # Pass 1: per-group statistics, reduced across planes elementwise, then once along k.
     lo_t = tl.full([ROWS, BLOCK_W], _INF, tl.float32)
     hi_t = tl.full([ROWS, BLOCK_W], -_INF, tl.float32)
-    nonfinite_t = tl.zeros([ROWS, BLOCK_W], tl.float32)
+    kinds_t = tl.zeros([ROWS, BLOCK_W], tl.int32)
     for j in tl.static_range(P):
         x = _load_plane(x_ptr, base, offs + j * W, n_in_tile, last)  # (R, Wb)
-        lo_t, hi_t, nonfinite_t = _plane_stats(x, lo_t, hi_t, nonfinite_t)
-    lo, scale, usable, half, inv, nonfinite = _group_scales(lo_t, hi_t, nonfinite_t, LEVELS)
+        lo_t, hi_t, kinds_t = _plane_stats(x, lo_t, hi_t, kinds_t)
+    lo, scale, usable, half, inv, kinds = _group_scales(lo_t, hi_t, kinds_t, LEVELS)
 
     # Pass 2: codes, plane by plane, ORed into the bytes.
     key = _seed_key(seed_ptr)
@@ -102,39 +104,50 @@ def _quantize_pack_kernel(
     for j in tl.static_range(P):
         x = _load_plane(x_ptr, base, offs + j * W, n_in_tile, last)  # (R, Wb)
         elem = base.to(tl.uint32) + (offs + j * W).to(tl.uint32)  # (R, Wb) element index mod 2**32
-        q = _codes(x, elem, key, lo, half, inv, usable, LEVELS)  # (R, Wb)
+        q = _codes(x, elem, key, lo, half, inv, usable, kinds, LEVELS)  # (R, Wb)
         packed |= q.to(tl.uint32) << (j * BITS)
-    _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W, ROWS)
+    _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, kinds, W, BLOCK_W, ROWS)
 
 
 @triton.jit
-def _plane_stats(x, lo_t, hi_t, nonfinite_t):
-    """Fold a plane of values into the running per-lane min / max over finite values and the sum
-    of the non-finite ones."""
+def _plane_stats(x, lo_t, hi_t, kinds_t):
+    """Fold a plane of values into the running per-lane min / max over finite values and the OR
+    of the non-finite kinds seen (int32 bits, as :data:`.quant._KIND_POSINF` etc.)."""
     finite = tl.abs(x) < _INF  # False for NaN too
     lo_t = tl.minimum(lo_t, tl.where(finite, x, _INF))
     hi_t = tl.maximum(hi_t, tl.where(finite, x, -_INF))
-    return lo_t, hi_t, nonfinite_t + tl.where(finite, 0.0, x)
+    kind = tl.where(x == x, tl.where(x > 0, _POSINF, _NEGINF), _NAN_KIND)  # used where not finite
+    return lo_t, hi_t, kinds_t | tl.where(finite, 0, kind)
 
 
 @triton.jit
-def _group_scales(lo_t, hi_t, nonfinite_t, LEVELS: tl.constexpr):
-    """Per group (R,): lo, scale, usable levels, the half-range factor, 1 / (scale * half) and
-    the sum of non-finite values, as :func:`.quant._quantize_general` computes them."""
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _group_scales(lo_t, hi_t, kinds_t, LEVELS: tl.constexpr):
+    """Per group (R,): lo, scale (truncated in special groups), usable levels, the half-range
+    factor, 1 / (scale * half) and the kinds of non-finite values, as
+    :func:`.quant._quantize_general` computes them."""
     lo = tl.min(lo_t, 1)
     hi = tl.max(hi_t, 1)
-    nonfinite = tl.sum(nonfinite_t, 1)  # 0, NaN, +Inf or -Inf: exact in any order
-    special = ~(tl.abs(nonfinite) < _INF)
+    kinds = tl.reduce(kinds_t, 1, _or)
+    n_kinds = (kinds & 1) + ((kinds >> 1) & 1) + ((kinds >> 2) & 1)
     empty = lo == _INF  # no finite value in the group
     lo = tl.where(empty, 0.0, lo)
     hi = tl.where(empty, 0.0, hi)
-    usable = LEVELS - special.to(tl.float32)  # special groups keep the top code for non-finite
-    scale = tl.math.div_rn(hi - lo, usable)
-    wide = tl.math.div_rn(hi, usable) - tl.math.div_rn(lo, usable)
+    usable = LEVELS - n_kinds.to(tl.float32)  # the kinds present take the top codes
+    levels = tl.maximum(usable, 1.0)
+    scale = tl.math.div_rn(hi - lo, levels)
+    wide = tl.math.div_rn(hi, levels) - tl.math.div_rn(lo, levels)
     scale = tl.where(tl.abs(scale) == _INF, wide, scale)  # hi - lo overflowed
+    scale = tl.where(usable > 0, scale, 0.0)  # one level left: every finite value decodes to lo
+    sbits = scale.to(tl.int32, bitcast=True)
+    scale = tl.where(kinds != 0, sbits & ~_KINDS, sbits).to(tl.float32, bitcast=True)  # room for kinds
     half = tl.where(tl.abs(hi - lo) == _INF, 0.5, 1.0)
     inv = tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0) * half)
-    return lo, scale, usable, half, inv, nonfinite
+    return lo, scale, usable, half, inv, kinds
 
 
 @triton.jit
@@ -145,29 +158,31 @@ def _seed_key(seed_ptr):
 
 
 @triton.jit
-def _codes(x, elem, key, lo, half, inv, usable, LEVELS: tl.constexpr):
-    """Stochastically rounded codes (fp32) of a plane ``x`` at element indices ``elem``."""
+def _codes(x, elem, key, lo, half, inv, usable, kinds, LEVELS: tl.constexpr):
+    """Stochastically rounded codes (fp32) of a plane ``x`` at element indices ``elem``;
+    non-finite values take the top codes: +Inf at ``LEVELS``, then -Inf, then NaN (kinds present)."""
     finite = tl.abs(x) < _INF
     u = (_hash32(elem + key) >> 8).to(tl.float32) * 2.0**-24  # U[0, 1)
     g = tl.where(finite, x, lo[:, None])
     v = (g * half[:, None] - (lo * half)[:, None]) * inv[:, None]
     q = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), usable[:, None])
-    return tl.where(finite, q, LEVELS)
+    code_ninf = LEVELS - (kinds & _POSINF).to(tl.float32)  # (R,)
+    code_nan = code_ninf - ((kinds >> 1) & 1).to(tl.float32)
+    top = tl.where(x == x, tl.where(x > 0, LEVELS, code_ninf[:, None]), code_nan[:, None])
+    return tl.where(finite, q, top)
 
 
 @triton.jit
-def _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, nonfinite, W, BLOCK_W: tl.constexpr,
+def _store_packed(codes_ptr, meta_ptr, pid, n_groups, packed, lo, scale, kinds, W, BLOCK_W: tl.constexpr,
                   ROWS: tl.constexpr):  # fmt: skip
-    """Write a tile's bytes and each group's (lo, scale bits) with the non-finite flag."""
+    """Write a tile's bytes and each group's (lo, scale bits) with the non-finite flag and kinds."""
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,) group index
     row_ok = rows < n_groups
     kk = tl.arange(0, BLOCK_W)
     byte_ok = row_ok[:, None] & (kk < W)[None, :]
     tl.store(codes_ptr + rows[:, None] * W + kk[None, :], packed.to(tl.uint8), mask=byte_ok)
-    special = ~(tl.abs(nonfinite) < _INF)
-    kind = tl.where(nonfinite > 0, _POSINF, tl.where(nonfinite < 0, _NEGINF, 0))  # 0: NaN
-    sbits = scale.to(tl.int32, bitcast=True)
-    sbits = tl.where(special, (sbits & ~3) | kind | _SIGN_BIT, sbits)
+    sbits = scale.to(tl.int32, bitcast=True)  # low bits already cleared in special groups
+    sbits = tl.where(kinds != 0, sbits | kinds | _SIGN_BIT, sbits)
     tl.store(meta_ptr + rows * 2, lo.to(tl.int32, bitcast=True), mask=row_ok)
     tl.store(meta_ptr + rows * 2 + 1, sbits, mask=row_ok)
 
@@ -193,13 +208,13 @@ def _dequantize_unpack_kernel(
     row_ok = rows < n_groups
     byte_ok = row_ok[:, None] & (kk < W)[None, :]  # (R, Wb)
     packed = tl.load(codes_ptr + rows[:, None] * W + kk[None, :], mask=byte_ok, other=0)  # (R, Wb)
-    lo, scale, special, nonfinite = _load_meta(meta_ptr, rows, row_ok)  # (R,) each
+    lo, scale, kinds = _load_meta(meta_ptr, rows, row_ok)  # (R,) each
 
     base = pid.to(tl.int64) * (ROWS * G)
     offs = tl.arange(0, ROWS)[:, None] * G + kk[None, :]  # (R, Wb), plane 0
     n_in_tile = tl.minimum(numel - base, ROWS * G).to(tl.int32)
     for j in tl.static_range(P):
-        x = _decode_plane(packed, j, lo, scale, special, nonfinite, BITS)  # (R, Wb) plane j
+        x = _decode_plane(packed, j, lo, scale, kinds, BITS)  # (R, Wb) plane j
         if OUT_BF16:
             x = _bf16_bits(x)
         ok = byte_ok & (offs + j * W < n_in_tile)
@@ -208,26 +223,32 @@ def _dequantize_unpack_kernel(
 
 @triton.jit
 def _load_meta(meta_ptr, rows, row_ok):
-    """Per group: lo, scale (flag bits cleared), whether it is special, its non-finite value."""
+    """Per group: lo, scale (flag bits cleared) and the kinds of non-finite values (0: none)."""
     lo = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.float32, bitcast=True)
     sbits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0)
     special = sbits < 0
-    scale = tl.where(special, sbits & ~3 & ~_SIGN_BIT, sbits).to(tl.float32, bitcast=True)
-    kind = sbits & 3
-    nan = tl.full(lo.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
-    nonfinite = tl.where(kind == _POSINF, _INF, tl.where(kind == _NEGINF, -_INF, nan))
-    return lo, scale, special, nonfinite
+    scale = tl.where(special, sbits & ~_KINDS & ~_SIGN_BIT, sbits).to(tl.float32, bitcast=True)
+    return lo, scale, tl.where(special, sbits & _KINDS, 0)
 
 
 @triton.jit
-def _decode_plane(packed, j: tl.constexpr, lo, scale, special, nonfinite, BITS: tl.constexpr):
+def _decode_plane(packed, j: tl.constexpr, lo, scale, kinds, BITS: tl.constexpr):
     """fp32 values of plane ``j`` of the packed bytes (R, Wb)."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     q = ((packed >> (j * BITS)) & LEVELS).to(tl.float32)
     half = q * (scale * 0.5)[:, None]
     x = (lo[:, None] + half) + half  # lo + q * scale without overflow
     x = tl.minimum(tl.maximum(x, -_FP32_MAX), _FP32_MAX)  # as the reference: never rounds into Inf
-    return tl.where(special[:, None] & (q == LEVELS), nonfinite[:, None], x)
+    pinf = (kinds & _POSINF) != 0  # (R,)
+    ninf = (kinds & _NEGINF) != 0
+    nan = (kinds & _NAN_KIND) != 0
+    usable = LEVELS - (pinf.to(tl.float32) + ninf.to(tl.float32) + nan.to(tl.float32))
+    nan_value = tl.full(lo.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)  # (R,)
+    first = tl.where(pinf, _INF, tl.where(ninf, -_INF, nan_value))  # the value of code L, L - 1
+    second = tl.where(pinf & ninf, -_INF, nan_value)
+    top = tl.where(q == LEVELS - 1, second[:, None], nan_value[:, None])
+    top = tl.where(q == LEVELS, first[:, None], top)
+    return tl.where(q > usable[:, None], top, x)
 
 
 def _launch(numel: int, bits: int, group_size: int):

@@ -120,6 +120,47 @@ def test_generated_consumer_equals_reference_bit_for_bit(decoded, shape, bits):
     assert torch.equal(ref, tri)
 
 
+ADD_MUL = (("aten.add.Tensor", (("in", 0), ("in", 1)), F32), ("aten.mul.Tensor", (("v", 0), 0.5), F32))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and values, NaN where the other has NaN (payloads aside)."""
+    nan = a.isnan()
+    return a.dtype == b.dtype and torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_generated_kernels_keep_nan_and_inf(dtype, bits):
+    """NaN, +Inf and -Inf in one group (and each alone in others) through the fused pack and the
+    fused decode: the same codes and scales as the reference, and decoded exactly."""
+    from fxlowbit.codegen.kernels.quant import dequantize_unpack_reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 257, generator=g) * 3
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x[0, 100], x[1, 7], x[2, 200] = float("inf"), -float("inf"), float("nan")
+    bias = torch.randn(257, generator=g)
+    torch_dtype = getattr(torch, dtype.split(".")[1])
+    spec = fusion.Spec(("full", "row"), _cast(ADD_MUL, dtype))
+    ref = _run(spec, [x, bias], x.shape, torch_dtype, bits, 64, force=False)
+    tri = _run(spec, [x, bias], x.shape, torch_dtype, bits, 64, force=True)
+    assert _same(ref[0], tri[0]) and torch.equal(ref[1], tri[1])
+    assert torch.equal(ref[2].view(torch.int32), tri[2].view(torch.int32))
+    assert (ref[2][:, 1].view(torch.int32) < 0).sum() == 4  # four groups flagged special
+    value = ref[0]
+    dec = dequantize_unpack_reference(ref[1], ref[2], bits, 64, list(x.shape), torch_dtype)
+    finite = value.isfinite()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert kind(value).any() and torch.equal(kind(dec), kind(value))
+    grad, row = torch.randn(x.shape, generator=g), torch.randn(257, generator=g)
+    spec = fusion.Spec(("decoded", "full", "row"), GRAD_MUL)
+    args = (ref[1], ref[2], [grad, row], x.shape, torch_dtype, torch.float32, bits, 64)
+    out_ref, out_tri = _consume(spec, *args, force=False), _consume(spec, *args, force=True)
+    assert _same(out_ref, dec.float() * grad + row) and _same(out_ref, out_tri)
+    assert out_ref[~finite].isfinite().sum() == 0 and out_ref[finite].isfinite().all()
+
+
 def test_generated_consumer_source_is_deterministic():
     spec = fusion.Spec(("decoded", "full", "row"), GRAD_MUL)
     text = fusion.source_consumer(spec)

@@ -62,7 +62,7 @@ def _group_range(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def _bound(x, group_size, steps, half=False):
     """Allowed |x' - x| per element: one step ``range / steps`` (half a step rounding to nearest),
     plus fp32 slack for ``lo + q * scale`` (a few ulps of |x| + range; the stored scale also loses
-    its two low mantissa bits in special groups), plus the final rounding of the decoded value to
+    its three low mantissa bits in special groups), plus the final rounding of the decoded value to
     ``x.dtype``: at most eps(dtype)/2 relative to |x'| <= |x| + step."""
     rng = _group_range(x, group_size)
     step = rng / steps
@@ -208,16 +208,24 @@ def test_quantize_layout_end_to_end():
 
 NAN, INF = math.nan, math.inf
 SPECIAL_GROUPS = [
-    # (group of 8 inputs, what its non-finite elements decode to)
+    # (group of 8 inputs, what its non-finite elements decode to: exactly what went in)
     ([1.0, NAN, -2.0, 3.0, 0.5, 7.0, -1.0, 2.0], [NAN]),
     ([1.0, INF, -2.0, 3.0, 0.5, 7.0, -1.0, INF], [INF, INF]),
     ([-INF, 1.0, -2.0, 3.0, 0.5, 7.0, -1.0, 2.0], [-INF]),
     ([NAN] * 8, [NAN] * 8),
     ([INF] * 8, [INF] * 8),
-    ([INF, -INF, 1.0, 2.0, 4.0, 5.0, -3.0, 0.25], [NAN, NAN]),  # mixed kinds: documented NaN
-    ([NAN, INF, 1.0, 2.0, 4.0, 5.0, -3.0, 0.25], [NAN, NAN]),
+    ([INF, -INF, 1.0, 2.0, 4.0, 5.0, -3.0, 0.25], [INF, -INF]),  # two kinds: two top codes
+    ([NAN, INF, 1.0, 2.0, 4.0, 5.0, -3.0, 0.25], [NAN, INF]),
+    ([-INF, 1.0, NAN, 2.0, 4.0, -INF, -3.0, 0.25], [-INF, NAN, -INF]),
+    ([NAN, INF, -INF, 2.0, 4.0, 5.0, -3.0, 0.25], [NAN, INF, -INF]),  # three: one level left at 2 bits
+    ([-INF, NAN, INF, -INF, INF, NAN, NAN, INF], [-INF, NAN, INF, -INF, INF, NAN, NAN, INF]),
     ([4.0, 4.0, 4.0, NAN, 4.0, 4.0, 4.0, 4.0], [NAN]),  # constant finite part + NaN
 ]
+
+
+def _kinds(group) -> int:
+    """How many kinds of non-finite values (+Inf, -Inf, NaN) a group holds."""
+    return len({"nan" if math.isnan(v) else v for v in group if not math.isfinite(v)})
 
 
 @pytest.mark.parametrize("noise", ["rand", "nearest"])
@@ -231,14 +239,16 @@ def test_nonfinite_groups(bits, dtype, noise):
     y = _roundtrip(x, bits, 8, u)
     finite = torch.isfinite(x)
     assert torch.all(torch.isfinite(y[finite])), "a finite input decoded to NaN/Inf"
-    expected = [v for _, kinds in SPECIAL_GROUPS for v in kinds]
+    expected = torch.tensor([v for _, kinds in SPECIAL_GROUPS for v in kinds])
     got = y[~finite].float()
-    assert torch.equal(torch.isnan(got), torch.isnan(torch.tensor(expected)))
-    assert got[~torch.isnan(got)].tolist() == [v for v in expected if not math.isnan(v)]
-    # Finite values: one step of range/(L - 1) in special groups (top code reserved), range/L else.
-    levels = 2**bits - 1
-    bound = _bound(x, 8, levels - 1, half=u is None)
-    bound[0] = _bound(x[0], 8, levels, half=u is None)
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(got), kind(expected))
+    # Finite values: one step of range / (L - k) in a group holding k kinds (they take the top
+    # codes), range / L else; with no level left but one (2 bits, k = 3) the whole range.
+    usable = torch.tensor([float(2**bits - 1 - _kinds(row)) for row in rows])[:, None].expand(x.shape)
+    steps = usable.clamp_min(1.0)
+    bound = torch.where(usable > 0, _bound(x, 8, steps, half=u is None), _bound(x, 8, steps))
+    assert (usable == 0).any() == (bits == 2)
     err = (y.double() - x.double()).abs()
     assert torch.all(err[finite] <= bound[finite])
 
