@@ -53,15 +53,21 @@ class Probe:
 
 
 def _tangents(bw: fx.GraphModule, seed: int) -> list[torch.Tensor]:
+    """Output gradients for a replay: a graph that returns a scalar (the loss) gets 1 for it and
+    zeros for its other outputs, as training does (a ``transformers`` model also returns its
+    logits, which the loss alone never differentiates: random tangents there made T5's probed
+    gradient mostly noise of the probe's own making, and its plans 4.8 dB); a graph without one
+    (a graph break before the loss) gets random tangents of unit total scale."""
     gen = torch.Generator().manual_seed(seed)
+    vals = [ph.meta["val"] for ph in bw.graph.find_nodes(op="placeholder") if ph.name.startswith("tangents")]
+    has_loss = any(v.numel() == 1 for v in vals)
     out = []
-    for ph in bw.graph.find_nodes(op="placeholder"):
-        if not ph.name.startswith("tangents"):
-            continue
-        val = ph.meta["val"]
+    for val in vals:
         shape = [int(d) for d in val.shape]  # raises on symbolic sizes: probes need static shapes
         if val.numel() == 1:
             t = torch.ones(shape, dtype=val.dtype)
+        elif has_loss:
+            t = torch.zeros(shape, dtype=val.dtype)
         else:
             t = torch.randn(shape, generator=gen).to(val.dtype) / max(val.numel(), 1) ** 0.5
         out.append(t.to(val.device))

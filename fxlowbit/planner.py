@@ -57,6 +57,11 @@ DP_UNITS = 4096  # least budget resolution of the exact solver (finer when the i
 DP_MAX_UNITS = 1 << 18
 DP_LIMIT = 4_000_000  # items x units x choices beyond which the greedy solver is used
 _W_MAX = 1e9
+# Narrowest width a tensor gets on its prior sensitivity alone when the budget is the mode's (soft):
+# the prior cannot tell which tensors tolerate 2 bits (uniform 2-bit wrecks transformer gradients,
+# -27 to -0.3 dB, ../DESIGN.md section 4), and under it T5 and Qwen3-MoE fell to 13 and -11 dB at
+# default options. A probe's measurement, or an explicit memory_budget, unlocks 2 bits.
+PRIOR_MIN_BITS = 4
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -203,6 +208,8 @@ def candidates(
         return out, why, n
     sens, source = _sensitivity(s, sensitivity, total_numel, numel)
     for b in sorted(cfg.allowed_bits):
+        if b < PRIOR_MIN_BITS and source == "prior" and cfg.memory_budget is None:
+            continue  # 2 bits need a measurement: a wrong prior there wrecks the gradient
         q = int(sympy.sympify(stored_bytes(Form.QUANT, s.numel, b, cfg.group_size, s.itemsize)).subs(subs))
         t = profile.pack_time(fp32_bytes, b) + profile.unpack_time(fp32_bytes, b) + mask_time
         out.append(Costs(Form.QUANT, b, q + mask_bytes, t, cm.quant_variance(sens, b)))
