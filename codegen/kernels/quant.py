@@ -191,8 +191,10 @@ def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
     usable = levels - (pinf + ninf + nan).float()  # the kinds present take the top codes
-    scale = _scale(lo, hi, usable.clamp_min(1.0))
-    scale = torch.where(usable > 0, scale, 0.0)  # one level left: every finite value decodes to lo
+    # one level above lo (2 bits, two kinds) cannot span a range beyond fp32's max: the largest
+    # finite scale then (values stay finite and inside [lo, hi]); none (three kinds): lo only
+    scale = _scale(lo, hi, usable.clamp_min(1.0)).clamp_max(_FP32_MAX)
+    scale = torch.where(usable > 0, scale, 0.0)
     # special groups: sign bit set, kinds in the low bits; the codes use the truncated scale
     sbits = scale.view(torch.int32)
     sbits = torch.where(special, (sbits & ~_KIND_MASK) | kinds | _SIGN, sbits)

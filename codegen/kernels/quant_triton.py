@@ -142,7 +142,8 @@ def _group_scales(lo_t, hi_t, kinds_t, LEVELS: tl.constexpr):
     scale = tl.math.div_rn(hi - lo, levels)
     wide = tl.math.div_rn(hi, levels) - tl.math.div_rn(lo, levels)
     scale = tl.where(tl.abs(scale) == _INF, wide, scale)  # hi - lo overflowed
-    scale = tl.where(usable > 0, scale, 0.0)  # one level left: every finite value decodes to lo
+    scale = tl.minimum(scale, _FP32_MAX)  # one level above lo and a range beyond fp32's max
+    scale = tl.where(usable > 0, scale, 0.0)  # no level above lo: every finite value decodes to lo
     sbits = scale.to(tl.int32, bitcast=True)
     scale = tl.where(kinds != 0, sbits & ~_KINDS, sbits).to(tl.float32, bitcast=True)  # room for kinds
     half = tl.where(tl.abs(hi - lo) == _INF, 0.5, 1.0)

@@ -286,6 +286,34 @@ def test_wide_finite_inputs_stay_finite(bits, dtype):
     assert torch.all(torch.isfinite(y))
 
 
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", BITS)
+def test_values_at_the_dtype_max_decode_finite_within_their_group(bits, dtype, special):
+    """Groups spanning [-max, max] of the dtype (fp16: 65504, where a range computed in fp16 would
+    overflow): the statistics are fp32, every decoded value is finite and inside its group's
+    [min, max] (after rounding to the dtype), traced form and reference alike."""
+    top = torch.finfo(dtype).max
+    x = (torch.rand(64, 256, generator=_gen(5)) * 2 - 1) * top
+    x[:, 0], x[:, 1] = top, -top
+    x = x.to(dtype)
+    if special:  # non-finite values take one, two or three top codes
+        x[::2, 7], x[1::4, 9], x[::3, 11] = math.inf, math.nan, -math.inf
+    y = _roundtrip(x, bits, 256, _noise(x.numel(), 256))
+    seed = torch.tensor(77)
+    codes, meta = quantize_pack_traceable(x, seed, bits, 256)
+    y2 = dequantize_unpack_traceable(codes, meta, bits, 256, x.shape, dtype)
+    finite = x.isfinite()
+    lo = torch.where(finite, x, top).amin(1, keepdim=True)
+    hi = torch.where(finite, x, -top).amax(1, keepdim=True)
+    for out in (y, y2):
+        assert torch.all(out[finite].isfinite())
+        inside = (out >= lo) & (out <= hi)
+        assert torch.all(inside | ~finite)
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(x))
+
+
 def test_finite_group_with_range_beyond_fp32_max_decodes_finite():
     x = torch.tensor([-3e38, 0.0, 3e38, 1.0, -1.0, 2.0, 5.0, 7.0])
     y = _roundtrip(x, 4, 8, None)

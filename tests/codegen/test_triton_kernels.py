@@ -122,6 +122,20 @@ def test_quant_kernels_special_and_constant_groups(bits, dtype):
     _check_quant(x, bits, 256)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_kernels_at_the_dtype_max_with_every_kind_in_a_group(bits, dtype):
+    """Groups spanning [-max, max] of the dtype, some holding +Inf, -Inf and NaN together (three
+    top codes: at 2 bits one level is left for the finite values)."""
+    top = torch.finfo(dtype).max
+    x = (torch.rand(6, 256, generator=_gen(6)) * 2 - 1) * top
+    x[:, 0], x[:, 1] = top, -top
+    x = x.to(dtype)
+    x[1, 5], x[1, 6], x[1, 7] = math.inf, -math.inf, math.nan
+    x[3, 100], x[3, 200] = -math.inf, math.nan
+    _check_quant(x.to(DEVICE), bits, 256)
+
+
 @pytest.mark.parametrize("group_size", [24, 200])
 @pytest.mark.parametrize("bits", BITS)
 def test_quant_kernels_group_width_not_a_power_of_two(bits, group_size):
