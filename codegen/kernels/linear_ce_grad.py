@@ -44,6 +44,8 @@ __all__ = [
 
 CHUNK_ROWS: int | None = None  # tests: a fixed number of tokens per chunk instead of the cost model's
 CHUNK_SLACK = 0.05  # the smallest chunk whose estimated time is within this of the best (less memory)
+MASK_IGNORED: bool | None = None  # tests: the CUDA way (mask ignored tokens, no host sync) on CPU
+CUDA_BLOCK_BYTES = 256 << 20  # CUDA: fp32 temporaries of the elementwise part at most this large
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -119,11 +121,11 @@ def cache_bytes(device_type: str = "cpu") -> int:
 
 
 def _block_rows(vocab: int, device: torch.device, chunk: int) -> int:
-    """Rows the elementwise part takes at once: on CPU two fp32 rows each (the logits and their
-    log-softmax) within the L2 cache; on CUDA the whole chunk (one kernel per step, not per row)."""
-    if device.type == "cuda":
-        return chunk
-    return max(1, min(chunk, cache_bytes("cpu") // (8 * vocab)))
+    """Rows the elementwise part takes at once, two fp32 rows each (the logits and their
+    log-softmax): on CPU within the L2 cache; on CUDA within ``CUDA_BLOCK_BYTES`` (a few kernels
+    per block: launches stay few, the fp32 temporaries bounded)."""
+    room = CUDA_BLOCK_BYTES if device.type == "cuda" else cache_bytes("cpu")
+    return max(1, min(chunk, room // (8 * vocab)))
 
 
 # -- the maths ---------------------------------------------------------------------------------------
@@ -161,13 +163,13 @@ def linear_ce_grad_reference(
     hs, ws, bs = h.to(mm), w.to(mm), (b.to(mm) if b is not None else None)
     valid = target != ignore_index
     _check_targets(target, valid, v, dev)
-    compact = dev.type != "cuda"  # CPU: drop ignored tokens (a host sync, free there)
+    compact = dev.type != "cuda" if MASK_IGNORED is None else not MASK_IGNORED  # CPU: drop them
     rows = valid.nonzero().squeeze(1) if compact else None
     count = rows.numel() if compact else valid.sum()
     total = rows.numel() if compact else n
     # every dy is multiplied by scale (dz/dy) and, for the mean, 1 / count before it is rounded
     alpha = scale / count if reduction == "mean" and compact and count else scale
-    mask = (valid / count if reduction == "mean" else valid).to(acc) if not compact else None
+    mask = (valid / count.clamp_min(1) if reduction == "mean" else valid).to(acc) if not compact else None
 
     chunk = chunk_rows(total, v, hid, mm, _profile(dev.type))
     block = _block_rows(v, dev, chunk)
@@ -227,7 +229,7 @@ def linear_ce_grad_reference(
         loss_out = tok_loss.sum(dtype=torch.float64)  # (N,) values: an exact-enough sum is free
         loss_out = (loss_out / count if reduction == "mean" else loss_out).to(acc)
     dw = dw_sum.T if split and grad_w else dw_sum
-    dw = dw.to(w.dtype, memory_format=torch.contiguous_format)
+    dw = dw.to(w.dtype).contiguous()
     return loss_out, dh, dw, db_sum.to(b.dtype if grad_b else acc)
 
 

@@ -85,13 +85,19 @@ def test_opcheck():
     )
 
 
-def test_opcheck_forward_gradient_op():
-    h, w, b, t, _ = _sample(9, 5, 13, True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_opcheck_forward_gradient_op(monkeypatch, dtype, chunk):
+    """The fake kernel's shapes, dtypes and (contiguous) strides, one chunk or several."""
+    monkeypatch.setattr(lcg, "CHUNK_ROWS", chunk)
+    h, w, b, t, _ = _sample(9, 5, 13, True, dtype=dtype)
     y = torch.nn.functional.linear(h, w, b)
     for logits, red, asked in ((None, "mean", (True, True, True)), (y, "sum", (False, True, True)),
                                (None, "none", (True, False, False))):  # fmt: skip
         xs = [x.clone().requires_grad_(a) for x, a in zip((h, w, b), asked, strict=True)]
-        torch.library.opcheck(ops.linear_ce_fwd_grad, (*xs, t, logits, -100, 0.8, 2.0, 0.1, red, *asked))
+        args = (*xs, t, logits, -100, 0.8, 2.0, 0.1, red, *asked)
+        torch.library.opcheck(ops.linear_ce_fwd_grad, args)
+        assert all(o.is_contiguous() for o in ops.linear_ce_fwd_grad(*args))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -109,6 +115,23 @@ def test_chunks_agree(monkeypatch, dtype, chunk):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}[dtype]
     for x, r in zip(got, ref, strict=True):
         _close(x, r, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_ignored_tokens_as_on_cuda(monkeypatch, reduction):
+    """CUDA masks ignored tokens instead of dropping them (no host sync): the same results, also
+    when every token is ignored (mean NaN, gradients zero)."""
+    h, w, b, t, _ = _sample(37, 19, 101, True)
+    monkeypatch.setattr(lcg, "CHUNK_ROWS", 8)
+    grads = (True, reduction != "none", reduction != "none")
+    for targets in (t, torch.full_like(t, -100)):
+        args = (targets, None, -100, 0.7, 3.0, 0.1, reduction, *grads)
+        monkeypatch.setattr(lcg, "MASK_IGNORED", False)
+        ref = lcg.linear_ce_grad_reference(h, w, b, *args)
+        monkeypatch.setattr(lcg, "MASK_IGNORED", True)
+        got = lcg.linear_ce_grad_reference(h, w, b, *args)
+        for x, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_chunk_rows_from_the_cost_model():
