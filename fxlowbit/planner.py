@@ -156,13 +156,15 @@ def candidates(
     total_numel: float = 1.0,
     lossy_names: frozenset[str] = frozenset(),
     row_stats: frozenset[str] = frozenset(),
+    min_prior_bits: int = 0,
 ) -> tuple[list[Costs], list[str], int]:
     """The forms ``s`` may take with their costs, a reason per form, and the comparison masks a
     quantized form carries. ``lossy_names``: saved tensors a plan may store lossily (a replay that
     must be exact may not read them). ``row_stats``: per-row statistics (keepdim reductions such as
     RMSNorm's rsqrt); a replay that scales a lossy leaf by one multiplies the leaf's rounding error
     by 1/rms of each row (Qwen3's 16-wide per-head norms: 1e3x on small rows), an error no
-    variance estimate of the leaf sees, so such replays are not offered."""
+    variance estimate of the leaf sees, so such replays are not offered. ``min_prior_bits``: the
+    narrowest width offered on a prior sensitivity (no measurement yet)."""
     subs = subs or {}
     numel = int(sympy.sympify(s.numel).subs(subs))
     nbytes = int(sympy.sympify(s.nbytes).subs(subs))
@@ -208,7 +210,7 @@ def candidates(
         return out, why, n
     sens, source = _sensitivity(s, sensitivity, total_numel, numel)
     for b in sorted(cfg.allowed_bits):
-        if b < PRIOR_MIN_BITS and source == "prior" and cfg.memory_budget is None:
+        if b < min_prior_bits and source == "prior":
             continue  # 2 bits need a measurement: a wrong prior there wrecks the gradient
         q = int(sympy.sympify(stored_bytes(Form.QUANT, s.numel, b, cfg.group_size, s.itemsize)).subs(subs))
         t = profile.pack_time(fp32_bytes, b) + profile.unpack_time(fp32_bytes, b) + mask_time
@@ -374,6 +376,7 @@ def decide(
                 total_numel=total_numel,
                 lossy_names=lossy_names,
                 row_stats=row_stats,
+                min_prior_bits=PRIOR_MIN_BITS if cfg.memory_budget is None else 0,
             )  # fmt: skip
             for s in saved
         ]

@@ -273,3 +273,87 @@ def test_the_first_batch_is_not_kept_alive():
     del x
     gc.collect()
     assert ref() is None
+
+
+# -- priors, tangents and the joint check ---------------------------------------------------------
+def test_two_bits_need_a_measurement_under_a_modes_budget():
+    saved = tuple(_Saved(f"t{i}") for i in range(8))
+    prior = planner.decide(saved, LowbitConfig(mode="memory"))  # 0.1: only 2 bits would reach it
+    assert all(d.bits >= planner.PRIOR_MIN_BITS for d in prior.decisions if d.form == "quant"), prior
+    explicit = planner.decide(saved, LowbitConfig(memory_budget=0.1))
+    assert any(d.bits == 2 for d in explicit.decisions if d.form == "quant")
+    measured = planner.decide(saved, LowbitConfig(mode="memory"), sensitivity={s.name: 1e-6 for s in saved})
+    assert any(d.bits == 2 for d in measured.decisions if d.form == "quant")
+
+
+def _probe_graphs(model, x):
+    """(partitioner, dynamo args) of ``model`` compiled once through a LowbitPartitioner."""
+    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
+    partitioner = backend.LowbitPartitioner(cfg, seed=0)
+    captured = []
+
+    def compiler(gm, example_inputs):
+        captured.append(list(example_inputs))
+        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=compiler)(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return partitioner, captured[0]
+
+
+class LossAndLogits(nn.Module):
+    """Returns (loss, logits), as `transformers` models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 128), nn.Dropout(0.2), nn.Tanh(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        logits = self.net(x)
+        return F.cross_entropy(logits, torch.arange(x.shape[0]) % 10), logits
+
+
+def test_tangents_follow_the_loss_not_the_other_outputs():
+    partitioner, _ = _probe_graphs(LossAndLogits(), torch.randn(64, 32))
+    _, bw, _ = partitioner.pristine
+    tangents = calibrate._tangents(bw, seed=0)
+    assert sorted(t.numel() for t in tangents) == [1, 640]
+    for t in tangents:
+        assert torch.equal(t, torch.ones_like(t) if t.numel() == 1 else torch.zeros_like(t))
+
+
+def test_the_joint_check_measures_the_plan_with_the_exact_replays_draws():
+    """All-kept plan: zero error (same dropout masks, same tangents); error grows as bits shrink."""
+    from fxlowbit import validate
+
+    torch.manual_seed(0)
+    partitioner, args = _probe_graphs(LossAndLogits(), torch.randn(64, 32))
+    facts, cfg = partitioner.facts, partitioner.cfg
+    errors = {}
+    for bits in (None, 8, 2):
+        c = dataclasses.replace(cfg, bits=bits) if bits else cfg
+        plan = planner.decide(facts.saved, c, facts.hints) if bits else dataclasses.replace(
+            partitioner.plan, decisions=tuple(
+                dataclasses.replace(d, form="keep") for d in partitioner.plan.decisions
+            )
+        )  # fmt: skip
+        errors[bits], norm = validate.plan_error(partitioner.pristine, args, plan, facts, cfg, seed=3)
+    assert errors[None] == 0.0 and norm > 0
+    assert 0 < errors[8] < errors[2], errors
+
+
+def test_a_joint_miss_rescales_and_replans(monkeypatch, caplog):
+    from fxlowbit import validate
+
+    monkeypatch.setattr(validate, "plan_error", lambda *a, **k: (1e3, 1.0))
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    torch.manual_seed(0)
+    model = WithConstant()
+    compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "calibrate_every": 2})
+    with caplog.at_level(logging.WARNING, logger="fxlowbit.backend"):
+        for _ in range(4):
+            F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+    assert 1 <= fxlowbit.counters["joint_rescales"] <= backend._Adaptive.JOINT_ROUNDS
+    assert any("rounded together" in r.getMessage() for r in caplog.records)
