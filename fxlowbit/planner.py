@@ -124,7 +124,14 @@ def may_quantize(s, cfg: LowbitConfig) -> bool:
     """Whether some plan may store ``s`` quantized (the tensors a probe measures)."""
     if _fixed(s, cfg) or not s.is_float or str(s.dtype) == "torch.bool" or _exact_only(s, cfg):
         return False
+    if str(s.dtype) == "torch.float64":  # F64_KEPT
+        return False
     return _n_masks(s) < len(s.uses)
+
+
+# The quantizer computes in fp32: float64 values beyond its range would come back as Inf (1e100)
+# or zero (1e-60), so float64 tensors are never quantized (exact masks and replays still apply).
+F64_KEPT = "float64: kept exact (quantization computes in fp32, whose range float64 values exceed)"
 
 
 def _n_masks(s) -> int:
@@ -208,6 +215,9 @@ def candidates(
             out.append(Costs(Form.CMP_MASK, 0, mask_bytes, mask_time, 0.0))
             why.append(f"backward only compares it with scalars: {n} exact 1-bit mask(s)")
         return out, why, n
+    if str(s.dtype) == "torch.float64":
+        why[0] = F64_KEPT
+        return out, why, 0
     sens, source = _sensitivity(s, sensitivity, total_numel, numel)
     for b in sorted(cfg.allowed_bits):
         if b < min_prior_bits and source == "prior":

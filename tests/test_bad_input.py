@@ -240,3 +240,36 @@ def test_nonfinite_gradients_match_uncompressed_inductor(case, dtype, extra):
     got = _grads({"seed": 0, "min_bytes": 0, **extra}, case, dtype)
     assert fxlowbit.counters["saved_quant2"] >= 2, dict(fxlowbit.counters)
     _assert_same_pattern(ref, got)
+
+
+# -- float64 --------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:fxlowbit. memory budget")  # 0.05 cannot be met with float64 kept
+@pytest.mark.parametrize("scale", [1e100, 1e-60], ids=["1e100", "1e-60"])
+@pytest.mark.parametrize("extra", [{"bits": 4}, {"memory_budget": 0.05}], ids=["bits4", "planner"])
+def test_float64_beyond_fp32_range_is_kept_exact(scale, extra):
+    """Quantized through fp32, activations near 1e100 came back Inf (non-finite weight gradients)
+    and near 1e-60 zero (an all-zero weight gradient). float64 tensors are kept, with a reason;
+    exact masks still apply."""
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
+
+    def grads(options):
+        torch._dynamo.reset()
+        fxlowbit.reset()
+        torch.manual_seed(0)
+        model = _Tiny().double()
+        with torch.no_grad():
+            model.l1.bias.zero_()  # the first activations are then of the input's magnitude
+        out = torch.compile(model, backend="lowbit", options=options)(x)
+        out.sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    ref = grads(UNCOMPRESSED)
+    got = grads({"inner": "eager", "seed": 0, "min_bytes": 0, **extra})
+    w2 = ref[2]  # l2.weight: (grad of l2's output)^T x leaky_relu(l1(x)), of the scale's magnitude
+    assert w2.isfinite().all() and (w2 != 0).any() and 1e-3 < w2.abs().max() / scale < 1e3
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=0.0)
+    plan = fxlowbit.last_plans()[-1]
+    kept = [d for d in plan.decisions if d.form == "keep" and "float64" in d.reason]
+    assert len(kept) >= 2 and not [d for d in plan.decisions if d.form == "quant"]
+    assert fxlowbit.counters["saved_mask"] == 2  # the leaky ReLUs' masks: exact, still packed

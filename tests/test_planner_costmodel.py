@@ -336,7 +336,7 @@ def test_unmet_variance_limit_warns_once_with_the_best_bytes():
 # -- the uniform rule ------------------------------------------------------------------------------
 def test_bits_4_is_the_uniform_rule():
     records = mixed()
-    plan = plan_of(records, bits=4, memory_budget=0.01)  # the budget does not apply to the rule
+    plan = plan_of(records, bits=4)  # no budget: bits with memory_budget is rejected (test_bad_input.py)
     assert plan.budget is None and plan.status == "uniform 4-bit"
     forms = {d.name: (d.form, d.bits) for d in plan.decisions}
     assert forms == {
