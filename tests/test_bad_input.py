@@ -273,3 +273,39 @@ def test_float64_beyond_fp32_range_is_kept_exact(scale, extra):
     kept = [d for d in plan.decisions if d.form == "keep" and "float64" in d.reason]
     assert len(kept) >= 2 and not [d for d in plan.decisions if d.form == "quant"]
     assert fxlowbit.counters["saved_mask"] == 2  # the leaky ReLUs' masks: exact, still packed
+
+
+# -- calibration probes ---------------------------------------------------------------------------
+def test_probes_leave_no_generated_source_behind():
+    """Each probe copies the backward (a LayerNorm input's normalised form, a ReLU output whose
+    comparisons stay exact) and recompiles the copies; fx kept every copy's Python source in its
+    loader cache and a linecache entry for the life of the process (~105 KB per probe on TinyGPT)."""
+    import linecache
+
+    from torch.fx.graph_module import _loader
+
+    from fxlowbit import backend, calibrate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(), torch.nn.Linear(64, 64)
+    )
+    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
+    partitioner = backend.LowbitPartitioner(cfg, seed=0)
+    captured = []
+
+    def compiler(gm, example_inputs):
+        captured.append(list(example_inputs))
+        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+
+    torch.compile(model, backend=compiler)(torch.randn(64, 64)).pow(2).sum().backward()
+    (args,) = captured
+    pristine, names = partitioner.pristine, partitioner.quantizable
+    calibrate.probe_sensitivity(pristine, args, names, 256, seed=0)  # warm-up
+    sources, lines, compiled = dict(_loader.eval_cache), set(linecache.cache), _loader.next_id
+    for seed in range(1, 4):
+        probe = calibrate.probe_sensitivity(pristine, args, names, 256, seed=seed)
+        assert len(probe.sensitivity) == len(names) >= 2
+    assert _loader.next_id >= compiled + 3 * 2  # the probes did compile copies (two per probe at least)
+    assert _loader.eval_cache == sources
+    assert set(linecache.cache) <= lines
