@@ -334,6 +334,43 @@ class _Adaptive:
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
         self.unsafe = False  # the last probe found the plan in force far over the variance limit
+        if self.partitioner.pristine is not None and torch.is_grad_enabled():
+            try:  # the first batch checks the prior's plan before the first step trains on it
+                with torch.random.fork_rng(devices=_devices(example_inputs)):
+                    self._check_prior(list(example_inputs))
+            except Exception as err:
+                if cfg.strict:
+                    raise
+                self.failed = True
+                counters["probes_disabled"] += 1
+                log.warning("fxlowbit: probes disabled for this graph (%s: %s)", type(err).__name__, err)
+
+    def _check_prior(self, args: list) -> None:
+        """The runtime guard's first look: measure the prior plan's whole gradient error on the first
+        batch (:func:`fxlowbit.validate.plan_error`, one eager forward and backward). Over the variance
+        limit (the gradient's power stands in for the minibatch variance, one batch being at hand),
+        probe every tensor on that batch and re-plan before the first step, so no step trains on a
+        prior that is wrong for this model (ResNet at default options: 12 dB on the prior)."""
+        p = self.partitioner
+        if self.plan is None or not any(d.form == "quant" for d in self.plan.decisions):
+            return
+        err, power = validate.plan_error(p.pristine, args, self.plan, p.facts, self.cfg, seed=0)
+        limit = self.cfg.max_variance_ratio
+        if err <= limit * power:
+            return
+        counters["prior_misses"] += 1
+        log.warning(
+            "fxlowbit: the prior plan adds %.3g of the first batch's gradient power (limit %g): probing "
+            "each saved tensor now and re-planning before the first step", err / max(power, 1e-30), limit,
+        )  # fmt: skip
+        probe = calibrate.probe_sensitivity(p.pristine, args, p.quantizable, self.cfg.group_size, seed=0)
+        var = max(probe.grad_sq, 1e-30)
+        self.sensitivity = {k: v / var for k, v in probe.sensitivity.items()}
+        counters["probes"] += 1
+        self._check_jointly(args, var)
+        self._guard()
+        self.unsafe = True  # the plan in force was measured over the limit
+        self._replan(args)
 
     def _still_good(self, new: Plan) -> bool:
         """Hysteresis against plan churn (each new variant is a compilation): keep the current plan

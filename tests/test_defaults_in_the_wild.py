@@ -70,10 +70,11 @@ def _pinned(n_kept: int, n_free: int) -> tuple:
     return kept + tuple(_Saved(f"t{i}") for i in range(n_free))
 
 
-def test_a_modes_budget_yields_to_the_variance_limit():
+def test_a_modes_budget_yields_to_the_variance_limit(monkeypatch):
     """Qwen3-MoE's regression: exact inputs of an unknown op ate a mode's 0.2 budget and the rest
     went to 2 bits (estimated variance ratio 0.3, measured -20 dB). A mode's budget is soft."""
     saved = _pinned(3, 7)  # 30% of the bytes must stay exact: a 0.2 budget cannot be met
+    monkeypatch.setattr(planner, "_warned", set())  # warned once per process
     with pytest.warns(UserWarning, match="yields to the variance limit"):
         plan = planner.decide(saved, LowbitConfig(mode="balanced"))
     assert plan.variance_ratio <= 0.05 + 1e-9, plan
@@ -344,6 +345,8 @@ def test_the_joint_check_measures_the_plan_with_the_exact_replays_draws():
 
 
 def test_a_joint_miss_rescales_and_replans(monkeypatch, caplog):
+    """A plan measured far over the limit: the first batch already probes and re-plans before the
+    first step (the prior's check), and the joint check rescales the sensitivities."""
     from fxlowbit import validate
 
     monkeypatch.setattr(validate, "plan_error", lambda *a, **k: (1e3, 1.0))
@@ -353,7 +356,22 @@ def test_a_joint_miss_rescales_and_replans(monkeypatch, caplog):
     model = WithConstant()
     compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "calibrate_every": 2})
     with caplog.at_level(logging.WARNING, logger="fxlowbit.backend"):
-        for _ in range(4):
+        F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+        assert fxlowbit.counters["prior_misses"] == 1 and fxlowbit.counters["probes"] == 1
+        first = fxlowbit.counters["joint_rescales"]
+        assert 1 <= first <= backend._Adaptive.JOINT_ROUNDS
+        for _ in range(3):
             F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
-    assert 1 <= fxlowbit.counters["joint_rescales"] <= backend._Adaptive.JOINT_ROUNDS
-    assert any("rounded together" in r.getMessage() for r in caplog.records)
+    assert fxlowbit.counters["probes"] == 2 and fxlowbit.counters["joint_rescales"] > first
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("rounded together" in m for m in messages)
+    assert any("probing each saved tensor now" in m for m in messages)
+
+
+def test_the_prior_check_passes_quietly_when_the_prior_holds():
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(WithConstant(), backend="lowbit", options={"inner": "eager"})
+    F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+    assert fxlowbit.counters["prior_misses"] == 0 and fxlowbit.counters["probes"] == 0
