@@ -1,7 +1,8 @@
 """Loss memory and time: output projection + cross-entropy, fused (lowbit's linear_ce) vs unfused.
 
 One training step of the head and loss alone, ``F.cross_entropy(F.linear(h, w).float(), t)`` with
-h (tokens, hidden) and w (vocab, hidden) requiring grad and every 7th target ignored: eager,
+h (tokens, hidden) and w (vocab, hidden) requiring grad and every 7th target ignored
+(``--ignore-every``; the fused op skips ignored tokens' GEMM rows, the unfused loss cannot): eager,
 Inductor (unfused), and ``backend="lowbit"`` with the planner off (the pass fuses the loss, Inductor
 compiles the rest), rows interleaved in one run. Prints a table and writes JSON: ms per forward +
 backward (median and interquartile range), the paired ratio to Inductor's time (median and IQR of
@@ -106,7 +107,9 @@ def _summary(times: dict[str, list[float]], base: str) -> dict[str, dict]:
     return out
 
 
-def head_rows(shapes, reps: int) -> list[dict]:
+def head_rows(
+    shapes, reps: int, ignore_every: int = 7, providers=("eager", "inductor", "lowbit")
+) -> list[dict]:
     rows = []
     for name, n, hid, v, dtype in shapes:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,11 +117,13 @@ def head_rows(shapes, reps: int) -> list[dict]:
         h = (torch.randn(n, hid, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
         w = (torch.randn(v, hid, device=dev, generator=g) * hid**-0.5).to(dtype).requires_grad_()
         t = torch.randint(0, v, (n,), device=dev, generator=g)
-        t[::7] = -100
+        if ignore_every:
+            t[::ignore_every] = -100
         torch._dynamo.reset()
         fxlowbit.reset()
         fns = {"eager": loss_fn, "inductor": torch.compile(loss_fn),
                "lowbit": torch.compile(loss_fn, backend="lowbit", options=LOWBIT)}  # fmt: skip
+        fns = {k: fn for k, fn in fns.items() if k in providers or k == "inductor"}
         steps = {k: functools.partial(_step, fn, h, w, t) for k, fn in fns.items()}
         mem = {}
         for k in fns:  # compile, warm up, then the memory of one more step
@@ -135,7 +140,9 @@ def head_rows(shapes, reps: int) -> list[dict]:
                          "saved_fewer_than_inductor": mem["inductor"][1] / saved,
                          "tflops": 6 * n * v * hid / s["ms"] / 1e9})  # fmt: skip
         rows[-1]["linear_ce_fused"] = fxlowbit.counters.get("linear_ce", 0)
-        _print_rows(rows[-3:], header=len(rows) == 3)
+        for r in rows[-len(fns) :]:
+            r["ignored_every"] = ignore_every
+        _print_rows(rows[-len(fns) :], header=len(rows) == len(fns))
         del h, w, t, fns, steps
     return rows
 
@@ -205,6 +212,9 @@ LLAMA = dict(vocab_size=16384, hidden_size=128, num_hidden_layers=2, num_attenti
              use_cache=False)  # fmt: skip
 
 
+WARMUP = 15
+
+
 def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
     """The Llama step at default options, with and without the fusion (Inductor inner)."""
     import transformers as tf
@@ -233,7 +243,7 @@ def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(3):
+        for _ in range(WARMUP):  # compile, and the first probe and re-plan (step 10) before timing
             step()
         idx = batches[0][0]
         loss = compiled(input_ids=idx, labels=idx).loss
@@ -280,6 +290,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 7; 3 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--only", default=None, help="comma-separated shape names")
+    ap.add_argument("--ignore-every", type=int, default=7, help="every n-th target ignored (0: none)")
+    ap.add_argument("--providers", default="eager,inductor,lowbit", help="inductor is always timed")
     ap.add_argument("--llama", action="store_true", help="the transformers Llama check instead of the heads")
     ap.add_argument("--kernels", action="store_true", help="CUDA: also time the ops")
     args = ap.parse_args(argv)
@@ -300,7 +312,7 @@ def main(argv=None) -> None:
         print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
         result = {"meta": meta, "rows": llama_rows(reps)}
     else:
-        rows = head_rows(shapes, reps)
+        rows = head_rows(shapes, reps, args.ignore_every, args.providers.split(","))
         kernels = kernel_rows(shapes) if args.kernels and dev == "cuda" else []
         for r in kernels:
             print(
