@@ -305,6 +305,7 @@ def run(
     saved = []
     hints: dict = _all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
+    pinned = _pinned_shares(outputs[num_fwd_outputs:], saved_names, user_output_roots)
     for pos, node in enumerate(outputs):
         if pos < num_fwd_outputs or not isinstance(node, fx.Node):
             continue
@@ -315,6 +316,8 @@ def run(
         root = _root(node)
         numel = _numel(val)
         nbytes = numel * val.dtype.itemsize
+        if node.name in pinned:  # kept as it is, a view holds its whole root's storage
+            nbytes = sympy.Max(nbytes, pinned[node.name])
         placeholder = bw_inputs.get(node.name)
         saved.append(
             SavedTensor(
@@ -342,6 +345,38 @@ def run(
     return GraphFacts(
         saved=tuple(saved), num_fwd_outputs=num_fwd_outputs, nx_graph=g, hints=hints, gemms=tuple(gemms)
     )
+
+
+def _pinned_shares(saved_nodes, saved_names: set[str], user_output_roots: set) -> dict[str, int]:
+    """Saved views into a larger storage that no saved tensor, graph input or user output owns
+    (Falcon's k and v: slices of one fused QKV projection that saved_views leaves as views because
+    they cover a third of it). Kept as they are, they keep the whole storage alive, which the walk
+    from the loss counts: each such view is charged an equal share of the storage's bytes. A
+    compressed form reads the view alone and frees the storage."""
+    owners = {}  # storages that something else keeps alive anyway
+    groups: dict[int, list[fx.Node]] = {}
+    sizes: dict[int, int] = {}
+    for node in saved_nodes:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        size = val.untyped_storage().nbytes()
+        if not isinstance(size, int) or any(not isinstance(d, int) for d in val.shape):
+            continue  # symbolic sizes: left as they are (int() would specialise them)
+        key = id(val.untyped_storage())
+        root = _root(node)
+        if root.op == "placeholder" or root in user_output_roots or val.numel() * val.dtype.itemsize == size:
+            owners[key] = True
+            continue
+        groups.setdefault(key, []).append(node)
+        sizes[key] = size
+    out: dict[str, int] = {}
+    for key, nodes in groups.items():
+        if key in owners:
+            continue
+        for node in nodes:
+            out[node.name] = sizes[key] // len(nodes)
+    return out
 
 
 def _all_hints(*gms: fx.GraphModule) -> dict:
