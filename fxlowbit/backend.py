@@ -79,10 +79,10 @@ class LowbitPartitioner(CustomPartitionerFn):
         cfg: LowbitConfig,
         seed: int,
         sensitivity: dict | None = None,
-        activations: frozenset[int] = frozenset(),
+        activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
     ) -> None:
         self.cfg = cfg
-        # indices of graph inputs that are activations or user inputs (not parameters or buffers)
+        # indices of graph inputs that are activations of earlier graphs, and of the user's batch
         self.activations = activations
         # measured sensitivities by planner.canonical_keys (names change between partitions)
         self.sensitivity = sensitivity
@@ -126,10 +126,11 @@ class LowbitPartitioner(CustomPartitionerFn):
         record.add(self, before, (fw, bw), fallback)
         return fw, bw
 
-    def _activation_names(self, fw: fx.GraphModule) -> frozenset[str]:
-        """Forward placeholders of the graph inputs in :attr:`activations` (AOTAutograd names the
-        i-th flat input ``primals_{i+1}``)."""
-        names = {f"primals_{i + 1}" for i in self.activations}
+    @staticmethod
+    def _placeholder_names(fw: fx.GraphModule, indices: frozenset[int]) -> frozenset[str]:
+        """Forward placeholders of the graph inputs ``indices`` (AOTAutograd names the i-th flat
+        input ``primals_{i+1}``)."""
+        names = {f"primals_{i + 1}" for i in indices}
         return frozenset(p.name for p in fw.graph.find_nodes(op="placeholder") if p.name in names)
 
     def _keep_for_probes(self, fw: fx.GraphModule, bw: fx.GraphModule, n: int):
@@ -152,7 +153,8 @@ class LowbitPartitioner(CustomPartitionerFn):
         cfg = self.cfg
         if not cfg.enabled("analyze"):
             return
-        facts = passes.analyze.run(fw, bw, num_fwd_outputs, self._activation_names(fw))
+        acts, data = (self._placeholder_names(fw, which) for which in self.activations)
+        facts = passes.analyze.run(fw, bw, num_fwd_outputs, acts, data)
         if not cfg.enabled("plan"):
             return
         sens = None
@@ -207,15 +209,17 @@ def _seed(cfg: LowbitConfig) -> int:
     return (base + 0x9E3779B97F4A7C15 * (next(_ordinal) if cfg.seed is None else 0)) % (2**63)
 
 
-def _activation_inputs(gm: fx.GraphModule, example_inputs) -> frozenset[int]:
+def _activation_inputs(gm: fx.GraphModule, example_inputs, grad: bool = True) -> frozenset[int]:
     """Indices of the Dynamo graph's tensor inputs that are activations handed over from an earlier
     graph (at a graph break: tensors that require grad and are neither parameters nor buffers).
     Their saved aliases are memory the budget counts and a plan may compress. The user's batch
-    (no grad) stays as it is: the training loop holds it anyway, and it is the data itself."""
+    (no grad) stays as it is: the training loop holds it anyway, and it is the data itself, but it
+    is memory the walk from the loss counts: ``grad=False`` lists those inputs, which the budget
+    counts and no plan changes."""
     out = set()
     phs = gm.graph.find_nodes(op="placeholder")
     for i, (ph, x) in enumerate(zip(phs, example_inputs, strict=False)):
-        if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter) or not x.requires_grad:
+        if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter) or x.requires_grad != grad:
             continue
         arg = ph.meta.get("grapharg")
         source = getattr(getattr(arg, "source", None), "name", None)
@@ -229,7 +233,7 @@ def _activation_inputs(gm: fx.GraphModule, example_inputs) -> frozenset[int]:
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``)."""
     cfg = LowbitConfig.from_options(options)
-    activations = _activation_inputs(gm, example_inputs)
+    activations = _activation_inputs(gm, example_inputs), _activation_inputs(gm, example_inputs, grad=False)
     if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
         _fuse_loss(gm, cfg)
     if cfg.enabled("lowbit_gemm") and (cfg.gemm_active or cfg.sparsity_active) and torch.is_grad_enabled():
@@ -317,7 +321,7 @@ class _Adaptive:
         example_inputs,
         cfg: LowbitConfig,
         mode: str | None,
-        activations: frozenset[int] = frozenset(),
+        activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
     ):
         self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
         # no reference to example_inputs: a re-plan compiles with the batch that triggers it

@@ -138,8 +138,15 @@ def _n_masks(s) -> int:
     return len({(u.op, u.scalar) for u in s.uses if u.role == COMPARE})
 
 
+def _free(s) -> bool:
+    """Kept at no cost: an alias of a parameter, buffer or other input that is not the batch."""
+    return s.input_alias and not getattr(s, "data_input", False)
+
+
 def _fixed(s, cfg: LowbitConfig) -> str | None:
     """Why ``s`` has no choice at all (None: it has)."""
+    if getattr(s, "data_input", False):
+        return "the user's batch: kept as it is (the training loop holds it), counted in the budget"
     if s.input_alias:
         return "alias of a graph input: costs no memory"
     if s.nbytes_hint < cfg.min_bytes:
@@ -176,7 +183,7 @@ def candidates(
     numel = int(sympy.sympify(s.numel).subs(subs))
     nbytes = int(sympy.sympify(s.nbytes).subs(subs))
     fp32_bytes = 4 * numel  # profile rates are per fp32 byte (the kernels compute in fp32)
-    keep = Costs(Form.KEEP, 0, 0 if s.input_alias else nbytes, 0.0, 0.0)
+    keep = Costs(Form.KEEP, 0, 0 if _free(s) else nbytes, 0.0, 0.0)
     fixed = _fixed(s, cfg)
     if fixed:
         return [keep], [fixed], 0
@@ -557,7 +564,7 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
         bits=(c.bits + masks)
         if c.form in (Form.QUANT, Form.CMP_MASK, Form.MASK, Form.PACKED)
         else (0 if c.form == Form.RECOMPUTE else s.itemsize * 8),  # fmt: skip
-        bytes_before=0 if s.input_alias else int(sympy.sympify(s.nbytes).subs(subs)),
+        bytes_before=0 if _free(s) else int(sympy.sympify(s.nbytes).subs(subs)),
         bytes_after=c.nbytes,
         reason=reason,
         masks=masks,
@@ -576,7 +583,7 @@ def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
         fixed = _fixed(s, cfg)
         r = s.recompute
         if fixed:
-            c, why, n = Costs(Form.KEEP, 0, 0 if s.input_alias else _at(s.nbytes, subs), 0.0, 0.0), fixed, 0
+            c, why, n = Costs(Form.KEEP, 0, 0 if _free(s) else _at(s.nbytes, subs), 0.0, 0.0), fixed, 0
         elif cfg.recompute and r is not None and r.from_inputs:
             # not an activation (e.g. autocast's bf16 copy of a weight): replayed exactly, never rounded
             c, n = Costs(Form.RECOMPUTE, 0, 0, 0.0, 0.0), 0

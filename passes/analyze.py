@@ -73,6 +73,9 @@ class SavedTensor:
     input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
     forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
     recompute: Recompute | None = None
+    # aliases the user's batch (a graph input without grad that is no parameter or buffer): no
+    # choice (the training loop holds it anyway) but memory, so the budget counts it
+    data_input: bool = False
     # (lo, hi): every value an integer tensor can hold, known from its producer (max-pool window
     # offsets, pooling indices); None when unknown or not an integer tensor
     int_range: tuple[int, int] | None = None
@@ -284,12 +287,17 @@ def _name(target) -> str:
 
 
 def run(
-    fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, activations: frozenset[str] = frozenset()
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    num_fwd_outputs: int,
+    activations: frozenset[str] = frozenset(),
+    data: frozenset[str] = frozenset(),
 ) -> GraphFacts:
     """Collect :class:`GraphFacts` for a partitioned forward/backward pair (no mutation).
     ``activations``: forward placeholders that are activations of an earlier compiled graph (a
     graph break before the loss hands it the logits) or user inputs, not parameters or buffers:
-    a saved alias of one is memory this graph keeps alive, so it is not ``input_alias``."""
+    a saved alias of one is memory this graph keeps alive, so it is not ``input_alias``. ``data``:
+    forward placeholders of the user's batch (no grad): kept as they are, but counted."""
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
@@ -333,6 +341,7 @@ def run(
                 uses=tuple(_uses(placeholder)) if placeholder is not None else (),
                 view_root=root.name,
                 input_alias=root.op == "placeholder" and root.name not in activations,
+                data_input=root.op == "placeholder" and root.name in data,
                 forward_output_alias=node in user_outputs or root in user_output_roots,
                 # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed
                 recompute=None if _must_save(node) else _recompute(node, saved_names, hints, activations),

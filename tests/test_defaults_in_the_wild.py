@@ -208,7 +208,10 @@ def test_parameters_and_buffers_are_never_counted_as_activations():
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10))
     seen = []
 
+    data = []
+
     def spy(gm, example_inputs):
+        data[:] = [backend._activation_inputs(gm, example_inputs, grad=False)]
         seen.append((backend._activation_inputs(gm, example_inputs), list(example_inputs)))
         return gm.forward
 
@@ -218,6 +221,7 @@ def test_parameters_and_buffers_are_never_counted_as_activations():
     params = {id(t) for t in [*model.parameters(), *model.buffers()]}
     expected = {i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and id(t) not in params}
     assert len(expected) == 1 and not found  # the batch (no grad) is data, not an activation
+    assert data == [expected]  # the batch is counted as data; parameters and buffers are not
 
     seen.clear()
     torch._dynamo.reset()
