@@ -202,8 +202,16 @@ def _rewrite(
         return node
 
     try:
+        y = None
+        if pass_logits:  # the projection its other users read, its zero gradient skipped
+            with graph.inserting_before(m.proj.next):
+                hk, wk, bk = m.h, m.w, m.b
+                if m.w_transposed:
+                    wk = add(torch.t, wk)
+                hk, wk, bk = (_cast(add, x, compute_dtype) for x in (hk, wk, bk))
+                y = add(torch.ops.fxlowbit.linear_logits.default, hk, wk, bk)
         with graph.inserting_before(m.loss):
-            h, w, b, y = m.h, m.w, m.b, (m.proj if pass_logits else None)
+            h, w, b, full = m.h, m.w, m.b, y
             for index in m.slices:  # logits[..., :-1, :] is linear(h[..., :-1, :])
                 h = add(operator.getitem, h, index)
                 y = add(operator.getitem, y, index) if y is not None else None
@@ -219,6 +227,8 @@ def _rewrite(
         raise
     m.loss.replace_all_uses_with(fused)
     graph.erase_node(m.loss)
+    if full is not None:
+        m.proj.replace_all_uses_with(full)
     for node in [*m.chain, *m.tail]:  # loss side first: each becomes dead once its user is gone
         if not node.users:
             graph.erase_node(node)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .linear_ce_grad import _check, linear_ce_fwd_grad  # noqa: F401  (registers fxlowbit::linear_ce_fwd_grad)
+from .linear_ce_logits import linear_logits  # noqa: F401  (registers fxlowbit::linear_logits)
 
 __all__ = [
     "linear_cross_entropy",

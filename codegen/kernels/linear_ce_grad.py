@@ -45,6 +45,7 @@ __all__ = [
 CHUNK_ROWS: int | None = None  # tests: a fixed number of tokens per chunk instead of the cost model's
 CHUNK_SLACK = 0.05  # the smallest chunk whose estimated time is within this of the best (less memory)
 MASK_IGNORED: bool | None = None  # tests: the CUDA way (mask ignored tokens, no host sync) on CPU
+FRESH_BYTES, FAULT_GBPS = 32 << 20, 2.0  # CPU: glibc's largest reused block; first-touch rate (measured)
 CUDA_BLOCK_BYTES = 256 << 20  # CUDA: fp32 temporaries of the elementwise part at most this large
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -82,11 +83,13 @@ def chunk_rows(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, profile
     """Tokens per chunk: the fewest (a power of two, or all) whose estimated time is within
     ``CHUNK_SLACK`` of the best. Each chunk runs three GEMMs of ``2 n vocab hidden`` FLOPs (the
     profile's throughput grows with size) and streams ``vocab x hidden`` values that do not shrink
-    with it: the weight, read twice, and dw's fp32 sum, read and written (on CPU in bf16/fp16 also
-    the chunk's own product, written and read). Smaller chunks hold less (chunk x vocab values).
+    with it: the weight, read twice, and with more than one chunk dw's fp32 sum, read and written
+    (on CPU in bf16/fp16 also the chunk's own product, written and read). The chunk's logits buffer
+    (n x vocab) is allocated once per call; on CPU one over ``FRESH_BYTES`` comes as fresh pages
+    every call (glibc maps large blocks anew), touched at ``FAULT_GBPS``. Smaller chunks hold less.
 
         >>> chunk_rows(8192, 50257, 768, torch.float32, load_profile("cpu"))
-        1024
+        512
     """
     tokens = max(int(tokens), 1)
     if CHUNK_ROWS:
@@ -94,10 +97,15 @@ def chunk_rows(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, profile
     name = str(dtype).removeprefix("torch.")
     size = dtype.itemsize
     acc = 2 * max(size, 4) + (2 * size if profile.kind == "cpu" and size < 4 else 0)
-    stream = vocab * hidden * (2 * size + acc) / (profile.copy_gbps * 1e9)
+    weights = vocab * hidden * 2 * size / (profile.copy_gbps * 1e9)
+    accumulate = vocab * hidden * acc / (profile.copy_gbps * 1e9)
 
     def estimate(n: int) -> float:
-        return math.ceil(tokens / n) * (3 * profile.matmul_time(2.0 * n * vocab * hidden, name) + stream)
+        chunks, buffer = math.ceil(tokens / n), n * vocab * size
+        t = chunks * (3 * profile.matmul_time(2.0 * n * vocab * hidden, name) + weights)
+        t += chunks * accumulate if chunks > 1 else 0.0
+        fresh = profile.kind == "cpu" and buffer > FRESH_BYTES
+        return t + (buffer / (FAULT_GBPS * 1e9) if fresh else 0.0)
 
     sizes = sorted({min(tokens, 1 << k) for k in range(4, 24)})
     times = [estimate(n) for n in sizes]
@@ -186,20 +194,19 @@ def linear_ce_grad_reference(
         idx = rows[n0:n1] if compact else None
         hc = hs.index_select(0, idx) if compact else hs[n0:n1]  # (m, H)
         tc = target.index_select(0, idx) if compact else target[n0:n1].clamp(0, v - 1)
-        y = buf[: n1 - n0]  # (m, V): the chunk's logits, then its dy in place
-        if logits is not None:
-            if compact:
-                torch.index_select(logits, 0, idx, out=y)
-            else:
-                y.copy_(logits[n0:n1])
-        elif bs is not None:
+        y = buf[: n1 - n0]  # (m, V): the chunk's logits (unless given), then its dy in place
+        if logits is None and bs is not None:
             torch.addmm(bs, hc, ws.T, out=y)
-        else:
+        elif logits is None:
             torch.mm(hc, ws.T, out=y)
         for r0 in range(0, n1 - n0, block):
             r1 = min(r0 + block, n1 - n0)
             mk = mask[n0 + r0 : n0 + r1] if mask is not None else None
-            loss = _rows(y[r0:r1], tc[r0:r1], acc, scale, softcap, label_smoothing, alpha, mk, need)
+            if logits is None:
+                z = y[r0:r1]
+            else:  # the caller's: a block-sized copy, never the logits themselves
+                z = logits.index_select(0, idx[r0:r1]) if compact else logits[n0 + r0 : n0 + r1].clone()
+            loss = _rows(z, y[r0:r1], tc[r0:r1], acc, scale, softcap, label_smoothing, alpha, mk, need)
             if compact:
                 tok_loss.index_copy_(0, idx[r0:r1], loss)
             else:
@@ -233,11 +240,12 @@ def linear_ce_grad_reference(
     return loss_out, dh, dw, db_sum.to(b.dtype if grad_b else acc)
 
 
-def _rows(z, t, acc, scale, softcap, eps, alpha, mask, need) -> torch.Tensor:
-    """Per-token losses (acc dtype) of a block of logit rows ``z`` (m, V) in the GEMM dtype; with
-    ``need``, ``z`` is overwritten by ``dy * alpha`` (times ``mask``, per row, when given)."""
+def _rows(z, out, t, acc, scale, softcap, eps, alpha, mask, need) -> torch.Tensor:
+    """Per-token losses (acc dtype) of a block of logit rows ``z`` (m, V), scratch; with ``need``,
+    ``out`` (m, V) in the GEMM dtype (``z`` itself, or not) gets ``dy * alpha`` (times ``mask``,
+    per row, when given)."""
     zf = z if z.dtype == acc else z.to(acc)  # (m, V), the block's own copy for bf16/fp16
-    th = None  # z is scratch (overwritten by dy, or dropped): scale it in place
+    th = None  # z is scratch: scale it in place
     if softcap > 0:
         th = zf.mul_(scale / softcap).tanh_()
         zf = th * softcap
@@ -258,7 +266,7 @@ def _rows(z, t, acc, scale, softcap, eps, alpha, mask, need) -> torch.Tensor:
         p.mul_(th.square_().neg_().add_(1.0))  # dz/dy / scale = 1 - tanh^2
     if mask is not None:
         p.mul_(mask[:, None])
-    torch.mul(p, alpha, out=z)
+    torch.mul(p, alpha, out=out)
     return loss
 
 

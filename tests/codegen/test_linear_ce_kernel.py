@@ -134,10 +134,35 @@ def test_masked_ignored_tokens_as_on_cuda(monkeypatch, reduction):
             torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+def test_linear_logits_skips_a_zero_gradient():
+    """The kept projection: F.linear's values and gradients; an all-zero output gradient (what
+    autograd hands an output nobody differentiated) gives zeros without a GEMM."""
+    h, w, b, _, _ = _sample(2 * 7, 9, 23, True)
+    h, w, b = (x.requires_grad_() for x in (h.view(2, 7, 9), w, b))
+    torch.library.opcheck(ops.linear_logits, (h, w, b))
+    torch.library.opcheck(ops.linear_logits_backward, (torch.randn(2, 7, 23), h.detach(), w.detach(), True))
+    y = ops.linear_logits(h, w, b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(h, w, b))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (h, w, b), g)
+    ref = torch.autograd.grad(torch.nn.functional.linear(h, w, b), (h, w, b), g)
+    for x, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(x, r)
+    for grad, gemms in ((torch.zeros_like(y), 0), (g, 2)):
+        with torch.profiler.profile() as prof:
+            out = ops.linear_logits_backward(grad, h.detach(), w.detach(), True)
+        assert sum(e.name == "aten::mm" for e in prof.events()) == gemms
+        assert [x.shape for x in out] == [h.shape, w.shape, b.shape]
+    assert not any(x.any() for x in ops.linear_logits_backward(torch.zeros_like(y), h, w, True))
+
+
 def test_chunk_rows_from_the_cost_model():
     cpu, h100 = load_profile("cpu"), load_profile("h100")
-    # small GEMMs waste throughput and every chunk streams the weight and dw: a few big chunks
-    assert lcg.chunk_rows(8192, 50257, 768, torch.float32, cpu) == 1024
+    # small GEMMs waste throughput and every chunk streams the weight and dw: a few big chunks,
+    # on CPU within glibc's reused blocks unless that costs more than fresh pages
+    assert lcg.chunk_rows(8192, 50257, 768, torch.float32, cpu) == 512
+    assert lcg.chunk_rows(8192, 50257, 768, torch.bfloat16, cpu) == 2048
+    assert lcg.chunk_rows(1016, 16384, 128, torch.float32, cpu) * 16384 * 4 <= lcg.FRESH_BYTES
     assert lcg.chunk_rows(8192, 50257, 768, torch.bfloat16, h100) == 8192
     assert lcg.chunk_rows(3, 50257, 768, torch.float32, cpu) == 3  # never more than the tokens
     tokens = (64, 1024, 65536)
