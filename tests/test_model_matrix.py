@@ -13,6 +13,7 @@ concatenated, as in test_transformers_models.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -133,12 +134,14 @@ def train(name: str, backend: str, options: dict | None = None, steps: int = STE
 def test_matrix_covers_the_families():
     hf = [n for n, f in _models.FAMILY.items() if f != "cnn"]
     assert len(hf) - len(KNOWN_FAILURES) >= 10
-    assert set(_models.FAMILY.values()) == {"decoder", "encoder", "encoder-decoder", "vision", "cnn"}
-    assert {_models.FAMILY[n] for n in REPRESENTATIVE} == set(_models.FAMILY.values())
-    assert set(SQNR_FLOOR_DB) == set(_models.FAMILY)
+    families = {"decoder", "encoder", "encoder-decoder", "vision", "cnn", "moe", "audio", "multimodal", "ssm"}
+    assert set(_models.FAMILY.values()) == families
+    assert {_models.FAMILY[n] for n in REPRESENTATIVE + DEFAULTS_CI} == set(_models.FAMILY.values()) - {"ssm"}
+    assert set(SQNR_FLOOR_DB) <= set(_models.FAMILY)  # the 4-bit matrix: the first 21 models
+    assert set(DEFAULTS_FLOOR_DB) == set(_models.FAMILY)
 
 
-@pytest.mark.parametrize("name", [_param(n) for n in _models.FAMILY])
+@pytest.mark.parametrize("name", [_param(n) for n in _models.FAMILY if n in SQNR_FLOOR_DB])
 def test_model_trains_compressed(name):
     ref = train(name, "lowbit", UNCOMPRESSED, steps=1)
     base = train(name, "aot_eager")
@@ -170,3 +173,125 @@ def test_inductor_inner_compiler():
     assert fxlowbit.counters["fallback_internal_error"] == 0
     assert ref.nbytes / got.nbytes >= MIN_REDUCTION_4BIT
     assert sqnr_db(ref.grad, got.grad) >= SQNR_FLOOR_DB["qwen2"]
+
+
+# -- the default path: what users run (issue 15) --------------------------------------------------
+# No options but the eager inner compiler (CI time; test_inductor_inner_compiler_at_defaults runs
+# Inductor): the planner with its priors, the first probe at step 10 and its re-plan at step 11.
+DEFAULTS = {"inner": "eager", "seed": 0}
+DEFAULT_STEPS = 12
+MIN_REDUCTION_DEFAULTS = 4.0  # issue 15's acceptance: >= 4x fewer walked bytes at >= 15 dB
+MIN_SQNR_DEFAULTS = 15.0
+# One model per family in CI, the new architectures included (Mamba's sequential scan takes two
+# minutes per setting on one thread: slow set only); the slow set runs all.
+DEFAULTS_CI = ("qwen3_moe", "whisper", "clip", "mbconv", "t5", "gpt2")
+# Measured (benchmarks/results/matrix_defaults_cpu.json, CPU, seed 0): every model meets the floors
+# below except these, which fail for a reason of ours (strict xfails: a fix must remove them).
+KNOWN_SHORTFALLS = {
+    ("clip", "defaults"): "CLIP: 25.4 dB on the first step, 9.8 dB at step 11 under the same plan; the "
+    "joint check's replay measures that plan within the limit, so the replay and the compiled step "
+    "disagree on this model (not found yet)",
+    ("clip", "budget0.1"): "CLIP at budget 0.1: 1.6 / -5.0 dB; bits alone cannot meet 0.1 on the "
+    "contrastive towers and exact recompute of matmul outputs is not built",
+    ("cnn", "budget0.1"): "SmallCNN at budget 0.1: 5.6 / 9.3 dB (exact recompute of conv outputs not built)",
+    ("resnet", "budget0.1"): "ResNet at budget 0.1: 7.8 / 9.4 dB (exact recompute of conv outputs not built)",
+    ("mbconv", "budget0.1"): "MBConv at budget 0.1: 5.9 / 5.4 dB (exact recompute of conv outputs not built)",
+}
+# Per-model floors at defaults (dB) where one is set above the acceptance line; None: 15 dB.
+DEFAULTS_FLOOR_DB: dict[str, float | None] = dict.fromkeys(_models.FAMILY)
+
+
+@dataclasses.dataclass
+class DefaultRun:
+    nbytes: int  # walked saved bytes of the first step
+    first: torch.Tensor  # first step's gradient (the prior plan)
+    last: torch.Tensor  # last step's gradient (after the probe's re-plan)
+    state: dict  # weights before the last step
+    counters: dict
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()]
+    )
+
+
+def train_defaults(name: str, options: dict, steps: int = DEFAULT_STEPS, state: dict | None = None) -> DefaultRun:
+    """``steps`` AdamW steps of model ``name`` under ``backend="lowbit"`` with ``options``; the
+    weights before the last step are kept so the uncompressed gradient there can be compared."""
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    model = _models.build(name)
+    if state is not None:
+        model.load_state_dict(state)
+    compiled = torch.compile(model, backend="lowbit", options=options)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    nbytes, first, last, before = 0, None, None, None
+    for step in range(steps):
+        if step == steps - 1:
+            before = copy.deepcopy(model.state_dict())
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = _models.batch(name, step if state is None else DEFAULT_STEPS - 1)
+            loss = _models.loss_of(compiled(**batch))
+        if step == 0:
+            nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
+        loss.backward()
+        if step == 0:
+            first = _flat_grad(model)
+        if step == steps - 1:
+            last = _flat_grad(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return DefaultRun(nbytes, first, last, before, dict(fxlowbit.counters))
+
+
+def measure_defaults(name: str, options: dict) -> dict:
+    """Walked-bytes reduction and whole-gradient SQNR against the uncompressed pipeline, on the
+    first step (prior plan) and on the last (after the probe and re-plan)."""
+    ref = train_defaults(name, UNCOMPRESSED, steps=1)
+    got = train_defaults(name, options)
+    ref_last = train_defaults(name, UNCOMPRESSED, steps=1, state=got.state)
+    return {
+        "reduction": ref.nbytes / got.nbytes,
+        "sqnr_first_db": sqnr_db(ref.first, got.first),
+        "sqnr_last_db": sqnr_db(ref_last.first, got.last),
+        "counters": got.counters,
+    }
+
+
+def _defaults_param(name: str, setting: str):
+    marks = [] if name in DEFAULTS_CI else [pytest.mark.slow]
+    if (name, setting) in KNOWN_SHORTFALLS:
+        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SHORTFALLS[name, setting]))
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_defaults_param(n, "defaults") for n in _models.FAMILY])
+def test_model_at_default_options(name):
+    m = measure_defaults(name, DEFAULTS)
+    c = m["counters"]
+    assert c.get("fallback_internal_error", 0) == 0 and c.get("probes_disabled", 0) == 0, c
+    assert c.get("probes", 0) >= 1, "the probe at step 10 and its re-plan must happen"
+    assert m["reduction"] >= MIN_REDUCTION_DEFAULTS, m
+    floor = DEFAULTS_FLOOR_DB[name] or MIN_SQNR_DEFAULTS
+    assert m["sqnr_first_db"] >= floor, m
+    assert m["sqnr_last_db"] >= floor, m
+
+
+MIN_REDUCTION_BUDGET01 = 8.0  # issue 15's acceptance at memory_budget=0.1: >= 8x at >= 10 dB
+MIN_SQNR_BUDGET01 = 10.0
+BUDGET01_FLOOR_DB: dict[str, float | None] = dict.fromkeys(_models.FAMILY)
+
+
+@pytest.mark.parametrize("name", [_defaults_param(n, "budget0.1") for n in _models.FAMILY])
+def test_model_at_budget_0_1(name):
+    m = measure_defaults(name, {**DEFAULTS, "memory_budget": 0.1})
+    c = m["counters"]
+    assert c.get("fallback_internal_error", 0) == 0 and c.get("probes_disabled", 0) == 0, c
+    assert m["reduction"] >= MIN_REDUCTION_BUDGET01, m
+    floor = BUDGET01_FLOOR_DB[name] or MIN_SQNR_BUDGET01
+    assert m["sqnr_last_db"] >= floor, m
+    assert m["sqnr_first_db"] >= floor, m
+
