@@ -22,6 +22,9 @@ over: they are read chunk by chunk, not rebuilt.
 Precision: reductions and dw's sum over chunks in fp32 (fp64 for fp64 inputs); GEMMs in the
 inputs' dtype with fp32 accumulation inside. Tokens per chunk come from the cost model
 (:func:`chunk_rows`); the block of rows the elementwise part works on fits the core's L2 cache.
+The elementwise part is a few torch ops per block; no Triton kernel yet (on CUDA it would fuse
+them, but that is unmeasured: no GPU was lent). The backward's multiplications are plain aten
+ops, so the planner may store dh / dw compressed when a budget needs it.
 """
 
 from __future__ import annotations
