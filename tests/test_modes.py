@@ -259,10 +259,10 @@ def test_selective_checkpoint_must_save_is_never_recomputed(options, monkeypatch
     policies: dict[str, object] = {}
     analyze = fxlowbit.passes.analyze.run
 
-    def spy(fw, bw, num_fwd_outputs):  # the saved nodes' tags, before any rewrite
+    def spy(fw, bw, num_fwd_outputs, *rest):  # the saved nodes' tags, before any rewrite
         for n in fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:]:
             policies[n.name] = n.meta.get("recompute")
-        return analyze(fw, bw, num_fwd_outputs)
+        return analyze(fw, bw, num_fwd_outputs, *rest)
 
     monkeypatch.setattr(fxlowbit.passes.analyze, "run", spy)
     torch.manual_seed(0)

