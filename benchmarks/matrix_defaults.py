@@ -33,7 +33,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    print("| model | family | setting | reduction | SQNR first (dB) | SQNR after re-plan (dB) | probes | fallbacks | s |")
+    print(
+        "| model | family | setting | reduction | SQNR first (dB) | SQNR after re-plan (dB) "
+        "| probes | fallbacks | s |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
         for label, options in SETTINGS.items():
@@ -46,11 +49,14 @@ def main() -> None:
                    "fallbacks": c.get("fallback_internal_error", 0) + c.get("probes_disabled", 0),
                    "seconds": time.perf_counter() - t0}  # fmt: skip
             rows.append(row)
-            print(f"| {name} | {row['family']} | {label} | {m['reduction']:.2f}x | {m['sqnr_first_db']:.1f} | "
+            print(f"| {name} | {row['family']} | {label} | {m['reduction']:.2f}x | "
+                  f"{m['sqnr_first_db']:.1f} | "
                   f"{m['sqnr_last_db']:.1f} | {row['probes']} | {row['fallbacks']} | {row['seconds']:.0f} |",
                   flush=True)  # fmt: skip
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         meta = {"date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
                 "device": "cpu (2 cores, 1 thread)", "command": " ".join(sys.argv)}  # fmt: skip
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -28,12 +28,12 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import (
-    validate,
     calibrate,
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
     passes,
     planner,
     record,
+    validate,
 )
 from .codegen import rng
 from .config import LowbitConfig
@@ -505,7 +505,10 @@ class _Adaptive:
             return
         estimated = {d.name: d.variance for d in self.plan.decisions}
         worst = max(
-            ((v / max(estimated.get(k, 0.0), 1e-12), k) for k, v in self._measured_variance(self.plan).items()),
+            (
+                (v / max(estimated.get(k, 0.0), 1e-12), k)
+                for k, v in self._measured_variance(self.plan).items()
+            ),
             default=(0.0, ""),
         )
         total = sum(self._measured_variance(self.plan).values())

@@ -188,7 +188,9 @@ def role(target, arg_index: int, args) -> str | None:
     EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
-    named = _NAMED_ARG_VALUES.get(getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None)
+    named = _NAMED_ARG_VALUES.get(
+        getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None
+    )
     if named is not None:
         return VALUE if arg_index in named else EXACT
     if getattr(target, "namespace", None) == "fxlowbit":

@@ -103,7 +103,9 @@ class _Rewriter:
         input (an earlier graph's activation) is packed after the last placeholder and the seed."""
         anchor = node
         if node.op == "placeholder":
-            anchor = self._graph_seed() if self.inline and seeded else self.fg.find_nodes(op="placeholder")[-1]
+            anchor = (
+                self._graph_seed() if self.inline and seeded else self.fg.find_nodes(op="placeholder")[-1]
+            )
         with self.fg.inserting_before(anchor.next):
             if self.inline and seeded:
                 seed = call(self.fg, torch.ops.aten.add.Tensor, (self._graph_seed(), self.n_seeded))

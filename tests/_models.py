@@ -107,8 +107,13 @@ def _features(b: int, step: int) -> torch.Tensor:
     codes = _text(b, FRAMES // 4, step).float()  # (b, FRAMES/4) character codes
     freq = 0.02 + 0.3 * codes / VOCAB  # cycles per sample, one tone per character
     phase = torch.cumsum(freq.repeat_interleave(2 * (MEL_BINS - 1), dim=1), dim=1)  # (b, n)
-    spec = torch.stft(torch.sin(2 * torch.pi * phase), 2 * (MEL_BINS - 1), hop_length=phase.shape[1] // FRAMES,
-                      window=torch.hann_window(2 * (MEL_BINS - 1)), return_complex=True).abs()  # fmt: skip
+    spec = torch.stft(
+        torch.sin(2 * torch.pi * phase),
+        2 * (MEL_BINS - 1),
+        hop_length=phase.shape[1] // FRAMES,
+        window=torch.hann_window(2 * (MEL_BINS - 1)),
+        return_complex=True,
+    ).abs()
     return torch.log1p(spec[:, :, :FRAMES]).contiguous()
 
 
@@ -193,7 +198,11 @@ class _MBConv(nn.Module):
         self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), act())
         self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), act())
         self.se = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 8, 1), nn.ReLU(), nn.Conv2d(h // 8, h, 1), nn.Hardsigmoid()
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(h, h // 8, 1),
+            nn.ReLU(),
+            nn.Conv2d(h // 8, h, 1),
+            nn.Hardsigmoid(),
         )
         self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
 
@@ -301,39 +310,101 @@ def _hf(name: str) -> nn.Module:
     if name == "mixtral":
         return tf.MixtralForCausalLM(tf.MixtralConfig(**moe, num_local_experts=4))
     if name == "gemma2":  # logit softcaps, alternating sliding-window layers
-        cfg = tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=SEQ // 4, final_logit_softcapping=30.0,
-                              attn_logit_softcapping=50.0)  # fmt: skip
+        cfg = tf.Gemma2Config(
+            **llama_like,
+            head_dim=16,
+            sliding_window=SEQ // 4,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        )
         return tf.Gemma2ForCausalLM(cfg)
     if name == "phi3":
         return tf.Phi3ForCausalLM(tf.Phi3Config(**llama_like, pad_token_id=0, bos_token_id=2, eos_token_id=3))
     if name == "falcon":  # parallel attention + MLP, multi-query attention
-        cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              max_position_embeddings=2 * SEQ, bos_token_id=2, eos_token_id=3, use_cache=False)  # fmt: skip
+        cfg = tf.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=2 * SEQ,
+            bos_token_id=2,
+            eos_token_id=3,
+            use_cache=False,
+        )
         return tf.FalconForCausalLM(cfg)
     if name == "modernbert":  # alternating local / global attention, GeGLU, no biases
-        cfg = tf.ModernBertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=2 * SEQ, local_attention=16,
-                                  pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2,
-                                  sep_token_id=3)  # fmt: skip
+        cfg = tf.ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=2 * SEQ,
+            local_attention=16,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+        )
         return tf.ModernBertForMaskedLM(cfg)
     if name == "whisper":
-        cfg = tf.WhisperConfig(vocab_size=VOCAB, num_mel_bins=MEL_BINS, encoder_layers=2, decoder_layers=2,
-                               d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
-                               encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=FRAMES // 2,
-                               max_target_positions=2 * SEQ, decoder_start_token_id=2, pad_token_id=0,
-                               bos_token_id=2, eos_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
-                               use_cache=False)  # fmt: skip
+        cfg = tf.WhisperConfig(
+            vocab_size=VOCAB,
+            num_mel_bins=MEL_BINS,
+            encoder_layers=2,
+            decoder_layers=2,
+            d_model=64,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=256,
+            decoder_ffn_dim=256,
+            max_source_positions=FRAMES // 2,
+            max_target_positions=2 * SEQ,
+            decoder_start_token_id=2,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            suppress_tokens=None,
+            begin_suppress_tokens=None,
+            use_cache=False,
+        )
         return tf.WhisperForConditionalGeneration(cfg)
     if name == "clip":  # two towers, contrastive loss over the batch
-        text_cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=SEQ, pad_token_id=0, bos_token_id=2,
-                        eos_token_id=3)  # fmt: skip
-        vision_cfg = dict(image_size=IMAGE, patch_size=2, num_channels=1, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        text_cfg = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=SEQ,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+        vision_cfg = dict(
+            image_size=IMAGE,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
         cfg = tf.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=32)
         return tf.CLIPModel(cfg)
     if name == "mamba":  # selective state-space scan (the sequential CPU path)
-        cfg = tf.MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
-                             conv_kernel=4, pad_token_id=0, bos_token_id=2, eos_token_id=3, use_cache=False)  # fmt: skip
+        cfg = tf.MambaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            state_size=8,
+            num_hidden_layers=2,
+            expand=2,
+            conv_kernel=4,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            use_cache=False,
+        )
         return tf.MambaForCausalLM(cfg)
     raise KeyError(f"unknown model {name!r}; valid: {sorted(FAMILY)}")

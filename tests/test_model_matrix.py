@@ -216,7 +216,9 @@ def _flat_grad(model) -> torch.Tensor:
     )
 
 
-def train_defaults(name: str, options: dict, steps: int = DEFAULT_STEPS, state: dict | None = None) -> DefaultRun:
+def train_defaults(
+    name: str, options: dict, steps: int = DEFAULT_STEPS, state: dict | None = None
+) -> DefaultRun:
     """``steps`` AdamW steps of model ``name`` under ``backend="lowbit"`` with ``options``; the
     weights before the last step are kept so the uncompressed gradient there can be compared."""
     torch._dynamo.reset()
@@ -264,7 +266,9 @@ def measure_defaults(name: str, options: dict) -> dict:
 def _defaults_param(name: str, setting: str):
     marks = [] if name in DEFAULTS_CI else [pytest.mark.slow]
     if (name, setting) in KNOWN_SHORTFALLS:
-        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SHORTFALLS[name, setting]))
+        marks.append(
+            pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SHORTFALLS[name, setting])
+        )
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -294,4 +298,3 @@ def test_model_at_budget_0_1(name):
     floor = BUDGET01_FLOOR_DB[name] or MIN_SQNR_BUDGET01
     assert m["sqnr_last_db"] >= floor, m
     assert m["sqnr_first_db"] >= floor, m
-
