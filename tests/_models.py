@@ -179,14 +179,16 @@ class TinyResNet(nn.Module):
             _Residual(c),
             nn.AvgPool2d(2),
             _Residual(c),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(0.2),
-            nn.Linear(c, n_out),
+            *_pooled_head(c, n_out),
         )
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net(pixel_values), labels)
+
+
+def _pooled_head(c: int, n_out: int) -> list[nn.Module]:
+    """Global average pool, dropout 0.2, linear: the classifier of both ResNet-style CNNs."""
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(c, n_out)]
 
 
 class _MBConv(nn.Module):
@@ -223,14 +225,10 @@ class MBConvNet(nn.Module):
             nn.Hardswish(),
             _MBConv(c, act=nn.SiLU),
             _MBConv(c, act=nn.Hardswish),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(0.2),
-            nn.Linear(c, n_out),
+            *_pooled_head(c, n_out),
         )
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.net(pixel_values), labels)
+    forward = TinyResNet.forward
 
 
 def _hf(name: str) -> nn.Module:

@@ -39,3 +39,24 @@ def step(model, inputs, loss_fn, backend="lowbit", options=None, **compile_kw):
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return nbytes, grad, loss.detach()
+
+
+def through_partitioner(model, loss_fn, *inputs, **cfg_options):
+    """Compile ``model`` once through a :class:`fxlowbit.backend.LowbitPartitioner` (eager inner,
+    probes on, seed 0) and run ``loss_fn(model(*inputs)).backward()``; returns (partitioner, the
+    Dynamo graph's inputs), what probes and the joint check replay."""
+    from fxlowbit import backend
+    from fxlowbit.config import LowbitConfig
+
+    cfg = LowbitConfig(**{"inner": "eager", "calibrate_every": 1, "seed": 0, **cfg_options})
+    partitioner = backend.LowbitPartitioner(cfg, seed=0)
+    captured = []
+
+    def compiler(gm, example_inputs):
+        captured.append(list(example_inputs))
+        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+
+    torch._dynamo.reset()
+    loss_fn(torch.compile(model, backend=compiler)(*inputs)).backward()
+    (args,) = captured
+    return partitioner, args

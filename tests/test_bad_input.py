@@ -285,22 +285,17 @@ def test_probes_leave_no_generated_source_behind():
 
     from torch.fx.graph_module import _loader
 
-    from fxlowbit import backend, calibrate
+    from fxlowbit import calibrate
+
+    from ._util import through_partitioner
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(), torch.nn.Linear(64, 64)
     )
-    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
-    partitioner = backend.LowbitPartitioner(cfg, seed=0)
-    captured = []
-
-    def compiler(gm, example_inputs):
-        captured.append(list(example_inputs))
-        return backend._compile(gm, example_inputs, cfg, partitioner, None)
-
-    torch.compile(model, backend=compiler)(torch.randn(64, 64)).pow(2).sum().backward()
-    (args,) = captured
+    partitioner, args = through_partitioner(
+        model, lambda out: out.pow(2).sum(), torch.randn(64, 64), min_bytes=0
+    )
     pristine, names = partitioner.pristine, partitioner.quantizable
     calibrate.probe_sensitivity(pristine, args, names, 256, seed=0)  # warm-up
     sources, lines, compiled = dict(_loader.eval_cache), set(linecache.cache), _loader.next_id

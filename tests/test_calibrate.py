@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import fxlowbit
-from fxlowbit import backend, calibrate, planner
+from fxlowbit import calibrate, planner
 from fxlowbit.codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
 from fxlowbit.config import LowbitConfig
 from fxlowbit.examples import MLP
 from fxlowbit.passes import _ops
+
+from ._util import through_partitioner
 
 _COMPARISONS = {torch.ops.aten.le, torch.ops.aten.lt, torch.ops.aten.gt, torch.ops.aten.ge}
 
@@ -37,16 +39,7 @@ def compiled_mlp():
     torch.manual_seed(0)
     model = MLP(hidden=128, dropout=0.0)
     x, y = torch.randn(64, 64), torch.arange(64) % 10
-    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0)
-    partitioner = backend.LowbitPartitioner(cfg, seed=0)
-    captured = []
-
-    def compiler(gm, example_inputs):
-        captured.append(list(example_inputs))
-        return backend._compile(gm, example_inputs, cfg, partitioner, None)
-
-    F.cross_entropy(torch.compile(model, backend=compiler)(x), y).backward()
-    (args,) = captured
+    partitioner, args = through_partitioner(model, lambda out: F.cross_entropy(out, y), x)
     yield model, x, partitioner, args
     torch._dynamo.reset()
 
@@ -264,16 +257,7 @@ def test_layernorm_input_is_probed_in_normalised_form():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
     x = torch.randn(64, 64)
     x[::8] *= 1000.0  # every 8th row 1000x larger: groups of 256 span 4 rows
-    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
-    partitioner = backend.LowbitPartitioner(cfg, seed=0)
-    captured = []
-
-    def compiler(gm, example_inputs):
-        captured.append(list(example_inputs))
-        return backend._compile(gm, example_inputs, cfg, partitioner, None)
-
-    torch.compile(model, backend=compiler)(x).pow(2).sum().backward()
-    (args,) = captured
+    partitioner, args = through_partitioner(model, lambda out: out.pow(2).sum(), x, min_bytes=0)
     pristine, names = partitioner.pristine, partitioner.quantizable
     fw, bw, _ = pristine
     ln_input = next(n for n in names if calibrate._normalised_probe(pristine, n, lambda v: v) is not None)

@@ -20,7 +20,7 @@ from fxlowbit import backend, calibrate, planner
 from fxlowbit.config import LowbitConfig
 from fxlowbit.passes import _ops
 
-from ._util import UNCOMPRESSED
+from ._util import UNCOMPRESSED, through_partitioner
 
 
 # -- planner policy (pure records, milliseconds) --------------------------------------------------
@@ -137,14 +137,18 @@ class WithConstant(nn.Module):
         return self.b(torch.tanh(self.a(x)) * scale)
 
 
-def test_graphs_with_lifted_constants_are_probed_and_compressed():
+def _train_with_constant(options: dict, steps: int = 4) -> None:
+    """``steps`` steps of :class:`WithConstant` under ``backend="lowbit"`` with ``options``."""
     torch._dynamo.reset()
     fxlowbit.reset()
     torch.manual_seed(0)
-    model = WithConstant()
-    compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "calibrate_every": 2})
-    for _ in range(4):
+    compiled = torch.compile(WithConstant(), backend="lowbit", options=options)
+    for _ in range(steps):
         F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+
+
+def test_graphs_with_lifted_constants_are_probed_and_compressed():
+    _train_with_constant({"inner": "eager", "calibrate_every": 2})
     assert fxlowbit.counters["fallback_internal_error"] == 0
     assert fxlowbit.counters["probes_disabled"] == 0
     assert fxlowbit.counters["probes"] >= 1
@@ -240,28 +244,15 @@ def test_the_guard_replans_when_a_probe_finds_the_prior_wrong(monkeypatch, caplo
         return dataclasses.replace(probe, sensitivity={k: 1e6 * v for k, v in probe.sensitivity.items()})
 
     monkeypatch.setattr(calibrate, "probe_sensitivity", pessimistic)
-    torch._dynamo.reset()
-    fxlowbit.reset()
-    torch.manual_seed(0)
-    model = WithConstant()
-    opts = {"inner": "eager", "calibrate_every": 2, "max_variants": 1}
-    compiled = torch.compile(model, backend="lowbit", options=opts)
     with caplog.at_level(logging.WARNING, logger="fxlowbit.backend"):
-        for _ in range(4):
-            F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+        _train_with_constant({"inner": "eager", "calibrate_every": 2, "max_variants": 1})
     assert fxlowbit.counters["guard_replans"] >= 1
     assert fxlowbit.counters["plan_variants"] >= 1  # compiled although max_variants=1
     assert any("re-planning now" in r.getMessage() for r in caplog.records)
 
 
 def test_no_guard_when_the_prior_holds():
-    torch._dynamo.reset()
-    fxlowbit.reset()
-    torch.manual_seed(0)
-    model = WithConstant()
-    compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "calibrate_every": 2})
-    for _ in range(4):
-        F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
+    _train_with_constant({"inner": "eager", "calibrate_every": 2})
     assert fxlowbit.counters["probes"] >= 1
     assert fxlowbit.counters["guard_replans"] == 0
 
@@ -292,19 +283,8 @@ def test_two_bits_need_a_measurement_under_a_modes_budget():
 
 
 def _probe_graphs(model, x):
-    """(partitioner, dynamo args) of ``model`` compiled once through a LowbitPartitioner."""
-    cfg = LowbitConfig(inner="eager", calibrate_every=1, seed=0, min_bytes=0)
-    partitioner = backend.LowbitPartitioner(cfg, seed=0)
-    captured = []
-
-    def compiler(gm, example_inputs):
-        captured.append(list(example_inputs))
-        return backend._compile(gm, example_inputs, cfg, partitioner, None)
-
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=compiler)(x)
-    (out[0] if isinstance(out, tuple) else out).sum().backward()
-    return partitioner, captured[0]
+    """(partitioner, dynamo args) of ``model`` (returning (loss, logits)) compiled once."""
+    return through_partitioner(model, lambda out: out[0], x, min_bytes=0)
 
 
 class LossAndLogits(nn.Module):
