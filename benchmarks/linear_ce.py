@@ -152,18 +152,49 @@ def _step(fn, h, w, t):
     fn(h, w, t).backward()
 
 
+HEAD_COLUMNS = (
+    "| shape | provider | ms (IQR) | vs inductor (IQR) | TFLOP/s | peak MB | saved MB | fewer saved |"
+)
+LLAMA_COLUMNS = (
+    "| model | run | ms (IQR) | vs linear_ce off (IQR) | saved MB | largest saved numel "
+    "| tokens x vocab saved |"
+)
+
+
+def _head_line(r: dict) -> str:
+    peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+    return (f"| {r['shape']} {r['tokens']}x{r['hidden']}x{r['vocab']} {r['dtype']} | {r['provider']} | "
+            f"{r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | {r['ratio_vs_inductor']:.3f}x "
+            f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['tflops']:.3f} | {peak} | "
+            f"{r['saved_mb']:.1f} | {r['saved_fewer_than_inductor']:.1f}x |")  # fmt: skip
+
+
+def _llama_line(r: dict) -> str:
+    ratio = r["ratio_vs_lowbit linear_ce off"]
+    return (f"| llama {r['tokens']} tokens | {r['provider']} | "
+            f"{r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | {ratio:.3f}x "
+            f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['saved_mb']:.2f} | {r['largest_saved_numel']} | "
+            f"{r['tokens_x_vocab_saved']} |")  # fmt: skip
+
+
 def _print_rows(rows, header: bool) -> None:
     if header:
-        print(
-            "| shape | provider | ms (IQR) | vs inductor (IQR) | TFLOP/s | peak MB | saved MB | fewer saved |"
-        )
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(HEAD_COLUMNS + "\n" + "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"| {r['shape']} {r['tokens']}x{r['hidden']}x{r['vocab']} {r['dtype']} | {r['provider']} | "
-              f"{r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | {r['ratio_vs_inductor']:.3f}x "
-              f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['tflops']:.3f} | {peak} | "
-              f"{r['saved_mb']:.1f} | {r['saved_fewer_than_inductor']:.1f}x |", flush=True)  # fmt: skip
+        print(_head_line(r), flush=True)
+
+
+def table(result: dict) -> str:
+    """Markdown of a result: how it was measured, then the table."""
+    m = result["meta"]
+    lines = [f"`{m['command']}`: commit {m['commit']}, {m['date']}, {m['device']}, torch {m['torch']}, "
+             f"{m['threads']} thread(s), {m['reps']} interleaved rounds; medians, interquartile ranges "
+             "in brackets, ratios paired per round.", ""]  # fmt: skip
+    llama = "model" in result["rows"][0]
+    lines += [LLAMA_COLUMNS if llama else HEAD_COLUMNS, "| --- | --- | ---: | ---: | ---: | ---: | --- |"
+              if llama else "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [(_llama_line if llama else _head_line)(r) for r in result["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def kernel_rows(shapes) -> list[dict]:
@@ -213,6 +244,7 @@ LLAMA = dict(vocab_size=16384, hidden_size=128, num_hidden_layers=2, num_attenti
 
 
 WARMUP = 15
+LLAMA_VARIANTS = {"lowbit defaults": {}, "lowbit linear_ce off": {"passes": {"linear_ce": False}}}
 
 
 def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
@@ -224,7 +256,7 @@ def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
     tf.logging.set_verbosity_error()
     data = examples.stdlib_text()
     batches = list(examples.char_batches(data, batch, seq, steps=4, seed=0))
-    variants = {"lowbit defaults": {}, "lowbit linear_ce off": {"passes": {"linear_ce": False}}}
+    variants = LLAMA_VARIANTS
     steps, info = {}, {}
     for k, opts in variants.items():
         torch.manual_seed(0)
@@ -263,13 +295,7 @@ def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
         rows.append(
             {"model": "llama", "tokens": batch * seq, **LLAMA, "provider": k, **summary[k], **info[k]}
         )
-        r = rows[-1]
-        print(
-            f"| llama {batch}x{seq} | {k} | {r['ms']:.1f} ({r['ms_q1']:.1f}-{r['ms_q3']:.1f}) | "
-            f"{r['ratio_vs_lowbit linear_ce off']:.3f}x ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | "
-            f"{r['saved_mb']:.2f} | {r['largest_saved_numel']} | {r['tokens_x_vocab_saved']} |",
-            flush=True,
-        )
+        print(_llama_line(rows[-1]), flush=True)
     return rows
 
 
@@ -294,7 +320,12 @@ def main(argv=None) -> None:
     ap.add_argument("--providers", default="eager,inductor,lowbit", help="inductor is always timed")
     ap.add_argument("--llama", action="store_true", help="the transformers Llama check instead of the heads")
     ap.add_argument("--kernels", action="store_true", help="CUDA: also time the ops")
+    ap.add_argument("--table", default=None, help="write the .md table of this result JSON and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f, open(args.table.removesuffix(".json") + ".md", "w") as out:
+            out.write(table(json.load(f)))
+        return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
         torch.set_num_threads(args.threads)
@@ -305,11 +336,9 @@ def main(argv=None) -> None:
             "threads": torch.get_num_threads(), "reps": reps, "commit": _commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/linear_ce.py", *(argv or sys.argv[1:])]),
-            "lowbit_options": LOWBIT}  # fmt: skip
+            "lowbit_options": LLAMA_VARIANTS if args.llama else LOWBIT}  # fmt: skip
     if args.llama:
-        cols = "ms (IQR) | vs linear_ce off (IQR) | saved MB | largest saved numel | tokens x vocab saved"
-        print(f"| model | run | {cols} |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+        print(LLAMA_COLUMNS + "\n| --- | --- | ---: | ---: | ---: | ---: | --- |")
         result = {"meta": meta, "rows": llama_rows(reps)}
     else:
         rows = head_rows(shapes, reps, args.ignore_every, args.providers.split(","))
@@ -323,6 +352,8 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+        with open(args.out.removesuffix(".json") + ".md", "w") as f:
+            f.write(table(result))
     else:
         print(text, file=sys.stderr)
 
