@@ -18,6 +18,7 @@ import functools
 import importlib
 import itertools
 import logging
+import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -355,17 +356,14 @@ class _Adaptive:
         limit (the gradient's power stands in for the minibatch variance, one batch being at hand),
         probe every tensor on that batch and re-plan before the first step, so no step trains on a
         prior that is wrong for this model (ResNet at default options: 12 dB on the prior)."""
-        p = self.partitioner
-        if self.plan is None or not any(d.form == "quant" for d in self.plan.decisions):
-            return
-        err, power = validate.plan_error(p.pristine, args, self.plan, p.facts, self.cfg, seed=0)
-        limit = self.cfg.max_variance_ratio
-        if err <= limit * power:
+        p, limit = self.partitioner, self.cfg.max_variance_ratio
+        measured = None if self.plan is None else self._joint_ratio(self.plan, args, math.inf)
+        if measured is None or measured <= limit:
             return
         counters["prior_misses"] += 1
         log.warning(
             "fxlowbit: the prior plan adds %.3g of the first batch's gradient power (limit %g): probing "
-            "each saved tensor now and re-planning before the first step", err / max(power, 1e-30), limit,
+            "each saved tensor now and re-planning before the first step", measured, limit,
         )  # fmt: skip
         probe = calibrate.probe_sensitivity(p.pristine, args, p.quantizable, self.cfg.group_size, seed=0)
         var = max(probe.grad_sq, 1e-30)
@@ -385,12 +383,7 @@ class _Adaptive:
             return True
         if self.unsafe:  # measured over the limit: never kept for hysteresis' sake
             return False
-        sens = self.sensitivity or {}
-        variance = sum(
-            sens.get(d.name, 0.0) / (2 ** (d.bits - d.masks) - 1) ** 2
-            for d in old.decisions
-            if d.form == "quant"
-        )
+        variance = sum(self._measured_variance(old).values())
         return variance <= self.cfg.max_variance_ratio and old.time_s - new.time_s <= 0.05 * new.step_time_s
 
     @staticmethod
@@ -450,17 +443,32 @@ class _Adaptive:
     JOINT_ROUNDS = 3  # re-plans with rescaled sensitivities while a plan's joint error misses
     JOINT_SLACK = 1.25  # over the limit, a measured joint error this close to the estimate: the sum holds
 
+    def _decide(self) -> Plan:
+        """The plan for the first partition's records under the current sensitivities."""
+        p = self.partitioner
+        return planner.decide(
+            p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
+            gemms=p.facts.gemms, extra_bytes=p.extra_bytes,
+        )  # fmt: skip
+
+    def _joint_ratio(self, plan: Plan, args: list, var: float) -> float | None:
+        """``plan``'s gradient error with all its tensors rounded together on the batch ``args``
+        (:func:`fxlowbit.validate.plan_error`), in units of ``var`` capped at this batch's own
+        gradient power (the probe's batch may have had a larger one: CLIP's contrastive gradient
+        changes several-fold between batches); None when the plan rounds nothing."""
+        if not any(d.form == "quant" for d in plan.decisions):
+            return None
+        p = self.partitioner
+        err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
+        return err / max(min(var, power), 1e-30)
+
     def _check_in_force(self, args: list, var: float) -> None:
         """The plan in force, measured as a whole on this batch: over the limit, it is not kept
         (hysteresis) and may be replaced past ``max_variants``. Its first-step figure can drift as
         training moves the weights (CLIP at default options: 25 dB on the first step, 10 dB at
         step 11 under the same plan)."""
-        p, plan = self.partitioner, self.plan
-        if plan is None or not any(d.form == "quant" for d in plan.decisions):
-            return
-        err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
-        measured = err / max(min(var, power), 1e-30)
-        if measured > self.cfg.max_variance_ratio:
+        measured = None if self.plan is None else self._joint_ratio(self.plan, args, var)
+        if measured is not None and measured > self.cfg.max_variance_ratio:
             self.unsafe = True
             counters["guard_replans"] += 1
             log.warning(
@@ -474,19 +482,11 @@ class _Adaptive:
         (:func:`fxlowbit.validate.plan_error`); when that error exceeds the sum of the single-tensor
         estimates (errors compound through the backward), scale every sensitivity by the miss and
         plan again, so the plan that gets compiled meets ``max_variance_ratio`` as measured."""
-        p, limit = self.partitioner, self.cfg.max_variance_ratio
+        limit = self.cfg.max_variance_ratio
         for _ in range(self.JOINT_ROUNDS):
-            plan = planner.decide(
-                p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
-                gemms=p.facts.gemms,
-            )  # fmt: skip
-            if not any(d.form == "quant" for d in plan.decisions):
-                return
-            err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
-            # this batch's own gradient power caps the unit too: the probe's batch may have had a
-            # larger one (CLIP's contrastive gradient changes several-fold between batches)
-            measured, estimated = err / max(min(var, power), 1e-30), plan.variance_ratio
-            if measured <= max(limit, self.JOINT_SLACK * estimated):
+            plan = self._decide()
+            measured, estimated = self._joint_ratio(plan, args, var), plan.variance_ratio
+            if measured is None or measured <= max(limit, self.JOINT_SLACK * estimated):
                 return  # within the limit, or (a hard budget over it) as close as the sum said
             scale = measured / max(estimated, 1e-12)
             self.sensitivity = {k: v * scale for k, v in (self.sensitivity or {}).items()}
@@ -504,14 +504,10 @@ class _Adaptive:
         if self.plan is None:
             return
         estimated = {d.name: d.variance for d in self.plan.decisions}
-        worst = max(
-            (
-                (v / max(estimated.get(k, 0.0), 1e-12), k)
-                for k, v in self._measured_variance(self.plan).items()
-            ),
-            default=(0.0, ""),
-        )
-        total = sum(self._measured_variance(self.plan).values())
+        measured = self._measured_variance(self.plan)
+        ratios = ((v / max(estimated.get(k, 0.0), 1e-12), k) for k, v in measured.items())
+        worst = max(ratios, default=(0.0, ""))
+        total = sum(measured.values())
         if worst[0] > self.GUARD_FACTOR and total > self.cfg.max_variance_ratio:
             self.unsafe = True
             counters["guard_replans"] += 1
@@ -523,10 +519,7 @@ class _Adaptive:
 
     def _replan(self, args: list) -> None:
         p = self.partitioner
-        plan = planner.decide(
-            p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
-            gemms=p.facts.gemms, extra_bytes=p.extra_bytes,
-        )  # fmt: skip
+        plan = self._decide()
         sig = plan.signature()
         log.info("fxlowbit re-plan at step %d (the plan is logged by fxlowbit.planner)", self.steps)
         if self._still_good(plan):

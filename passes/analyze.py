@@ -295,7 +295,7 @@ def run(
 ) -> GraphFacts:
     """Collect :class:`GraphFacts` for a partitioned forward/backward pair (no mutation).
     ``activations``: forward placeholders that are activations of an earlier compiled graph (a
-    graph break before the loss hands it the logits) or user inputs, not parameters or buffers:
+    graph break before the loss hands it the logits; they require grad and are not parameters):
     a saved alias of one is memory this graph keeps alive, so it is not ``input_alias``. ``data``:
     forward placeholders of the user's batch (no grad): kept as they are, but counted."""
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
@@ -313,7 +313,7 @@ def run(
     saved = []
     hints: dict = _all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
-    pinned = _pinned_shares(outputs[num_fwd_outputs:], saved_names, user_output_roots)
+    pinned = _pinned_shares(outputs[num_fwd_outputs:], user_output_roots)
     for pos, node in enumerate(outputs):
         if pos < num_fwd_outputs or not isinstance(node, fx.Node):
             continue
@@ -356,15 +356,14 @@ def run(
     )
 
 
-def _pinned_shares(saved_nodes, saved_names: set[str], user_output_roots: set) -> dict[str, int]:
+def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:
     """Saved views into a larger storage that no saved tensor, graph input or user output owns
     (Falcon's k and v: slices of one fused QKV projection that saved_views leaves as views because
     they cover a third of it). Kept as they are, they keep the whole storage alive, which the walk
     from the loss counts: each such view is charged an equal share of the storage's bytes. A
     compressed form reads the view alone and frees the storage."""
-    owners = {}  # storages that something else keeps alive anyway
-    groups: dict[int, list[fx.Node]] = {}
-    sizes: dict[int, int] = {}
+    owned: set[int] = set()  # storages that something else keeps alive anyway
+    groups: dict[int, tuple[int, list[fx.Node]]] = {}  # storage -> (its bytes, saved views into it)
     for node in saved_nodes:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
         if not isinstance(val, torch.Tensor):
@@ -372,20 +371,18 @@ def _pinned_shares(saved_nodes, saved_names: set[str], user_output_roots: set) -
         size = val.untyped_storage().nbytes()
         if not isinstance(size, int) or any(not isinstance(d, int) for d in val.shape):
             continue  # symbolic sizes: left as they are (int() would specialise them)
-        key = id(val.untyped_storage())
+        key = val.untyped_storage()._cdata  # the storage itself (a Python wrapper's id can be reused)
         root = _root(node)
         if root.op == "placeholder" or root in user_output_roots or val.numel() * val.dtype.itemsize == size:
-            owners[key] = True
+            owned.add(key)
             continue
-        groups.setdefault(key, []).append(node)
-        sizes[key] = size
-    out: dict[str, int] = {}
-    for key, nodes in groups.items():
-        if key in owners:
-            continue
-        for node in nodes:
-            out[node.name] = sizes[key] // len(nodes)
-    return out
+        groups.setdefault(key, (size, []))[1].append(node)
+    return {
+        node.name: size // len(nodes)
+        for key, (size, nodes) in groups.items()
+        if key not in owned
+        for node in nodes
+    }
 
 
 def _all_hints(*gms: fx.GraphModule) -> dict:
