@@ -14,8 +14,10 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,6 +52,17 @@ class Classify(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net(x), y)
+
+
+def cpu_median_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall-clock ms of ``reps`` calls of ``fn`` after one warm-up call (CPU timing)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def seeded(fn):

@@ -25,14 +25,14 @@ markdown table and JSON; ``--out`` writes it (``benchmarks/_common.write_json``)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from _common import meta, write_json
+from _common import cpu_median_ms, meta, write_json
 
 from fxlowbit.codegen import ops, rng
 from fxlowbit.codegen.kernels import int8_gemm as ig
@@ -69,16 +69,7 @@ def _timer(device: str, reps: int):
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    def cpu_time(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cuda_time if device == "cuda" else cpu_time
+    return cuda_time if device == "cuda" else functools.partial(cpu_median_ms, reps=reps)
 
 
 def _fp8_ok(device: str) -> bool:

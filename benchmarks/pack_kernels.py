@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import statistics
 import sys
-import time
 
 import torch
-from _common import meta, write_json
+from _common import cpu_median_ms, meta, write_json
 
 from fxlowbit.codegen.kernels import bitmask, quant
 
@@ -36,13 +34,7 @@ def _bench(fn) -> float:
 
 def _cpu_bench(fn, reps: int = 1) -> float:
     """Median ms of ``reps`` calls after one warm-up (the smoke run: timings are no figure)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return cpu_median_ms(fn, reps)
 
 
 def _nbytes(*ts) -> int:

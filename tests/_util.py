@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +65,17 @@ def through_partitioner(model, loss_fn, *inputs, **cfg_options):
     loss_fn(torch.compile(model, backend=compiler)(*inputs)).backward()
     (args,) = captured
     return partitioner, args
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its folder on ``sys.path`` meanwhile, as when
+    it runs, for its ``_common`` import)."""
+    sys.path.insert(0, BENCH)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCH)

@@ -4,23 +4,18 @@ recorded without stopping the run; the folder merges into a hardware profile."""
 
 import json
 import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from ._util import benchmark_module
+
 META_KEYS = {"device", "torch", "triton", "date", "commit", "command", "wall_s", "status", "dry_run"}
 
 
 @pytest.fixture(scope="module")
 def dc():
-    sys.path.insert(0, BENCH)
-    try:
-        import device_check
-
-        yield device_check
-    finally:
-        sys.path.remove(BENCH)
+    with benchmark_module("device_check") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

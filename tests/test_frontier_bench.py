@@ -4,12 +4,11 @@ as its budget falls."""
 
 import json
 import math
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from ._util import benchmark_module
+
 ROW_KEYS = {"model", "size", "frontier", "label", "budget", "bits", "saved_bytes", "saved_mb",
             "saved_ratio", "step_ms", "step_ratio", "matmul_flops", "extra_flops_pct", "grad_sqnr_db",
             "error", "note"}  # fmt: skip
@@ -17,13 +16,8 @@ ROW_KEYS = {"model", "size", "frontier", "label", "budget", "bits", "saved_bytes
 
 @pytest.fixture(scope="module")
 def frontier():
-    sys.path.insert(0, BENCH)
-    try:
-        import frontier
-
-        yield frontier
-    finally:
-        sys.path.remove(BENCH)
+    with benchmark_module("frontier") as module:
+        yield module
 
 
 def test_matmul_flops_of_a_graph(frontier):
