@@ -14,13 +14,13 @@ cost-model planner the compiled graph is wrapped so that probes re-plan it as tr
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import itertools
 import logging
 import math
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         self.stream = rng.new_stream(seed)
         self.profile = load_profile(cfg.profile)
         self.plan: Plan | None = None
-        self.facts = None  # GraphFacts of the last partition
+        self.facts: passes.analyze.GraphFacts | None = None  # of the last partition
         self.extra_bytes = 0  # saved bytes of the losses linear_ce fused, unfused (the budget counts them)
         self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
         self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
@@ -99,11 +99,14 @@ class LowbitPartitioner(CustomPartitionerFn):
         return None  # plans and random streams are per compilation: never reuse cached code
 
     def __call__(
-        self, joint: fx.GraphModule, joint_inputs, **kwargs
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         kwargs.pop("compiler", None)
-        partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor", **kwargs)
-        fw, bw = partition(joint, joint_inputs)
+
+        def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:
+            return min_cut_rematerialization_partition(joint, inputs, compiler="inductor", **kwargs)
+
+        fw, bw = partition(gm, joint_inputs)
         n = kwargs["num_fwd_outputs"]
         before, fallback = (record.snapshot(fw), record.snapshot(bw)), None  # for fxlowbit.last_report()
         try:
@@ -121,7 +124,7 @@ class LowbitPartitioner(CustomPartitionerFn):
                 stacklevel=2,
             )
             counters["fallback_internal_error"] += 1
-            fw, bw = partition(joint, joint_inputs)
+            fw, bw = partition(gm, joint_inputs)
             fallback = f"{type(err).__name__}: {err}"
         _last_graphs.append((fw, bw))
         record.add(self, before, (fw, bw), fallback)
@@ -335,7 +338,7 @@ class _Adaptive:
         self.plan = self.partitioner.plan  # the plan in force, on the first partition's names
         self.steps = 0
         self.first = min(10, cfg.calibrate_every)
-        self.pending = None  # a probe waiting for the next batch's gradient
+        self.pending: calibrate.Probe | None = None  # a probe waiting for the next batch's gradient
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
         self.unsafe = False  # the last probe found the plan in force far over the variance limit
@@ -446,6 +449,7 @@ class _Adaptive:
     def _decide(self) -> Plan:
         """The plan for the first partition's records under the current sensitivities."""
         p = self.partitioner
+        assert p.facts is not None  # the first partition ran (compiled in __init__)
         return planner.decide(
             p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
             gemms=p.facts.gemms, extra_bytes=p.extra_bytes,
@@ -533,6 +537,7 @@ class _Adaptive:
                 "fxlowbit: %d plan variants compiled already; keeping the current one", len(self.variants)
             )
             return
+        assert p.facts is not None and self.sensitivity is not None  # re-plans follow a probe
         keys = planner.canonical_keys(p.facts.saved)
         by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
         q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations)

@@ -153,14 +153,14 @@ def hf_model(name: str, dropout: float | None = None, **overrides) -> nn.Module:
                             eos_token_id=3, use_cache=False, **common)  # fmt: skip
         return tf.GPT2LMHeadModel(cfg).train()
     if name == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                            intermediate_size=256, max_position_embeddings=HF_SEQ, **common)  # fmt: skip
-        return tf.BertForMaskedLM(cfg).train()
+        bert = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                             intermediate_size=256, max_position_embeddings=HF_SEQ, **common)  # fmt: skip
+        return tf.BertForMaskedLM(bert).train()
     if name == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                             num_key_value_heads=4, intermediate_size=176,
-                             max_position_embeddings=HF_SEQ, use_cache=False, **common)  # fmt: skip
-        return tf.LlamaForCausalLM(cfg).train()
+        llama = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=4, intermediate_size=176,
+                               max_position_embeddings=HF_SEQ, use_cache=False, **common)  # fmt: skip
+        return tf.LlamaForCausalLM(llama).train()
     raise ValueError(f"unknown transformers model {name!r}; valid: gpt2, bert, llama")
 
 

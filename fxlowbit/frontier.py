@@ -39,6 +39,7 @@ def budget_frontier(rec) -> list[dict[str, Any]]:
                 cfg = LowbitConfig(**{**base, "bits": None, "memory_budget": f})
                 p = planner.decide(rec.facts.saved, cfg, rec.facts.hints, profile=rec.profile,
                                    sensitivity=rec.sensitivity, gemms=rec.facts.gemms)  # fmt: skip
+                assert p.budget is not None  # a memory_budget plans to a budget in bytes
                 points.append(
                     {"budget": f, "bytes": p.bytes_after, "time_s": p.time_s,
                      "variance_ratio": p.variance_ratio, "met": p.bytes_after <= p.budget}

@@ -238,6 +238,11 @@ def candidates(
 
 
 # -- the solver -----------------------------------------------------------------------------------
+def _cheapest(choices: Sequence[tuple[int, float]]) -> int:
+    """The index of the least-cost ``(bytes, cost)`` choice (ties: the fewest bytes, then the first)."""
+    return min(range(len(choices)), key=lambda k: (choices[k][1], choices[k][0]))
+
+
 def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int] | None:
     """Pick one ``(bytes, cost)`` choice per item minimising total cost with total bytes <= budget;
     None if no selection fits. Exact dynamic programming when ``items x units x choices`` is at
@@ -245,7 +250,7 @@ def solve(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> list[int
     sizes are multiples of the unit, and never over budget), otherwise :func:`solve_greedy`."""
     if budget < 0:
         return None
-    cheapest = [min(range(len(c)), key=lambda k, c=c: (c[k][1], c[k][0])) for c in items]
+    cheapest = [_cheapest(c) for c in items]
     if sum(c[k][0] for c, k in zip(items, cheapest, strict=True)) <= budget:
         return cheapest  # the budget does not bind
     # items with a single choice only take their bytes off the budget (no rounding for them)
@@ -323,7 +328,7 @@ def solve_greedy(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> l
     """Start from each item's cheapest choice; while over budget, take the move (to a smaller
     choice of one item) with the least added cost per byte freed. Not optimal in general (the
     classic multiple-choice knapsack greedy); used only beyond the exact solver's size."""
-    pick = [min(range(len(c)), key=lambda k, c=c: (c[k][1], c[k][0])) for c in items]
+    pick = [_cheapest(c) for c in items]
     total = sum(c[k][0] for c, k in zip(items, pick, strict=True))
     while total > budget:
         best = None
@@ -506,7 +511,7 @@ def _choose(
                     _warn_once("soft-budget", msg)
                 return pick, weight, msg
     if pick is None:  # even the smallest forms exceed the budget
-        pick = [min(range(len(it)), key=lambda k, it=it: (it[k].nbytes, it[k].variance)) for it in items]
+        pick = [_smallest(it) for it in items]
         least = sum(it[k].nbytes for it, k in zip(items, pick, strict=True))
         msg = (
             f"fxlowbit: memory budget of {budget} saved bytes cannot be met: the smallest plan "
@@ -539,6 +544,11 @@ def _choose(
         if hi / lo < 1.05:
             break
     return best_pick, hi, "ok"
+
+
+def _smallest(choices: Sequence[Costs]) -> int:
+    """The index of the fewest-bytes choice (ties: the least variance, then the first)."""
+    return min(range(len(choices)), key=lambda k: (choices[k].nbytes, choices[k].variance))
 
 
 def _least_bytes_within(items: list[list[Costs]], max_ratio: float) -> int:
@@ -577,6 +587,7 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
 def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
     """Every compressible tensor at ``cfg.bits`` (masks where exact), no budget; the only recompute is
     of tensors that are functions of graph inputs alone (weight casts), which are not activations."""
+    assert cfg.bits is not None  # decide() takes the uniform rule only when bits is set
     profile = None
     decisions = []
     for s in saved:

@@ -7,6 +7,8 @@ budget. Draws on a bare ``matplotlib.figure.Figure`` (Agg; no pyplot state, no d
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["plot", "MAX_LAYERS"]
 
 MAX_LAYERS = 40  # more layers than this: merged into their parent modules
@@ -34,7 +36,7 @@ def _layers(report) -> list[tuple[str, int, int]]:
 
 def _frontier(report) -> list[tuple[float, float, float, bool]]:
     """(budget, MB, added ms, met) summed over the graphs, per budget every graph has."""
-    by_budget: dict[float, list[float]] = {}
+    by_budget: dict[float, list[Any]] = {}  # MB, ms, graphs, all met
     for e in report.entries:
         for p in e.frontier:
             acc = by_budget.setdefault(p["budget"], [0.0, 0.0, 0, 1])

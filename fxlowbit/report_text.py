@@ -135,7 +135,8 @@ def _render_rich(report, width: int) -> str:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(file=io.StringIO(), width=width, color_system=None, markup=False, highlight=False)
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None, markup=False, highlight=False)
     console.print(_summary(report))
     if report.note:
         console.print(report.note)
@@ -153,4 +154,4 @@ def _render_rich(report, width: int) -> str:
         console.print(table)
         for ln in _reasons(e, width):
             console.print(ln)
-    return console.file.getvalue()
+    return out.getvalue()
