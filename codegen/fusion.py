@@ -129,6 +129,13 @@ def _input_kind(n: fx.Node, out: torch.Tensor) -> str | None:
     return None
 
 
+def _kind(n: fx.Node, out: torch.Tensor) -> str:
+    """:func:`_input_kind` of an input the matcher admitted (so it has one)."""
+    kind = _input_kind(n, out)
+    assert kind is not None
+    return kind
+
+
 def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
     """``(spec, input nodes, chain nodes)`` for the pointwise chain producing ``node``, or None.
     Intermediates must have no users outside the chain (they are not written to memory)."""
@@ -176,7 +183,7 @@ def match(node: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
     program = _program(chain, inputs)
     if program is None:
         return None
-    return Spec(tuple(_input_kind(n, out) for n in inputs), program), inputs, chain
+    return Spec(tuple(_kind(n, out) for n in inputs), program), inputs, chain
 
 
 def match_consumer(src: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | None:
@@ -214,7 +221,7 @@ def match_consumer(src: fx.Node) -> tuple[Spec, list[fx.Node], list[fx.Node]] | 
     program = _program(chain, [src, *inputs])
     if program is None:
         return None
-    return Spec(("decoded", *(_input_kind(a, out) for a in inputs)), program), inputs, chain
+    return Spec(("decoded", *(_kind(a, out) for a in inputs)), program), inputs, chain
 
 
 def _program(chain: list[fx.Node], inputs: list[fx.Node]):
@@ -222,7 +229,7 @@ def _program(chain: list[fx.Node], inputs: list[fx.Node]):
     index = {n: i for i, n in enumerate(chain)}
     program = []
     for n in chain:
-        args = []
+        args: list[tuple[str, int] | float | tuple[str, tuple[int, ...]]] = []
         for a in n.args:
             if isinstance(a, fx.Node):
                 args.append(("v", index[a]) if a in index else ("in", inputs.index(a)))
@@ -430,6 +437,7 @@ def kernel(spec: Spec):
             path.write_text(text)
         name = f"fxlowbit_generated_{digest}"
         module_spec = importlib.util.spec_from_file_location(name, path)
+        assert module_spec is not None and module_spec.loader is not None  # a .py file has a loader
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         module_spec.loader.exec_module(module)

@@ -39,7 +39,7 @@ def fake(fn, *args):
     """Run ``fn`` on the FakeTensor values of node arguments to get the new node's meta["val"]."""
     vals = fx.node.map_arg(list(args), lambda a: a.meta["val"])
     leaves = torch.utils._pytree.tree_leaves(vals)
-    mode = next((v.fake_mode for v in leaves if isinstance(v, torch.Tensor)), None)
+    mode = next((v.fake_mode for v in leaves if isinstance(v, torch.Tensor)), None)  # type: ignore[attr-defined]  # FakeTensors
     if mode is None:  # size arithmetic on SymInts needs no fake mode
         return fn(*vals)
     with mode:
@@ -60,7 +60,7 @@ class SymBuilder:
 
     def __init__(self, graph: fx.Graph):
         self.graph = graph
-        self.bound = {}
+        self.bound: dict[sympy.Symbol, fx.Node] = {}  # size symbol -> its backward placeholder
         for ph in graph.find_nodes(op="placeholder"):
             val = ph.meta.get("val")
             if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):

@@ -21,7 +21,7 @@ def inline(graph: fx.Graph, fn, args: list):
         return fn(*pytree.tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in leaves], spec))
 
     vals = [n.meta["val"] for n in nodes]
-    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))  # type: ignore[attr-defined]  # FakeTensors
     from torch._inductor.decomposition import select_decomp_table
 
     with mode:  # decomposed as AOTAutograd decomposes for Inductor (e.g. _to_copy -> convert_element_type)

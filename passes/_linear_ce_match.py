@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,7 +48,10 @@ _TANH = ({torch.tanh}, {"tanh"})
 _LOG_SOFTMAX = ({F.log_softmax, torch.log_softmax}, {"log_softmax"})
 _MATMUL = ({torch.matmul, operator.matmul, torch.mm}, {"matmul", "mm"})
 _LINEAR = {F.linear, torch._C._nn.linear}
-_LOSSES = {F.cross_entropy: inspect.signature(F.cross_entropy), F.nll_loss: inspect.signature(F.nll_loss)}
+_LOSSES: dict[object, inspect.Signature] = {  # by fx target
+    F.cross_entropy: inspect.signature(F.cross_entropy),
+    F.nll_loss: inspect.signature(F.nll_loss),
+}
 
 
 def _is(node, fns, methods=()) -> bool:
@@ -97,13 +101,14 @@ def _leading_slices(index, ndim: int) -> bool:
 
 def _untranspose(node: fx.Node) -> fx.Node | None:
     """``x`` if ``node`` is a 2-D transpose of ``x`` (t, .T, transpose, permute), else None."""
-    if _is(node, {torch.t}, {"t"}) or _is(node, {getattr}) and node.args[1] in ("T", "mT"):
-        return node.args[0]
-    if _is(node, {torch.transpose}, {"transpose"}) and len(node.args) == 3 and not node.kwargs:
-        return node.args[0] if {node.args[1] % 2, node.args[2] % 2} == {0, 1} else None
+    args: Any = node.args  # the op's own arguments (dims are ints once _is matched it)
+    if _is(node, {torch.t}, {"t"}) or _is(node, {getattr}) and args[1] in ("T", "mT"):
+        return args[0]
+    if _is(node, {torch.transpose}, {"transpose"}) and len(args) == 3 and not node.kwargs:
+        return args[0] if {args[1] % 2, args[2] % 2} == {0, 1} else None
     if _is(node, set(), {"permute"}) and not node.kwargs:
-        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
-        return node.args[0] if [d % 2 for d in dims] == [1, 0] else None
+        dims = args[1] if len(args) == 2 else args[1:]
+        return args[0] if [d % 2 for d in dims] == [1, 0] else None
     return None
 
 

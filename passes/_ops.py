@@ -189,7 +189,7 @@ def role(target, arg_index: int, args) -> str | None:
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
     named = _NAMED_ARG_VALUES.get(
-        getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None
+        getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None  # type: ignore[arg-type]  # None is no key
     )
     if named is not None:
         return VALUE if arg_index in named else EXACT

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import sympy
@@ -118,7 +118,7 @@ def _symbol_hint(shape_env, sym) -> int:
 def _root(node: fx.Node) -> fx.Node:
     """The first non-view ancestor of ``node`` in its graph."""
     while node.op == "call_function" and node.target in _ops.VIEWS:
-        node = node.args[0]
+        node = cast(fx.Node, node.args[0])  # a view's input
     return node
 
 

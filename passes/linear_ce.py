@@ -205,12 +205,16 @@ def _rewrite(
         y = None
         if pass_logits:  # the projection its other users read, its zero gradient skipped
             with graph.inserting_before(m.proj.next):
+                hk: fx.Node | None
+                wk: fx.Node | None
                 hk, wk, bk = m.h, m.w, m.b
                 if m.w_transposed:
                     wk = add(torch.t, wk)
                 hk, wk, bk = (_cast(add, x, compute_dtype) for x in (hk, wk, bk))
                 y = add(torch.ops.fxlowbit.linear_logits.default, hk, wk, bk)
         with graph.inserting_before(m.loss):
+            h: fx.Node | None
+            w: fx.Node | None
             h, w, b, full = m.h, m.w, m.b, y
             for index in m.slices:  # logits[..., :-1, :] is linear(h[..., :-1, :])
                 h = add(operator.getitem, h, index)

@@ -157,6 +157,7 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
         counters["lowbit_gemm_skipped"] += 1
         log.debug("lowbit_gemm: %s left as is: %s", node.name, why)
         return None
+    assert xv is not None and wv is not None and yv is not None  # _unsupported checked them
     name = module_name(node)
     tokens = _hint(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
     mnk = (tokens, _hint(wv.shape[0]), _hint(wv.shape[1]))
@@ -242,7 +243,8 @@ def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args) 
     try:
         with graph.inserting_before(node):
             # autocast made the linear's output dtype: cast its inputs so the op runs in it too
-            x, w, b = (v if v is None or _val(v).dtype == dtype else add(torch.Tensor.to, v, dtype)
+            # (_unsupported checked that each input given has a value)
+            x, w, b = (v if v is None or _val(v).dtype == dtype else add(torch.Tensor.to, v, dtype)  # type: ignore[union-attr]
                        for v in (x, w, b))  # fmt: skip
             out = args(add, x, w, b) if callable(args) else add(lowbit_linear, x, w, b, *args)
     except Exception:

@@ -11,6 +11,7 @@ position and on the replayed ops being deterministic; both graphs are linted and
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -78,7 +79,9 @@ def replay(
         with bw.graph.inserting_before(first_user(bw.graph, ph)):
             for node_name in recipe.nodes:
                 src = fw_nodes[node_name]
-                args, kwargs = fx.node.map_arg((src.args, src.kwargs), lambda a, env=env: _arg(a, env, syms))
+                args, kwargs = fx.node.map_arg(
+                    (src.args, src.kwargs), functools.partial(_arg, env=env, syms=syms)
+                )
                 new = bw.graph.call_function(src.target, args, kwargs)
                 new.meta["val"] = src.meta["val"]
                 env[node_name] = new

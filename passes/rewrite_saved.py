@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import Counter
+from collections.abc import Container
 
 import torch
 import torch.fx as fx
@@ -317,7 +318,7 @@ class _Rewriter:
         self.out_node.args = (tuple(self.new_outputs),)
 
 
-def standardised(node: fx.Node, saved: dict) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+def standardised(node: fx.Node, saved: Container[str]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """``(y, mean, rstd)`` when the forward computes ``y = (node - mean) * rstd`` with ``mean`` and
     ``rstd`` saved as they are (their names in ``saved``) and ``y`` of ``node``'s shape and dtype: BatchNorm's
     decomposition in training, whose backward reads ``node - mean`` and never ``y``. Storing ``y``
@@ -358,7 +359,8 @@ def _memory_order(val) -> list[int] | None:
         return None
     if any(not isinstance(d, int) for d in (*val.shape, *val.stride())):
         return None
-    perm = sorted(range(val.dim()), key=lambda d: (-val.stride(d), d))
+    strides = val.stride()
+    perm = sorted(range(val.dim()), key=lambda d: (-strides[d], d))
     return perm if val.permute(perm).is_contiguous() else None
 
 
@@ -415,7 +417,9 @@ def _normalised(ph: fx.Node, fw_nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.
         or not val.is_contiguous()
     ):
         return None
-    return _mirror(out, fw_nodes, memo), out
+    fw_out = _mirror(out, fw_nodes, memo)
+    assert fw_out is not None  # out is on the frontier because it was mirrored (memo holds it)
+    return fw_out, out
 
 
 def run(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import Counter
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -42,10 +43,11 @@ def run(
         while root.op == "call_function":
             if root.target in _ops.VIEWS:
                 chain.append(root)
-                root = root.args[0]
+                root = cast(fx.Node, root.args[0])  # a view's input
             elif root.target is operator.getitem and _is_split(root.args[0]):
-                chain += [root, root.args[0]]  # a piece of a split is a view of its input
-                root = root.args[0].args[0]
+                split = cast(fx.Node, root.args[0])
+                chain += [root, split]  # a piece of a split is a view of its input
+                root = cast(fx.Node, split.args[0])
             else:
                 break
         if chain and root.op == "call_function" and isinstance(root.meta.get("val"), torch.Tensor):

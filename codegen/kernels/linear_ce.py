@@ -21,6 +21,8 @@ The recompute ops return per-token losses; autograd hands their backward per-tok
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -299,10 +301,10 @@ def linear_cross_entropy(
         if eps:  # the recompute path has no label smoothing: the plain loss, logits and all
             z = F.linear(h2, w, b) * scale
             z = softcap * torch.tanh(z / softcap) if softcap > 0 else z
-            kw = dict(ignore_index=ignore_index, reduction="none", label_smoothing=eps)
+            kw: dict[str, Any] = dict(ignore_index=ignore_index, reduction="none", label_smoothing=eps)
             loss = F.cross_entropy(z.float(), t, **kw)
         else:
-            args = (ignore_index, float(scale), float(softcap))
+            args: tuple[int | float | str | bool, ...] = (ignore_index, float(scale), float(softcap))
             loss, _ = torch.ops.fxlowbit.linear_ce_fwd(h2, w, b, t, *args)
     else:
         y = logits.detach().reshape(-1, w.shape[0]) if logits is not None else None

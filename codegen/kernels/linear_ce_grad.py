@@ -175,12 +175,14 @@ def linear_ce_grad_reference(
     valid = target != ignore_index
     _check_targets(target, valid, v, dev)
     compact = dev.type != "cuda" if MASK_IGNORED is None else not MASK_IGNORED  # CPU: drop them
+    # mypy cannot tie the optional rows / idx / buf / count to compact / total: the type: ignores
+    # below mark uses that run only when compact (rows, idx), total > 0 (buf) or not compact (count)
     rows = valid.nonzero().squeeze(1) if compact else None
-    count = rows.numel() if compact else valid.sum()
-    total = rows.numel() if compact else n
+    count = rows.numel() if compact else valid.sum()  # type: ignore[union-attr]
+    total = rows.numel() if compact else n  # type: ignore[union-attr]
     # every dy is multiplied by scale (dz/dy) and, for the mean, 1 / count before it is rounded
     alpha = scale / count if reduction == "mean" and compact and count else scale
-    mask = (valid / count.clamp_min(1) if reduction == "mean" else valid).to(acc) if not compact else None
+    mask = (valid / count.clamp_min(1) if reduction == "mean" else valid).to(acc) if not compact else None  # type: ignore[union-attr]
 
     chunk = chunk_rows(total, v, hid, mm, _profile(dev.type))
     block = _block_rows(v, dev, chunk)
@@ -194,10 +196,10 @@ def linear_ce_grad_reference(
     part = torch.empty((hid, v), dtype=mm, device=dev) if grad_w and split and total > chunk else None
     for n0 in range(0, total, chunk):
         n1 = min(n0 + chunk, total)
-        idx = rows[n0:n1] if compact else None
-        hc = hs.index_select(0, idx) if compact else hs[n0:n1]  # (m, H)
-        tc = target.index_select(0, idx) if compact else target[n0:n1].clamp(0, v - 1)
-        y = buf[: n1 - n0]  # (m, V): the chunk's logits (unless given), then its dy in place
+        idx = rows[n0:n1] if compact else None  # type: ignore[index]
+        hc = hs.index_select(0, idx) if compact else hs[n0:n1]  # type: ignore[arg-type]  # (m, H)
+        tc = target.index_select(0, idx) if compact else target[n0:n1].clamp(0, v - 1)  # type: ignore[arg-type]
+        y = buf[: n1 - n0]  # type: ignore[index]  # (m, V): the chunk's logits (unless given), then its dy in place
         if logits is None and bs is not None:
             torch.addmm(bs, hc, ws.T, out=y)
         elif logits is None:
@@ -208,10 +210,10 @@ def linear_ce_grad_reference(
             if logits is None:
                 z = y[r0:r1]
             else:  # the caller's: a block-sized copy, never the logits themselves
-                z = logits.index_select(0, idx[r0:r1]) if compact else logits[n0 + r0 : n0 + r1].clone()
+                z = logits.index_select(0, idx[r0:r1]) if compact else logits[n0 + r0 : n0 + r1].clone()  # type: ignore[index]
             loss = _rows(z, y[r0:r1], tc[r0:r1], acc, scale, softcap, label_smoothing, alpha, mk, need)
             if compact:
-                tok_loss.index_copy_(0, idx[r0:r1], loss)
+                tok_loss.index_copy_(0, idx[r0:r1], loss)  # type: ignore[index]
             else:
                 tok_loss[n0 + r0 : n0 + r1] = torch.where(valid[n0 + r0 : n0 + r1], loss, 0.0)
         if not need:
@@ -219,7 +221,7 @@ def linear_ce_grad_reference(
         if grad_h:
             dhc = torch.mm(y, ws)  # (m, H)
             if compact:
-                dh.index_copy_(0, idx, dhc.to(h.dtype))
+                dh.index_copy_(0, idx, dhc.to(h.dtype))  # type: ignore[arg-type]
             else:
                 dh[n0:n1].copy_(dhc)
         if grad_w:
@@ -240,7 +242,7 @@ def linear_ce_grad_reference(
         loss_out = (loss_out / count if reduction == "mean" else loss_out).to(acc)
     dw = dw_sum.T if split and grad_w else dw_sum
     dw = dw.to(w.dtype).contiguous()
-    return loss_out, dh, dw, db_sum.to(b.dtype if grad_b else acc)
+    return loss_out, dh, dw, db_sum.to(b.dtype if grad_b else acc)  # type: ignore[union-attr]  # grad_b: b is set
 
 
 def _rows(z, out, t, acc, scale, softcap, eps, alpha, mask, need) -> torch.Tensor:

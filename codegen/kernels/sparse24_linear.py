@@ -157,7 +157,8 @@ def sparse24_linear_bwd(
     dx = _sparse_linear(g, wm.t(), None, _rows_cols_24(mask)[1]) if need_x else empty()
     dw = empty()
     if need_w:
-        gs = mvue24(g, seed, dim=0) if mvue else g  # (tokens, out), 2:4 along tokens
+        # mvue has a seed (sparse24_linear checks it): (tokens, out), 2:4 along tokens
+        gs = mvue24(g, seed, dim=0) if mvue else g  # type: ignore[arg-type]
         dw = gs.t() @ x
         dw = masked_weight(dw, mask) if masked_grad else dw
     db = g.sum(0) if need_b else empty()
