@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import fusion, rng
+from .kernels import quant_cpu
 from .kernels.bitmask import (
     pack_bits_reference,
     pack_mask_reference,
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 FORCE_TRITON = os.environ.get("FXLOWBIT_TRITON") == "1"
+# Off the Triton path, quantize_pack and dequantize_unpack run one Inductor-compiled kernel per
+# family (kernels/quant_cpu.py); env FXLOWBIT_CPU_KERNELS=reference runs the eager references.
+CPU_COMPILED = os.environ.get("FXLOWBIT_CPU_KERNELS", "compiled") != "reference"
 
 
 def _triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -85,6 +89,8 @@ def quantize_pack(
         from .kernels.quant_triton import quantize_pack_triton
 
         return quantize_pack_triton(x, bits, group_size, seed)
+    if CPU_COMPILED:
+        return quant_cpu.quantize_pack(x, bits, group_size, seed)
     n_groups = -(-x.numel() // group_size)
     return quantize_pack_reference(x, bits, group_size, hash_uniform(seed, n_groups, group_size))
 
@@ -110,6 +116,8 @@ def dequantize_unpack(
         from .kernels.quant_triton import dequantize_unpack_triton
 
         return dequantize_unpack_triton(codes, meta, bits, group_size, list(shape), list(stride), dtype)
+    if CPU_COMPILED:
+        return quant_cpu.dequantize_unpack(codes, meta, bits, group_size, list(shape), dtype, list(stride))
     return dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), dtype, list(stride))
 
 

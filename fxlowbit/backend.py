@@ -188,6 +188,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             stream=self.stream,
             counters=counters,
             inline=cfg.inline_kernels(_device_type(fw)),
+            quant_op=cfg.quant_op(_device_type(fw)),
             fuse=cfg.fuse,
         )
         counters["graphs_rewritten"] += 1

@@ -22,7 +22,7 @@ GEMM_ROLES = ("fwd", "grad_input", "grad_weight")
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (None, 2, 4, 8),
     "inner": ("inductor", "eager"),
-    "kernels": ("auto", "inline", "triton"),
+    "kernels": ("auto", "inline", "hybrid", "triton"),
     "mode": ("memory", "balanced", "speed"),
     "gemm_hadamard": (0, 32, 128),
     "sparsity": (None, "2:4"),
@@ -42,10 +42,14 @@ class LowbitConfig:
     seed: seed of the stochastic-rounding noise (None: drawn from torch's default generator).
     inner: compiler for the rewritten graphs, "inductor" (default) or "eager" (fast, for tests).
     kernels: how packing and decoding run. "inline": our pure-torch code traced into the graphs,
-        for Inductor to fuse with the producers and consumers; "triton": the opaque ``fxlowbit::``
-        ops (hand-written Triton kernels on CUDA, the torch reference on CPU); "auto" (default):
-        inline on CPU, triton on CUDA (benchmarks/results/gpu_step_*.json measure both). With
-        ``inner="eager"`` the ops always run.
+        for Inductor to fuse with the producers and consumers (fastest CPU step, but Inductor spends
+        minutes generating C++ for the traced quantizers); "hybrid": inline, except each
+        quantizing pack, which calls ``fxlowbit::quantize_pack``, on CPU one Inductor kernel per
+        (bits, group size, dtype) compiled once per process and reused by every graph and shape
+        (codegen/kernels/quant_cpu.py); "triton": the opaque ``fxlowbit::`` ops everywhere
+        (hand-written Triton kernels on CUDA, compiled or reference kernels on CPU); "auto"
+        (default): hybrid on CPU, triton on CUDA (benchmarks/results/compile_time_cpu.json and
+        gpu_step_*.json measure them). With ``inner="eager"`` the ops always run.
     fuse: on the ops path, generate one kernel per pointwise chain ending in a quantized tensor
         that writes the forward value and its packed copy (codegen/fusion.py).
     strict: raise on unsupported constructs and internal errors instead of falling back.
@@ -267,7 +271,11 @@ class LowbitConfig:
         """Whether pack/decode are traced into the graphs (see ``kernels``) on ``device_type``."""
         if self.inner != "inductor":
             return False
-        return self.kernels == "inline" or (self.kernels == "auto" and device_type != "cuda")
+        return self.kernels in ("inline", "hybrid") or (self.kernels == "auto" and device_type != "cuda")
+
+    def quant_op(self, device_type: str) -> bool:
+        """Whether, with inline kernels, the quantizing packs still call the opaque op (hybrid)."""
+        return self.inline_kernels(device_type) and self.kernels != "inline"
 
     def enabled(self, step: str) -> bool:
         return bool(self.passes.get(step, True))

@@ -41,7 +41,7 @@ from ..codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_t
 from ..plan import Form, Plan
 from . import _ops
 from ._graph import SymBuilder, call, first_user, placeholder_like, through_identities
-from ._inline import inline
+from ._inline import inline as _inline
 from .analyze import int_range
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class _Rewriter:
         self,
         inline: bool,
         fuse: bool,
+        quant_op: bool,
         fw: fx.GraphModule,
         bw: fx.GraphModule,
         num_fwd_outputs: int,
@@ -62,7 +63,7 @@ class _Rewriter:
         stream: int,
         counters: Counter,
     ):
-        self.inline, self.fuse = inline, fuse
+        self.inline, self.fuse, self.quant_op = inline, fuse, quant_op
         self.fg, self.bg = fw.graph, bw.graph
         self.group_size, self.stream, self.counters = group_size, stream, counters
         self.out_node = self.fg.find_nodes(op="output")[0]
@@ -98,22 +99,24 @@ class _Rewriter:
                 self.seed = call(self.fg, lowbit.draw_seed.default, (phs[0], self.stream), "lowbit_seed")
         return self.seed
 
-    def _pack(self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False):
-        """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline) or the
-        opaque ``op``. ``seeded``: stochastic, takes a seed (inline) or the stream id (op). A graph
-        input (an earlier graph's activation) is packed after the last placeholder and the seed."""
+    def _pack(
+        self, node: fx.Node, fn, op, args: tuple, names: list[str], seeded: bool = False, traced: bool = True
+    ):
+        """Insert the packing of ``node`` right after its producer: traced ``fn`` (inline mode, unless
+        ``traced`` is False) or the opaque ``op``. ``seeded``: stochastic, takes a seed (traced) or
+        the stream id (op). A graph input (an earlier graph's activation) is packed after the last
+        placeholder and the seed."""
         anchor = node
+        inline = self.inline and traced
         if node.op == "placeholder":
-            anchor = (
-                self._graph_seed() if self.inline and seeded else self.fg.find_nodes(op="placeholder")[-1]
-            )
+            anchor = self._graph_seed() if inline and seeded else self.fg.find_nodes(op="placeholder")[-1]
         with self.fg.inserting_before(anchor.next):
-            if self.inline and seeded:
+            if inline and seeded:
                 seed = call(self.fg, torch.ops.aten.add.Tensor, (self._graph_seed(), self.n_seeded))
                 self.n_seeded += 1
-                out = inline(self.fg, fn, [node, seed, *args])
-            elif self.inline:
-                out = inline(self.fg, fn, [node, *args])
+                out = _inline(self.fg, fn, [node, seed, *args])
+            elif inline:
+                out = _inline(self.fg, fn, [node, *args])
             else:
                 out = call(self.fg, op, (node, *args, self.stream) if seeded else (node, *args))
                 if isinstance(out.meta["val"], tuple):
@@ -134,7 +137,7 @@ class _Rewriter:
 
         def build(syms) -> fx.Node:
             if self.inline and contiguous:
-                return inline(self.bg, traceable, [*parts, *consts[:-1], syms(shape), *consts[-1:]])
+                return _inline(self.bg, traceable, [*parts, *consts[:-1], syms(shape), *consts[-1:]])
             return call(self.bg, op, (*parts, *consts[:-1], syms(shape), syms(stride), *consts[-1:]))
 
         return build
@@ -191,6 +194,7 @@ class _Rewriter:
             (bits, self.group_size),
             ["codes", "qmeta"],
             seeded=True,
+            traced=not self.quant_op,
         )
         if perm is not None:
             for part, name in zip(packed, ("codes", "qmeta"), strict=True):
@@ -433,12 +437,24 @@ def run(
     counters: Counter | None = None,
     inline: bool = False,
     fuse: bool = False,
+    quant_op: bool = False,
 ) -> None:
     """Apply ``plan`` to the partitioned pair in place. ``inline``: trace the pure-torch pack and
     decode functions into the graphs (for Inductor to fuse) instead of calling the opaque ops;
-    ``fuse``: on the ops path, generate one kernel per pointwise chain + packing (codegen/fusion.py)."""
+    ``quant_op`` (with ``inline``): except the quantizing packs, which call the opaque op
+    (``fxlowbit::quantize_pack``: on CPU one compiled kernel per family, codegen/kernels/quant_cpu.py;
+    Inductor spends most of a compile generating C++ for traced quantizers); ``fuse``: on the ops
+    path, generate one kernel per pointwise chain + packing (codegen/fusion.py)."""
     rw = _Rewriter(
-        inline, fuse, fw, bw, num_fwd_outputs, group_size, stream, Counter() if counters is None else counters
+        inline,
+        fuse,
+        quant_op,
+        fw,
+        bw,
+        num_fwd_outputs,
+        group_size,
+        stream,
+        Counter() if counters is None else counters,
     )
     decisions = plan.by_name()
     rw.exact = {  # saved values the backward will read as they are

@@ -11,6 +11,7 @@ import torch
 
 import fxlowbit
 from fxlowbit import planner
+from fxlowbit.codegen.kernels import quant_cpu
 from fxlowbit.examples import MLP, sqnr_db
 
 from ._util import UNCOMPRESSED, make, step
@@ -96,13 +97,16 @@ def test_successive_steps_draw_fresh_noise():
 
 def test_dynamic_shapes_compile_once():
     torch._dynamo.utils.counters.clear()
+    known = len(quant_cpu.families())
     model = MLP(hidden=256)
     compiled = torch.compile(model, backend="lowbit", options=EAGER, dynamic=True)
     for batch in (48, 96, 160):  # none equal to a feature size (Dynamo duck-sizes equal sizes)
         model.zero_grad()
         compiled(torch.randn(batch, 64)).square().mean().backward()
         assert all(p.grad.isfinite().all() for p in model.parameters())
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # the CPU pack/decode kernels are Dynamo graphs too, compiled once per family (quant_cpu)
+    families = len(quant_cpu.families()) - known  # compiled by this test
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - families == 1
     assert fxlowbit.counters["graphs_rewritten"] == 1
     assert fxlowbit.counters["fallback_internal_error"] == 0
 

@@ -39,19 +39,24 @@ def test_bad_option_surfaces_through_torch_compile():
 
 
 @pytest.mark.parametrize(
-    "opts,device,inline",
+    "opts,device,inline,quant_op",
     [
-        ({}, "cpu", True),
-        ({}, "cuda", False),
-        ({"kernels": "inline"}, "cuda", True),
-        ({"kernels": "triton"}, "cpu", False),
-        ({"kernels": "inline", "inner": "eager"}, "cpu", False),
+        ({}, "cpu", True, True),  # hybrid: quantizing packs call the compiled op
+        ({}, "cuda", False, False),
+        ({"kernels": "inline"}, "cpu", True, False),
+        ({"kernels": "inline"}, "cuda", True, False),
+        ({"kernels": "hybrid"}, "cuda", True, True),
+        ({"kernels": "triton"}, "cpu", False, False),
+        ({"kernels": "inline", "inner": "eager"}, "cpu", False, False),
+        ({"kernels": "hybrid", "inner": "eager"}, "cpu", False, False),
     ],
 )
-def test_kernels_option_picks_inline_or_ops(opts, device, inline):
-    assert LowbitConfig.from_options(opts).inline_kernels(device) is inline
+def test_kernels_option_picks_inline_or_ops(opts, device, inline, quant_op):
+    cfg = LowbitConfig.from_options(opts)
+    assert cfg.inline_kernels(device) is inline
+    assert cfg.quant_op(device) is quant_op
 
 
 def test_bad_kernels_option_names_the_choices():
-    with pytest.raises(ValueError, match="kernels='cuda'.*'inline', 'triton'"):
+    with pytest.raises(ValueError, match="kernels='cuda'.*'inline', 'hybrid', 'triton'"):
         LowbitConfig.from_options({"kernels": "cuda"})

@@ -1,0 +1,211 @@
+"""CPU pack and decode for the ops path: one Inductor kernel per family, compiled once per process.
+
+Why. Tracing the pure-torch references into every graph (``kernels="inline"``) lets Inductor fuse
+them with producers and consumers, but it then generates C++ for the whole quantizer once per saved
+tensor: on the demo's TinyGPT the first step took 82 s against Inductor's 18 s (2 cores, empty
+Inductor cache, 2026-12-05), most of it Inductor's C++ code generation of the forward's pack
+kernels. Here a *family* (operation, bits, group size, dtype) is compiled once, with symbolic
+sizes, and every graph, layer and shape of the process reuses it (the next process reads it from
+Inductor's on-disk cache).
+
+Bits. The compiled bodies evaluate exactly the operations of :func:`.quant.quantize_pack_reference`
+and :func:`.quant.dequantize_unpack_reference` on all-finite groups (the common case), so they
+return the same bits (tests/codegen/test_quant_cpu.py). Tensors holding NaN or Inf (seen from the
+groups' min and max, so all-finite tensors pay no extra pass), single groups and float64 take the
+eager references. A family that fails to compile (no C++ compiler, say) warns
+once, is counted in :data:`counters` and runs the eager reference from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import quant as Q
+
+__all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear"]
+
+log = logging.getLogger(__name__)
+
+counters: Counter = Counter()  # "compiled" / "reference" calls, "compile_failures"
+_families: dict[tuple, _Family] = {}
+_broken: set[tuple] = set()
+
+
+def families() -> list[tuple]:
+    """The families used in this process: (operation, bits, group size, dtype)."""
+    return list(_families)
+
+
+def clear() -> None:
+    """Forget the compiled families and the counters (``torch._dynamo.reset()`` drops their code)."""
+    _families.clear()
+    _broken.clear()
+    counters.clear()
+
+
+def _pack_finite(flat: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int):
+    """``quantize_pack_reference`` of all-finite whole groups ``flat`` with ``hash_uniform(seed)``
+    noise, each plane computed from its own columns (no full-size noise or codes in memory)."""
+    g = flat.float().view(-1, group_size)
+    key = Q._seed_key(seed)
+    lo, hi = g.amin(1), g.amax(1)
+    usable = torch.full_like(lo, (1 << bits) - 1)
+    scale, half, inv = Q._affine(lo, hi, usable)
+
+    def plane(sl: slice) -> torch.Tensor:
+        return Q._codes_of(g[:, sl], Q._noise_columns(key, g.shape[0], group_size, sl), lo, half, inv, usable)
+
+    return Q._pack_planes(plane, bits, group_size), torch.stack([lo, scale], 1)
+
+
+def _decode_finite(
+    codes: torch.Tensor, meta: torch.Tensor, bits: int, dtype: torch.dtype
+) -> tuple[torch.Tensor]:
+    """``dequantize_unpack_reference`` of flat codes and meta of groups without NaN/Inf: flat
+    ``(n * G,)`` ``dtype`` (a 1-tuple: every family returns a tuple)."""
+    n = meta.numel() // 2
+    return (Q._decode(codes.view(n, -1), meta.view(n, 2), bits, specials=False).reshape(-1).to(dtype),)
+
+
+def _arg(i: int) -> Callable[[tuple], Any]:
+    return lambda args: args[i]
+
+
+def _size(i: int, dim: int) -> Callable[[tuple], Any]:
+    return lambda args: args[i].size(dim)
+
+
+class _Family:
+    """One compiled kernel: ``body`` with the family's constants bound, compiled by Inductor with
+    symbolic sizes on first use. The compiled callable is captured from Dynamo's backend call and
+    then called directly (the size arguments computed from the inputs), so neither a new shape nor
+    ``torch._dynamo.reset()`` (which every test and some training scripts call) compiles it again.
+
+    Inputs must be flat, detached, contiguous tensors of the family's dtype holding at least two
+    groups: flat, so that no size of one input equals another's by chance and is specialised
+    (Dynamo's "duck sizing"); detached, because Dynamo guards a view on its base; two groups,
+    because sizes 0 and 1 are always specialised."""
+
+    def __init__(self, key: tuple, body: Callable, consts: tuple[str, ...], dtype: torch.dtype):
+        self.key = key
+        self.fn: Callable | None = None
+        self.getters: list[Callable[[tuple], Any]] = []
+
+        # its own code object (Dynamo's per-code recompile limit never counts families together),
+        # with the constants as literals (Dynamo would make int arguments symbolic)
+        name = "fxlowbit_" + "_".join(map(str, key))
+        scope: dict[str, Any] = {"body": body, "dtype": dtype}
+        exec(f"def {name}(a, b):\n    return body(a, b, {', '.join(consts)})", scope)
+        family: Callable = scope[name]
+        self.traced: Callable = torch.compile(family, backend=self._capture, dynamic=True, fullgraph=True)
+
+    def _capture(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        fn: Callable = compile_fx(gm, example_inputs)  # type: ignore[assignment]  # a callable for a graph
+        getters: list[Callable[[tuple], Any]] = []
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            source = ph.meta["grapharg"].source.name  # "L['a']" or "L['a'].size()[0]"
+            m = re.fullmatch(r"L\['([ab])'\](?:\.size\(\)\[(\d+)\])?", source)
+            if m is None:
+                raise NotImplementedError(f"graph input {source}")
+            i = "ab".index(m[1])
+            getters.append(_arg(i) if m[2] is None else _size(i, int(m[2])))
+        self.fn, self.getters = fn, getters
+        return fn
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fn is None:
+            return tuple(self.traced(*args))
+        return tuple(self.fn(*(get(args) for get in self.getters)))  # Inductor returns a list
+
+
+def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dtype) -> _Family | None:
+    """The compiled ``body`` of this family (None once it failed to compile)."""
+    key = (op, bits, group_size, str(dtype).removeprefix("torch."))
+    fn = _families.get(key)
+    if fn is None and key not in _broken:
+        consts = (str(bits), str(group_size)) if op == "pack" else (str(bits), "dtype")
+        fn = _families[key] = _Family(key, body, consts, dtype)
+    return fn
+
+
+def _run(key_op: str, fn: Callable | None, args: tuple, bits: int, group_size: int, dtype: torch.dtype):
+    if fn is None:
+        return None
+    try:
+        out = fn(*args)
+    except Exception as err:  # a machine that cannot compile still trains: on the eager reference
+        key = (key_op, bits, group_size, str(dtype).removeprefix("torch."))
+        _families.pop(key, None)
+        _broken.add(key)
+        counters["compile_failures"] += 1
+        root = getattr(err, "inner_exception", None) or err  # Dynamo wraps the backend's error
+        why = " ".join(f"{type(root).__name__}: {root}".split())  # one line
+        warnings.warn(
+            f"fxlowbit: could not compile the CPU {key_op} kernel for {key[1:]} ({why}); it runs the "
+            "slower eager reference",
+            stacklevel=4,
+        )
+        return None
+    counters["compiled"] += 1
+    return out
+
+
+def _compilable(dtype: torch.dtype) -> bool:
+    return dtype in Q.DTYPES
+
+
+def quantize_pack(x: torch.Tensor, bits: int, group_size: int, seed: torch.Tensor):
+    """:func:`.quant.quantize_pack_reference` with ``hash_uniform(seed)`` noise, same bits."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n > group_size and _compilable(x.dtype):
+        pad = (-n) % group_size
+        if pad:  # the compiled body sees whole groups: one family for every size
+            flat = torch.cat([flat, flat[-1:].expand(pad)])
+        fn = _family("pack", _pack_finite, bits, group_size, x.dtype)
+        out = _run("pack", fn, (flat.detach(), seed), bits, group_size, x.dtype)
+        # a NaN or Inf in a group makes its min, max or scale non-finite: only such tensors (rare)
+        # are quantized again, by the reference, which stores them exactly
+        if out is not None and bool(torch.isfinite(out[1]).all()):
+            return out
+    counters["reference"] += 1
+    n_groups = -(-n // group_size)
+    return Q.quantize_pack_reference(x, bits, group_size, Q.hash_uniform(seed, n_groups, group_size))
+
+
+def dequantize_unpack(
+    codes: torch.Tensor,
+    meta: torch.Tensor,
+    bits: int,
+    group_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    stride: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """:func:`.quant.dequantize_unpack_reference`, same bits."""
+    numel = Q._numel(shape)
+    if (
+        len(meta) > 1
+        and _compilable(dtype)
+        and not bool((meta[:, 1].contiguous().view(torch.int32) < 0).any())
+    ):
+        fn = _family("decode", _decode_finite, bits, group_size, dtype)
+        out = _run(
+            "decode", fn, (codes.reshape(-1).detach(), meta.reshape(-1).detach()), bits, group_size, dtype
+        )
+        if out is not None:
+            out = out[0][:numel].view(list(shape))
+            if stride is not None and tuple(out.stride()) != tuple(stride):
+                out = torch.empty_strided(list(shape), list(stride), dtype=dtype).copy_(out)
+            return out
+    counters["reference"] += 1
+    return Q.dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), dtype, stride)

@@ -1,0 +1,123 @@
+"""The CPU pack/decode kernels compiled once per family (codegen/kernels/quant_cpu.py).
+
+Contract: the same bits as the eager references (quant.quantize_pack_reference with
+hash_uniform noise, quant.dequantize_unpack_reference) for every input, so ``torch.equal`` on codes,
+meta and decoded values, over odd sizes, fp32/bf16/fp16, non-contiguous inputs and non-finite
+values (those take the reference, and the test proves that the compiled path's result was not
+used for them). One compilation per family, whatever the shapes, and none after
+``torch._dynamo.reset()``.
+"""
+
+import pytest
+import torch
+
+from fxlowbit.codegen import ops, rng
+from fxlowbit.codegen.kernels import quant as Q
+from fxlowbit.codegen.kernels import quant_cpu as C
+
+SEED = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
+
+
+def _reference(x, bits, group_size=256, seed=SEED):
+    n_groups = -(-x.numel() // group_size)
+    return Q.quantize_pack_reference(x, bits, group_size, Q.hash_uniform(seed, n_groups, group_size))
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_same_bits_as_the_reference_over_sizes_and_dtypes(bits, dtype):
+    calls = C.counters["compiled"]
+    for n in (257, 512, 3001, 65536 + 7):  # whole and partial last groups
+        x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1).to(dtype)
+        got = C.quantize_pack(x, bits, 256, SEED)
+        assert _same(got, _reference(x, bits))
+        want = Q.dequantize_unpack_reference(*got, bits, 256, [n], dtype)
+        assert torch.equal(C.dequantize_unpack(*got, bits, 256, [n], dtype), want)
+    assert C.counters["compiled"] - calls == 8  # every call above ran a compiled kernel
+
+
+def test_other_group_size_and_non_contiguous_input_and_strided_output():
+    x = torch.randn(48, 40).t()  # (40, 48), column-major
+    codes, meta = C.quantize_pack(x, 4, 64, SEED)
+    assert _same((codes, meta), _reference(x, 4, 64))
+    shape, stride = [40, 48], [1, 40]
+    out = C.dequantize_unpack(codes, meta, 4, 64, shape, torch.float32, stride)
+    want = Q.dequantize_unpack_reference(codes, meta, 4, 64, shape, torch.float32, stride)
+    assert out.stride() == tuple(stride) and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_take_the_reference_and_come_back_exactly(bad):
+    x = torch.randn(1000)
+    x[300] = bad
+    before = C.counters["reference"]
+    got = C.quantize_pack(x, 4, 256, SEED)
+    assert C.counters["reference"] == before + 1  # the compiled result was discarded
+    assert _same(got, _reference(x, 4))
+    back = C.dequantize_unpack(*got, 4, 256, [1000], torch.float32)
+    assert C.counters["reference"] == before + 2
+    assert torch.equal(back[300:301], x[300:301]) or (bad != bad and back[300].isnan())
+
+
+def test_finite_values_beyond_half_the_fp32_range_stay_on_the_compiled_path():
+    # hi - lo overflows to Inf, yet lo, hi and the (halved) scale are finite: no false alarm
+    x = torch.tensor([3e38, -3e38] * 300)
+    before = C.counters["reference"]
+    got = C.quantize_pack(x, 8, 256, SEED)
+    assert C.counters["reference"] == before and _same(got, _reference(x, 8))
+
+
+def test_single_groups_empty_and_float64_take_the_reference():
+    before = C.counters["reference"]
+    for x in (torch.randn(200), torch.randn(0), torch.randn(1000, dtype=torch.float64)):
+        assert _same(C.quantize_pack(x, 4, 256, SEED), _reference(x, 4))
+    assert C.counters["reference"] == before + 3
+
+
+def test_one_compilation_per_family_whatever_the_shapes_and_none_after_a_dynamo_reset():
+    key = ("pack", 2, 128, "float32")
+    for n in (1000, 5000, 128 * 7, 77777):
+        C.quantize_pack(torch.randn(n), 2, 128, SEED)
+    family = C._families[key]
+    assert family.fn is not None  # captured: later calls skip Dynamo
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.reset()
+    x = torch.randn(4321)
+    assert _same(C.quantize_pack(x, 2, 128, SEED), _reference(x, 2, 128))
+    assert C._families[key] is family and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_a_family_that_cannot_compile_warns_once_counts_and_runs_the_reference(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cfx, "compile_fx", broken)
+    x = torch.randn(3000, dtype=torch.float16)
+    key = ("pack", 8, 512, "float16")
+    C._families.pop(key, None)
+    C._broken.discard(key)
+    failures = C.counters["compile_failures"]
+    with pytest.warns(UserWarning, match="could not compile the CPU pack kernel.*no C\\+\\+ compiler"):
+        got = C.quantize_pack(x, 8, 512, SEED)
+    assert _same(got, _reference(x, 8, 512))
+    assert C.counters["compile_failures"] == failures + 1 and key in C._broken
+    assert _same(C.quantize_pack(x, 8, 512, SEED), got)  # no second attempt, no second warning
+    C._broken.discard(key)
+
+
+def test_the_op_runs_the_compiled_kernel_on_cpu_unless_told_not_to(monkeypatch):
+    x = torch.randn(2000)
+    stream = rng.new_stream(7)
+    calls = C.counters["compiled"]
+    codes, meta = ops.quantize_pack(x, 4, 256, stream)
+    assert C.counters["compiled"] == calls + 1
+    monkeypatch.setattr(ops, "CPU_COMPILED", False)
+    again = rng.new_stream(7)  # the same seed: the same noise
+    assert _same(ops.quantize_pack(x, 4, 256, again), (codes, meta))
+    assert C.counters["compiled"] == calls + 1
