@@ -1,0 +1,176 @@
+"""Compile time as a user meets it (issue 17): the first training step in a fresh process, cold
+(empty Inductor cache) and warm (a second process on the same cache), and the steady step, for
+Inductor and lowbit (default options; ``memory_budget=0.1``), all with Inductor as the inner
+compiler. Each run is its own subprocess with its own cache folder; runs of one model go in
+lockstep (Inductor, then each lowbit setting), so the ratios share the machine's state.
+
+Per run: ``first_s`` (step 0: compile + run), ``steady_ms`` (median of the steps after the second,
+probe and re-plan steps included in the median's sample), ``max_later_ms`` (the slowest step after
+the first: a probe, a re-plan's compile), and the lowbit counters that explain it.
+
+    python benchmarks/compile_time.py --out benchmarks/results/compile_time_cpu.json [--models a,b]
+        [--steps 14] [--settings inductor,defaults,budget0.1]
+
+``tinygpt`` is the demo's nanoGPT-style model (fxlowbit.examples.TinyGPT); the others come from
+tests/_models.py (small `transformers` configs and a ResNet, random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "inductor": None,
+    "defaults": {},
+    "budget0.1": {"memory_budget": 0.1},
+    "inline": {"kernels": "inline"},  # the former CPU default, for comparison
+}
+MODELS = ("tinygpt", "gpt2", "llama", "mixtral", "t5", "resnet")
+
+
+def _one(model: str, setting: str, steps: int) -> dict:
+    """One run in this process: ``steps`` training steps; prints nothing, returns the figures."""
+    import torch
+
+    torch.set_num_threads(1)
+    import fxlowbit
+
+    sys.path.insert(0, str(ROOT))
+    if model == "tinygpt":
+        from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+
+        torch.manual_seed(0)
+        net = TinyGPT()
+        data = list(char_batches(stdlib_text(), 8, 64, steps, seed=0))
+
+        def loss(i):
+            x, y = data[i]
+            return compiled(x, y)
+    else:
+        from tests import _models
+
+        net = _models.build(model)
+        inputs = [_models.batch(model, i) for i in range(steps)]
+
+        def loss(i):
+            return _models.loss_of(compiled(**inputs[i]))
+
+    options = SETTINGS[setting]
+    if options is None:
+        compiled = torch.compile(net, backend="inductor")
+    else:
+        compiled = torch.compile(net, backend="lowbit", options=options)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        loss(i).backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    counters = {k: v for k, v in fxlowbit.counters.items() if not k.startswith("saved_bytes")}
+    return {
+        "first_s": times[0],
+        "steady_ms": statistics.median(times[2:]) * 1e3,
+        "max_later_ms": max(times[1:]) * 1e3,
+        "step_ms": [round(t * 1e3, 2) for t in times],
+        "counters": counters,
+    }
+
+
+def _spawn(model: str, setting: str, steps: int, cache: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    cmd = [sys.executable, __file__, "--one", model, setting, "--steps", str(steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratio(row: dict, base: dict | None, key: str, run: str) -> float:
+    return row[run][key] / base[run][key] if base else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--settings", default="inductor,defaults,budget0.1")
+    ap.add_argument("--steps", type=int, default=14)  # the first probe is at step 10, its re-plan at 11
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(_one(*args.one, args.steps)))
+        return
+    settings = args.settings.split(",")
+    rows = []
+    header = (
+        "| model | setting | first step cold (s) | x Inductor | warm (s) | x Inductor | steady (ms) "
+        "| x Inductor | slowest later step (ms) |"
+    )
+    print(header + "\n" + "| --- | --- |" + " ---: |" * 7, flush=True)
+    for model in args.models.split(","):
+        base = None
+        for setting in settings:
+            with tempfile.TemporaryDirectory(prefix="fxlowbit-cache-") as cache:
+                cold = _spawn(model, setting, args.steps, cache)
+                warm = _spawn(model, setting, args.steps, cache) if "error" not in cold else cold
+            row = {
+                "model": model,
+                "setting": setting,
+                "options": SETTINGS[setting],
+                "cold": cold,
+                "warm": warm,
+            }
+            rows.append(row)
+            if "error" in cold or "error" in warm:
+                print(
+                    f"| {model} | {setting} | error: {cold.get('error') or warm.get('error')} |", flush=True
+                )
+                continue
+            if setting == "inductor":
+                base = row
+            row["ratios"] = {
+                "first_cold": _ratio(row, base, "first_s", "cold"),
+                "first_warm": _ratio(row, base, "first_s", "warm"),
+                "steady": _ratio(row, base, "steady_ms", "cold"),
+            }
+            r = row["ratios"]
+            print(
+                f"| {model} | {setting} | {cold['first_s']:.1f} | {r['first_cold']:.2f} "
+                f"| {warm['first_s']:.1f} | {r['first_warm']:.2f} "
+                f"| {cold['steady_ms']:.1f} | {r['steady']:.2f} "
+                f"| {cold['max_later_ms']:.0f} |",
+                flush=True,
+            )
+    if args.out:
+        import datetime
+        import platform
+
+        import torch
+
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=ROOT).stdout.strip())  # fmt: skip
+        meta = {
+            "date": datetime.date.today().isoformat(), "commit": commit + ("+dirty" if dirty else ""),
+            "torch": torch.__version__, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, 1 torch thread", "steps": args.steps,
+            "command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
+        }  # fmt: skip
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
