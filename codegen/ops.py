@@ -13,6 +13,7 @@ aside).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -54,6 +55,19 @@ FORCE_TRITON = os.environ.get("FXLOWBIT_TRITON") == "1"
 # Off the Triton path, quantize_pack and dequantize_unpack run one Inductor-compiled kernel per
 # family (kernels/quant_cpu.py); env FXLOWBIT_CPU_KERNELS=reference runs the eager references.
 CPU_COMPILED = os.environ.get("FXLOWBIT_CPU_KERNELS", "compiled") != "reference"
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Within: the CPU ops run the eager references (same bits). The eager replays of the checks and
+    probes use it, so no decode kernel is compiled for a replay alone (the hybrid path decodes
+    inline; one decode family took 1.7 s to compile cold on 2 cores, 2026-12-05)."""
+    global CPU_COMPILED
+    before, CPU_COMPILED = CPU_COMPILED, False
+    try:
+        yield
+    finally:
+        CPU_COMPILED = before
 
 
 def _triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:

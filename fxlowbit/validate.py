@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import calibrate, passes
-from .codegen import rng
+from .codegen import ops, rng
 from .config import LowbitConfig
 from .plan import Plan
 
@@ -45,7 +45,7 @@ def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int =
         torch.set_rng_state(state[0])
         for d, s in zip(devices, state[1], strict=True):
             torch.cuda.set_rng_state(s, d)
-        with torch.no_grad():
+        with torch.no_grad(), ops.reference_kernels():
             saved = list(fw(*list(args))[n:])
             got = calibrate._flat(bw(*saved, *tangents))
     return float(((got - grad) ** 2).sum()), float((grad**2).sum())

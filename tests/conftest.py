@@ -11,16 +11,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fxlowbit  # noqa: E402,F401
+from fxlowbit.codegen.kernels import quant_cpu  # noqa: E402
 
 torch.set_num_threads(1)  # tiny ops: thread start-up costs more than it saves on 2 cores
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch, with no recorded plans and zeroed fxlowbit counters."""
+    """Each test compiles from scratch, with no recorded plans and zeroed fxlowbit counters (and no
+    CPU kernel still compiling in the background from the previous test)."""
+    quant_cpu.wait()
     torch._dynamo.reset()
     fxlowbit.reset()
     yield
+    quant_cpu.wait()
     torch._dynamo.reset()
 
 

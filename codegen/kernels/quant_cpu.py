@@ -14,12 +14,22 @@ return the same bits (tests/codegen/test_quant_cpu.py). Tensors holding NaN or I
 groups' min and max, so all-finite tensors pay no extra pass), single groups and float64 take the
 eager references. A family that fails to compile (no C++ compiler, say) warns
 once, is counted in :data:`counters` and runs the eager reference from then on.
+
+Off the critical path. A family compiles on a background thread (:data:`BACKGROUND`, env
+``FXLOWBIT_CPU_COMPILE=sync`` to compile on first use instead): until it is ready its calls run the
+eager reference, which gives the same bits, so when the switch happens changes no result. The first
+training step then does not wait for a kernel compile (one pack family took 5-9 s to compile
+cold on 2 cores, 2026-12-05). Dynamo compiles one graph at a time (its compile lock), so a family
+waits for the model's own compile and a recompile of the model waits for a family's.
+:func:`wait` joins the compiles in flight.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,11 +39,12 @@ import torch
 
 from . import quant as Q
 
-__all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear"]
+__all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear", "wait", "BACKGROUND"]
 
 log = logging.getLogger(__name__)
 
-counters: Counter = Counter()  # "compiled" / "reference" calls, "compile_failures"
+BACKGROUND = os.environ.get("FXLOWBIT_CPU_COMPILE", "background") != "sync"
+counters: Counter = Counter()  # "compiled" / "reference" / "pending" calls, "compile_failures"
 _families: dict[tuple, _Family] = {}
 _broken: set[tuple] = set()
 
@@ -43,8 +54,16 @@ def families() -> list[tuple]:
     return list(_families)
 
 
+def wait() -> None:
+    """Wait for the families compiling in the background."""
+    for family in list(_families.values()):
+        if family.thread is not None:
+            family.thread.join()
+
+
 def clear() -> None:
-    """Forget the compiled families and the counters (``torch._dynamo.reset()`` drops their code)."""
+    """Forget the compiled families and the counters (after the compiles in flight finish)."""
+    wait()
     _families.clear()
     _broken.clear()
     counters.clear()
@@ -96,6 +115,8 @@ class _Family:
     def __init__(self, key: tuple, body: Callable, consts: tuple[str, ...], dtype: torch.dtype):
         self.key = key
         self.fn: Callable | None = None
+        self.thread: threading.Thread | None = None
+        self.error: Exception | None = None  # of a background compile
         self.getters: list[Callable[[tuple], Any]] = []
 
         # its own code object (Dynamo's per-code recompile limit never counts families together),
@@ -121,10 +142,30 @@ class _Family:
         self.fn, self.getters = fn, getters
         return fn
 
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.fn is None:
+    def _compile_in_background(self, args: tuple) -> None:
+        example = tuple(a.clone() for a in args)  # the caller's buffers may be reused meanwhile
+
+        def work() -> None:
+            try:
+                self.traced(*example)
+            except Exception as err:
+                self.error = err
+
+        self.thread = threading.Thread(target=work, name="fxlowbit-compile-" + "-".join(map(str, self.key)))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The kernel's outputs, or None while it compiles in the background."""
+        if self.fn is not None:
+            return tuple(self.fn(*(get(args) for get in self.getters)))  # Inductor returns a list
+        if self.error is not None:
+            raise self.error
+        if not BACKGROUND:
             return tuple(self.traced(*args))
-        return tuple(self.fn(*(get(args) for get in self.getters)))  # Inductor returns a list
+        if self.thread is None:
+            self._compile_in_background(args)
+        return None
 
 
 def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dtype) -> _Family | None:
@@ -155,7 +196,7 @@ def _run(key_op: str, fn: Callable | None, args: tuple, bits: int, group_size: i
             stacklevel=4,
         )
         return None
-    counters["compiled"] += 1
+    counters["compiled" if out is not None else "pending"] += 1
     return out
 
 

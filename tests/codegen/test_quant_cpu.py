@@ -18,6 +18,13 @@ from fxlowbit.codegen.kernels import quant_cpu as C
 SEED = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
 
 
+@pytest.fixture(autouse=True)
+def _compile_on_first_use(monkeypatch):
+    """These tests count compiled calls: families compile on first use (the background compile,
+    the default, has its own test)."""
+    monkeypatch.setattr(C, "BACKGROUND", False)
+
+
 def _reference(x, bits, group_size=256, seed=SEED):
     n_groups = -(-x.numel() // group_size)
     return Q.quantize_pack_reference(x, bits, group_size, Q.hash_uniform(seed, n_groups, group_size))
@@ -121,3 +128,38 @@ def test_the_op_runs_the_compiled_kernel_on_cpu_unless_told_not_to(monkeypatch):
     again = rng.new_stream(7)  # the same seed: the same noise
     assert _same(ops.quantize_pack(x, 4, 256, again), (codes, meta))
     assert C.counters["compiled"] == calls + 1
+
+
+def test_background_compile_runs_the_reference_meanwhile_with_the_same_bits(monkeypatch):
+    monkeypatch.setattr(C, "BACKGROUND", True)
+    key = ("pack", 4, 64, "bfloat16")
+    C._families.pop(key, None)
+    x = torch.randn(5000).to(torch.bfloat16)
+    pending, compiled = C.counters["pending"], C.counters["compiled"]
+    first = C.quantize_pack(x, 4, 64, SEED)  # starts the compile, returns the reference's result
+    assert C.counters["pending"] == pending + 1 and C._families[key].thread is not None
+    C.wait()
+    assert C._families[key].fn is not None
+    assert _same(C.quantize_pack(x, 4, 64, SEED), first)
+    assert C.counters["compiled"] == compiled + 1
+    assert _same(first, _reference(x, 4, 64))
+
+
+def test_a_background_compile_failure_warns_and_falls_back(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cfx, "compile_fx", broken)
+    monkeypatch.setattr(C, "BACKGROUND", True)
+    key = ("pack", 2, 64, "float16")
+    C._families.pop(key, None)
+    C._broken.discard(key)
+    x = torch.randn(3000, dtype=torch.float16)
+    assert _same(C.quantize_pack(x, 2, 64, SEED), _reference(x, 2, 64))
+    C.wait()
+    with pytest.warns(UserWarning, match="could not compile the CPU pack kernel"):
+        assert _same(C.quantize_pack(x, 2, 64, SEED), _reference(x, 2, 64))
+    assert key in C._broken
+    C._broken.discard(key)
