@@ -151,8 +151,9 @@ class _Family:
             except Exception as err:
                 self.error = err
 
+        # not a daemon: the interpreter joins it before exiting (a daemon thread killed inside
+        # Inductor's C++ compile aborts the process: "terminate called without an active exception")
         self.thread = threading.Thread(target=work, name="fxlowbit-compile-" + "-".join(map(str, self.key)))
-        self.thread.daemon = True
         self.thread.start()
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
