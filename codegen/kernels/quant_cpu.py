@@ -15,21 +15,24 @@ groups' min and max, so all-finite tensors pay no extra pass), single groups and
 eager references. A family that fails to compile (no C++ compiler, say) warns
 once, is counted in :data:`counters` and runs the eager reference from then on.
 
-Off the critical path. A family compiles on a background thread (:data:`BACKGROUND`, env
-``FXLOWBIT_CPU_COMPILE=sync`` to compile on first use instead): until it is ready its calls run the
-eager reference, which gives the same bits, so when the switch happens changes no result. The first
-training step then does not wait for a kernel compile (one pack family took 5-9 s to compile
-cold on 2 cores, 2026-12-05). Dynamo compiles one graph at a time (its compile lock), so a family
-waits for the model's own compile and a recompile of the model waits for a family's.
-:func:`wait` joins the compiles in flight.
+Off the critical path. A family's first compile runs in a child process (:data:`BACKGROUND`, env
+``FXLOWBIT_CPU_COMPILE=sync`` to compile on first use instead), which writes Inductor's on-disk
+cache; until it exits the family's calls run the eager reference, which gives the same bits, so
+when the switch happens changes no result; then this process compiles the family from that cache
+(about a second). The first training step does not wait for a kernel compile (one pack family
+took 5-9 s to compile cold on 2 cores, 2026-12-05). A child, not a thread: tracing patches
+``torch.nn.Module.__call__`` process-wide, so a compile on a thread breaks the training thread's
+module calls. :func:`wait` waits for the children.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import threading
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -55,10 +58,10 @@ def families() -> list[tuple]:
 
 
 def wait() -> None:
-    """Wait for the families compiling in the background."""
+    """Wait for the families compiling in child processes."""
     for family in list(_families.values()):
-        if family.thread is not None:
-            family.thread.join()
+        if family.proc is not None:
+            family.proc.wait()
 
 
 def clear() -> None:
@@ -115,8 +118,7 @@ class _Family:
     def __init__(self, key: tuple, body: Callable, consts: tuple[str, ...], dtype: torch.dtype):
         self.key = key
         self.fn: Callable | None = None
-        self.thread: threading.Thread | None = None
-        self.error: Exception | None = None  # of a background compile
+        self.proc: subprocess.Popen | None = None  # the child compiling it (BACKGROUND)
         self.getters: list[Callable[[tuple], Any]] = []
 
         # its own code object (Dynamo's per-code recompile limit never counts families together),
@@ -142,31 +144,51 @@ class _Family:
         self.fn, self.getters = fn, getters
         return fn
 
-    def _compile_in_background(self, args: tuple) -> None:
-        example = tuple(a.clone() for a in args)  # the caller's buffers may be reused meanwhile
+    def _compile_in_child(self) -> None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        def work() -> None:
-            try:
-                self.traced(*example)
-            except Exception as err:
-                self.error = err
-
-        # not a daemon: the interpreter joins it before exiting (a daemon thread killed inside
-        # Inductor's C++ compile aborts the process: "terminate called without an active exception")
-        self.thread = threading.Thread(target=work, name="fxlowbit-compile-" + "-".join(map(str, self.key)))
-        self.thread.start()
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir(), "FXLOWBIT_CPU_COMPILE": "sync"}
+        cmd = [sys.executable, "-m", __name__, json.dumps(list(self.key))]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The kernel's outputs, or None while it compiles in the background."""
+        """The kernel's outputs, or None while a child process compiles it."""
         if self.fn is not None:
             return tuple(self.fn(*(get(args) for get in self.getters)))  # Inductor returns a list
-        if self.error is not None:
-            raise self.error
-        if not BACKGROUND:
-            return tuple(self.traced(*args))
-        if self.thread is None:
-            self._compile_in_background(args)
-        return None
+        if BACKGROUND:
+            if self.proc is None:
+                try:
+                    self._compile_in_child()
+                except OSError as err:  # no child processes here: compile on the spot
+                    log.info("fxlowbit: compiling %s here (%s)", self.key, err)
+                    return tuple(self.traced(*args))
+            if self.proc is not None and self.proc.poll() is None:
+                return None
+        # read from the child's cache entry (a failed child: compile here, and fail here if need be)
+        return tuple(self.traced(*args))
+
+
+def _example(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of family ``key`` (4 groups) for the child that compiles it: the graph, and so
+    Inductor's cache key, depends on the dtypes and symbolic sizes only."""
+    op, bits, group_size, dtype_name = key
+    dtype = getattr(torch, dtype_name)
+    x = torch.linspace(-1, 1, 4 * group_size).to(dtype)
+    seed = torch.tensor(1, dtype=torch.int64)
+    if op == "pack":
+        return x, seed
+    codes, meta = Q.quantize_pack_reference(x, bits, group_size, Q.hash_uniform(seed, 4, group_size))
+    return codes.reshape(-1), meta.reshape(-1)
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m fxlowbit.codegen.kernels.quant_cpu KEY``: compile family KEY (JSON), which
+    fills Inductor's on-disk cache for the parent process."""
+    key = tuple(json.loads(argv[0]))
+    body = _pack_finite if key[0] == "pack" else _decode_finite
+    fn = _family(key[0], body, key[1], key[2], getattr(torch, key[3]))
+    assert fn is not None
+    fn(*_example(key))
 
 
 def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dtype) -> _Family | None:
@@ -199,6 +221,10 @@ def _run(key_op: str, fn: Callable | None, args: tuple, bits: int, group_size: i
         return None
     counters["compiled" if out is not None else "pending"] += 1
     return out
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
 
 
 def _compilable(dtype: torch.dtype) -> bool:
