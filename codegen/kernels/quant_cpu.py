@@ -22,11 +22,12 @@ when the switch happens changes no result; then this process compiles the family
 (about a second). The first training step does not wait for a kernel compile (one pack family
 took 5-9 s to compile cold on 2 cores, 2026-12-05). A child, not a thread: tracing patches
 ``torch.nn.Module.__call__`` process-wide, so a compile on a thread breaks the training thread's
-module calls. :func:`wait` waits for the children.
+module calls. :func:`wait` waits for the children; a process that exits stops those still running.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -55,6 +56,14 @@ _broken: set[tuple] = set()
 def families() -> list[tuple]:
     """The families used in this process: (operation, bits, group size, dtype)."""
     return list(_families)
+
+
+@atexit.register
+def _stop_children() -> None:
+    """A process that ends before its children finish does not need their kernels: stop them."""
+    for family in list(_families.values()):
+        if family.proc is not None and family.proc.poll() is None:
+            family.proc.terminate()
 
 
 def wait() -> None:

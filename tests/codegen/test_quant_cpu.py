@@ -163,3 +163,16 @@ def test_a_family_that_compiles_in_the_child_but_not_here_warns_and_falls_back(m
         assert _same(C.quantize_pack(x, 2, 64, SEED), _reference(x, 2, 64))
     assert key in C._broken
     C._broken.discard(key)
+
+
+def test_children_still_compiling_at_exit_are_stopped_and_the_family_still_works(monkeypatch):
+    monkeypatch.setattr(C, "BACKGROUND", True)
+    key = ("pack", 8, 64, "bfloat16")
+    C._families.pop(key, None)
+    x = torch.randn(3000).to(torch.bfloat16)
+    C.quantize_pack(x, 8, 64, SEED)
+    proc = C._families[key].proc
+    C._stop_children()  # what the interpreter runs at exit
+    assert proc.wait() != 0
+    assert _same(C.quantize_pack(x, 8, 64, SEED), _reference(x, 8, 64))  # compiled here instead
+    assert C._families[key].fn is not None
