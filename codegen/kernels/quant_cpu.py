@@ -210,20 +210,20 @@ def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dt
     return fn
 
 
-def _run(key_op: str, fn: Callable | None, args: tuple, bits: int, group_size: int, dtype: torch.dtype):
+def _run(fn: _Family | None, args: tuple):
     if fn is None:
         return None
     try:
         out = fn(*args)
     except Exception as err:  # a machine that cannot compile still trains: on the eager reference
-        key = (key_op, bits, group_size, str(dtype).removeprefix("torch."))
+        key = fn.key
         _families.pop(key, None)
         _broken.add(key)
         counters["compile_failures"] += 1
         root = getattr(err, "inner_exception", None) or err  # Dynamo wraps the backend's error
         why = " ".join(f"{type(root).__name__}: {root}".split())  # one line
         warnings.warn(
-            f"fxlowbit: could not compile the CPU {key_op} kernel for {key[1:]} ({why}); it runs the "
+            f"fxlowbit: could not compile the CPU {key[0]} kernel for {key[1:]} ({why}); it runs the "
             "slower eager reference",
             stacklevel=4,
         )
@@ -249,7 +249,7 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, seed: torch.Tenso
         if pad:  # the compiled body sees whole groups: one family for every size
             flat = torch.cat([flat, flat[-1:].expand(pad)])
         fn = _family("pack", _pack_finite, bits, group_size, x.dtype)
-        out = _run("pack", fn, (flat.detach(), seed), bits, group_size, x.dtype)
+        out = _run(fn, (flat.detach(), seed))
         # a NaN or Inf in a group makes its min, max or scale non-finite: only such tensors (rare)
         # are quantized again, by the reference, which stores them exactly
         if out is not None and bool(torch.isfinite(out[1]).all()):
@@ -276,9 +276,7 @@ def dequantize_unpack(
         and not bool((meta[:, 1].contiguous().view(torch.int32) < 0).any())
     ):
         fn = _family("decode", _decode_finite, bits, group_size, dtype)
-        out = _run(
-            "decode", fn, (codes.reshape(-1).detach(), meta.reshape(-1).detach()), bits, group_size, dtype
-        )
+        out = _run(fn, (codes.reshape(-1).detach(), meta.reshape(-1).detach()))
         if out is not None:
             out = out[0][:numel].view(list(shape))
             if stride is not None and tuple(out.stride()) != tuple(stride):
