@@ -10,29 +10,35 @@ to the GPU would be a pageable host-to-device copy, which waits for the queued w
 
 from __future__ import annotations
 
-import itertools
-import threading
-
 import torch
 
-_lock = threading.Lock()
-_next_id = itertools.count()
-_generators: dict[int, torch.Generator] = {}
-_device_generators: dict[tuple[int, torch.device], torch.Generator] = {}
+from .. import state
+
+# in fxlowbit.state.STATE (fxlowbit.reset() clears the generators; a stream's seed survives it)
+_lock = state.STATE.lock
+_generators: dict[int, torch.Generator] = state.STATE.generators
+_device_generators: dict[tuple[int, torch.device], torch.Generator] = state.STATE.device_generators
+_seeds: dict[int, int] = state.STATE.stream_seeds
 
 
 def new_stream(seed: int) -> int:
     """Register a stream seeded with ``seed``; returns its id (baked into the graph)."""
     with _lock:
-        sid = next(_next_id)
-        _generators[sid] = torch.Generator().manual_seed(int(seed))
+        sid = state.STATE.next_id("stream")
+        _seeds[sid] = int(seed)
         return sid
 
 
 def generator(stream: int) -> torch.Generator:
-    if stream not in _generators:
-        raise KeyError(f"fxlowbit: unknown random stream {stream}")
-    return _generators[stream]
+    """The stream's generator, created from its seed on first use (and again after
+    ``fxlowbit.reset()``, which restarts the stream)."""
+    with _lock:
+        gen = _generators.get(stream)
+        if gen is None:
+            if stream not in _seeds:
+                raise KeyError(f"fxlowbit: unknown random stream {stream}")
+            gen = _generators[stream] = torch.Generator().manual_seed(_seeds[stream])
+        return gen
 
 
 def _on_device(stream: int, device: torch.device) -> torch.Generator:

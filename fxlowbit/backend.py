@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import itertools
 import logging
 import math
 import warnings
@@ -34,22 +33,23 @@ from . import (
     passes,
     planner,
     record,
+    state,
     validate,
 )
 from .codegen import rng
 from .config import LowbitConfig
 from .costmodel import load_profile
 from .plan import Plan
+from .state import STATE
 
 log = logging.getLogger(__name__)
 
 __all__ = ["lowbit", "last_plans", "last_graphs", "reset", "counters", "LowbitPartitioner"]
 
-_last_plans: list[Plan] = []
-_last_graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = []
-_ordinal = itertools.count()
-_gemm_ordinal = itertools.count()
-counters: Counter = Counter()  # what the rewrites did; tests assert it (expected zeros included)
+# in fxlowbit.state.STATE, the one home of run-time state (reset() clears them)
+_last_plans: list[Plan] = STATE.plans
+_last_graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = STATE.graphs
+counters: Counter = STATE.counters  # what the rewrites did; tests assert it (expected zeros included)
 
 
 def last_plans() -> list[Plan]:
@@ -64,12 +64,11 @@ def last_graphs() -> list[tuple[fx.GraphModule, fx.GraphModule]]:
     return list(_last_graphs)
 
 
-def reset() -> None:
-    """Forget recorded plans and zero the counters (``torch._dynamo.reset()`` does not)."""
-    _last_plans.clear()
-    _last_graphs.clear()
-    record.clear()
-    counters.clear()
+def reset(kernels: bool = True) -> None:
+    """Release everything fxlowbit holds (:func:`fxlowbit.state.reset`): recorded plans, graphs and
+    reports, counters, warn-once keys, random-stream state, 2:4 masks and, with ``kernels``, the
+    compiled CPU kernel families. ``torch._dynamo.reset()`` does none of this."""
+    state.reset(kernels=kernels)
 
 
 class LowbitPartitioner(CustomPartitionerFn):
@@ -211,7 +210,7 @@ def _seed(cfg: LowbitConfig) -> int:
     # Without an explicit seed, derive one from torch's initial seed (so torch.manual_seed makes
     # runs reproducible) without drawing from the user's generator.
     base = cfg.seed if cfg.seed is not None else torch.initial_seed()
-    return (base + 0x9E3779B97F4A7C15 * (next(_ordinal) if cfg.seed is None else 0)) % (2**63)
+    return (base + 0x9E3779B97F4A7C15 * (STATE.next_id("graph") if cfg.seed is None else 0)) % (2**63)
 
 
 def _activation_inputs(gm: fx.GraphModule, example_inputs, grad: bool = True) -> frozenset[int]:
@@ -273,7 +272,7 @@ _GEMM_SALT = 0x6A09E667F3BCC909  # the GEMM noise stream's seed differs from the
 def _lowbit_gemms(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
     """Linears -> fxlowbit::lowbit_linear with per-GEMM formats, on the Dynamo graph
     (passes/lowbit_gemm.py); an internal error leaves the linear it hit as it was."""
-    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + next(_gemm_ordinal)
+    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + STATE.next_id("gemm")
     stream = rng.new_stream((base ^ _GEMM_SALT) % (2**63))
     try:
         passes.lowbit_gemm.run(gm, cfg, stream=stream, counters=counters)

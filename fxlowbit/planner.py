@@ -38,9 +38,10 @@ from . import costmodel as cm
 from .config import LowbitConfig
 from .costmodel import Costs, stored_bytes
 from .plan import Decision, Form, Plan
+from .state import STATE
 
 log = logging.getLogger(__name__)
-_warned: set[str] = set()
+_warned: set[str] = STATE.warned  # warn-once keys (fxlowbit.state; reset() clears them)
 
 __all__ = [
     "decide",

@@ -26,6 +26,7 @@ import torch.fx as fx
 from . import planner
 from .config import LowbitConfig
 from .plan import Plan
+from .state import STATE
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class GraphRecord:
     inductor_code: dict[str, str] = dataclasses.field(default_factory=dict)  # "fw"/"bw" -> source
 
 
-_records: list[GraphRecord] = []
+_records: list[GraphRecord] = STATE.records  # fxlowbit.state; reset() clears it
 
 
 def records() -> list[GraphRecord]:

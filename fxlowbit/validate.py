@@ -18,25 +18,30 @@ from . import calibrate, passes
 from .codegen import ops, rng
 from .config import LowbitConfig
 from .plan import Plan
+from .state import STATE
 
 __all__ = ["plan_error"]
-
-_stream: int | None = None  # one rounding stream for every check (its draws never reach training)
 
 
 def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int = 0) -> tuple[float, float]:
     """(squared error of the plan's gradient against the exact one, squared norm of the exact
     one) on the step ``args``, with the probes' tangents for ``seed``."""
-    global _stream
-    if _stream is None:
-        _stream = rng.new_stream(0x5EED)
+    if not STATE.check_stream:  # one rounding stream for every check (its draws never reach training)
+        STATE.check_stream.append(rng.new_stream(0x5EED))
     fw0, bw0, n = pristine
     fw, bw = passes._graph.copy_module(fw0), passes._graph.copy_module(bw0)
     if cfg.enabled("recompute"):
         recipes = {s.name: s.recompute for s in facts.saved if s.recompute is not None}
         passes.recompute.run(fw, bw, plan, recipes, num_fwd_outputs=n)
     passes.rewrite_saved.run(
-        fw, bw, plan, num_fwd_outputs=n, group_size=cfg.group_size, stream=_stream, inline=False, fuse=False
+        fw,
+        bw,
+        plan,
+        num_fwd_outputs=n,
+        group_size=cfg.group_size,
+        stream=STATE.check_stream[0],
+        inline=False,
+        fuse=False,
     )
     devices = sorted({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda}, key=str)
     with torch.random.fork_rng(devices=devices):  # both replays draw the same dropout masks

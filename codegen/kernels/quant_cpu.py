@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ... import state
 from . import quant as Q
 
 __all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear", "wait", "BACKGROUND"]
@@ -48,9 +49,11 @@ __all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear"
 log = logging.getLogger(__name__)
 
 BACKGROUND = os.environ.get("FXLOWBIT_CPU_COMPILE", "background") != "sync"
-counters: Counter = Counter()  # "compiled" / "reference" / "pending" calls, "compile_failures"
-_families: dict[tuple, _Family] = {}
-_broken: set[tuple] = set()
+# in fxlowbit.state.STATE (fxlowbit.reset() clears them); counters: "compiled" / "reference" /
+# "pending" calls, "compile_failures"
+counters: Counter = state.STATE.kernel_counters
+_families: dict[tuple, _Family] = state.STATE.families
+_broken: set[tuple] = state.STATE.broken_families
 
 
 def families() -> list[tuple]:

@@ -17,15 +17,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from ... import state
 from .sparse24 import _check_weight, is_24, masked_weight, mvue24
 
 __all__ = ["sparse24_linear", "sparse24_linear_op", "sparse24_linear_bwd", "SEMI_STRUCTURED"]
 
 SEMI_STRUCTURED = True  # set False to force the masked dense GEMMs on CUDA too
 
-_warned: set[str] = set()
+_warned: set[str] = state.STATE.warned  # warn-once keys (fxlowbit.state; reset() clears them)
 
 
 def _semi_structured_ok(w: torch.Tensor, x: torch.Tensor) -> bool:
@@ -56,7 +56,7 @@ def _compress(wm: torch.Tensor) -> torch.Tensor:
     )
 
 
-_mask_checks = WeakTensorKeyDictionary()  # mask -> (its _version, 2:4 along rows, along columns)
+_mask_checks = state.STATE.mask_checks  # weak: mask -> (its _version, 2:4 along rows, along columns)
 
 
 def _mask_24(mask: torch.Tensor) -> tuple[bool, bool]:

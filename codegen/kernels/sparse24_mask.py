@@ -30,18 +30,17 @@ then starts its linear's schedule over from its current weight).
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import threading
 
 import torch
 
+from ... import state as _state
 from .sparse24_state import Sparse24State
 
 __all__ = ["sparse24_mask", "new_key", "MODULES", "entries", "reset"]
 
-MODULES: dict[int, str] = {}  # key -> module path of the linear ("" when unknown)
-_keys = itertools.count()
-_lock = threading.Lock()
+# in fxlowbit.state.STATE (fxlowbit.reset() empties the registry)
+MODULES: dict[int, str] = _state.STATE.mask_modules  # key -> module path of the linear ("" when unknown)
+_lock = _state.STATE.lock
 
 
 @dataclasses.dataclass
@@ -55,13 +54,13 @@ class _Entry:
         return self.state.masks["w"]
 
 
-_REGISTRY: dict[int, _Entry] = {}
+_REGISTRY: dict[int, _Entry] = _state.STATE.masks
 
 
 def new_key(module: str = "") -> int:
     """A fresh registry key for one linear of ``module`` (assigned by the pass at compile time)."""
     with _lock:
-        key = next(_keys)
+        key = _state.STATE.next_id("mask")
         MODULES[key] = module
     return key
 
@@ -100,6 +99,7 @@ def sparse24_mask(w: torch.Tensor, key: int, refresh: int, dense_after: int) -> 
             state.advance()  # step += 1; recomputes the mask when step % refresh == 0
             if not state.dense and state.step % refresh == 0:
                 entry.refreshes += 1
+        del state.weights["w"]  # the registry never keeps a weight alive between calls
         entry.calls += 1
         if state.dense:
             return torch.ones(w.shape, dtype=torch.bool, device=w.device)
