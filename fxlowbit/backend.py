@@ -31,6 +31,7 @@ from . import (
     calibrate,
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
     passes,
+    pipeline,
     planner,
     record,
     state,
@@ -38,7 +39,7 @@ from . import (
 )
 from .codegen import rng
 from .config import LowbitConfig
-from .costmodel import load_profile
+from .costmodel import HardwareProfile, load_profile
 from .plan import Plan
 from .state import STATE
 
@@ -72,7 +73,8 @@ def reset(kernels: bool = True) -> None:
 
 
 class LowbitPartitioner(CustomPartitionerFn):
-    """Min-cut partition, then store each saved tensor in the form the planner chose."""
+    """Min-cut partition, then the pipeline's partition steps (:data:`fxlowbit.pipeline.PARTITION_STEPS`:
+    store each saved tensor in the form the planner chose)."""
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         seed: int,
         sensitivity: dict | None = None,
         activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
+        profile: HardwareProfile | None = None,
     ) -> None:
         self.cfg = cfg
         # indices of graph inputs that are activations of earlier graphs, and of the user's batch
@@ -87,12 +90,13 @@ class LowbitPartitioner(CustomPartitionerFn):
         # measured sensitivities by planner.canonical_keys (names change between partitions)
         self.sensitivity = sensitivity
         self.stream = rng.new_stream(seed)
-        self.profile = load_profile(cfg.profile)
+        self.profile = profile if profile is not None else load_profile(cfg.profile)
         self.plan: Plan | None = None
         self.facts: passes.analyze.GraphFacts | None = None  # of the last partition
         self.extra_bytes = 0  # saved bytes of the losses linear_ce fused, unfused (the budget counts them)
         self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
         self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
+        self.timings: dict[str, float] = {}  # step -> seconds, of the last partition
 
     def uuid(self) -> Any | None:
         return None  # plans and random streams are per compilation: never reuse cached code
@@ -108,23 +112,27 @@ class LowbitPartitioner(CustomPartitionerFn):
         fw, bw = partition(gm, joint_inputs)
         n = kwargs["num_fwd_outputs"]
         before, fallback = (record.snapshot(fw), record.snapshot(bw)), None  # for fxlowbit.last_report()
+        acts, data = (self._placeholder_names(fw, which) for which in self.activations)
+        ctx = pipeline.Context(
+            self.cfg, self.profile, label=f"graph{len(STATE.records)}", fw=fw, bw=bw, num_fwd_outputs=n,
+            stream=self.stream, activations=acts, data=data, sensitivity=self.sensitivity,
+        )  # fmt: skip
         try:
-            if self.cfg.enabled("saved_views"):
-                passes.saved_views.run(fw, bw, num_fwd_outputs=n, counters=counters)
-            if self.cfg.calibrate_every and self.cfg.bits is None:
-                self.pristine = self._keep_for_probes(fw, bw, n)
-            self._compress(fw, bw, n)
+            pipeline.run(pipeline.PARTITION_STEPS, ctx)
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
                 raise
+            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"  # one line, no graph dump
             warnings.warn(
-                f"fxlowbit: internal error while compressing saved tensors ({type(err).__name__}: {err}); "
+                f"fxlowbit: internal error while compressing saved tensors ({why}); "
                 "this graph runs uncompressed",
                 stacklevel=2,
             )
             counters["fallback_internal_error"] += 1
             fw, bw = partition(gm, joint_inputs)
             fallback = f"{type(err).__name__}: {err}"
+        self.pristine, self.facts, self.plan = ctx.pristine, ctx.facts, ctx.plan
+        self.extra_bytes, self.quantizable, self.timings = ctx.extra_bytes, ctx.quantizable, ctx.timings
         _last_graphs.append((fw, bw))
         record.add(self, before, (fw, bw), fallback)
         return fw, bw
@@ -135,70 +143,6 @@ class LowbitPartitioner(CustomPartitionerFn):
         input ``primals_{i+1}``)."""
         names = {f"primals_{i + 1}" for i in indices}
         return frozenset(p.name for p in fw.graph.find_nodes(op="placeholder") if p.name in names)
-
-    def _keep_for_probes(self, fw: fx.GraphModule, bw: fx.GraphModule, n: int):
-        """Copies of the partitioned graphs for the probes to replay; a failure disables probing
-        for this graph (one warning, counted), never the compression."""
-        try:
-            return passes._graph.copy_module(fw), passes._graph.copy_module(bw), n
-        except Exception as err:
-            if self.cfg.strict:
-                raise
-            warnings.warn(
-                f"fxlowbit: probes disabled for this graph: could not copy it ({type(err).__name__}: "
-                f"{err}); it is compressed under the prior sensitivities",
-                stacklevel=3,
-            )
-            counters["probes_disabled"] += 1
-            return None
-
-    def _compress(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
-        cfg = self.cfg
-        if not cfg.enabled("analyze"):
-            return
-        acts, data = (self._placeholder_names(fw, which) for which in self.activations)
-        facts = passes.analyze.run(fw, bw, num_fwd_outputs, acts, data)
-        if not cfg.enabled("plan"):
-            return
-        sens = None
-        if self.sensitivity is not None:
-            keys = planner.canonical_keys(facts.saved)
-            sens = {name: self.sensitivity[k] for name, k in keys.items() if k in self.sensitivity}
-        # a fused loss saves no logits: the budget's fraction is of the bytes saved without fxlowbit
-        self.extra_bytes = passes.linear_ce.unfused_extra_bytes(fw)
-        plan = planner.decide(
-            facts.saved, cfg, facts.hints, profile=self.profile, sensitivity=sens, gemms=facts.gemms,
-            extra_bytes=self.extra_bytes,
-        )  # fmt: skip
-        self.plan, self.facts = plan, facts
-        self.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
-        _last_plans.append(plan)  # planner.decide logs it at INFO
-        if cfg.enabled("recompute"):
-            recipes = {s.name: s.recompute for s in facts.saved if s.recompute is not None}
-            passes.recompute.run(fw, bw, plan, recipes, num_fwd_outputs=num_fwd_outputs, counters=counters)
-        if not cfg.enabled("rewrite_saved"):
-            return
-        passes.rewrite_saved.run(
-            fw,
-            bw,
-            plan,
-            num_fwd_outputs=num_fwd_outputs,
-            group_size=cfg.group_size,
-            stream=self.stream,
-            counters=counters,
-            inline=cfg.inline_kernels(_device_type(fw)),
-            quant_op=cfg.quant_op(_device_type(fw)),
-            fuse=cfg.fuse,
-        )
-        counters["graphs_rewritten"] += 1
-        counters["saved_bytes_before"] += plan.bytes_before
-        counters["saved_bytes_after"] += plan.bytes_after
-
-
-def _device_type(gm: fx.GraphModule) -> str:
-    """ "cuda" if any input of ``gm`` lives on a CUDA device, else "cpu"."""
-    vals = (p.meta.get("val") for p in gm.graph.find_nodes(op="placeholder"))
-    return "cuda" if any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals) else "cpu"
 
 
 def _devices(args) -> list:
@@ -235,53 +179,23 @@ def _activation_inputs(gm: fx.GraphModule, example_inputs, grad: bool = True) ->
 
 
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """torch.compile backend entry point (``backend="lowbit"``)."""
+    """torch.compile backend entry point (``backend="lowbit"``): the pipeline's Dynamo-graph steps
+    (:data:`fxlowbit.pipeline.DYNAMO_STEPS`), then AOTAutograd with :class:`LowbitPartitioner`."""
     cfg = LowbitConfig.from_options(options)
+    profile = load_profile(cfg.profile)  # once per compile: every step and re-plan shares it
     activations = _activation_inputs(gm, example_inputs), _activation_inputs(gm, example_inputs, grad=False)
-    if cfg.enabled("linear_ce") and torch.is_grad_enabled():  # inference saves no logits: leave it
-        _fuse_loss(gm, cfg)
-    if cfg.enabled("lowbit_gemm") and (cfg.gemm_active or cfg.sparsity_active) and torch.is_grad_enabled():
-        _lowbit_gemms(gm, cfg)
-    if cfg.bits is not None or not cfg.calibrate_every or not cfg.enabled("plan"):
-        partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations)
+    pipeline.run(
+        pipeline.DYNAMO_STEPS, pipeline.Context(cfg, profile, label=f"dynamo{STATE.next_id('dynamo')}", gm=gm)
+    )
+    if (
+        cfg.bits is not None
+        or not cfg.calibrate_every
+        or not cfg.enabled("plan")
+        or not cfg.enabled("probes")
+    ):
+        partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations, profile=profile)
         return _compile(gm, example_inputs, cfg, partitioner, mode)
-    return _Adaptive(gm, example_inputs, cfg, mode, activations)
-
-
-def _fuse_loss(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
-    """Projection + cross-entropy -> fused op, on the Dynamo graph (passes/linear_ce.py): whenever
-    the logits exceed one cache-resident chunk; under an explicit memory budget below 1 (binding)
-    smaller heads too, when that saves bytes."""
-    binding = cfg.memory_budget is not None and cfg.memory_budget != 1
-    try:
-        compressing = cfg.enabled("plan") and cfg.enabled("rewrite_saved")
-        passes.linear_ce.run(
-            gm, budget_binding=binding, compressing=compressing, profile=cfg.profile, counters=counters
-        )
-    except Exception as err:  # the rewrite undoes its own partial edits before raising
-        if cfg.strict:
-            raise
-        msg = f"fxlowbit: linear_ce pass failed ({type(err).__name__}: {err}); loss left unfused"
-        warnings.warn(msg, stacklevel=2)
-        counters["fallback_internal_error"] += 1
-
-
-_GEMM_SALT = 0x6A09E667F3BCC909  # the GEMM noise stream's seed differs from the partitioner's
-
-
-def _lowbit_gemms(gm: fx.GraphModule, cfg: LowbitConfig) -> None:
-    """Linears -> fxlowbit::lowbit_linear with per-GEMM formats, on the Dynamo graph
-    (passes/lowbit_gemm.py); an internal error leaves the linear it hit as it was."""
-    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + STATE.next_id("gemm")
-    stream = rng.new_stream((base ^ _GEMM_SALT) % (2**63))
-    try:
-        passes.lowbit_gemm.run(gm, cfg, stream=stream, counters=counters)
-    except Exception as err:  # each rewrite undoes its own partial edits; finished ones stay
-        if cfg.strict:
-            raise
-        msg = f"fxlowbit: lowbit_gemm pass failed ({type(err).__name__}: {err}); linears left as they are"
-        warnings.warn(msg, stacklevel=2)
-        counters["fallback_internal_error"] += 1
+    return _Adaptive(gm, example_inputs, cfg, mode, activations, profile)
 
 
 def _compile(gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, partitioner, mode: str | None):
@@ -326,12 +240,13 @@ class _Adaptive:
         cfg: LowbitConfig,
         mode: str | None,
         activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
+        profile: HardwareProfile | None = None,
     ):
         self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
         # no reference to example_inputs: a re-plan compiles with the batch that triggers it
         self.cfg, self.mode = cfg, mode
         self.activations = activations
-        self.partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations)
+        self.partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations, profile=profile)
         self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
         self._boxed_call = getattr(self.current, "_boxed_call", False)
         self.variants = {self._signature(self.partitioner): self.current}
@@ -540,7 +455,9 @@ class _Adaptive:
         assert p.facts is not None and self.sensitivity is not None  # re-plans follow a probe
         keys = planner.canonical_keys(p.facts.saved)
         by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
-        q = LowbitPartitioner(self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations)
+        q = LowbitPartitioner(
+            self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations, profile=p.profile
+        )
         fn = _compile(copy.deepcopy(self.source), args, self.cfg, q, self.mode)
         self.variants[sig] = fn
         self.current = fn

@@ -15,7 +15,11 @@ from typing import Any
 __all__ = ["LowbitConfig", "PASSES", "GEMM_FORMATS"]
 
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-PASSES = ("linear_ce", "lowbit_gemm", "saved_views", "analyze", "plan", "recompute", "rewrite_saved")
+# (fxlowbit/pipeline.py runs them; "probes": the copies the probes replay, so off = no probes)
+PASSES = (
+    *("linear_ce", "lowbit_gemm"),  # on the Dynamo graph
+    *("saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"),  # on the partitioned pair
+)
 GEMM_FORMATS = ("auto", "off", "int8", "fp8")  # per GEMM: cost model, plain, or forced
 GEMM_ROLES = ("fwd", "grad_input", "grad_weight")
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import sympy
 
+from .state import STATE
+
 __all__ = [
     "HardwareProfile",
     "load_profile",
@@ -221,11 +223,16 @@ def load_profile(spec: str | os.PathLike | Mapping | HardwareProfile | None = No
     if not path.exists():
         shipped = sorted(p.stem for p in _PROFILES_DIR.glob("*.json"))
         raise ValueError(f"fxlowbit: profile {str(spec)!r} is neither a file nor a shipped profile {shipped}")
+    key = (str(path.resolve()), path.stat().st_mtime_ns)  # an edited file is read again
+    cached = STATE.profiles.get(key)
+    if cached is not None:  # parsed once per process (the options' check, then every compile)
+        return cached
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"fxlowbit: profile {str(path)!r} is not valid JSON: {err}") from None
-    return HardwareProfile.from_dict(data)
+    profile = STATE.profiles[key] = HardwareProfile.from_dict(data)
+    return profile
 
 
 def _number(v: Any) -> bool:

@@ -114,7 +114,8 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
     return rec
 
 
-def _write(name: str, text: str) -> None:
+def write(name: str, text: str) -> None:
+    """Write ``text`` to ``FXLOWBIT_DUMP_DIR/name`` (nothing when it is not set)."""
     root = dump_dir()
     if root is None:
         return
@@ -127,9 +128,9 @@ def _write(name: str, text: str) -> None:
 
 def _dump(rec: GraphRecord) -> None:
     for part, gm in rec.graphs.items():
-        _write(f"graph{rec.index}_{part}.py", gm.print_readable(print_output=False))
+        write(f"graph{rec.index}_{part}.py", gm.print_readable(print_output=False))
     plan = str(rec.plan) if rec.plan is not None else f"no plan ({rec.fallback or 'plan step off'})"
-    _write(f"graph{rec.index}_plan.txt", plan + "\n")
+    write(f"graph{rec.index}_plan.txt", plan + "\n")
 
 
 def inner_compile(partitioner):
@@ -146,7 +147,7 @@ def inner_compile(partitioner):
             part = "bw" if kwargs.get("is_backward") else "fw"
             rec.inductor_code[part] = code
             try:
-                _write(f"graph{rec.index}_{part}_inductor.py", code)
+                write(f"graph{rec.index}_{part}_inductor.py", code)
             except OSError as err:
                 log.warning("fxlowbit: %s not written (%s)", DUMP_ENV, err)
         return out

@@ -53,9 +53,11 @@ class RuntimeState:
     families: dict = dataclasses.field(default_factory=dict)
     broken_families: set = dataclasses.field(default_factory=set)
     kernel_counters: Counter = dataclasses.field(default_factory=Counter)
+    # costmodel.load_profile: (path, mtime) -> HardwareProfile, parsed once
+    profiles: dict = dataclasses.field(default_factory=dict)
     # ids: never reset (a graph compiled before a reset still names its ids)
     ids: dict[str, Any] = dataclasses.field(
-        default_factory=lambda: {k: itertools.count() for k in ("stream", "mask", "graph", "gemm")}
+        default_factory=lambda: {k: itertools.count() for k in ("stream", "mask", "graph", "gemm", "dynamo")}
     )
     lock: Any = dataclasses.field(default_factory=threading.RLock)
 
@@ -72,8 +74,9 @@ class RuntimeState:
 
 STATE = RuntimeState()
 
-# Emptied by reset(kernels=False); the kernel families only by reset() (they hold compiled code,
-# no model state, and recompile from Inductor's disk cache in about half a second each).
+# Emptied by reset(kernels=False); the kernel families and parsed profiles only by reset() (they
+# hold compiled code and hardware figures, no model state; a family recompiles from Inductor's disk
+# cache in about half a second).
 _MODEL_STATE = (
     "plans",
     "graphs",
@@ -87,7 +90,7 @@ _MODEL_STATE = (
     "mask_modules",
     "mask_checks",
 )
-_KERNEL_STATE = ("families", "broken_families", "kernel_counters")
+_KERNEL_STATE = ("families", "broken_families", "kernel_counters", "profiles")
 
 
 def reset(kernels: bool = True) -> None:

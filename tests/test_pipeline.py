@@ -1,0 +1,110 @@
+"""The pipeline (fxlowbit/pipeline.py): one list of named steps, each switchable, each applied by
+one helper that times it, counts it, lints the graphs, checks meta["val"] and dumps the graphs;
+the hardware profile is loaded once per compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxlowbit
+from fxlowbit import config, costmodel, pipeline
+
+from ._util import make
+
+
+def _compile_step(options: dict, name: str = "gpt") -> None:
+    model, inputs, loss_fn = make(name)
+    loss_fn(torch.compile(model, backend="lowbit", options=options)(*inputs)).backward()
+
+
+def test_the_steps_are_the_passes_option_in_order():
+    assert tuple(s.name for s in pipeline.STEPS) == config.PASSES
+    assert all(s.stage == "dynamo" for s in pipeline.DYNAMO_STEPS)
+    assert all(s.stage == "partition" for s in pipeline.PARTITION_STEPS)
+
+
+def test_default_path_applies_every_partition_step_once_with_meta_vals_kept():
+    _compile_step({"inner": "eager"})  # TinyGPT: a fusable loss head; the planner with probes
+    c = fxlowbit.counters
+    for step in pipeline.PARTITION_STEPS:
+        assert c[f"step.{step.name}"] == 1, step.name
+    assert c["step.linear_ce"] == 1 and c["step.lowbit_gemm"] == 1  # gemm="auto": the cost model picks
+    assert not [k for k in c if k.endswith("nodes_without_val")]
+    assert c["fallback_internal_error"] == 0
+
+
+@pytest.mark.parametrize("off", ["saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"])
+def test_each_step_switches_off_and_what_needs_it_does_not_run(off):
+    _compile_step({"inner": "eager", "passes": {off: False}}, name="mlp")
+    c = fxlowbit.counters
+    assert c[f"step.{off}"] == 0
+    needs = {"analyze": {"plan", "recompute", "rewrite_saved"}, "plan": {"recompute", "rewrite_saved"}}
+    for step in pipeline.PARTITION_STEPS:
+        if step.name != off:
+            assert c[f"step.{step.name}"] == (0 if step.name in needs.get(off, ()) else 1), step.name
+    assert c["fallback_internal_error"] == 0
+    assert c["probes"] == 0 if off == "probes" else True
+    assert bool(fxlowbit.last_plans()) == (off not in ("analyze", "plan"))
+
+
+def test_the_profile_is_parsed_once_per_process(monkeypatch):
+    """The options' check, the loss fusion, the GEMM choice, the planner and a second compile all
+    share one parsed profile (it was read up to three times per compile)."""
+    parses = []
+    real = costmodel.HardwareProfile.from_dict.__func__
+
+    def counting(cls, d):
+        parses.append(d.get("kind"))
+        return real(cls, d)
+
+    monkeypatch.setattr(costmodel.HardwareProfile, "from_dict", classmethod(counting))
+    fxlowbit.reset()  # forget the profiles parsed by earlier tests
+    for _ in range(2):
+        torch._dynamo.reset()
+        _compile_step({"inner": "eager", "gemm": "int8", "calibrate_every": 0})  # every profile user runs
+    assert fxlowbit.counters["step.lowbit_gemm"] == 2 and fxlowbit.counters["step.linear_ce"] == 2
+    assert len(parses) == 1
+
+
+def test_a_step_that_breaks_the_graph_is_caught_by_the_lint_and_falls_back(monkeypatch):
+    real = fxlowbit.passes.saved_views.run
+
+    def corrupt(fw, bw, **kw):
+        out = real(fw, bw, **kw)
+        last = list(fw.graph.nodes)[-2]  # the node before the output
+        with fw.graph.inserting_before(next(iter(fw.graph.nodes))):  # used before it is defined
+            fw.graph.call_function(torch.ops.aten.neg.default, (last,))
+        return out
+
+    monkeypatch.setattr(fxlowbit.passes.saved_views, "run", corrupt)
+    with pytest.warns(UserWarning, match="internal error.*runs uncompressed"):
+        _compile_step({"inner": "eager", "calibrate_every": 0}, name="mlp")
+    assert fxlowbit.counters["fallback_internal_error"] == 1
+
+
+def test_a_node_without_meta_val_is_counted_and_raises_under_strict(monkeypatch):
+    real = fxlowbit.passes.recompute.run
+
+    def careless(fw, bw, *args, **kw):
+        real(fw, bw, *args, **kw)
+        out = fw.graph.find_nodes(op="output")[0]
+        with fw.graph.inserting_before(out):
+            fw.graph.call_function(torch.ops.aten.neg.default, (fw.graph.find_nodes(op="placeholder")[0],))
+
+    monkeypatch.setattr(fxlowbit.passes.recompute, "run", careless)
+    _compile_step({"inner": "eager", "calibrate_every": 0}, name="mlp")
+    assert fxlowbit.counters["step.recompute.nodes_without_val"] == 1
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="step recompute left 1 node"):
+        _compile_step({"inner": "eager", "calibrate_every": 0, "strict": True}, name="mlp")
+
+
+def test_graphs_are_dumped_after_every_step(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXLOWBIT_DUMP_DIR", str(tmp_path))
+    _compile_step({"inner": "eager", "calibrate_every": 0})
+    names = {p.name for p in tmp_path.iterdir()}
+    for step in ("saved_views", "analyze", "plan", "recompute", "rewrite_saved"):
+        assert {f"graph0_{step}_fw.py", f"graph0_{step}_bw.py"} <= names, step
+    assert any(n.endswith("_linear_ce_gm.py") for n in names)
+    assert "graph0_fw_after.py" in names  # the record's own dump is still there
