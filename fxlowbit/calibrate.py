@@ -8,7 +8,7 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
 2. for each tensor the planner may quantize, the gradient ``g_l`` with only that tensor quantized
    at ``PROBE_BITS`` = 4 bits (stochastic rounding, groups as configured; in normalised or
    standardised form where the rewrite stores it so, see :func:`_normalised_probe` and
-   ``passes.rewrite_saved.standardised``): ``||g_l - g||^2`` is one
+   ``fxlowbit.forms.normalised``): ``||g_l - g||^2`` is one
    sample of the variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
    ranges, the sensitivity is ``s_l = 225 ||g_l - g||^2`` (the variance at "one level", see
    :mod:`fxlowbit.costmodel`);
@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .codegen.kernels.quant import dequantize_unpack_reference, quantize_pack_reference
+from .forms.normalised import normalised, standardised
 from .passes import _ops
 from .passes._graph import copy_module, through_identities
 
@@ -148,15 +149,13 @@ def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
 
 def _normalised_probe(pristine, name: str, noisy, fw_nodes: dict | None = None) -> fx.GraphModule | None:
     """A copy of the backward in which the value the rewrite would store for ``name`` in its place
-    (its normalised form, e.g. LayerNorm's ``(x - mean) * rstd``; passes/rewrite_saved.py) goes
+    (its normalised form, e.g. LayerNorm's ``(x - mean) * rstd``; fxlowbit/forms/normalised.py) goes
     through ``noisy``; None when ``name`` is stored as itself. ``fw_nodes``: the forward graph's
     nodes by name (built here if not given); the backward is copied only when the form applies."""
-    from .passes.rewrite_saved import _normalised
-
     fw, bw, _ = pristine
     fw_nodes = fw_nodes if fw_nodes is not None else {n.name: n for n in fw.graph.nodes}
     ph = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == name)
-    found = _normalised(ph, fw_nodes)
+    found = normalised(ph, fw_nodes)
     if found is None:
         return None
     with _transient_source():
@@ -176,8 +175,6 @@ def _is_comparison(user: fx.Node) -> bool:
 
 def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> Probe:
     """Sensitivity of each saved tensor in ``names`` (see the module docstring)."""
-    from .passes.rewrite_saved import standardised
-
     fw, bw, _ = pristine
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     grad, saved, tangents = exact_gradient(pristine, args, seed)

@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import sympy
-
 from .state import STATE
 
 __all__ = [
@@ -52,6 +50,7 @@ __all__ = [
     "MIN_GEMM_GAIN",
 ]
 
+# the built-in forms' names (fxlowbit.plan.Form; each form is a module of fxlowbit.forms)
 KEEP, RECOMPUTE, QUANT, MASK, CMP_MASK, PACKED = "keep", "recompute", "quant", "mask", "cmp_mask", "packed"
 
 # GEMM size buckets by FLOPs (2*M*N*K) of one call: small GEMMs lose to launch and quantization
@@ -273,22 +272,13 @@ def _default_name() -> str:
 
 # -- memory ---------------------------------------------------------------------------------------
 def stored_bytes(form: str, numel, bits: int, group_size: int, itemsize: int, n_masks: int = 1):
-    """Exact bytes of a stored form as a sympy expression of the symbolic sizes. Quantized: per
-    group of ``group_size`` elements, ``group_size * bits / 8`` bytes of codes and 8 bytes of fp32
-    (lo, scale); masks: one bit per element, rounded up to bytes; packed integers: ``bits`` per
-    element (1, 2, 4 or 8), rounded up to bytes."""
-    if form == KEEP:
-        return numel * itemsize
-    if form == RECOMPUTE:
-        return sympy.Integer(0)
-    if form in (MASK, CMP_MASK):
-        return n_masks * sympy.ceiling(numel / 8)
-    if form == PACKED:  # bits-wide fields, 8 // bits per byte
-        return sympy.ceiling(numel / (8 // bits))
-    if form == QUANT:
-        groups = sympy.ceiling(numel / group_size)
-        return groups * (group_size * bits // 8) + groups * 8
-    raise ValueError(f"unknown form {form!r}")
+    """Exact bytes of a stored form as a sympy expression of the symbolic sizes. Each form's
+    formula lives in its module of :mod:`fxlowbit.forms` (quantized: per group of ``group_size``
+    elements, ``group_size * bits / 8`` bytes of codes and 8 bytes of fp32 (lo, scale); masks: one
+    bit per element, rounded up to bytes; packed integers: ``bits`` per element, rounded up)."""
+    from . import forms  # the registry prices its forms with this module's figures
+
+    return forms.get(form).stored_bytes(numel, bits, group_size, itemsize, n_masks)
 
 
 PACKED_WIDTHS = (1, 2, 4, 8)  # field widths that tile a byte (codegen.kernels.bitmask.BIT_WIDTHS)

@@ -14,6 +14,10 @@ __all__ = ["Form", "Decision", "Plan"]
 
 
 class Form:
+    """The built-in forms' names, as :attr:`Decision.form` stores them. Each is the ``name`` of a
+    module of :mod:`fxlowbit.forms`, which says what the form is (``fxlowbit.forms.names()`` lists
+    every registered form, added ones included)."""
+
     KEEP = "keep"
     RECOMPUTE = "recompute"  # replayed in the backward from values it has anyway
     QUANT = "quant"  # b-bit per-group affine, stochastic rounding

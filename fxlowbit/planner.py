@@ -9,8 +9,10 @@ Works on the plain records of :mod:`fxlowbit.passes.analyze` and never touches t
    stochastic rounding at each allowed width, or a replay of their pointwise producers from
    values the backward has anyway. Unknown backward uses keep the tensor with one warning naming
    the op (strict mode raises).
-2. Each form is priced by :mod:`fxlowbit.costmodel`: stored bytes, seconds added to the step and
-   gradient variance added, in units of the minibatch gradient variance.
+2. Each form is one module of the registry :mod:`fxlowbit.forms`, which says where it applies and
+   prices it with :mod:`fxlowbit.costmodel`'s figures: stored bytes, seconds added to the step and
+   gradient variance added, in units of the minibatch gradient variance. The planner only sorts a
+   tensor into a kind (:data:`fxlowbit.forms.KINDS`) and asks every form in turn.
 3. :func:`solve` picks one form per tensor minimising ``time + w * step_time * variance`` under the
    memory budget: exact dynamic programming over the budget (in :func:`dp_unit` units, sizes
    rounded up, so a plan found is always within budget), a documented greedy beyond ``DP_LIMIT``
@@ -35,6 +37,7 @@ import numpy as np
 import sympy
 
 from . import costmodel as cm
+from . import forms as _forms
 from .config import LowbitConfig
 from .costmodel import Costs, stored_bytes
 from .plan import Decision, Form, Plan
@@ -131,8 +134,8 @@ def may_quantize(s, cfg: LowbitConfig) -> bool:
 
 
 # The quantizer computes in fp32: float64 values beyond its range would come back as Inf (1e100)
-# or zero (1e-60), so float64 tensors are never quantized (exact masks and replays still apply).
-F64_KEPT = "float64: kept exact (quantization computes in fp32, whose range float64 values exceed)"
+# or zero (1e-60), so float64 tensors are never quantized (exact masks and replays still apply):
+# their kind is "float64" (F64_KEPT, forms/keep.py, is the reason a plan gives).
 
 
 def _n_masks(s) -> int:
@@ -182,60 +185,39 @@ def candidates(
     narrowest width offered on a prior sensitivity (no measurement yet)."""
     subs = subs or {}
     numel = int(sympy.sympify(s.numel).subs(subs))
-    nbytes = int(sympy.sympify(s.nbytes).subs(subs))
-    fp32_bytes = 4 * numel  # profile rates are per fp32 byte (the kernels compute in fp32)
-    keep = Costs(Form.KEEP, 0, 0 if _free(s) else nbytes, 0.0, 0.0)
     fixed = _fixed(s, cfg)
-    if fixed:
-        return [keep], [fixed], 0
-    out, why = [keep], ["kept: cheapest in time within the budget"]
-    exact_reason = _exact_only(s, cfg)
-    r = s.recompute
-    lossy_leaves = lossy_names & set(r.leaves) if r is not None else set()
-    # row statistics are kept exact (``_exact_only``): only other lossy leaves are scaled by them
-    scaled = bool(lossy_leaves - row_stats and row_stats & set(r.leaves)) if r is not None else False
-    if cfg.recompute and r is not None and not scaled and (exact_reason is None or not lossy_leaves):
-        out.append(Costs(Form.RECOMPUTE, 0, 0, profile.pointwise_time(r.nbytes_moved), 0.0))
-        leaves = ", ".join(r.leaves) or "constants"
-        why.append(f"replayed in the backward: {len(r.nodes)} pointwise op(s) on {leaves}")
-        if r.from_inputs:  # a cast of weights or inputs: replaying it is exact and costs one pass
-            return out, why, 0
-    if str(s.dtype) == "torch.bool":
-        if cfg.masks:
-            mask = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1)).subs(subs))
-            out.append(Costs(Form.MASK, 1, mask, profile.mask_time(fp32_bytes), 0.0))
-            why.append("bool mask: 1 bit, exact")
-        return out, why, 0
-    if exact_reason:
-        why[0] = exact_reason
-        b = cm.packed_bits(*s.int_range) if s.int_range is not None else None
-        if b is not None and b < s.itemsize * 8:
-            packed = int(sympy.sympify(stored_bytes(Form.PACKED, s.numel, b, 1, 1)).subs(subs))
-            out.append(Costs(Form.PACKED, b, packed, profile.mask_time(fp32_bytes), 0.0))
-            lo, hi = s.int_range
-            why.append(f"integers in [{lo}, {hi}] (from {s.producer}'s op): {b}-bit fields, exact")
-        return out, why, 0
+    exact = None if fixed else _exact_only(s, cfg)  # warns (or raises) on unknown backward uses
     n = _n_masks(s)
-    mask_bytes = int(sympy.sympify(stored_bytes(Form.MASK, s.numel, 1, 1, 1, n)).subs(subs)) if n else 0
-    mask_time = n * profile.mask_time(fp32_bytes) if n else 0.0
-    if n and n == len(s.uses):
-        if n < s.itemsize * 8:
-            out.append(Costs(Form.CMP_MASK, 0, mask_bytes, mask_time, 0.0))
-            why.append(f"backward only compares it with scalars: {n} exact 1-bit mask(s)")
-        return out, why, n
-    if str(s.dtype) == "torch.float64":
-        why[0] = F64_KEPT
-        return out, why, 0
+    if fixed:
+        kind = "fixed"
+    elif str(s.dtype) == "torch.bool":
+        kind = "bool"
+    elif exact:
+        kind = "exact"
+    elif n and n == len(s.uses):
+        kind = "compared"
+    elif str(s.dtype) == "torch.float64":
+        kind = "float64"
+    else:
+        kind = "float"
     sens, source = _sensitivity(s, sensitivity, total_numel, numel)
-    for b in sorted(cfg.allowed_bits):
-        if b < min_prior_bits and source == "prior":
-            continue  # 2 bits need a measurement: a wrong prior there wrecks the gradient
-        q = int(sympy.sympify(stored_bytes(Form.QUANT, s.numel, b, cfg.group_size, s.itemsize)).subs(subs))
-        t = profile.pack_time(fp32_bytes, b) + profile.unpack_time(fp32_bytes, b) + mask_time
-        out.append(Costs(Form.QUANT, b, q + mask_bytes, t, cm.quant_variance(sens, b)))
-        extra = f", plus {n} exact 1-bit comparison mask(s)" if n else ""
-        why.append(f"{b}-bit stochastic rounding, groups of {cfg.group_size}{extra} ({source} sensitivity)")
-    return out, why, n
+    t = _forms.Tensor(
+        s, cfg, profile, subs, kind, fixed, exact, numel,
+        nbytes=0 if _free(s) else int(sympy.sympify(s.nbytes).subs(subs)),
+        n_masks=n, sensitivity=sens, source=source, min_prior_bits=min_prior_bits,
+        lossy_names=lossy_names, row_stats=row_stats,
+    )  # fmt: skip
+    out: list[Costs] = []
+    why: list[str] = []
+    for form in _forms.all_forms():
+        if kind not in form.kinds:
+            continue
+        offered = form.offers(t)
+        out += [c for c, _ in offered]
+        why += [w for _, w in offered]
+        if offered and form.exclusive(t):
+            return out, why, 0
+    return out, why, n if kind in ("compared", "float") else 0
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -409,7 +391,7 @@ def decide(
         for i, s in enumerate(saved):
             if s.name in leaves:
                 c, why, n = options[i]
-                keep = [k for k, x in enumerate(c) if x.form not in (Form.CMP_MASK, Form.RECOMPUTE)]
+                keep = [k for k, x in enumerate(c) if _forms.get(x.form).replay_leaf]
                 options[i] = ([c[k] for k in keep], [why[k] for k in keep], n)
         return options
 
@@ -426,7 +408,7 @@ def decide(
     decisions = []
     for s, (costs, why, n), k in zip(saved, options, pick, strict=True):
         c = costs[k]
-        decisions.append(_decision(s, c, why[k], n if c.form in (Form.QUANT, Form.CMP_MASK) else 0, subs))
+        decisions.append(_decision(s, c, why[k], n if _forms.get(c.form).carries_masks else 0, subs))
     plan = Plan(
         tuple(decisions),
         budget=budget,
@@ -470,10 +452,9 @@ def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget
     return pick, status
 
 
-def _replay_leaves(s, costs: list[Costs]) -> tuple[str, ...]:
-    if s.recompute is not None and any(c.form == Form.RECOMPUTE for c in costs):
-        return s.recompute.leaves
-    return ()
+def _replay_leaves(s, costs: list[Costs]) -> set[str]:
+    """Saved tensors whose stored values some form offered for ``s`` would read."""
+    return {leaf for c in costs for leaf in _forms.get(c.form).reads(s)}
 
 
 def _choose(
@@ -572,9 +553,7 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
         shape=tuple(d if isinstance(d, int) else str(d) for d in s.shape),
         dtype=str(s.dtype).replace("torch.", ""),
         form=c.form,
-        bits=(c.bits + masks)
-        if c.form in (Form.QUANT, Form.CMP_MASK, Form.MASK, Form.PACKED)
-        else (0 if c.form == Form.RECOMPUTE else s.itemsize * 8),  # fmt: skip
+        bits=_forms.get(c.form).decision_bits(c, masks, s.itemsize),
         bytes_before=0 if _free(s) else int(sympy.sympify(s.nbytes).subs(subs)),
         bytes_after=c.nbytes,
         reason=reason,
@@ -608,13 +587,13 @@ def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
             costs, whys, n = candidates(s, uni, profile, subs=subs)
             k = len(costs) - 1  # the most compressed of keep / mask / quant at cfg.bits
             c, why = costs[k], whys[k]
-            if c.form == Form.CMP_MASK and n >= cfg.bits:
-                c, why = costs[0], f"{n} distinct comparisons: masks would not save memory"
-            elif c.form != Form.KEEP and c.nbytes >= costs[0].nbytes:
+            if veto := _forms.get(c.form).uniform_veto(c, n, cfg):
+                c, why = costs[0], veto
+            elif k > 0 and c.nbytes >= costs[0].nbytes:
                 # tiny tensors (min_bytes=0, large groups): codes of a whole group plus its (lo,
                 # scale) would store more than the tensor itself
                 c, why = costs[0], f"kept: {c.form} would store {c.nbytes} >= {costs[0].nbytes} bytes"
-        decisions.append(_decision(s, c, why, n if c.form in (Form.QUANT, Form.CMP_MASK) else 0, subs))
+        decisions.append(_decision(s, c, why, n if _forms.get(c.form).carries_masks else 0, subs))
     return Plan(tuple(decisions), status=f"uniform {cfg.bits}-bit")
 
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from . import planner, record
+from . import forms, planner, record
 from .config import LowbitConfig
 from .frontier import budget_frontier
-from .plan import Decision, Form, Plan
+from .plan import Decision, Plan
 
 log = logging.getLogger(__name__)
 
@@ -187,23 +187,7 @@ def _finite(x):
 # -- reasons ----------------------------------------------------------------------------------------
 def reason(d: Decision, plan: Plan, cfg: LowbitConfig | None = None) -> str:
     """One line saying why ``d`` got its form, from the decision, its plan and the config."""
-    cfg = cfg or LowbitConfig()
-    why = d.reason
-    uniform = plan.status.startswith("uniform")
-    if d.form == Form.KEEP:
-        if why.startswith("below min_bytes"):
-            return f"kept: below size threshold (min_bytes={cfg.min_bytes})"
-        if why.startswith("kept: cheapest"):
-            return "kept: budget met without compressing it (keeping costs no time)"
-        return why if why.startswith("kept") else f"kept: {why}"
-    if d.form == Form.RECOMPUTE:
-        return f"recompute (cheaper than storing): {why}"
-    if d.form in (Form.MASK, Form.CMP_MASK):
-        return f"mask: {why}"
-    if d.form == Form.PACKED:
-        return f"packed (exact): {why}"
-    rule = f"uniform rule bits={cfg.bits}" if uniform else "to meet the budget"
-    return f"quant, {rule}: {why}"
+    return forms.get(d.form).report_reason(d, plan, cfg or LowbitConfig())
 
 
 # -- building a report from the backend's records ------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from html import escape
 
+from . import forms
 from .report_text import _graph_header, _op, _summary, human_bytes
 
 __all__ = ["render"]
@@ -23,8 +24,6 @@ table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.3rem 0}
 th,td{padding:.15rem .5rem;border-bottom:1px solid #eef;text-align:left;vertical-align:top}
 th{background:#f3f5fa;position:sticky;top:0}td.n{text-align:right}
 td.reason{color:#445;font-size:.85em;max-width:28rem}
-.form-keep{color:#555}.form-quant{color:#0b5cad}.form-recompute{color:#7a3db8}
-.form-mask,.form-cmp_mask,.form-packed{color:#17803d}
 .bars{display:grid;grid-template-columns:minmax(8rem,16rem) 1fr 10rem;gap:.15rem .6rem;align-items:center}
 .bar{height:.55rem;border-radius:2px}.before{background:#c9ced8}.after{background:#0b5cad}
 .label{font-size:.85em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
@@ -32,6 +31,11 @@ details{margin:.3rem 0}summary{cursor:pointer;font-weight:600}
 pre{background:#f6f8fb;border:1px solid #e3e7ef;padding:.6rem;overflow:auto;max-height:40rem;font-size:12px}
 .muted{color:#667}
 """
+
+
+def _form_css() -> str:
+    """One colour per registered form (each form's module declares it)."""
+    return "".join(f".form-{f.name}{{color:{f.color}}}" for f in forms.all_forms()) + "\n"
 
 
 def _td(value, cls: str = "") -> str:
@@ -168,7 +172,7 @@ def render(report) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>fxlowbit report</title><style>{_CSS}</style></head><body>\n"
+        f"<title>fxlowbit report</title><style>{_CSS}{_form_css()}</style></head><body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
     )
