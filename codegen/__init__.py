@@ -4,4 +4,5 @@ from . import ops  # noqa: F401  (registers the fxlowbit:: ops)
 from .kernels import (  # noqa: F401  (register the fxlowbit:: ops of each family)
     linear_ce,  # fxlowbit::linear_ce_fwd / _bwd
     lowbit_linear,  # fxlowbit::lowbit_linear / _backward
+    sampling_state,  # fxlowbit::sampled_linear_keyed / _backward
 )

@@ -83,8 +83,10 @@ class LowbitPartitioner(CustomPartitionerFn):
         sensitivity: dict | None = None,
         activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
         profile: HardwareProfile | None = None,
+        sampling_keys: Sequence[int] = (),
     ) -> None:
         self.cfg = cfg
+        self.sampling_keys = list(sampling_keys)  # the graph's sampled linears (their variance share)
         # indices of graph inputs that are activations of earlier graphs, and of the user's batch
         self.activations = activations
         # measured sensitivities by planner.canonical_keys (names change between partitions)
@@ -116,6 +118,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         ctx = pipeline.Context(
             self.cfg, self.profile, label=f"graph{len(STATE.records)}", fw=fw, bw=bw, num_fwd_outputs=n,
             stream=self.stream, activations=acts, data=data, sensitivity=self.sensitivity,
+            sampling_keys=self.sampling_keys,
         )  # fmt: skip
         try:
             pipeline.run(pipeline.PARTITION_STEPS, ctx)
@@ -184,18 +187,19 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     cfg = LowbitConfig.from_options(options)
     profile = load_profile(cfg.profile)  # once per compile: every step and re-plan shares it
     activations = _activation_inputs(gm, example_inputs), _activation_inputs(gm, example_inputs, grad=False)
-    pipeline.run(
-        pipeline.DYNAMO_STEPS, pipeline.Context(cfg, profile, label=f"dynamo{STATE.next_id('dynamo')}", gm=gm)
-    )
+    dynamo = pipeline.Context(cfg, profile, label=f"dynamo{STATE.next_id('dynamo')}", gm=gm)
+    keys = pipeline.run(pipeline.DYNAMO_STEPS, dynamo).sampling_keys
     if (
         cfg.bits is not None
         or not cfg.calibrate_every
         or not cfg.enabled("plan")
         or not cfg.enabled("probes")
     ):
-        partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations, profile=profile)
+        partitioner = LowbitPartitioner(
+            cfg, _seed(cfg), activations=activations, profile=profile, sampling_keys=keys
+        )
         return _compile(gm, example_inputs, cfg, partitioner, mode)
-    return _Adaptive(gm, example_inputs, cfg, mode, activations, profile)
+    return _Adaptive(gm, example_inputs, cfg, mode, activations, profile, keys)
 
 
 def _compile(gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, partitioner, mode: str | None):
@@ -241,12 +245,15 @@ class _Adaptive:
         mode: str | None,
         activations: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
         profile: HardwareProfile | None = None,
+        sampling_keys: Sequence[int] = (),
     ):
         self.source = copy.deepcopy(gm)  # compile_fx may transform gm in place
         # no reference to example_inputs: a re-plan compiles with the batch that triggers it
         self.cfg, self.mode = cfg, mode
         self.activations = activations
-        self.partitioner = LowbitPartitioner(cfg, _seed(cfg), activations=activations, profile=profile)
+        self.partitioner = LowbitPartitioner(
+            cfg, _seed(cfg), activations=activations, profile=profile, sampling_keys=sampling_keys
+        )
         self.current = _compile(gm, example_inputs, cfg, self.partitioner, mode)
         self._boxed_call = getattr(self.current, "_boxed_call", False)
         self.variants = {self._signature(self.partitioner): self.current}
@@ -456,8 +463,9 @@ class _Adaptive:
         keys = planner.canonical_keys(p.facts.saved)
         by_key = {keys[name]: v for name, v in self.sensitivity.items() if name in keys}
         q = LowbitPartitioner(
-            self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations, profile=p.profile
-        )
+            self.cfg, _seed(self.cfg), sensitivity=by_key, activations=self.activations, profile=p.profile,
+            sampling_keys=p.sampling_keys,
+        )  # fmt: skip
         fn = _compile(copy.deepcopy(self.source), args, self.cfg, q, self.mode)
         self.variants[sig] = fn
         self.current = fn

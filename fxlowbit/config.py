@@ -17,7 +17,7 @@ __all__ = ["LowbitConfig", "PASSES", "GEMM_FORMATS"]
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
 # (fxlowbit/pipeline.py runs them; "probes": the copies the probes replay, so off = no probes)
 PASSES = (
-    *("linear_ce", "lowbit_gemm"),  # on the Dynamo graph
+    *("linear_ce", "lowbit_gemm", "sampling"),  # on the Dynamo graph
     *("saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"),  # on the partitioned pair
 )
 GEMM_FORMATS = ("auto", "off", "int8", "fp8")  # per GEMM: cost model, plain, or forced
@@ -86,6 +86,14 @@ class LowbitConfig:
         of each mask from the current weights.
     sparsity_dense_after: None (default) or int >= 0: from this training step on the masks are no
         longer applied (dense fine-tuning; pruned weights resume from the values they had).
+    sampling: variance-controlled sampling of the linears' backward GEMMs (VCAS; passes/sampling.py,
+        codegen/kernels/sampling_state.py): the grad-input and grad-weight GEMMs run on a sampled
+        subset of token rows, reweighted so the gradient stays unbiased. None (default: on with
+        ``mode="speed"``, else off), False, True (keep ratios adapted per linear so that the added
+        variance stays within what ``max_variance_ratio`` leaves after compression) or a float in
+        (0, 1] (that keep ratio on every eligible linear, no adaptation; 1.0 is exact).
+    sampling_filter: mapping of module-name glob pattern (as in ``gemm_filter``) -> bool: whether the
+        linears it matches are sampled; first match wins; unmatched linears are. E.g. ``{"head": False}``.
     """
 
     memory_budget: float | int | None = None
@@ -113,6 +121,8 @@ class LowbitConfig:
     sparsity_filter: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     sparsity_refresh: int = 100
     sparsity_dense_after: int | None = None
+    sampling: bool | float | None = None
+    sampling_filter: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -185,6 +195,7 @@ class LowbitConfig:
             rules[pattern] = _gemm_formats(value, f"gemm_filter[{pattern!r}]")
         object.__setattr__(self, "gemm_filter", rules)
         self._check_sparsity()
+        self._check_sampling()
         self._check_bits()
         _check_profile(self.profile)
 
@@ -265,6 +276,42 @@ class LowbitConfig:
     def gemm_active(self) -> bool:
         """Whether any linear may get a low-bit GEMM (else the lowbit_gemm pass has nothing to do)."""
         return any(f != "off" for fs in (self.gemm, *self.gemm_filter.values()) for f in fs)
+
+    def _check_sampling(self) -> None:
+        v = self.sampling
+        ok = v is None or isinstance(v, bool) or (isinstance(v, (int, float)) and 0 < v <= 1)
+        if not ok:
+            raise ValueError(
+                f"fxlowbit: option sampling={v!r} is invalid; give None, False, True or a keep ratio "
+                "in (0, 1]"
+            )
+        rules = self.sampling_filter
+        if not isinstance(rules, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(b, bool) for k, b in rules.items()
+        ):
+            raise ValueError(
+                f"fxlowbit: option sampling_filter={rules!r} must be a mapping of module-name glob "
+                "pattern -> bool"
+            )
+        object.__setattr__(self, "sampling_filter", dict(rules))
+
+    @property
+    def sampling_keep(self) -> float | None:
+        """The forced keep ratio (``sampling=<float>``), else None."""
+        v = self.sampling
+        return None if v is None or isinstance(v, bool) else float(v)
+
+    @property
+    def sampling_active(self) -> bool:
+        """Whether linears' backward GEMMs are sampled (``sampling``; ``mode="speed"`` turns it on)."""
+        return bool(self.mode == "speed" if self.sampling is None else self.sampling is not False)
+
+    def sampled(self, module: str) -> bool:
+        """Whether the linear of ``module`` is sampled (``sampling_filter``; first match wins)."""
+        for pattern, on in self.sampling_filter.items():
+            if fnmatch.fnmatchcase(module, pattern):
+                return on
+        return True
 
     @property
     def sparsity_active(self) -> bool:

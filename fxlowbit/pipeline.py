@@ -1,11 +1,12 @@
 """The pipeline: one list of named steps, each ``run(ctx)`` on one :class:`Context`.
 
-:data:`STEPS` is the whole compiler in order. The first two rewrite the Dynamo graph before
+:data:`STEPS` is the whole compiler in order. The first three rewrite the Dynamo graph before
 AOTAutograd traces it; the rest run on the partitioned forward/backward pair inside the custom
 partitioner (fxlowbit/backend.py)::
 
     Dynamo graph   linear_ce      projection + cross-entropy -> fused op         passes/linear_ce.py
                    lowbit_gemm    linears -> INT8/FP8/2:4 GEMMs where chosen     passes/lowbit_gemm.py
+                   sampling       linears -> backward GEMMs on sampled rows      passes/sampling.py
     partition      saved_views    save a view's base, not the view               passes/saved_views.py
                    probes         keep copies of the pair for the probes         fxlowbit/calibrate.py
                    analyze        saved tensors, their sizes and backward uses   passes/analyze.py
@@ -40,6 +41,7 @@ import torch.fx as fx
 
 from . import passes, planner, record
 from .codegen import rng
+from .codegen.kernels import sampling_state
 from .config import LowbitConfig
 from .costmodel import HardwareProfile
 from .plan import Plan
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Context", "Step", "STEPS", "DYNAMO_STEPS", "PARTITION_STEPS", "apply", "run"]
 
 _GEMM_SALT = 0x6A09E667F3BCC909  # the GEMM noise stream's seed differs from the partitioner's
+_SAMPLING_SALT = 0xBB67AE8584CAA73B  # and the sampling draws' from both
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,7 +66,7 @@ class Context:
     label: str = ""  # "dynamo<k>" / "graph<k>": names the dumped files
     # the Dynamo graph
     gm: fx.GraphModule | None = None
-    seed: int | None = None  # of the GEMM rounding stream (lowbit_gemm)
+    sampling_keys: list[int] = dataclasses.field(default_factory=list)  # sampled linears' registry keys
     # the partitioned pair
     fw: fx.GraphModule | None = None
     bw: fx.GraphModule | None = None
@@ -139,6 +142,16 @@ def _lowbit_gemm(ctx: Context) -> None:
     passes.lowbit_gemm.run(ctx.dynamo, cfg, stream=stream, profile=ctx.profile, counters=ctx.counters)
 
 
+def _sampling(ctx: Context) -> None:
+    cfg = ctx.cfg
+    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + STATE.next_id("gemm")
+    stream = rng.new_stream((base ^ _SAMPLING_SALT) % (2**63))
+    ctx.sampling_keys = passes.sampling.run(
+        ctx.dynamo, cfg, stream=stream, profile=ctx.profile, counters=ctx.counters
+    )
+    sampling_state.set_budget(ctx.sampling_keys, cfg.max_variance_ratio)  # until a plan takes its share
+
+
 def _saved_views(ctx: Context) -> None:
     passes.saved_views.run(*ctx.pair, num_fwd_outputs=ctx.num_fwd_outputs, counters=ctx.counters)
 
@@ -166,6 +179,8 @@ def _plan(ctx: Context) -> None:
     )  # fmt: skip
     ctx.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
     STATE.plans.append(ctx.plan)  # planner.decide logs it at INFO
+    # one budget of added variance: sampling gets what the plan's compression leaves
+    sampling_state.set_budget(ctx.sampling_keys, cfg.max_variance_ratio - ctx.plan.variance_ratio)
 
 
 def _recompute(ctx: Context) -> None:
@@ -203,6 +218,11 @@ DYNAMO_STEPS: tuple[Step, ...] = (
         "lowbit_gemm", _lowbit_gemm, "dynamo",
         when=lambda ctx: (ctx.cfg.gemm_active or ctx.cfg.sparsity_active) and torch.is_grad_enabled(),
         contained="linears left as they are",
+    ),
+    Step(
+        "sampling", _sampling, "dynamo",
+        when=lambda ctx: ctx.cfg.sampling_active and torch.is_grad_enabled(),
+        contained="linears left exact",
     ),
 )  # fmt: skip
 PARTITION_STEPS: tuple[Step, ...] = (

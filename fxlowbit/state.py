@@ -29,6 +29,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 __all__ = ["RuntimeState", "STATE", "reset"]
 
 
+_ID_KINDS = ("stream", "mask", "graph", "gemm", "dynamo", "sampling")
+
+
 @dataclasses.dataclass(eq=False)
 class RuntimeState:
     """The containers fxlowbit mutates at run time (see the module docstring)."""
@@ -47,6 +50,8 @@ class RuntimeState:
     # codegen.kernels.sparse24_mask: key -> mask entry, key -> module path
     masks: dict = dataclasses.field(default_factory=dict)
     mask_modules: dict = dataclasses.field(default_factory=dict)
+    # codegen.kernels.sampling_state: key -> sampled linear (keep ratios, last figures)
+    sampling: dict = dataclasses.field(default_factory=dict)
     # codegen.kernels.sparse24_linear: weak mask -> (version, 2:4 along rows, along columns)
     mask_checks: WeakTensorKeyDictionary = dataclasses.field(default_factory=WeakTensorKeyDictionary)
     # codegen.kernels.quant_cpu: compiled kernel families, families that failed, their counters
@@ -56,9 +61,7 @@ class RuntimeState:
     # costmodel.load_profile: (path, mtime) -> HardwareProfile, parsed once
     profiles: dict = dataclasses.field(default_factory=dict)
     # ids: never reset (a graph compiled before a reset still names its ids)
-    ids: dict[str, Any] = dataclasses.field(
-        default_factory=lambda: {k: itertools.count() for k in ("stream", "mask", "graph", "gemm", "dynamo")}
-    )
+    ids: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: itertools.count() for k in _ID_KINDS})
     lock: Any = dataclasses.field(default_factory=threading.RLock)
 
     def next_id(self, kind: str) -> int:
@@ -89,6 +92,7 @@ _MODEL_STATE = (
     "masks",
     "mask_modules",
     "mask_checks",
+    "sampling",
 )
 _KERNEL_STATE = ("families", "broken_families", "kernel_counters", "profiles")
 

@@ -1,5 +1,5 @@
 """Graph passes (installed as fxlowbit.passes): one pass per module, each exposing ``run``."""
 
-from . import analyze, linear_ce, lowbit_gemm, recompute, rewrite_saved, saved_views
+from . import analyze, linear_ce, lowbit_gemm, recompute, rewrite_saved, sampling, saved_views
 
-__all__ = ["linear_ce", "lowbit_gemm", "saved_views", "analyze", "recompute", "rewrite_saved"]
+__all__ = ["linear_ce", "lowbit_gemm", "sampling", "saved_views", "analyze", "recompute", "rewrite_saved"]

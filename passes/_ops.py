@@ -180,6 +180,8 @@ for _name, _idx in (
 _NAMED_ARG_VALUES: dict[str, frozenset[int]] = {
     "transformers::grouped_mm_fallback_backward": frozenset((0, 1, 3)),  # (input, weight, offs, grad)
     "aten::_grouped_mm": frozenset((0, 1)),  # (mat_a, mat_b, offs, bias, out_dtype): its backward
+    # (grad, x, weight, seed, key, ...): x feeds the kept rows' GEMM and the sampling scores
+    "fxlowbit::sampled_linear_keyed_backward": frozenset((0, 1)),
 }
 
 

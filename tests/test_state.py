@@ -93,9 +93,7 @@ def test_reset_releases_a_deleted_models_weights_and_all_state():
     torch._dynamo.reset()
     fxlowbit.reset()
     gc.collect()
-    assert all(r() is None for r in refs), (
-        "a deleted model's weight outlived both resets"
-    )
+    assert all(r() is None for r in refs), "a deleted model's weight outlived both resets"
     left = {k: len(v) for k, v in STATE.containers().items() if k != "stream_seeds" and len(v)}
     assert not left, f"fxlowbit.reset() left {left}"
 

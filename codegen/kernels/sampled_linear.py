@@ -228,15 +228,39 @@ def sampled_linear_backward(
     """(dx (..., in), dw (out, in), db (out,)) for ``grad`` (..., out); each (0,) when not needed.
     ``x``: the forward input (None when the weight needs no gradient); ``x_colmajor``: whether it was
     a column-major matrix (F.linear's grad-input then multiplies transposed: same bits)."""
-    g2d = _flat(grad)
-    n, d_in = g2d.shape[0], weight.shape[1]
     ki = _keep_value(keep_input, "keep_input") if need_input else 1.0
     kw = _keep_value(keep_weight, "keep_weight") if need_weight else 1.0
+    dx, dw, db, fig = backward(
+        grad, x, weight, ki, kw, seed, stats is not None, x_colmajor, need_input, need_weight, need_bias
+    )
+    if stats is not None:
+        stats.copy_(torch.tensor(fig[:6], dtype=torch.float64))
+    return dx, dw, db
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    ki: float,
+    kw: float,
+    seed: torch.Tensor,
+    want: bool,
+    x_colmajor: bool,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """The backward at keep ratios ``ki``, ``kw`` (floats): (dx, dw, db, figures): the :data:`STATS`
+    figures, computed only when ``want``, and a 7th, ``sum_i ||g_i||^2 ||x_i||^2`` when dw was
+    sampled (else 0): with ``||dw||^2`` it estimates dw's minibatch variance. Shared by this op and
+    the keyed one the ``sampling`` option uses (codegen/kernels/sampling_state.py)."""
+    g2d = _flat(grad)
+    n, d_in = g2d.shape[0], weight.shape[1]
     x2d = _flat(x) if x is not None else None
     q_in, q_w, gn, xn = _probabilities(g2d, x2d, ki, kw, need_input, need_weight)
     u_in, u_w = _draws(seed, n, grad.device) if q_in is not None or q_w is not None else (None, None)
-    want = stats is not None
-    fig = [0.0] * 6  # see STATS; computed only when asked for
+    fig = [0.0] * 7  # see STATS (+ sum ||g_i||^2 ||x_i||^2); computed only when asked for
     dx, dw, db = (grad.new_empty((0,)) for _ in range(3))  # distinct: outputs may not alias
     if need_input:
         if q_in is None:
@@ -257,14 +281,13 @@ def sampled_linear_backward(
             if want:
                 q, sw2 = q_w.double(), (gn.double() * xn.double()).square()
                 fig[1] = float(torch.where(q > 0, (1 / q - 1) * sw2, 0.0).sum())  # exact expectation
+                fig[6] = float(sw2.sum())
                 # E||dw_hat||^2 = ||dw||^2 + var: unbiased, clamped at 0 (dips below only at a far too
                 # small keep)
                 fig[3] = max(0.0, _sq(dw) - fig[1])
     if need_bias:
         db = g2d.sum(0)
-    if stats is not None:
-        stats.copy_(torch.tensor(fig, dtype=torch.float64))
-    return dx, dw, db
+    return dx, dw, db, fig
 
 
 @sampled_linear_backward.register_fake
