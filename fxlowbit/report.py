@@ -107,6 +107,8 @@ class Report:
 
     entries: list[GraphReport]
     note: str = ""  # e.g. why there is nothing to report
+    # per sampled linear (the sampling option): module, mnk, keep ratios, FLOPs, variance vs target
+    sampling: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def graphs(self) -> list[dict[str, Any]]:
@@ -141,7 +143,8 @@ class Report:
             d = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "modules"}
             d["rows"] = [dataclasses.asdict(r) for r in e.rows]
             entries.append(d)
-        doc = {"schema": SCHEMA, "note": self.note, "totals": self.totals, "graphs": entries}
+        doc = {"schema": SCHEMA, "note": self.note, "totals": self.totals, "graphs": entries,
+               "sampling": self.sampling}  # fmt: skip
         return json.dumps(_finite(doc), indent=1, default=str)
 
     @classmethod
@@ -157,7 +160,7 @@ class Report:
             fields = {f.name for f in dataclasses.fields(GraphReport)} - {"modules", "rows"}
             entry = GraphReport(rows=[Row(**r) for r in g["rows"]], **{k: g[k] for k in fields if k in g})
             entries.append(entry)
-        return cls(entries, note=doc.get("note", ""))
+        return cls(entries, note=doc.get("note", ""), sampling=doc.get("sampling", []))
 
     def to_html(self) -> str:
         """A self-contained HTML page (inline CSS, no external assets; graphs in ``<details>``)."""
@@ -207,7 +210,28 @@ def last_report() -> Report:
 def from_records(records: list, frontier: bool = True) -> Report:
     entries = [_entry(r, frontier) for r in records]
     note = "" if entries else "no graph compiled with lowbit needed a backward (nothing is saved)"
-    return Report(entries, note=note)
+    return Report(entries, note=note, sampling=sampling_rows())
+
+
+def sampling_rows() -> list[dict[str, Any]]:
+    """One row per linear the ``sampling`` option rewrote (codegen/kernels/sampling_state.py):
+    its keep ratios (the controller's and those backwards run at), the share of backward GEMM FLOPs
+    skipped so far (at the effective ratios before any backward ran), and its last measured added
+    variance against its target (in the controller's unit)."""
+    from .codegen.kernels import sampling_state
+
+    rows = []
+    for key, e in sorted(sampling_state.entries().items()):
+        ki, kw = e.effective
+        skipped = 1 - e.flops_done / e.flops_dense if e.flops_dense else 1 - (ki + kw) / 2
+        rho_in, rho_w = e.rho
+        rows.append(
+            {"key": key, "module": e.module, "mnk": list(e.mnk), "keep_input": e.keep_input,
+             "keep_weight": e.keep_weight, "effective": [ki, kw], "fixed": e.fixed, "backwards": e.steps,
+             "flops_skipped": skipped, "variance": [rho_in, rho_w],
+             "target": [e.target_input, e.target_weight]}
+        )  # fmt: skip
+    return rows
 
 
 def _entry(rec, frontier: bool) -> GraphReport:

@@ -106,6 +106,33 @@ def _wrap(text: str, width: int, indent: str = "") -> list[str]:
     return textwrap.wrap(text, width, subsequent_indent=indent) or [""]
 
 
+_SAMPLING_COLUMNS = (("module", 20), ("tokens x out x in", 18), ("keep dx/dw", 14), ("runs at", 10),
+                     ("FLOPs skipped", 13), ("var/target dx, dw", 24))  # fmt: skip
+
+
+def _sampling(report) -> list[str]:
+    """The sampled linears (the ``sampling`` option): keep ratios, FLOPs skipped, variance/target."""
+    rows = getattr(report, "sampling", [])
+    if not rows:
+        return []
+
+    def line(cells) -> str:
+        return " ".join(
+            _fit(c, w).ljust(w) for c, (_, w) in zip(cells, _SAMPLING_COLUMNS, strict=True)
+        ).rstrip()
+
+    out = ["", f"sampled backward GEMMs ({len(rows)} linear(s); keep = expected fraction of token rows):"]
+    out.append(line([h for h, _ in _SAMPLING_COLUMNS]))
+    for r in rows:
+        var = ", ".join(f"{v:.3g}/{t:.3g}" for v, t in zip(r["variance"], r["target"], strict=True))
+        out.append(
+            line([r["module"] or "-", "x".join(map(str, r["mnk"])),
+                  f"{r['keep_input']:.2f}/{r['keep_weight']:.2f}" + (" fixed" if r["fixed"] else ""),
+                  "/".join(f"{k:.2f}" for k in r["effective"]), f"{r['flops_skipped']:.0%}", var])
+        )  # fmt: skip
+    return out
+
+
 def render(report, width: int = 100, use_rich: bool = False) -> str:
     if use_rich:
         return _render_rich(report, width)
@@ -123,6 +150,7 @@ def render(report, width: int = 100, use_rich: bool = False) -> str:
         if hidden:
             lines.append(f"({hidden} graph-input aliases saved as they are, no memory: not listed)")
         lines += _reasons(e, width)
+    lines += _sampling(report)
     lines.append("")
     lines.append("graphs before/after: report.graphs[k] (GraphModules) or --format html")
     return "\n".join(_fit(ln, width) for ln in lines)

@@ -174,3 +174,14 @@ def test_sampled_gradient_error_stays_within_the_variance_budget():
         got = torch.cat([p.grad.flatten() for p in model.parameters()])
         errs.append(float((got - exact).square().sum() / exact.square().sum()))
     assert sum(errs) / len(errs) <= 2 * limit, errs
+
+
+def test_explain_shows_each_sampled_linear():
+    x, y = _task()
+    report = fxlowbit.explain(_mlp(), x, sampling=True, inner="eager", calibrate_every=0)
+    rows = report.sampling
+    assert [r["module"] for r in rows] == ["2"] and rows[0]["mnk"] == [N, WIDTH, WIDTH]
+    assert rows[0]["backwards"] == 1 and rows[0]["keep_weight"] < 1  # stepped down after an exact one
+    text = report.to_text(width=140)
+    assert "sampled backward GEMMs (1 linear(s)" in text and "4096x512x512" in text
+    assert fxlowbit.Report.from_json(report.to_json()).sampling == rows
