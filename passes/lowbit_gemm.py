@@ -144,14 +144,22 @@ def run(
     return decisions
 
 
-def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> Decision | None:
-    """Choose the formats of one linear node and rewrite it when any is low-bit."""
+def linear_args(node: fx.Node):
+    """(x, w, b) nodes of a linear call and their values (x, w, b, y), or None if it does not bind."""
     try:
         bound = _SIGNATURE.bind(*node.args, **node.kwargs).arguments
     except TypeError:
         return None
     x, w, b = bound["input"], bound["weight"], bound.get("bias")
-    xv, wv, bv, yv = _val(x), _val(w), _val(b), _val(node)
+    return (x, w, b), (_val(x), _val(w), _val(b), _val(node))
+
+
+def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> Decision | None:
+    """Choose the formats of one linear node and rewrite it when any is low-bit."""
+    found = linear_args(node)
+    if found is None:
+        return None
+    (x, w, b), (xv, wv, bv, yv) = found
     why = _unsupported(xv, wv, b, bv, yv)
     if why:
         counters["lowbit_gemm_skipped"] += 1

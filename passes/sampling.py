@@ -24,7 +24,7 @@ from ..codegen.kernels import sampling_state
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import LowbitConfig
 from ..costmodel import HardwareProfile
-from .lowbit_gemm import _LINEAR, _SIGNATURE, _hint, _rewrite, _unsupported, _val, module_name
+from .lowbit_gemm import _LINEAR, _hint, _rewrite, _unsupported, linear_args, module_name
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,11 @@ def run(
 
 
 def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Counter) -> int | None:
-    try:
-        bound = _SIGNATURE.bind(*node.args, **node.kwargs).arguments
-    except TypeError:
+    found = linear_args(node)
+    if found is None:
         return None
-    x, w, b = bound["input"], bound["weight"], bound.get("bias")
-    xv, wv, bv, yv = _val(x), _val(w), _val(b), _val(node)
-    if _unsupported(xv, wv, b, bv, yv) or not (xv.requires_grad or wv.requires_grad):  # type: ignore[union-attr]
+    (x, w, b), (xv, wv, bv, yv) = found
+    if _unsupported(xv, wv, b, bv, yv) or not (xv.requires_grad or wv.requires_grad):
         return None
     assert xv is not None and wv is not None and yv is not None
     name = module_name(node)

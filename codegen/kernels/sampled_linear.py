@@ -290,13 +290,18 @@ def backward(
     return dx, dw, db, fig
 
 
-@sampled_linear_backward.register_fake
-def _(grad, x, weight, keep_input, keep_weight, seed, stats, x_colmajor, need_input, need_weight, need_bias):
+def fake_grads(grad, weight, need_input: bool, need_weight: bool, need_bias: bool):
+    """Empty (dx, dw, db) of a linear backward's shapes; (0,) where not needed (the fake kernels)."""
     empty = lambda: grad.new_empty((0,))  # noqa: E731
     dx = grad.new_empty((*grad.shape[:-1], weight.shape[1])) if need_input else empty()
     dw = weight.new_empty(weight.shape) if need_weight else empty()
     db = grad.new_empty((weight.shape[0],)) if need_bias else empty()
     return dx, dw, db
+
+
+@sampled_linear_backward.register_fake
+def _(grad, x, weight, keep_input, keep_weight, seed, stats, x_colmajor, need_input, need_weight, need_bias):
+    return fake_grads(grad, weight, need_input, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -199,11 +199,7 @@ def sampled_linear_keyed_backward(
 
 @sampled_linear_keyed_backward.register_fake
 def _(grad, x, weight, seed, key, x_colmajor, need_input, need_weight, need_bias):
-    empty = lambda: grad.new_empty((0,))  # noqa: E731
-    dx = grad.new_empty((*grad.shape[:-1], weight.shape[1])) if need_input else empty()
-    dw = weight.new_empty(weight.shape) if need_weight else empty()
-    db = grad.new_empty((weight.shape[0],)) if need_bias else empty()
-    return dx, dw, db
+    return _sl.fake_grads(grad, weight, need_input, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
