@@ -38,7 +38,8 @@ def budget_frontier(rec) -> list[dict[str, Any]]:
             for f in FRONTIER_BUDGETS:
                 cfg = LowbitConfig(**{**base, "bits": None, "memory_budget": f})
                 p = planner.decide(rec.facts.saved, cfg, rec.facts.hints, profile=rec.profile,
-                                   sensitivity=rec.sensitivity, gemms=rec.facts.gemms)  # fmt: skip
+                                   sensitivity=rec.sensitivity, gemms=rec.facts.gemms,
+                                   extra_bytes=getattr(rec, "extra_bytes", 0))  # fmt: skip
                 assert p.budget is not None  # a memory_budget plans to a budget in bytes
                 points.append(
                     {"budget": f, "bytes": p.bytes_after, "time_s": p.time_s,

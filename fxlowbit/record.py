@@ -48,6 +48,7 @@ class GraphRecord:
     replanned: bool = False  # a variant compiled after probes changed the plan
     fallback: str | None = None  # why this graph runs uncompressed (an internal error)
     inductor_code: dict[str, str] = dataclasses.field(default_factory=dict)  # "fw"/"bw" -> source
+    extra_bytes: Any = 0  # saved bytes of the losses linear_ce fused, had they not been (the budget's base)
 
 
 _records: list[GraphRecord] = STATE.records  # fxlowbit.state; reset() clears it
@@ -106,6 +107,7 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
         sensitivity=sens,
         replanned=partitioner.sensitivity is not None,
         fallback=fallback,
+        extra_bytes=getattr(partitioner, "extra_bytes", 0),
     )
     _records.append(rec)
     partitioner.record = rec

@@ -416,3 +416,21 @@ def test_fractional_budget_counts_the_fused_logits():
     assert fused.budget == pytest.approx(unfused.budget, rel=0.01)
     assert fused.bytes_after <= fused.budget and fused.bytes_before < unfused.bytes_before / 2
     assert sqnr[1] >= max(sqnr[0], 20.0)
+
+
+def test_the_frontier_budgets_count_the_fused_logits(monkeypatch):
+    """The report's budget frontier re-plans at fractions of the bytes the model saves *without*
+    fxlowbit, fused logits included, as the plan in force does: at the plan's own budget it
+    reproduces the plan."""
+    monkeypatch.setattr(lcg, "cache_bytes", lambda *a: 64)  # TinyGPT's logits exceed the "cache"
+    x, y = next(examples.char_batches(examples.stdlib_text(), 4, 64, 1))
+    torch.manual_seed(0)
+    model = examples.TinyGPT()
+    options = {"inner": "eager", "seed": 0, "calibrate_every": 0, "memory_budget": 0.1}
+    torch.compile(model, backend="lowbit", options=options)(x, y).backward()
+    assert fxlowbit.counters["linear_ce"] == 1
+    (rec,) = fxlowbit.record.records()
+    assert int(rec.extra_bytes) > 0
+    (entry,) = fxlowbit.last_report().entries
+    at = {p["budget"]: p for p in entry.frontier}[0.1]
+    assert at["bytes"] == fxlowbit.last_plans()[0].bytes_after
