@@ -187,7 +187,7 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     cfg = LowbitConfig.from_options(options)
     profile = load_profile(cfg.profile)  # once per compile: every step and re-plan shares it
     activations = _activation_inputs(gm, example_inputs), _activation_inputs(gm, example_inputs, grad=False)
-    dynamo = pipeline.Context(cfg, profile, label=f"dynamo{STATE.next_id('dynamo')}", gm=gm)
+    dynamo = pipeline.Context(cfg, profile, label=f"graph{len(STATE.records)}", gm=gm)
     keys = pipeline.run(pipeline.DYNAMO_STEPS, dynamo).sampling_keys
     if (
         cfg.bits is not None

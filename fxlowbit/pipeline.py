@@ -63,7 +63,7 @@ class Context:
     cfg: LowbitConfig
     profile: HardwareProfile  # loaded once per compile (the backend's entry point)
     counters: Counter = dataclasses.field(default_factory=lambda: STATE.counters)
-    label: str = ""  # "dynamo<k>" / "graph<k>": names the dumped files
+    label: str = ""  # "graph<k>" (k: the record the graph gets): names the dumped files
     # the Dynamo graph
     gm: fx.GraphModule | None = None
     sampling_keys: list[int] = dataclasses.field(default_factory=list)  # sampled linears' registry keys

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 __all__ = ["RuntimeState", "STATE", "reset"]
 
 
-_ID_KINDS = ("stream", "mask", "graph", "gemm", "dynamo", "sampling")
+_ID_KINDS = ("stream", "mask", "graph", "gemm", "sampling")
 
 
 @dataclasses.dataclass(eq=False)

@@ -225,10 +225,14 @@ def test_planner_logs_its_plan_at_info(caplog):
 def test_dump_dir_writes_graphs_and_plan(tmp_path, monkeypatch):
     monkeypatch.setenv(record.DUMP_ENV, str(tmp_path))
     torch.compile(MLP(), backend="lowbit", options=EAGER)(torch.randn(32, 64)).sum().backward()
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"graph0_{k}.py" for k in ("bw_after", "bw_before", "fw_after", "fw_before")] + [
-        "graph0_plan.txt"
-    ]
+    names = {p.name for p in tmp_path.iterdir()}
+    record_files = {f"graph0_{k}.py" for k in ("bw_after", "bw_before", "fw_after", "fw_before")}
+    assert record_files | {"graph0_plan.txt"} <= names
+    # and the pair after each partition step that ran (fxlowbit/pipeline.py); nothing else
+    steps = [s for s in fxlowbit.pipeline.STEPS if fxlowbit.counters[f"step.{s.name}"]]
+    parts = {"dynamo": ("gm",), "partition": ("fw", "bw")}
+    per_step = {f"graph0_{s.name}_{part}.py" for s in steps for part in parts[s.stage]}
+    assert steps and names == record_files | {"graph0_plan.txt"} | per_step
     assert "quantize_pack" in (tmp_path / "graph0_fw_after.py").read_text()
     assert "total saved bytes" in (tmp_path / "graph0_plan.txt").read_text()
 
