@@ -103,6 +103,14 @@ class LowbitPartitioner(CustomPartitionerFn):
     def uuid(self) -> Any | None:
         return None  # plans and random streams are per compilation: never reuse cached code
 
+    # Inductor's FX graph cache pickles its config, this partitioner included, into each graph's
+    # key: leave out what varies between identical compiles (step timings, the report record), or
+    # a second process could never hit the cache.
+    _NOT_IN_CACHE_KEY = ("timings", "record")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_IN_CACHE_KEY}
+
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:

@@ -49,6 +49,7 @@ class GraphRecord:
     fallback: str | None = None  # why this graph runs uncompressed (an internal error)
     inductor_code: dict[str, str] = dataclasses.field(default_factory=dict)  # "fw"/"bw" -> source
     extra_bytes: Any = 0  # saved bytes of the losses linear_ce fused, had they not been (the budget's base)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # partition step -> seconds
 
 
 _records: list[GraphRecord] = STATE.records  # fxlowbit.state; reset() clears it
@@ -108,6 +109,7 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
         replanned=partitioner.sensitivity is not None,
         fallback=fallback,
         extra_bytes=getattr(partitioner, "extra_bytes", 0),
+        timings=dict(getattr(partitioner, "timings", {})),
     )
     _records.append(rec)
     partitioner.record = rec

@@ -32,6 +32,8 @@ def test_default_path_applies_every_partition_step_once_with_meta_vals_kept():
     assert c["step.linear_ce"] == 1 and c["step.lowbit_gemm"] == 1  # gemm="auto": the cost model picks
     assert not [k for k in c if k.endswith("nodes_without_val")]
     assert c["fallback_internal_error"] == 0
+    (rec,) = fxlowbit.record.records()  # the partition steps' seconds, for the report
+    assert set(rec.timings) == {s.name for s in pipeline.PARTITION_STEPS}
 
 
 @pytest.mark.parametrize("off", ["saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"])
