@@ -14,6 +14,7 @@ cost-model planner the compiled graph is wrapped so that probes re-plan it as tr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import logging
 import math
@@ -105,11 +106,15 @@ class LowbitPartitioner(CustomPartitionerFn):
 
     # Inductor's FX graph cache pickles its config, this partitioner included, into each graph's
     # key: leave out what varies between identical compiles (step timings, the report record), or
-    # a second process could never hit the cache.
+    # a second process could never hit the cache, and the seed, which the compiled code never
+    # sees (it names a stream; the stream's generator is seeded at run time), so another seed
+    # reuses the code and still draws its own noise.
     _NOT_IN_CACHE_KEY = ("timings", "record")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_IN_CACHE_KEY}
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_IN_CACHE_KEY}
+        state["cfg"] = dataclasses.replace(self.cfg, seed=None)
+        return state
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any

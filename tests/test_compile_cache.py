@@ -60,11 +60,12 @@ def test_a_second_process_hits_the_cache_and_reproduces_the_first(runs):
     assert again["grad"] == first["grad"]  # bit for bit
 
 
-def test_another_seed_never_replays_the_first_seeds_noise(runs):
+def test_another_seed_reuses_the_code_but_never_replays_the_first_seeds_noise(runs):
     first, _, other_seed, _ = runs
-    # The forward and backward print the same code under both seeds, yet they miss the cache
-    # (something seed-dependent reaches Inductor's key; cause not found): safe, only slower.
+    # the seed is not in the code (it seeds the stream the code names, at run time), so it is left
+    # out of Inductor's key (backend.LowbitPartitioner.__getstate__): a hit, with other noise
     assert other_seed["rewritten"] == 1
+    assert other_seed["misses"] == 0 and other_seed["hits"] > 0
     assert other_seed["grad"] != first["grad"]
 
 
