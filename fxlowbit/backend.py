@@ -31,6 +31,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from . import (
     calibrate,
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
+    forms,
     passes,
     pipeline,
     planner,
@@ -370,12 +371,12 @@ class _Adaptive:
     GUARD_FACTOR = 10.0  # a measured error this many times the plan's estimate re-plans at once
 
     def _measured_variance(self, plan: Plan) -> dict[str, float]:
-        """Each quantized tensor's added gradient variance under ``plan``, from the last probe."""
+        """Each probed (lossy) tensor's added gradient variance under ``plan``, from the last probe."""
         sens = self.sensitivity or {}
         return {
-            d.name: sens[d.name] / (2 ** (d.bits - d.masks) - 1) ** 2
+            d.name: forms.get(d.form).measured_variance(sens[d.name], d)
             for d in plan.decisions
-            if d.form == "quant" and d.name in sens
+            if forms.get(d.form).probed and d.name in sens
         }
 
     JOINT_ROUNDS = 3  # re-plans with rescaled sensitivities while a plan's joint error misses
@@ -395,7 +396,7 @@ class _Adaptive:
         (:func:`fxlowbit.validate.plan_error`), in units of ``var`` capped at this batch's own
         gradient power (the probe's batch may have had a larger one: CLIP's contrastive gradient
         changes several-fold between batches); None when the plan rounds nothing."""
-        if not any(d.form == "quant" for d in plan.decisions):
+        if not any(forms.get(d.form).probed for d in plan.decisions):
             return None
         p = self.partitioner
         err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)

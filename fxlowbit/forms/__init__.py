@@ -82,6 +82,12 @@ class SavedForm:
     keeps_value: ClassVar[bool] = False  # the backward reads the forward's exact value (keep)
     replay_leaf: ClassVar[bool] = True  # a replay may read what it stores (its decoded value)
     carries_masks: ClassVar[bool] = False  # comparison masks stored beside it count in Decision.masks
+    probed: ClassVar[bool] = False  # lossy in a way the probes measure (the joint check replays it)
+
+    def measured_variance(self, sensitivity: float, d: Decision) -> float:
+        """Added gradient variance of ``d`` given the probe's ``sensitivity`` of its tensor (the
+        runtime guard's figure; 0 for a form the probes do not measure)."""
+        return 0.0
 
     def offers(self, t: Tensor) -> list[tuple[Costs, str]]:
         """The choices this form offers for ``t`` (one per width, say), each with the plan's reason."""

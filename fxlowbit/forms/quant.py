@@ -26,6 +26,11 @@ class Quant(SavedForm):
     color = "#0b5cad"
     carries_masks = True
 
+    probed = True
+
+    def measured_variance(self, sensitivity, d):
+        return sensitivity / (2 ** (d.bits - d.masks) - 1) ** 2  # d.bits counts the masks beside it
+
     def offers(self, t: Tensor) -> list[tuple[Costs, str]]:
         cfg, n = t.cfg, t.n_masks
         mask_bytes, mask_time = comparison_masks(t)
