@@ -1,7 +1,9 @@
 """Rewrite: linear layers -> ``fxlowbit::sampled_linear_keyed``, whose backward GEMMs run on sampled
 token rows (the ``sampling`` option; VCAS, Wang, Chen, Zhu 2024).
 
-Runs on Dynamo's FX graph after :mod:`.lowbit_gemm` (a linear already given an INT8/FP8 or 2:4
+Linears are ``F.linear`` calls and ``torch.addmm(b, x, w)`` with a 1-D bias (``transformers``'
+Conv1D: GPT-2's linears, weight (in, out), sampled as the linear of its transpose). Runs on
+Dynamo's FX graph after :mod:`.lowbit_gemm` (a linear already given an INT8/FP8 or 2:4
 GEMM is no longer a plain linear and stays as it is). Per plain linear left: when the option is on,
 ``sampling_filter`` matches its module, it needs a gradient, and the hardware profile says the
 backward GEMMs it could skip are worth more than gathering the kept rows (:func:`choose`), it
@@ -24,7 +26,7 @@ from ..codegen.kernels import sampling_state
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import LowbitConfig
 from ..costmodel import HardwareProfile
-from .lowbit_gemm import _LINEAR, _hint, _rewrite, _unsupported, linear_args, module_name
+from .lowbit_gemm import _LINEAR, _hint, _rewrite, _unsupported, _val, linear_args, module_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def run(
     keys: list[int] = []
     try:
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in _LINEAR:
+            if node.op == "call_function" and node.target in (*_LINEAR, torch.addmm):
                 key = _consider(gm.graph, node, cfg, profile, stream, counters)
                 keys += [key] if key is not None else []
     finally:  # linears rewritten so far stay rewritten, and the graph compiles
@@ -93,8 +95,24 @@ def run(
     return keys
 
 
+def _addmm_args(node: fx.Node):
+    """``torch.addmm(b, x, w)`` with a 1-D bias and unit alpha/beta (``transformers``' Conv1D, GPT-2's
+    linears: ``w`` is (in, out)) as the linear ``x w^T`` of ``w^T``: ((x, w, b) nodes, their values
+    (x, w^T, b, y)), or None."""
+    if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+        return None
+    if set(node.kwargs) - {"alpha", "beta"}:
+        return None
+    b, x, w = node.args
+    bv, xv, wv, yv = _val(b), _val(x), _val(w), _val(node)
+    if bv is None or wv is None or bv.dim() != 1 or wv.dim() != 2:
+        return None
+    return (x, w, b), (xv, wv.t(), bv, yv)
+
+
 def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Counter) -> int | None:
-    found = linear_args(node)
+    conv1d = node.target is torch.addmm
+    found = _addmm_args(node) if conv1d else linear_args(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found
@@ -115,6 +133,7 @@ def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Co
 
     def build(add, x, w, b):
         seed = add(torch.ops.fxlowbit.draw_seed.default, x, stream)
+        w = add(torch.t, w) if conv1d else w  # Conv1D's (in, out) weight, as a linear's (out, in) view
         return add(torch.ops.fxlowbit.sampled_linear_keyed.default, x, w, b, seed, key)
 
     _rewrite(graph, node, x, w, b, yv.dtype, build)

@@ -185,3 +185,34 @@ def test_explain_shows_each_sampled_linear():
     text = report.to_text(width=140)
     assert "sampled backward GEMMs (1 linear(s)" in text and "4096x512x512" in text
     assert fxlowbit.Report.from_json(report.to_json()).sampling == rows
+
+
+class _Conv1D(nn.Module):
+    """``transformers``' Conv1D (GPT-2's linears): ``torch.addmm(b, x, w)`` with w (in, out)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * n_in**-0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_conv1d_linears_are_sampled_and_keep_one_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _Conv1D(64, WIDTH), nn.GELU(), _Conv1D(WIDTH, WIDTH), nn.GELU(), nn.Linear(WIDTH, 16)
+    )
+    x, y = _task()
+    opts = {"inner": "eager", "seed": 0, "calibrate_every": 0, "passes": {"plan": False}}
+    ref = _grads(model, opts, x, y)
+    torch._dynamo.reset()
+    fxlowbit.reset(kernels=False)
+    got = _grads(model, {**opts, "sampling": 1.0}, x, y)
+    assert fxlowbit.counters["sampled_linear"] == 3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # mm of w^T vs addmm's own backward
+    torch._dynamo.reset()
+    fxlowbit.reset(kernels=False)
+    _grads(model, {**opts, "sampling": 0.5}, x, y)
+    assert all(abs(e.stats[5] - 0.5 * N) < 5 * (0.25 * N) ** 0.5 for e in STATE.sampling.values())
