@@ -203,12 +203,9 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     activations = _activation_inputs(gm, example_inputs), _activation_inputs(gm, example_inputs, grad=False)
     dynamo = pipeline.Context(cfg, profile, label=f"graph{len(STATE.records)}", gm=gm)
     keys = pipeline.run(pipeline.DYNAMO_STEPS, dynamo).sampling_keys
-    if (
-        cfg.bits is not None
-        or not cfg.calibrate_every
-        or not cfg.enabled("plan")
-        or not cfg.enabled("probes")
-    ):
+    # probes and re-plans need a plan to revisit: the planner on, with the analysis it plans from
+    steps = ("analyze", "plan", "probes")
+    if cfg.bits is not None or not cfg.calibrate_every or not all(map(cfg.enabled, steps)):
         partitioner = LowbitPartitioner(
             cfg, _seed(cfg), activations=activations, profile=profile, sampling_keys=keys
         )

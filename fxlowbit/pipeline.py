@@ -229,7 +229,10 @@ PARTITION_STEPS: tuple[Step, ...] = (
     Step("saved_views", _saved_views, "partition"),
     Step(
         "probes", _probes, "partition",
-        when=lambda ctx: bool(ctx.cfg.calibrate_every) and ctx.cfg.bits is None,
+        when=lambda ctx: (  # probes revisit a plan: the planner and its analysis on
+            bool(ctx.cfg.calibrate_every) and ctx.cfg.bits is None and ctx.cfg.enabled("analyze")
+            and ctx.cfg.enabled("plan")
+        ),
         contained="it is compressed under the prior sensitivities",
         error_counter="probes_disabled",
     ),

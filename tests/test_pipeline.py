@@ -41,7 +41,10 @@ def test_each_step_switches_off_and_what_needs_it_does_not_run(off):
     _compile_step({"inner": "eager", "passes": {off: False}}, name="mlp")
     c = fxlowbit.counters
     assert c[f"step.{off}"] == 0
-    needs = {"analyze": {"plan", "recompute", "rewrite_saved"}, "plan": {"recompute", "rewrite_saved"}}
+    needs = {
+        "analyze": {"probes", "plan", "recompute", "rewrite_saved"},
+        "plan": {"probes", "recompute", "rewrite_saved"},
+    }
     for step in pipeline.PARTITION_STEPS:
         if step.name != off:
             assert c[f"step.{step.name}"] == (0 if step.name in needs.get(off, ()) else 1), step.name
@@ -110,3 +113,17 @@ def test_graphs_are_dumped_after_every_step(monkeypatch, tmp_path):
         assert {f"graph0_{step}_fw.py", f"graph0_{step}_bw.py"} <= names, step
     assert any(n.endswith("_linear_ce_gm.py") for n in names)
     assert "graph0_fw_after.py" in names  # the record's own dump is still there
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_analysis_off_trains_past_the_probe_steps_with_no_fallback(strict):
+    """With ``analyze`` off there is no plan to revisit: no probes run (they used to fail at step 11
+    with an AttributeError), nothing falls back, and strict mode has nothing to raise."""
+    model, inputs, loss_fn = make("mlp")
+    compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "passes": {"analyze": False},
+                                                               "strict": strict})  # fmt: skip
+    for _ in range(12):
+        loss_fn(compiled(*inputs)).backward()
+    c = fxlowbit.counters
+    assert c["step.analyze"] == 0 and c["step.probes"] == 0 and c["probes"] == 0
+    assert c["probes_disabled"] == 0 and c["fallback_internal_error"] == 0
