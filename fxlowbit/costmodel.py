@@ -265,6 +265,8 @@ def _check_tflops(tables: Any) -> None:
 
 
 def _default_name() -> str:
+    """The shipped profile for this process: "h100" on any CUDA device (the only GPU profile shipped;
+    another GPU should measure its own, ``python -m fxlowbit.profile --device cuda``), else "cpu"."""
     import torch
 
     return "h100" if torch.cuda.is_available() else "cpu"

@@ -33,7 +33,7 @@ class Decision:
     shape: tuple[Any, ...]  # ints or strings of symbolic sizes
     dtype: str
     form: str
-    bits: int  # stored bits per element (32/16 for keep, 1 for masks)
+    bits: int  # stored bits per element (32/16 for keep, 1 for masks), comparison masks included (+masks)
     bytes_before: int  # at the example sizes
     bytes_after: int
     reason: str

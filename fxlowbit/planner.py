@@ -2,7 +2,8 @@
 
 Works on the plain records of :mod:`fxlowbit.passes.analyze` and never touches torch.fx graphs.
 
-1. Forms a tensor may take (:func:`candidates`): aliases of graph inputs and forward outputs,
+1. Forms a tensor may take (:func:`candidates`): aliases of graph inputs (the caller holds them
+   anyway; a forward output saved for the backward is compressible like any activation),
    tensors under ``min_bytes``, integer tensors and tensors whose backward needs exact values are
    kept (or recomputed, when a cheap exact replay exists); bool tensors and float tensors the
    backward only compares with scalars get exact 1-bit masks; other float tensors get b-bit
