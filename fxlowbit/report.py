@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 from typing import Any
 
 import torch
@@ -321,15 +320,9 @@ def _gemm(node) -> tuple[str, str]:
     return "", ""
 
 
-_MODULE_ROOT = re.compile(r"^L\['[^']*'\]\.?|^L__self__\.?")
-
-
 def _layer(node) -> str:
-    """The innermost module a forward node came from, as a dotted path ("" when unknown)."""
-    if node is None:
-        return ""
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _MODULE_ROOT.sub("", str(path)).replace("._modules['", ".").replace("']", "")
+    """The innermost module a forward node came from, as a dotted path ("" when unknown), spelt as
+    the ``gemm_filter`` / ``sparsity_filter`` / ``sampling_filter`` globs match it."""
+    from .passes.lowbit_gemm import module_name
+
+    return module_name(node)

@@ -62,9 +62,13 @@ class Decision:
     sparse24_key: int | None = None  # the sparse24_mask registry key of a 2:4 sparse linear
 
 
-def module_name(node: fx.Node) -> str:
-    """Dotted path of the innermost module a Dynamo node came from (``"blocks.0.fc1"``)."""
-    stack = node.meta.get("nn_module_stack") or {}
+def module_name(node: fx.Node | None) -> str:
+    """Dotted path of the innermost module a node came from (``"blocks.0.fc1"``; "" when unknown),
+    from its ``nn_module_stack`` (Dynamo graphs) or ``fwd_nn_module_stack`` (backward nodes): the
+    one spelling reports and the ``*_filter`` globs share."""
+    if node is None:
+        return ""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
     if not stack:
         return ""
     path = str(list(stack.values())[-1][0])

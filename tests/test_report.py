@@ -259,3 +259,18 @@ def test_recording_errors_never_break_a_compile(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="fxlowbit.record"):
         torch.compile(MLP(), backend="lowbit", options=EAGER)(torch.randn(32, 64)).sum().backward()
     assert fxlowbit.last_plans() and "graph not recorded for reports (OSError: disk full)" in caplog.text
+
+
+def test_layer_names_are_spelt_as_the_filter_globs_match_them():
+    """One module-path spelling (passes/lowbit_gemm.module_name) for reports and *_filter globs:
+    a ModuleList's children are ``blocks.0``, not ``blocks[0]``."""
+    import fnmatch
+
+    from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+
+    x, y = next(char_batches(stdlib_text(), 2, 32, 1))
+    torch.manual_seed(0)
+    report = fxlowbit.explain(TinyGPT(), x, y, inner="eager", calibrate_every=0)
+    layers = {r.layer for e in report.entries for r in e.rows if r.layer}
+    assert layers and not any("[" in name or "'" in name for name in layers), layers
+    assert any(fnmatch.fnmatchcase(name, "blocks.0.*") for name in layers), layers
