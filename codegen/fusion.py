@@ -80,7 +80,7 @@ class Spec:
 
 
 def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
+    return n.meta.get("val") if isinstance(n, fx.Node) else None  # AOT graphs: no example_value
 
 
 def _supported(n: fx.Node) -> bool:

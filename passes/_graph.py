@@ -12,6 +12,8 @@ from torch.utils._sympy.functions import FloorDiv
 from ._ops import IDENTITIES
 
 __all__ = [
+    "value",
+    "size_hint",
     "fake",
     "call",
     "copy_module",
@@ -20,6 +22,22 @@ __all__ = [
     "placeholder_like",
     "through_identities",
 ]
+
+
+def value(node) -> torch.Tensor | None:
+    """The tensor a node was recorded to produce: ``meta["example_value"]`` on Dynamo graphs,
+    ``meta["val"]`` on AOTAutograd's; None for a non-node, a non-tensor value or none recorded."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def size_hint(d, unknown: int | None = None) -> int | None:
+    """A size as an int: a symbolic size's example value, ``unknown`` when it has none."""
+    if isinstance(d, torch.SymInt):
+        return d.node.hint if d.node.has_hint() else unknown
+    return int(d)
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ._graph import size_hint, value
+
 
 class _Skip(Exception):
     """The graph around a loss is not the pattern (the message says why)."""
@@ -62,17 +64,14 @@ def _is(node, fns, methods=()) -> bool:
     )
 
 
-def _val(node):
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    if not isinstance(v, torch.Tensor):
+def _val(node) -> torch.Tensor:
+    v = value(node)
+    if v is None:
         raise _Skip(f"no tensor value recorded for {node}")
     return v
 
 
-def _hint(d) -> int | None:
-    if isinstance(d, torch.SymInt):
-        return d.node.hint if d.node.has_hint() else None
-    return int(d)
+_hint = size_hint  # None for a symbolic size without an example
 
 
 def _scalar(node: fx.Node) -> tuple[fx.Node, float]:

@@ -187,7 +187,7 @@ def _recompute(
         return None
     # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
-    moved = sum(_hint(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
+    moved = sum(_at(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
     return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
@@ -240,16 +240,17 @@ def _numel(val: torch.Tensor) -> sympy.Expr:
     return numel
 
 
-def _hint(expr, hints: dict) -> int:
+def _at(expr, hints: dict) -> int:
+    """``expr`` (a sympy size) at the example sizes ``hints``."""
     return int(sympy.sympify(expr).subs(hints))
 
 
 def _concrete(v, hints: dict):
     """Meta tensors / ints at the example sizes, for torch's FLOP formulas."""
     if isinstance(v, torch.Tensor):
-        return torch.empty([_hint(_expr(d), hints) for d in v.shape], dtype=v.dtype, device="meta")
+        return torch.empty([_at(_expr(d), hints) for d in v.shape], dtype=v.dtype, device="meta")
     if isinstance(v, torch.SymInt):
-        return _hint(v.node.expr, hints)
+        return _at(v.node.expr, hints)
     return v
 
 

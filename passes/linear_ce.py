@@ -194,7 +194,7 @@ def _rewrite(
         node = graph.call_function(target, args, kwargs)
         new.append(node)
         vals = fx.node.map_arg((args, kwargs), lambda a: _val(a))
-        mode = _val(m.h).fake_mode if hasattr(_val(m.h), "fake_mode") else None
+        mode = getattr(_val(m.h), "fake_mode", None)
         if mode is not None:
             with mode:
                 node.meta["example_value"] = target(*vals[0], **vals[1])

@@ -39,6 +39,7 @@ from ..codegen.kernels.sparse24_linear import sparse24_linear
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import GEMM_ROLES, LowbitConfig
 from ..costmodel import HardwareProfile, gemm_choice, load_profile
+from ._graph import size_hint, value
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,9 @@ def module_name(node: fx.Node | None) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
 
 
-def _val(node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    v = node.meta.get("example_value", node.meta.get("val"))
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _hint(d) -> int:
-    if isinstance(d, torch.SymInt):
-        return d.node.hint if d.node.has_hint() else 1 << 16  # unknown: assume large
-    return int(d)
+def _size(d) -> int:
+    """A size at the example sizes; a symbolic one without an example: assume large."""
+    return size_hint(d, 1 << 16)  # type: ignore[return-value]
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -155,7 +148,7 @@ def linear_args(node: fx.Node):
     except TypeError:
         return None
     x, w, b = bound["input"], bound["weight"], bound.get("bias")
-    return (x, w, b), (_val(x), _val(w), _val(b), _val(node))
+    return (x, w, b), (value(x), value(w), value(b), value(node))
 
 
 def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> Decision | None:
@@ -171,8 +164,8 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
         return None
     assert xv is not None and wv is not None and yv is not None  # _unsupported checked them
     name = module_name(node)
-    tokens = _hint(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
-    mnk = (tokens, _hint(wv.shape[0]), _hint(wv.shape[1]))
+    tokens = _size(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
+    mnk = (tokens, _size(wv.shape[0]), _size(wv.shape[1]))
     if cfg.sparse(name):
         if mnk[1] % 4 == 0 and mnk[2] % 4 == 0 and not _symbolic(wv):
             return _sparsify(graph, node, x, w, b, yv.dtype, cfg, name, mnk, stream, counters)
@@ -242,8 +235,8 @@ def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args) 
     def add(target, *a) -> fx.Node:
         n = graph.call_function(target, a)
         new.append(n)
-        vals = fx.node.map_arg(a, _val)
-        mode = getattr(_val(x), "fake_mode", None)
+        vals = fx.node.map_arg(a, value)
+        mode = getattr(value(x), "fake_mode", None)
         if mode is not None:
             with mode:
                 n.meta["example_value"] = target(*vals)
@@ -256,7 +249,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, args) 
         with graph.inserting_before(node):
             # autocast made the linear's output dtype: cast its inputs so the op runs in it too
             # (_unsupported checked that each input given has a value)
-            x, w, b = (v if v is None or _val(v).dtype == dtype else add(torch.Tensor.to, v, dtype)  # type: ignore[union-attr]
+            x, w, b = (v if v is None or value(v).dtype == dtype else add(torch.Tensor.to, v, dtype)  # type: ignore[union-attr]
                        for v in (x, w, b))  # fmt: skip
             out = args(add, x, w, b) if callable(args) else add(lowbit_linear, x, w, b, *args)
     except Exception:

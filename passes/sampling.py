@@ -26,7 +26,8 @@ from ..codegen.kernels import sampling_state
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import LowbitConfig
 from ..costmodel import HardwareProfile
-from .lowbit_gemm import _LINEAR, _hint, _rewrite, _unsupported, _val, linear_args, module_name
+from ._graph import value
+from .lowbit_gemm import _LINEAR, _rewrite, _size, _unsupported, linear_args, module_name
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _addmm_args(node: fx.Node):
     if set(node.kwargs) - {"alpha", "beta"}:
         return None
     b, x, w = node.args
-    bv, xv, wv, yv = _val(b), _val(x), _val(w), _val(node)
+    bv, xv, wv, yv = value(b), value(x), value(w), value(node)
     if bv is None or wv is None or bv.dim() != 1 or wv.dim() != 2:
         return None
     return (x, w, b), (xv, wv.t(), bv, yv)
@@ -122,7 +123,7 @@ def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Co
     name = module_name(node)
     if not cfg.sampled(name):
         return None
-    mnk = (_hint(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0, _hint(wv.shape[0]), _hint(wv.shape[1]))
+    mnk = (_size(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0, _size(wv.shape[0]), _size(wv.shape[1]))
     forced = cfg.sampling_keep
     choice = choose(mnk, yv.dtype, profile)
     if forced is None and not choice.sample:

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from . import _ops
 from ._graph import SymBuilder
-from .analyze import Recompute, _all_hints, _hint, _numel
+from .analyze import Recompute, _all_hints, _at, _numel
 from .recompute import replay
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def run(
     bound = set(SymBuilder(bw.graph).bound)
     recipes = {}
     for root, views in groups.items():
-        covered = sum(_hint(_numel(v.meta["val"]), hints) for v, _ in views)
-        if root.name not in saved_names and _hint(_numel(root.meta["val"]), hints) > covered:
+        covered = sum(_at(_numel(v.meta["val"]), hints) for v, _ in views)
+        if root.name not in saved_names and _at(_numel(root.meta["val"]), hints) > covered:
             continue  # storing the root would cost more than the views
         if not _symbols(root, [c for _, chain in views for c in chain]) <= bound:
             continue
