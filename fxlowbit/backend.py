@@ -40,6 +40,7 @@ from . import (
     validate,
 )
 from .codegen import rng
+from .codegen.kernels import sampling_state
 from .config import LowbitConfig
 from .costmodel import HardwareProfile, load_profile
 from .plan import Plan
@@ -278,7 +279,8 @@ class _Adaptive:
         if self.partitioner.pristine is not None and torch.is_grad_enabled():
             try:  # the first batch checks the prior's plan before the first step trains on it
                 with torch.random.fork_rng(devices=_devices(example_inputs)):
-                    self._check_prior(list(example_inputs))
+                    with sampling_state.exact():  # replays need the exact gradient
+                        self._check_prior(list(example_inputs))
             except Exception as err:
                 if cfg.strict:
                     raise
@@ -335,7 +337,8 @@ class _Adaptive:
                     # probes replay the forward (dropout included): leave the user's RNG untouched
                     boxed = len(args) == 1 and isinstance(args[0], list)  # boxed calling convention
                     with torch.random.fork_rng(devices=_devices(args)):
-                        self._calibrate(list(args[0] if boxed else args), due)
+                        with sampling_state.exact():  # replays need the exact gradient
+                            self._calibrate(list(args[0] if boxed else args), due)
                 except Exception as err:  # a probe must never cost the user's step
                     if self.cfg.strict:
                         raise

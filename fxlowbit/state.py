@@ -52,6 +52,7 @@ class RuntimeState:
     mask_modules: dict = dataclasses.field(default_factory=dict)
     # codegen.kernels.sampling_state: key -> sampled linear (keep ratios, last figures)
     sampling: dict = dataclasses.field(default_factory=dict)
+    sampling_paused: list = dataclasses.field(default_factory=list)  # non-empty: sampled backwards exact
     # codegen.kernels.sparse24_linear: weak mask -> (version, 2:4 along rows, along columns)
     mask_checks: WeakTensorKeyDictionary = dataclasses.field(default_factory=WeakTensorKeyDictionary)
     # codegen.kernels.quant_cpu: compiled kernel families, families that failed, their counters

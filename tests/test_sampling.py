@@ -216,3 +216,16 @@ def test_conv1d_linears_are_sampled_and_keep_one_is_exact():
     fxlowbit.reset(kernels=False)
     _grads(model, {**opts, "sampling": 0.5}, x, y)
     assert all(abs(e.stats[5] - 0.5 * N) < 5 * (0.25 * N) ** 0.5 for e in STATE.sampling.values())
+
+
+def test_probe_replays_run_exact_and_leave_the_controller_alone():
+    """The first-batch check, the probe at step 10 and the re-plan's joint check replay the graph:
+    under sampling_state.exact() the sampled linears run exact there and count no backward."""
+    model = _mlp()
+    compiled = torch.compile(model, backend="lowbit", options={"inner": "eager", "seed": 0, "sampling": True})
+    for step in range(12):
+        x, y = _task(step)
+        model.zero_grad()
+        F.mse_loss(compiled(x), y).backward()
+    assert fxlowbit.counters["probes"] >= 1  # replays happened
+    assert [e.steps for e in STATE.sampling.values()] == [12]

@@ -28,11 +28,12 @@ linears (an input-gradient error reaches every parameter upstream, so with ``L``
 it can add up ``L`` times). ``sampling=<float>`` fixes the ratios (no controller).
 
 The op is stateful like ``sparse24_mask``: its backward updates the registry, so a backward run
-twice (a probe's replay runs the reference path, not this op) adapts twice.
+twice adapts twice; the probes' replays run under :func:`exact` (exact, the registry untouched).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -147,6 +148,20 @@ def set_budget(keys, share: float) -> None:
         e.target_input = max(share, 0.0) / max(len(keys), 1)
 
 
+@contextlib.contextmanager
+def exact():
+    """Within: sampled linears run their backward exact and leave the registry alone. The probes'
+    replays of a graph (fxlowbit/backend.py) need the exact gradient, and must not move the
+    controller or count as backwards."""
+    with _state.STATE.lock:
+        _state.STATE.sampling_paused.append(True)
+    try:
+        yield
+    finally:
+        with _state.STATE.lock:
+            _state.STATE.sampling_paused.pop()
+
+
 def _entry(key: int) -> Entry:
     e = _REGISTRY.get(key)
     if e is None:  # after fxlowbit.reset(): the graph still runs; its linear starts over, exact
@@ -181,6 +196,11 @@ def sampled_linear_keyed_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db) as :func:`.sampled_linear.backward` at the registry's ratios; records the
     figures and takes one controller step."""
+    if _state.STATE.sampling_paused:  # a probe's replay: exact, and not a training backward
+        dx, dw, db, _ = _sl.backward(
+            grad, x, weight, 1.0, 1.0, seed, False, x_colmajor, need_input, need_weight, need_bias
+        )
+        return dx, dw, db
     e = _entry(key)
     ki, kw = e.used()
     ki, kw = (ki if need_input else 1.0), (kw if need_weight else 1.0)
