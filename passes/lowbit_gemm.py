@@ -47,7 +47,9 @@ __all__ = ["run", "Decision", "module_name", "formats_for"]
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
-_ROOT = re.compile(r"^L\['[^']*'\]\.?|^L__self__\.?")
+# the frame's root: L['self'], L__self__, or L['args'][0] when the module is the first positional
+# argument of a decorated forward (transformers' models)
+_ROOT = re.compile(r"^L\['args'\]\[0\]\.?|^L\['[^']*'\]\.?|^L__self__\.?")
 
 
 @dataclasses.dataclass(frozen=True)

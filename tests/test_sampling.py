@@ -229,3 +229,26 @@ def test_probe_replays_run_exact_and_leave_the_controller_alone():
         F.mse_loss(compiled(x), y).backward()
     assert fxlowbit.counters["probes"] >= 1  # replays happened
     assert [e.steps for e in STATE.sampling.values()] == [12]
+
+
+def test_transformers_module_names_match_the_filter_globs():
+    """transformers' decorated forwards put the model in ``L['args'][0]``: its linears are still
+    ``model.layers.0.mlp.up_proj`` (not ``0.model...``), so a filter glob on that path applies."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg)
+    opts = {
+        "inner": "eager",
+        "calibrate_every": 0,
+        "sampling": 0.5,
+        "sampling_filter": {"model.layers.0.*": False},
+    }
+    x = torch.randint(0, 64, (2, 16))
+    torch.compile(model, backend="lowbit", options=opts)(input_ids=x, labels=x).loss.backward()
+    names = sorted(e.module for e in STATE.sampling.values())
+    assert names and all(n.startswith(("model.layers.1.", "lm_head")) for n in names), names
+    assert "model.layers.1.mlp.up_proj" in names
