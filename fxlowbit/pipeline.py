@@ -135,17 +135,21 @@ def _linear_ce(ctx: Context) -> None:
     )
 
 
-def _lowbit_gemm(ctx: Context) -> None:
-    cfg = ctx.cfg
+def _dynamo_stream(cfg: LowbitConfig, salt: int) -> int:
+    """A random stream for a Dynamo-graph rewrite: from ``seed`` (or torch's, plus a per-compile
+    ordinal), salted so it differs from the partitioner's and the other rewrites' streams."""
     base = cfg.seed if cfg.seed is not None else torch.initial_seed() + STATE.next_id("gemm")
-    stream = rng.new_stream((base ^ _GEMM_SALT) % (2**63))
-    passes.lowbit_gemm.run(ctx.dynamo, cfg, stream=stream, profile=ctx.profile, counters=ctx.counters)
+    return rng.new_stream((base ^ salt) % (2**63))
+
+
+def _lowbit_gemm(ctx: Context) -> None:
+    stream = _dynamo_stream(ctx.cfg, _GEMM_SALT)
+    passes.lowbit_gemm.run(ctx.dynamo, ctx.cfg, stream=stream, profile=ctx.profile, counters=ctx.counters)
 
 
 def _sampling(ctx: Context) -> None:
     cfg = ctx.cfg
-    base = cfg.seed if cfg.seed is not None else torch.initial_seed() + STATE.next_id("gemm")
-    stream = rng.new_stream((base ^ _SAMPLING_SALT) % (2**63))
+    stream = _dynamo_stream(cfg, _SAMPLING_SALT)
     ctx.sampling_keys = passes.sampling.run(
         ctx.dynamo, cfg, stream=stream, profile=ctx.profile, counters=ctx.counters
     )

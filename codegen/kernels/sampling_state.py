@@ -66,6 +66,7 @@ class Entry:
     target_weight: float = 0.0
     stats: list[float] = dataclasses.field(default_factory=lambda: [0.0] * 6)
     steps: int = 0  # backwards run
+    rows: int = 0  # token rows of the last backward
     flops_dense: float = 0.0  # backward GEMM FLOPs summed over the backwards, dense
     flops_done: float = 0.0  # the same, as run
 
@@ -84,26 +85,29 @@ class Entry:
             return self.keep_input, self.keep_weight
         return self.effective
 
+    def units(self, rows: int) -> tuple[float, float]:
+        """The controller's units of dx's and dw's added variance for the last backward, over ``rows``
+        rows: ``||dx||^2``, and dw's minibatch variance capped by ``||dw||^2`` (module docstring)."""
+        n2_in, n2_w = self.stats[2], self.stats[3]
+        sgd = self.stats[6] - n2_w / max(rows, 1) if len(self.stats) > 6 and self.stats[6] > 0 else n2_w
+        return n2_in, min(max(sgd, 0.0), n2_w)
+
     def adapt(self, rows: int, used: tuple[float, float]) -> None:
         """One controller step from :attr:`stats` of a backward over ``rows`` rows run at ratios
         ``used`` (module docstring)."""
         if self.fixed:
             return
-        var_in, var_w, n2_in, n2_w = self.stats[:4]
-        sgd = self.stats[6] - n2_w / max(rows, 1) if len(self.stats) > 6 and self.stats[6] > 0 else n2_w
+        unit_in, unit_w = self.units(rows)
         if used[0] < 1 or self.keep_input >= 1:
-            self.keep_input = _step(used[0], var_in, n2_in, self.target_input)
+            self.keep_input = _step(used[0], self.stats[0], unit_in, self.target_input)
         if used[1] < 1 or self.keep_weight >= 1:
-            self.keep_weight = _step(used[1], var_w, min(max(sgd, 0.0), n2_w), self.target_weight)
+            self.keep_weight = _step(used[1], self.stats[1], unit_w, self.target_weight)
 
     @property
     def rho(self) -> tuple[float, float]:
         """The last backward's added variance of dx and dw, in the controller's units."""
-        var_in, var_w, n2_in, n2_w = self.stats[:4]
-        sgd = (
-            self.stats[6] - n2_w / max(self.mnk[0], 1) if len(self.stats) > 6 and self.stats[6] > 0 else n2_w
-        )
-        return var_in / max(n2_in, 1e-30), var_w / max(min(max(sgd, 0.0), n2_w), 1e-30)
+        unit_in, unit_w = self.units(self.rows)
+        return self.stats[0] / max(unit_in, 1e-30), self.stats[1] / max(unit_w, 1e-30)
 
 
 def _step(keep: float, var: float, unit: float, target: float) -> float:
@@ -210,7 +214,7 @@ def sampled_linear_keyed_backward(
     n = grad.numel() // max(grad.shape[-1], 1)
     d_out, d_in = weight.shape
     with _state.STATE.lock:
-        e.stats, e.steps = fig, e.steps + 1
+        e.stats, e.steps, e.rows = fig, e.steps + 1, n
         e.flops_dense += 2.0 * n * d_in * d_out * (need_input + need_weight)
         e.flops_done += 2.0 * d_in * d_out * (fig[4] * need_input + fig[5] * need_weight)
         e.adapt(n, (ki, kw))
