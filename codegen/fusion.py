@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from .dtypes import FLOAT_NAMES
+
 aten, prims = torch.ops.aten, torch.ops.prims
 
 __all__ = ["Spec", "match", "match_consumer", "source", "source_consumer", "reference", "kernel", "OPS"]
@@ -55,7 +57,6 @@ OPS: dict[str, str] = {
     "aten._unsafe_view.default": "{0}",
 }
 _VIEWS = ("aten.view.default", "aten._unsafe_view.default")
-_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 _MAX_OPS = 32
 
 
@@ -90,7 +91,7 @@ def _supported(n: fx.Node) -> bool:
         and str(n.target) in OPS
         and not n.kwargs
         and isinstance(v, torch.Tensor)
-        and str(v.dtype) in _DTYPES
+        and v.dtype in FLOAT_NAMES
     )
 
 
@@ -118,7 +119,7 @@ def _ancestors_within(root: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
 
 def _input_kind(n: fx.Node, out: torch.Tensor) -> str | None:
     v = _val(n)
-    if not isinstance(v, torch.Tensor) or str(v.dtype) not in _DTYPES:
+    if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_NAMES:
         return None
     if v.dim() == 0:
         return "scalar"
@@ -246,6 +247,11 @@ def _program(chain: list[fx.Node], inputs: list[fx.Node]):
 
 
 # -- the pure-torch reference ---------------------------------------------------------------------
+def _dtype(name: str) -> torch.dtype:
+    """The dtype a program step names (\"torch.bfloat16\" -> torch.bfloat16)."""
+    return getattr(torch, name.split(".")[1])
+
+
 def _aten(name: str):
     ns, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, ns), op), overload)
@@ -264,7 +270,7 @@ def reference(spec: Spec, inputs: list[torch.Tensor]) -> torch.Tensor:
     for op, args, dtype in spec.program:
         a = [_arg(x, inputs, vals) for x in args]
         if op == "prims.convert_element_type.default":
-            a.append(getattr(torch, dtype.split(".")[1]))
+            a.append(_dtype(dtype))
         vals.append(_aten(op)(*a))
     return vals[-1]
 
@@ -277,7 +283,7 @@ def _expr(spec: Spec) -> list[str]:
         a = [_arg(x, names, values) if isinstance(x, tuple) else repr(float(x)) for x in args
              if not (isinstance(x, tuple) and x[0] == "shape")]  # fmt: skip
         e = OPS[op].format(*a)
-        kind = _DTYPES[dtype]
+        kind = FLOAT_NAMES[_dtype(dtype)]
         if kind != "fp32":
             e = f"_round_{kind}({e})"
         lines.append(f"    v{i} = {e}")

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from ..dtypes import FLOATS
 from .quant import hash_uniform
 
 __all__ = [
@@ -57,7 +58,6 @@ FP8 = {
     "e5m2": (torch.float8_e5m2, 57344.0, 2, -14),
 }
 MAX_K = (2**31 - 1) // (127 * 127)  # 133144: longest reduction whose int32 sum cannot overflow
-_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMULATE_CHUNK = 1024  # fp32 sums of <= 1024 products of int8 codes are exact (< 2**24)
 
 
@@ -154,8 +154,8 @@ def _check_mm(a_q, b_q, sa, sb, bias, out_dtype, codes: tuple[torch.dtype, ...],
             )
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point):
         raise ValueError(f"fxlowbit {what}: bias must be float ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"fxlowbit {what}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if out_dtype not in FLOATS:
+        raise ValueError(f"fxlowbit {what}: out_dtype must be one of {FLOATS}, got {out_dtype}")
     if a_q.shape[1] > MAX_K and torch.int8 in codes:
         raise ValueError(f"fxlowbit {what}: K={a_q.shape[1]} > {MAX_K} could overflow the int32 accumulator")
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import rng
+from ..dtypes import FLOAT_NAMES
 from .int8_gemm import (
     dequantize_fp8,
     dequantize_int8_rowwise,
@@ -38,7 +39,7 @@ from .int8_gemm import (
 __all__ = ["lowbit_linear", "lowbit_matmul", "LOWBIT", "PLAIN", "FORMATS", "plain_format", "HADAMARD"]
 
 LOWBIT = ("int8", "fp8")
-PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PLAIN = {name: dtype for dtype, name in FLOAT_NAMES.items()}  # "fp32" -> torch.float32, ...
 FORMATS = (*PLAIN, *LOWBIT)
 HADAMARD = (0, 32, 128)
 _CODES = {"int8": torch.int8, "fp8": torch.uint8}  # saved copy of x: fp8 codes kept as their bits

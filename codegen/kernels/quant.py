@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import FLOATS
+
 __all__ = [
     "BITS",
     "DTYPES",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 BITS = (2, 4, 8)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels'; references take any float
+DTYPES = FLOATS  # the Triton kernels'; references take any float
 # kind bits of a special group, in the low bits of its scale; the kinds present take the top codes
 # in this order (+Inf at L)
 _KIND_POSINF, _KIND_NEGINF, _KIND_NAN = 1, 2, 4
