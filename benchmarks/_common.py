@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
-from torch.utils import flop_counter
+
+from fxlowbit.passes import flops
 
 
 @dataclasses.dataclass
@@ -37,8 +38,6 @@ class Case:
     inputs: dict[str, torch.Tensor]
     loss: Callable[[nn.Module, dict], torch.Tensor]
 
-
-aten = torch.ops.aten
 
 # ---------------------------------------------------------------------------------------------- models
 
@@ -87,38 +86,16 @@ def flat_grad(model: nn.Module) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- FLOPs
 
-# torch.utils.flop_counter's formulas, keyed by OpOverloadPacket. The CPU flash-attention ops that
-# SDPA lowers to on CPU take the same leading (query, key, value) / (grad_out, query, key, value)
-# arguments as the CUDA flash ops, so they borrow those formulas.
-_FLOP_FORMULAS = dict(flop_counter.flop_registry)
-_FLOP_FORMULAS.setdefault(
-    aten._scaled_dot_product_flash_attention_for_cpu,
-    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention],
-)
-_FLOP_FORMULAS.setdefault(
-    aten._scaled_dot_product_flash_attention_for_cpu_backward,
-    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_backward],
-)
-
-
-def _val(a):
-    return a.meta.get("val") if isinstance(a, fx.Node) else a
-
 
 def node_flops(node: fx.Node) -> int:
-    """Matmul FLOPs of one call (mm/addmm/bmm/baddbmm, convolutions and their backward, SDPA and its
-    backward), from the shapes in ``meta["val"]``; 0 for every other node."""
-    packet = getattr(node.target, "overloadpacket", None)
-    formula = _FLOP_FORMULAS.get(packet) if node.op == "call_function" else None
-    if formula is None:
-        return 0
-    args, kwargs = torch.utils._pytree.tree_map(_val, (node.args, node.kwargs))
-    return int(formula(*args, out_val=node.meta.get("val"), **kwargs))
+    """Matmul FLOPs of one call (the package's count, :func:`fxlowbit.passes.flops.node_flops`);
+    0 for every other node."""
+    return flops.node_flops(node) or 0
 
 
 def matmul_flops(graphs: Iterable[fx.GraphModule]) -> int:
     """Sum of :func:`node_flops` over every node of ``graphs``."""
-    return sum(node_flops(n) for gm in graphs for n in gm.graph.nodes)
+    return flops.matmul_flops(graphs)
 
 
 # ------------------------------------------------------------------------------------------ partitions

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from . import _ops
+from .flops import node_flops
 
 __all__ = ["SavedTensor", "GraphFacts", "run"]
 
@@ -255,21 +256,13 @@ def _concrete(v, hints: dict):
 
 
 def _gemms(gm: fx.GraphModule, graph: str, hints: dict) -> list[Gemm]:
-    from torch.utils.flop_counter import flop_registry
-
     out = []
     for n in gm.graph.nodes:
-        packet = getattr(n.target, "overloadpacket", None)
-        if n.op != "call_function" or packet not in flop_registry:
+        flops = node_flops(n, lambda v: _concrete(v, hints))
+        if flops is None:
             continue
-        args, kwargs, val = torch.utils._pytree.tree_map(
-            lambda v: _concrete(v.meta.get("val") if isinstance(v, fx.Node) else v, hints),
-            (n.args, n.kwargs, n),
-        )
-        flops = int(flop_registry[packet](*args, **kwargs, out_val=val))
-        dtype = next(
-            (a.dtype for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None
-        )
+        dtype = next((a.meta["val"].dtype for a in n.all_input_nodes
+                      if isinstance(a.meta.get("val"), torch.Tensor)), None)  # fmt: skip
         out.append(Gemm(_name(n.target), flops, str(dtype).replace("torch.", ""), graph))
     return out
 

@@ -102,3 +102,32 @@ def test_value_range_of_pooling_offsets_and_indices(captured):
     values = g.call_function(operator.getitem, (pool, 0))
     values.meta["val"] = torch.empty(2, 8, 3, 3)
     assert analyze.int_range(values) is None
+
+
+def test_gemms_count_cpu_attention_as_the_benchmarks_do(captured):
+    """The planner's step estimate and the benchmarks count matmul FLOPs with one function
+    (passes/flops.py): SDPA's CPU flash kernels and their backward are counted in both graphs, at
+    the formula's value for these sizes."""
+    from fxlowbit.passes import flops
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 64, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch.compile(Attention(), backend="lowbit", options=EAGER)(torch.randn(2, 64, 32)).sum().backward()
+    facts = captured[0][0]
+    attn = [g for g in facts.gemms if "scaled_dot_product" in g.op]
+    assert {g.graph for g in attn} == {"fw", "bw"}, facts.gemms
+    fw = next(g for g in attn if g.graph == "fw")
+    assert fw.flops == 2 * 2 * (2 * 4 * 64 * 64 * 8), fw  # QK^T and PV, b*h*s*s*d multiply-adds each
+    bw = next(g for g in attn if g.graph == "bw")
+    assert 2 * bw.flops == 5 * fw.flops, bw  # QK^T again, dV, dP, dQ, dK: five of the forward's two
+    from fxlowbit import backend
+
+    graphs = [gm for pair in backend.last_graphs() for gm in pair]
+    assert flops.matmul_flops(graphs) >= sum(g.flops for g in facts.gemms) > 0
