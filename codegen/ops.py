@@ -14,6 +14,7 @@ aside).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -31,7 +32,6 @@ from .kernels.bitmask import (
 )
 from .kernels.quant import (
     DTYPES,
-    _numel,
     dequantize_unpack_reference,
     hash_uniform,
     packed_shapes,
@@ -223,8 +223,8 @@ def fused_quantize_pack(
     ``quantize_pack`` at ``bits`` with the next seed of ``stream``, in one kernel on the Triton path."""
     s = fusion.Spec.from_json(spec)
     seed = rng.draw_seed(stream, inputs[0].device)
-    cshape, mshape = packed_shapes(_numel(shape), bits, group_size)
-    if _triton(inputs[0], dtype) and _numel(shape) > 0:
+    cshape, mshape = packed_shapes(math.prod(shape), bits, group_size)
+    if _triton(inputs[0], dtype) and math.prod(shape) > 0:
         from .kernels.quant_triton import _launch
 
         out = torch.empty(list(shape), dtype=dtype, device=inputs[0].device)
@@ -252,7 +252,7 @@ def fused_quantize_pack(
 
 @fused_quantize_pack.register_fake
 def _(inputs, spec, shape, dtype, bits, group_size, stream):
-    cshape, mshape = packed_shapes(_numel(shape), bits, group_size)
+    cshape, mshape = packed_shapes(math.prod(shape), bits, group_size)
     like = inputs[0]
     return (
         like.new_empty(list(shape), dtype=dtype),
@@ -286,7 +286,7 @@ def fused_dequantize_apply(
     as ``shape``, maybe reshaped) in one kernel on the Triton path; the decoded tensor is never
     written."""
     s = fusion.Spec.from_json(spec)
-    if _triton(codes, dtype) and decoded_dtype in DTYPES and _numel(shape) > 0:
+    if _triton(codes, dtype) and decoded_dtype in DTYPES and math.prod(shape) > 0:
         from .kernels.quant_triton import _launch
 
         out = torch.empty(list(out_shape), dtype=dtype, device=codes.device)

@@ -29,6 +29,8 @@ exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..dtypes import FLOATS
@@ -272,19 +274,12 @@ def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) 
     return x
 
 
-def _numel(shape):
-    numel = 1
-    for s in shape:
-        numel *= s
-    return numel
-
-
 def dequantize_unpack_traceable(
     codes: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, shape, dtype: torch.dtype
 ) -> torch.Tensor:
     """Branch-free :func:`dequantize_unpack_reference` (contiguous result), for tracing."""
     x = _decode(codes, meta, bits, specials=True)
-    return x.reshape(-1)[: _numel(shape)].to(dtype).view(shape)
+    return x.reshape(-1)[: math.prod(shape)].to(dtype).view(shape)
 
 
 def dequantize_unpack_reference(
@@ -301,7 +296,7 @@ def dequantize_unpack_reference(
     _check(bits, group_size)
     specials = bool((meta[:, 1].contiguous().view(torch.int32) < 0).any())
     x = _decode(codes, meta, bits, specials)
-    numel = _numel(shape)
+    numel = math.prod(shape)
     out = x.reshape(-1)[:numel].to(dtype).view(shape)
     if stride is not None and tuple(out.stride()) != tuple(stride) and numel > 0:
         out = torch.empty_strided(shape, stride, dtype=dtype, device=out.device).copy_(out)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -274,7 +275,7 @@ def dequantize_unpack(
     stride: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """:func:`.quant.dequantize_unpack_reference`, same bits."""
-    numel = Q._numel(shape)
+    numel = math.prod(shape)
     if (
         len(meta) > 1
         and _compilable(dtype)

@@ -35,6 +35,8 @@ to Dynamo, AOTAutograd and Inductor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -328,10 +330,7 @@ sampled_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 @register_flop_formula(torch.ops.fxlowbit.sampled_linear)
 def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    n = 1
-    for s in x_shape[:-1]:
-        n *= s
-    return 2 * n * w_shape[0] * w_shape[1]
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 def sampled_linear(
