@@ -304,7 +304,7 @@ class _Adaptive:
             "each saved tensor now and re-planning before the first step", measured, limit,
         )  # fmt: skip
         probe = calibrate.probe_sensitivity(p.pristine, args, p.quantizable, self.cfg.group_size, seed=0)
-        var = max(probe.grad_sq, 1e-30)
+        var = max(calibrate.gradient_power(probe.grad), 1e-30)
         self.sensitivity = {k: v / var for k, v in probe.sensitivity.items()}
         counters["probes"] += 1
         self._check_jointly(args, var)
@@ -355,7 +355,8 @@ class _Adaptive:
             # The unit of added variance: SGD's own noise, but never more than the gradient's power.
             # With small batches the minibatch variance is many times ||g||^2 (T5 in the matrix),
             # and a plan at 0.05 of it wrecked the gradient (6 dB); capped, 0.05 keeps >= 13 dB.
-            var = min(calibrate.minibatch_variance(probe.grad, g2), max(probe.grad_sq, 1e-30))
+            power = calibrate.gradient_power(probe.grad)
+            var = min(calibrate.minibatch_variance(probe.grad, g2), max(power, 1e-30))
             self.sensitivity = {k: v / var for k, v in probe.sensitivity.items()}
             counters["probes"] += 1
             self.unsafe = False

@@ -7,7 +7,7 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
    N(0, 1/numel) otherwise);
 2. for each tensor the planner may quantize, the gradient ``g_l`` with only that tensor quantized
    at ``PROBE_BITS`` = 4 bits (stochastic rounding, groups as configured; in normalised or
-   standardised form where the rewrite stores it so, see :func:`_normalised_probe` and
+   standardised form where the rewrite stores it so, see :func:`normalised_probe` and
    ``fxlowbit.forms.normalised``): ``||g_l - g||^2`` is one
    sample of the variance it adds, and since rounding variance scales as ``1/(2^b - 1)^2`` for fixed group
    ranges, the sensitivity is ``s_l = 225 ||g_l - g||^2`` (the variance at "one level", see
@@ -15,7 +15,7 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
 3. at the next step, the exact gradient ``g'`` of a new minibatch: ``||g - g'||^2 / 2`` estimates
    the minibatch gradient variance (two consecutive batches; parameter drift over one step is
    small next to batch noise). When it is negligible (the same batch repeated), ``||g||^2`` stands
-   in, so the ratio becomes a relative gradient error.
+   in (:func:`gradient_power`), so the ratio becomes a relative gradient error.
 
 The cost is one eager forward, ``L + 2`` eager backwards (``L`` probed tensors) per probe, every
 ``calibrate_every`` steps; :mod:`benchmarks.calibration` measures it against the step time.
@@ -38,7 +38,16 @@ from .passes._graph import copy_module, through_identities
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Probe", "probe_sensitivity", "exact_gradient", "minibatch_variance"]
+__all__ = [
+    "Probe",
+    "probe_sensitivity",
+    "exact_gradient",
+    "minibatch_variance",
+    "gradient_power",
+    "flat_gradient",
+    "replay_tangents",
+    "normalised_probe",
+]
 
 # 4, not 2: the 1/(2^b - 1)^2 scaling holds while the noise is small next to the consumers'
 # curvature (softmax, normalisation); 2-bit probes misranked a CNN's tensors (a plan at uniform
@@ -48,14 +57,19 @@ PROBE_BITS = 4
 
 @dataclasses.dataclass
 class Probe:
-    """Raw results of one probe (un-normalised)."""
+    """Raw results of one probe (un-normalised); the gradient's power is :func:`gradient_power`."""
 
     sensitivity: dict[str, float]  # saved name -> variance at one level, in squared gradient units
     grad: torch.Tensor  # the exact flat gradient of this step
-    grad_sq: float
 
 
-def _tangents(bw: fx.GraphModule, seed: int) -> list[torch.Tensor]:
+def gradient_power(grad: torch.Tensor) -> float:
+    """``||grad||^2``: the unit of a probe's sensitivities when there is no minibatch variance to
+    measure (the same batch twice, the first batch)."""
+    return float((grad**2).sum())
+
+
+def replay_tangents(bw: fx.GraphModule, seed: int) -> list[torch.Tensor]:
     """Output gradients for a replay: a graph that returns a scalar (the loss) gets 1 for it and
     zeros for its other outputs, as training does (a ``transformers`` model also returns its
     logits, which the loss alone never differentiates: random tangents there made T5's probed
@@ -77,7 +91,8 @@ def _tangents(bw: fx.GraphModule, seed: int) -> list[torch.Tensor]:
     return out
 
 
-def _flat(grads) -> torch.Tensor:
+def flat_gradient(grads) -> torch.Tensor:
+    """The floating-point tensors of a backward's outputs, flattened into one float64 vector."""
     parts = [
         g.detach().reshape(-1).double()
         for g in grads
@@ -96,8 +111,8 @@ def exact_gradient(pristine, args, seed: int = 0) -> tuple[torch.Tensor, list, l
     fw, bw, num_fwd_outputs = pristine
     with torch.no_grad():
         saved = _forward(fw, num_fwd_outputs, list(args))
-        tangents = _tangents(bw, seed)
-        grad = _flat(bw(*saved, *tangents))
+        tangents = replay_tangents(bw, seed)
+        grad = flat_gradient(bw(*saved, *tangents))
     return grad, saved, tangents
 
 
@@ -147,7 +162,7 @@ def _value_only(bw: fx.GraphModule, name: str) -> fx.GraphModule | None:
     return g
 
 
-def _normalised_probe(pristine, name: str, noisy, fw_nodes: dict | None = None) -> fx.GraphModule | None:
+def normalised_probe(pristine, name: str, noisy, fw_nodes: dict | None = None) -> fx.GraphModule | None:
     """A copy of the backward in which the value the rewrite would store for ``name`` in its place
     (its normalised form, e.g. LayerNorm's ``(x - mean) * rstd``; fxlowbit/forms/normalised.py) goes
     through ``noisy``; None when ``name`` is stored as itself. ``fw_nodes``: the forward graph's
@@ -198,27 +213,32 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
                     codes, meta, PROBE_BITS, group_size, v.shape, v.dtype, v.stride()
                 )
 
-            normal = _normalised_probe(pristine, name, noisy, fw_nodes)
+            normal = normalised_probe(pristine, name, noisy, fw_nodes)
             std = standardised(fw_nodes[name], exact) if normal is None and name in fw_nodes else None
             split = None if normal is not None or std is not None else _value_only(bw, name)
             if normal is not None:
-                g = _flat(normal(*saved, *tangents))
+                g = flat_gradient(normal(*saved, *tangents))
             elif std is not None:  # rounded standardised, rebuilt as the rewrite stores it
                 mean, rstd = (saved[placeholders.index(n.name)] for n in std[1:])
                 xq = noisy((x - mean) * rstd) / rstd + mean
-                g = _flat(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
+                g = flat_gradient(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
             elif split is not None:  # comparisons keep reading the exact value, as the masks do
                 xq = noisy(x)
-                g = _flat(split(*saved, *tangents, xq))
+                g = flat_gradient(split(*saved, *tangents, xq))
             else:
-                g = _flat(bw(*saved[:i], noisy(x), *saved[i + 1 :], *tangents))
+                g = flat_gradient(bw(*saved[:i], noisy(x), *saved[i + 1 :], *tangents))
             sens[name] = float(((g - grad) ** 2).sum()) * (2**PROBE_BITS - 1) ** 2
-    return Probe(sens, grad, float((grad**2).sum()))
+    return Probe(sens, grad)
 
 
 def minibatch_variance(g1: torch.Tensor, g2: torch.Tensor) -> float:
     """Minibatch gradient variance from two consecutive batches' exact gradients; falls back to
     ``||g1||^2`` (relative error) when the two batches are (nearly) the same."""
     var = float(((g1 - g2) ** 2).sum()) / 2
-    norm = float((g1**2).sum())
+    norm = gradient_power(g1)
     return var if var > 1e-6 * norm else max(norm, 1e-30)
+
+
+# the names other modules used before they were public (fxlowbit/validate.py,
+# tests/test_defaults_in_the_wild.py)
+_flat, _tangents = flat_gradient, replay_tangents
