@@ -225,12 +225,12 @@ def fused_quantize_pack(
     seed = rng.draw_seed(stream, inputs[0].device)
     cshape, mshape = packed_shapes(math.prod(shape), bits, group_size)
     if _triton(inputs[0], dtype) and math.prod(shape) > 0:
-        from .kernels.quant_triton import _launch
+        from .kernels.quant_triton import launch_config
 
         out = torch.empty(list(shape), dtype=dtype, device=inputs[0].device)
         codes = torch.empty(cshape, dtype=torch.uint8, device=out.device)
         meta = torch.empty(mshape, dtype=torch.float32, device=out.device)
-        grid, consts = _launch(out.numel(), bits, group_size)
+        grid, consts = launch_config(out.numel(), bits, group_size)
         fusion.kernel(s)[grid](
             *(t.contiguous() for t in inputs),
             out.view(torch.int16) if dtype == torch.bfloat16 else out,
@@ -287,10 +287,10 @@ def fused_dequantize_apply(
     written."""
     s = fusion.Spec.from_json(spec)
     if _triton(codes, dtype) and decoded_dtype in DTYPES and math.prod(shape) > 0:
-        from .kernels.quant_triton import _launch
+        from .kernels.quant_triton import launch_config
 
         out = torch.empty(list(out_shape), dtype=dtype, device=codes.device)
-        grid, consts = _launch(out.numel(), bits, group_size)
+        grid, consts = launch_config(out.numel(), bits, group_size)
         fusion.kernel(s)[grid](
             codes.contiguous(),
             meta.contiguous().view(torch.int32),

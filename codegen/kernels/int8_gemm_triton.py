@@ -6,7 +6,7 @@ fp32, optional bias (N,). One program per (BLOCK_M, BLOCK_N) output tile (groupe
 L2 reuse) accumulates ``tl.dot`` of int8 tiles into int32, which is exact, then applies the
 reference's epilogue in its order, ``((acc * sa) * sb) + bias`` in fp32, compiled without FMA
 contraction (``enable_fp_fusion=False``) so every operation rounds as torch's does. bf16 outputs
-are rounded in integers (``quant_triton._bf16_bits``: the interpreter's own cast truncates).
+are rounded in integers (``quant_triton_lib.bf16_bits``: the interpreter's own cast truncates).
 Autotuned over tile shapes on CUDA; one small configuration under ``TRITON_INTERPRET=1``.
 """
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .int8_gemm import _check_mm
-from .quant_triton import _bf16_bits
+from .quant_triton_lib import bf16_bits
 
 __all__ = ["int8_mm_triton", "CONFIGS"]
 
@@ -78,7 +78,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, s_am
     c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
     c_ok = m_ok[:, None] & n_ok[None, :]
     if OUT_BF16:
-        tl.store(c_ptrs, _bf16_bits(out), c_ok)  # c_ptr: the bf16 output viewed as int16
+        tl.store(c_ptrs, bf16_bits(out), c_ok)  # c_ptr: the bf16 output viewed as int16
     else:
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), c_ok)
 
