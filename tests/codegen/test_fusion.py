@@ -1,4 +1,4 @@
-"""Generated fusions (codegen/fusion.py): a pointwise chain + its 4-bit packing as one kernel.
+"""Generated fusions (codegen/fusion*.py): a pointwise chain + its 4-bit packing as one kernel.
 
 The generated Triton kernel (interpreter on CPU) must equal the pure-torch reference op: the same
 forward value and, given the same seed, the same codes and scales. Chains of exact arithmetic
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fxlowbit
-from fxlowbit.codegen import fusion, ops, rng
+from fxlowbit.codegen import fusion, fusion_load, ops, rng
 
 F32, BF16, F16 = "torch.float32", "torch.bfloat16", "torch.float16"
 ADD_RELU_CAST = (
@@ -223,7 +223,7 @@ def test_source_is_deterministic_and_dumped(tmp_path, monkeypatch):
     assert fusion.source(spec) == fusion.source(fusion.Spec.from_json(spec.to_json()))
     assert "tl.math.erf" in fusion.source(spec) and "def _fused_kernel" in fusion.source(spec)
     monkeypatch.setenv("FXLOWBIT_DUMP_DIR", str(tmp_path))
-    fusion._KERNELS.clear()
+    fusion_load._KERNELS.clear()
     fusion.kernel(spec)
     (path,) = tmp_path.glob("fused_pack_*.py")
     assert path.read_text() == fusion.source(spec)
