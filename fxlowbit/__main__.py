@@ -136,7 +136,7 @@ def compile_run(
         return torch.compile(model, backend=run)
     options = {"inner": inner, "seed": seed, **(options or {})}
     if run == "uncompressed":
-        options["passes"] = {"plan": False, "lowbit_gemm": False, **options.get("passes", {})}
+        options["passes"] = {"plan": False, "sparsity": False, "lowbit_gemm": False, **options.get("passes", {})}
     elif run.startswith("lowbit"):
         options["bits"] = int(run.removeprefix("lowbit"))
     elif run.startswith("budget"):

@@ -17,7 +17,7 @@ __all__ = ["LowbitConfig", "PASSES", "GEMM_FORMATS"]
 # The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
 # (fxlowbit/pipeline.py runs them; "probes": the copies the probes replay, so off = no probes)
 PASSES = (
-    *("linear_ce", "lowbit_gemm", "sampling"),  # on the Dynamo graph
+    *("linear_ce", "sparsity", "lowbit_gemm", "sampling"),  # on the Dynamo graph
     *("saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"),  # on the partitioned pair
 )
 GEMM_FORMATS = ("auto", "off", "int8", "fp8")  # per GEMM: cost model, plain, or forced
@@ -71,7 +71,7 @@ class LowbitConfig:
     gemm_hadamard: 0 (default), 32 or 128: rotate a low-bit forward GEMM's operands along K by
         block Hadamard matrices first (spreads outliers; layers whose K is not a multiple skip it).
     sparsity: None (default) or "2:4": train the linear layers with 2:4 weight sparsity
-        (passes/lowbit_gemm.py, while training): each matching linear whose weight sizes are both
+        (passes/sparsity.py, while training): each matching linear whose weight sizes are both
         multiples of 4 becomes ``fxlowbit::sparse24_linear`` with a transposable 2:4 mask of its
         weight (codegen/kernels/sparse24*.py: forward ``x (w*m)^T + b``, MVUE-sparsified
         grad-weight GEMM, pruned weights get a zero gradient). Sparsity takes precedence over
@@ -315,7 +315,7 @@ class LowbitConfig:
 
     @property
     def sparsity_active(self) -> bool:
-        """Whether any linear may be made 2:4 sparse (the lowbit_gemm pass then runs too)."""
+        """Whether any linear may be made 2:4 sparse (else the sparsity pass has nothing to do)."""
         return self.sparsity is not None
 
     def inline_kernels(self, device_type: str) -> bool:

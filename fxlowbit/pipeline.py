@@ -1,11 +1,12 @@
 """The pipeline: one list of named steps, each ``run(ctx)`` on one :class:`Context`.
 
-:data:`STEPS` is the whole compiler in order. The first three rewrite the Dynamo graph before
+:data:`STEPS` is the whole compiler in order. The first four rewrite the Dynamo graph before
 AOTAutograd traces it; the rest run on the partitioned forward/backward pair inside the custom
 partitioner (fxlowbit/backend.py)::
 
     Dynamo graph   linear_ce      projection + cross-entropy -> fused op         passes/linear_ce.py
-                   lowbit_gemm    linears -> INT8/FP8/2:4 GEMMs where chosen     passes/lowbit_gemm.py
+                   sparsity       linears -> 2:4 sparse (option sparsity="2:4")  passes/sparsity.py
+                   lowbit_gemm    linears -> INT8/FP8 GEMMs where chosen         passes/lowbit_gemm.py
                    sampling       linears -> backward GEMMs on sampled rows      passes/sampling.py
     partition      saved_views    save a view's base, not the view               passes/saved_views.py
                    probes         keep copies of the pair for the probes         fxlowbit/calibrate.py
@@ -67,6 +68,7 @@ class Context:
     # the Dynamo graph
     gm: fx.GraphModule | None = None
     sampling_keys: list[int] = dataclasses.field(default_factory=list)  # sampled linears' registry keys
+    gemm_stream: int | None = None  # random stream of the sparse and low-bit linears (drawn once)
     # the partitioned pair
     fw: fx.GraphModule | None = None
     bw: fx.GraphModule | None = None
@@ -142,8 +144,19 @@ def _dynamo_stream(cfg: LowbitConfig, salt: int) -> int:
     return rng.new_stream((base ^ salt) % (2**63))
 
 
+def _gemm_stream(ctx: Context) -> int:
+    """The one stream of a graph's sparse and low-bit linears (drawn by whichever step runs first)."""
+    if ctx.gemm_stream is None:
+        ctx.gemm_stream = _dynamo_stream(ctx.cfg, _GEMM_SALT)
+    return ctx.gemm_stream
+
+
+def _sparsity(ctx: Context) -> None:
+    passes.sparsity.run(ctx.dynamo, ctx.cfg, stream=_gemm_stream(ctx), counters=ctx.counters)
+
+
 def _lowbit_gemm(ctx: Context) -> None:
-    stream = _dynamo_stream(ctx.cfg, _GEMM_SALT)
+    stream = _gemm_stream(ctx)
     passes.lowbit_gemm.run(ctx.dynamo, ctx.cfg, stream=stream, profile=ctx.profile, counters=ctx.counters)
 
 
@@ -219,8 +232,13 @@ DYNAMO_STEPS: tuple[Step, ...] = (
         contained="loss left unfused",
     ),
     Step(
+        "sparsity", _sparsity, "dynamo",
+        when=lambda ctx: ctx.cfg.sparsity_active and torch.is_grad_enabled(),
+        contained="linears left dense",
+    ),
+    Step(
         "lowbit_gemm", _lowbit_gemm, "dynamo",
-        when=lambda ctx: (ctx.cfg.gemm_active or ctx.cfg.sparsity_active) and torch.is_grad_enabled(),
+        when=lambda ctx: ctx.cfg.gemm_active and torch.is_grad_enabled(),
         contained="linears left as they are",
     ),
     Step(

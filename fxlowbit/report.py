@@ -323,6 +323,6 @@ def _gemm(node) -> tuple[str, str]:
 def _layer(node) -> str:
     """The innermost module a forward node came from, as a dotted path ("" when unknown), spelt as
     the ``gemm_filter`` / ``sparsity_filter`` / ``sampling_filter`` globs match it."""
-    from .passes.lowbit_gemm import module_name
+    from .passes.linears import module_name
 
     return module_name(node)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 
 import sympy
 import torch
@@ -21,6 +23,7 @@ __all__ = [
     "first_user",
     "placeholder_like",
     "through_identities",
+    "NodeBuilder",
 ]
 
 
@@ -132,3 +135,34 @@ def through_identities(node: fx.Node):
             yield from through_identities(user)
         else:
             yield user
+
+
+class NodeBuilder:
+    """Adds call nodes to a Dynamo graph at the graph's current insertion point, each with
+    ``meta["example_value"]`` computed under ``fake_mode`` and the ``meta`` entries given (source
+    locations of the node it replaces); :meth:`transaction` erases every node added when the block
+    raises, so a rewrite that fails half-way leaves the graph as it was."""
+
+    def __init__(self, graph: fx.Graph, fake_mode, meta: dict | None = None):
+        self.graph, self.fake_mode, self.meta = graph, fake_mode, meta or {}
+        self.added: list[fx.Node] = []
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        self.added.append(node)
+        if self.fake_mode is not None:
+            vals = fx.node.map_arg((args, kwargs), value)
+            with self.fake_mode:
+                node.meta["example_value"] = target(*vals[0], **vals[1])
+        node.meta.update(self.meta)
+        return node
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[NodeBuilder]:
+        try:
+            yield self
+        except BaseException:
+            for node in reversed(self.added):
+                self.graph.erase_node(node)
+            self.added.clear()
+            raise

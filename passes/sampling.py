@@ -2,15 +2,16 @@
 token rows (the ``sampling`` option; VCAS, Wang, Chen, Zhu 2024).
 
 Linears are ``F.linear`` calls and ``torch.addmm(b, x, w)`` with a 1-D bias (``transformers``'
-Conv1D: GPT-2's linears, weight (in, out), sampled as the linear of its transpose). Runs on
-Dynamo's FX graph after :mod:`.lowbit_gemm` (a linear already given an INT8/FP8 or 2:4
-GEMM is no longer a plain linear and stays as it is). Per plain linear left: when the option is on,
-``sampling_filter`` matches its module, it needs a gradient, and the hardware profile says the
-backward GEMMs it could skip are worth more than gathering the kept rows (:func:`choose`), it
-becomes ``sampled_linear_keyed(x, w, b, draw_seed(x, stream), key)``: forward ``F.linear``, backward
-:func:`fxlowbit.codegen.kernels.sampled_linear.backward` at the keep ratios of registry entry
-``key`` (codegen/kernels/sampling_state.py), which adapt after every backward. Counters:
-``sampled_linear`` per rewritten linear, ``sampling_declined`` per linear the cost model leaves.
+Conv1D: GPT-2's linears, weight (in, out), sampled as the linear of its transpose). Runs on Dynamo's
+FX graph after :mod:`.sparsity` and :mod:`.lowbit_gemm` (a linear already made 2:4 sparse or given
+an INT8/FP8 GEMM is no longer a plain linear and stays as it is). Per plain linear left: when the
+option is on, ``sampling_filter`` matches its module, it needs a gradient, and the hardware profile
+says the backward GEMMs it could skip are worth more than gathering the kept rows (:func:`choose`),
+it becomes ``sampled_linear_keyed(x, w, b, draw_seed(x, stream), key)``: forward ``F.linear``,
+backward :func:`fxlowbit.codegen.kernels.sampled_linear.backward` at the keep ratios of registry
+entry ``key`` (codegen/kernels/sampling_state.py), which adapt after every backward.
+Counters: ``sampled_linear`` per rewritten linear, ``sampling_declined`` per linear the cost model
+leaves.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ..codegen.kernels import sampling_state
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import LowbitConfig
 from ..costmodel import HardwareProfile
+from . import linears
 from ._graph import value
-from .lowbit_gemm import _LINEAR, _rewrite, _size, _unsupported, linear_args, module_name
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def run(
     keys: list[int] = []
     try:
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in (*_LINEAR, torch.addmm):
+            if node.op == "call_function" and node.target in (*linears.LINEAR, torch.addmm):
                 key = _consider(gm.graph, node, cfg, profile, stream, counters)
                 keys += [key] if key is not None else []
     finally:  # linears rewritten so far stay rewritten, and the graph compiles
@@ -113,17 +114,17 @@ def _addmm_args(node: fx.Node):
 
 def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Counter) -> int | None:
     conv1d = node.target is torch.addmm
-    found = _addmm_args(node) if conv1d else linear_args(node)
+    found = _addmm_args(node) if conv1d else linears.linear_args(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found
-    if _unsupported(xv, wv, b, bv, yv) or not (xv.requires_grad or wv.requires_grad):
+    if linears.unsupported(xv, wv, b, bv, yv) or not (xv.requires_grad or wv.requires_grad):
         return None
     assert xv is not None and wv is not None and yv is not None
-    name = module_name(node)
+    name = linears.module_name(node)
     if not cfg.sampled(name):
         return None
-    mnk = (_size(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0, _size(wv.shape[0]), _size(wv.shape[1]))
+    mnk = linears.mnk(xv, wv)
     forced = cfg.sampling_keep
     choice = choose(mnk, yv.dtype, profile)
     if forced is None and not choice.sample:
@@ -137,7 +138,7 @@ def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Co
         w = add(torch.t, w) if conv1d else w  # Conv1D's (in, out) weight, as a linear's (out, in) view
         return add(torch.ops.fxlowbit.sampled_linear_keyed.default, x, w, b, seed, key)
 
-    _rewrite(graph, node, x, w, b, yv.dtype, build)
+    linears.replace(graph, node, x, w, b, yv.dtype, build)
     counters["sampled_linear"] += 1
     log.debug("sampling: %s (%s, M N K %s) -> key %d: %s", node.name, name, mnk, key, choice.reason)
     return key

@@ -21,7 +21,7 @@ from fxlowbit.backend import counters
 from fxlowbit.config import LowbitConfig
 from fxlowbit.examples import sqnr_db
 from fxlowbit.memory import saved_activation_bytes
-from fxlowbit.passes import lowbit_gemm
+from fxlowbit.passes import linears, lowbit_gemm
 
 EAGER = {"inner": "eager", "passes": {"plan": False}}  # no activation compression: GEMMs only
 
@@ -250,7 +250,7 @@ def test_internal_error_falls_back_and_strict_raises(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(lowbit_gemm, "_rewrite", broken)
+    monkeypatch.setattr(linears, "replace", broken)
     with pytest.warns(UserWarning, match="lowbit_gemm pass failed .RuntimeError: boom.; linears left"):
         out, _, _ = _run(model, x, gemm="int8")
     assert counters["fallback_internal_error"] == 1 and counters["lowbit_gemm"] == 0
@@ -313,3 +313,23 @@ def test_gpt_loss_within_3pct_with_int8_gemms():
     assert int8.saved_mb < 0.8 * base.saved_mb  # the linears' inputs were saved as int8 copies
     assert abs(int8.train_loss / base.train_loss - 1) <= 0.03, (base.train_loss, int8.train_loss)
     assert abs(int8.eval_loss / base.eval_loss - 1) <= 0.03, (base.eval_loss, int8.eval_loss)
+
+
+def test_a_replacement_failing_half_way_leaves_the_graph_as_it_was():
+    """linears.replace adds nodes through _graph.NodeBuilder, whose transaction erases what it added
+    when the build raises: the graph's code is unchanged and the linear still there."""
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(x, w))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    before = gm.graph.python_code("self").src
+    x, w = node.args
+    x.meta["example_value"], w.meta["example_value"] = torch.empty(2, 8), torch.empty(4, 8)
+
+    def build(add, x, w, b):
+        add(torch.relu, x)
+        add(torch.neg, w)
+        raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        linears.replace(gm.graph, node, x, w, None, torch.float32, build)
+    assert gm.graph.python_code("self").src == before
+    gm.graph.lint()

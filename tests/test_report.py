@@ -262,7 +262,7 @@ def test_recording_errors_never_break_a_compile(tmp_path, monkeypatch, caplog):
 
 
 def test_layer_names_are_spelt_as_the_filter_globs_match_them():
-    """One module-path spelling (passes/lowbit_gemm.module_name) for reports and *_filter globs:
+    """One module-path spelling (passes/linears.module_name) for reports and *_filter globs:
     a ModuleList's children are ``blocks.0``, not ``blocks[0]``."""
     import fnmatch
 

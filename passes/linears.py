@@ -1,0 +1,93 @@
+"""Linear layers on Dynamo's FX graph, as the passes that rewrite them (:mod:`.lowbit_gemm`,
+:mod:`.sparsity`, :mod:`.sampling`) find, name and replace them.
+
+A linear is one ``torch._C._nn.linear`` node (``nn.Linear`` and ``F.linear`` alike) carrying its
+module path in ``nn_module_stack``; :func:`module_name` is the one spelling of that path, shared by
+the reports and the ``*_filter`` option globs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..codegen.kernels.lowbit_linear import PLAIN
+from ._graph import NodeBuilder, size_hint, value
+
+__all__ = ["LINEAR", "module_name", "linear_args", "example_size", "unsupported", "replace"]
+
+LINEAR = frozenset({F.linear, torch._C._nn.linear})
+_SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
+# the frame's root: L['self'], L__self__, or L['args'][0] when the module is the first positional
+# argument of a decorated forward (transformers' models)
+_ROOT = re.compile(r"^L\['args'\]\[0\]\.?|^L\['[^']*'\]\.?|^L__self__\.?")
+_SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def module_name(node: fx.Node | None) -> str:
+    """Dotted path of the innermost module a node came from (``"blocks.0.fc1"``; "" when unknown),
+    from its ``nn_module_stack`` (Dynamo graphs) or ``fwd_nn_module_stack`` (backward nodes): the
+    one spelling reports and the ``*_filter`` globs share."""
+    if node is None:
+        return ""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = _ROOT.sub("", path).replace("._modules['", ".").replace("']", "")
+    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+
+
+def linear_args(node: fx.Node):
+    """(x, w, b) nodes of a linear call and their values (x, w, b, y), or None if it does not bind."""
+    try:
+        bound = _SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    x, w, b = bound["input"], bound["weight"], bound.get("bias")
+    return (x, w, b), (value(x), value(w), value(b), value(node))
+
+
+def example_size(d) -> int:
+    """A size at the example sizes; a symbolic one without an example: assume large."""
+    return size_hint(d, 1 << 16)  # type: ignore[return-value]
+
+
+def mnk(xv: torch.Tensor, wv: torch.Tensor) -> tuple[int, int, int]:
+    """(tokens, out features, in features) of a linear of input ``xv`` and (out, in) weight ``wv``."""
+    tokens = example_size(xv.numel() // xv.shape[-1]) if xv.shape[-1] else 0
+    return tokens, example_size(wv.shape[0]), example_size(wv.shape[1])
+
+
+def unsupported(xv, wv, b, bv, yv) -> str:
+    """Why a linear with these values cannot be replaced by the project's linear ops ("" if it can)."""
+    if xv is None or wv is None or yv is None or (b is not None and bv is None):
+        return "no tensor values recorded"
+    if xv.dim() < 2 or wv.dim() != 2:
+        return f"input {tuple(xv.shape)} / weight {tuple(wv.shape)}: need (..., K) with >= 2 dims and (N, K)"
+    if yv.dtype not in PLAIN.values():
+        return f"dtype {yv.dtype}"
+    devices = {t.device for t in (xv, wv, bv, yv) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    return ""
+
+
+def replace(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, build: Callable) -> None:
+    """Replace ``node`` by what ``build(add, x, w, b)`` returns, ``add`` adding call nodes before it
+    (:class:`._graph.NodeBuilder`, with the node's source locations); inputs are cast to ``dtype``
+    first (autocast made the linear's output dtype, so the op runs in it too). A failure leaves the
+    graph as it was."""
+    add = NodeBuilder(graph, getattr(value(x), "fake_mode", None),
+                      {k: node.meta[k] for k in _SOURCE_META if k in node.meta})  # fmt: skip
+    with add.transaction(), graph.inserting_before(node):
+        x, w, b = (v if v is None or value(v).dtype == dtype else add(torch.Tensor.to, v, dtype)  # type: ignore[union-attr]
+                   for v in (x, w, b))  # fmt: skip
+        out = build(add, x, w, b)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
