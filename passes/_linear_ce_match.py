@@ -1,6 +1,6 @@
 """Pattern matching for :mod:`.linear_ce`: from a ``cross_entropy`` / ``nll_loss`` node of a Dynamo
 graph back to the projection that made its logits. Pure: reads the graph and its recorded values
-(``meta["example_value"]``), raises :class:`_Skip` with the reason when the graph is not the pattern.
+(``meta["example_value"]``), raises :class:`Skip` with the reason when the graph is not the pattern.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ._graph import size_hint, value
+from ._graph import value
+from .linears import LINEAR
 
 
-class _Skip(Exception):
+class Skip(Exception):
     """The graph around a loss is not the pattern (the message says why)."""
 
 
 @dataclasses.dataclass
-class _Match:
+class Match:
     loss: fx.Node
     logits: fx.Node  # the loss's (N, V) input
     proj: fx.Node
@@ -49,14 +50,13 @@ _DIV = ({operator.truediv, torch.div}, {"div", "__truediv__"})
 _TANH = ({torch.tanh}, {"tanh"})
 _LOG_SOFTMAX = ({F.log_softmax, torch.log_softmax}, {"log_softmax"})
 _MATMUL = ({torch.matmul, operator.matmul, torch.mm}, {"matmul", "mm"})
-_LINEAR = {F.linear, torch._C._nn.linear}
-_LOSSES: dict[object, inspect.Signature] = {  # by fx target
+LOSSES: dict[object, inspect.Signature] = {  # by fx target
     F.cross_entropy: inspect.signature(F.cross_entropy),
     F.nll_loss: inspect.signature(F.nll_loss),
 }
 
 
-def _is(node, fns, methods=()) -> bool:
+def is_call(node, fns, methods=()) -> bool:
     if not isinstance(node, fx.Node):
         return False
     return (node.op == "call_function" and node.target in fns) or (
@@ -64,26 +64,23 @@ def _is(node, fns, methods=()) -> bool:
     )
 
 
-def _val(node) -> torch.Tensor:
+def val(node) -> torch.Tensor:
     v = value(node)
     if v is None:
-        raise _Skip(f"no tensor value recorded for {node}")
+        raise Skip(f"no tensor value recorded for {node}")
     return v
-
-
-_hint = size_hint  # None for a symbolic size without an example
 
 
 def _scalar(node: fx.Node) -> tuple[fx.Node, float]:
     """(tensor argument, scalar) of a mul/div by a Python number; the tensor is the numerator."""
     if node.kwargs:
-        raise _Skip(f"{node.name}: keyword arguments")
+        raise Skip(f"{node.name}: keyword arguments")
     a, c = node.args
-    if _is(node, *_MUL) and not isinstance(a, fx.Node):
+    if is_call(node, *_MUL) and not isinstance(a, fx.Node):
         a, c = c, a
     if not isinstance(a, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or c == 0:
-        raise _Skip(f"{node.name}: not a scaling by a nonzero Python number")
-    return a, (float(c) if _is(node, *_MUL) else 1.0 / c)
+        raise Skip(f"{node.name}: not a scaling by a nonzero Python number")
+    return a, (float(c) if is_call(node, *_MUL) else 1.0 / c)
 
 
 def _leading_slices(index, ndim: int) -> bool:
@@ -100,12 +97,12 @@ def _leading_slices(index, ndim: int) -> bool:
 
 def _untranspose(node: fx.Node) -> fx.Node | None:
     """``x`` if ``node`` is a 2-D transpose of ``x`` (t, .T, transpose, permute), else None."""
-    args: Any = node.args  # the op's own arguments (dims are ints once _is matched it)
-    if _is(node, {torch.t}, {"t"}) or _is(node, {getattr}) and args[1] in ("T", "mT"):
+    args: Any = node.args  # the op's own arguments (dims are ints once is_call matched it)
+    if is_call(node, {torch.t}, {"t"}) or is_call(node, {getattr}) and args[1] in ("T", "mT"):
         return args[0]
-    if _is(node, {torch.transpose}, {"transpose"}) and len(args) == 3 and not node.kwargs:
+    if is_call(node, {torch.transpose}, {"transpose"}) and len(args) == 3 and not node.kwargs:
         return args[0] if {args[1] % 2, args[2] % 2} == {0, 1} else None
-    if _is(node, set(), {"permute"}) and not node.kwargs:
+    if is_call(node, set(), {"permute"}) and not node.kwargs:
         dims = args[1] if len(args) == 2 else args[1:]
         return args[0] if [d % 2 for d in dims] == [1, 0] else None
     return None
@@ -113,71 +110,71 @@ def _untranspose(node: fx.Node) -> fx.Node | None:
 
 def _projection(node: fx.Node):
     """(h, w, w_transposed, b) of a linear / matmul / mm / addmm node, else None."""
-    if _is(node, _LINEAR):
+    if is_call(node, LINEAR):
         bound = inspect.signature(lambda input, weight, bias=None: None).bind(*node.args, **node.kwargs)
         h, w, b = bound.arguments["input"], bound.arguments["weight"], bound.arguments.get("bias")
         return h, w, False, b
-    if _is(node, *_MATMUL) and not node.kwargs and len(node.args) == 2:
+    if is_call(node, *_MATMUL) and not node.kwargs and len(node.args) == 2:
         return node.args[0], node.args[1], True, None
-    if _is(node, {torch.addmm}) and not node.kwargs and len(node.args) == 3:
+    if is_call(node, {torch.addmm}) and not node.kwargs and len(node.args) == 3:
         return node.args[1], node.args[2], True, node.args[0]
     return None
 
 
-def _match(loss: fx.Node) -> _Match:
+def match(loss: fx.Node) -> Match:
     try:
-        bound = _LOSSES[loss.target].bind(*loss.args, **loss.kwargs).arguments
+        bound = LOSSES[loss.target].bind(*loss.args, **loss.kwargs).arguments
     except TypeError as err:
-        raise _Skip(f"{loss.name}: {err}") from None
+        raise Skip(f"{loss.name}: {err}") from None
     x, target = bound["input"], bound["target"]
     smoothing = bound.get("label_smoothing", 0.0)
     if bound.get("weight") is not None:
-        raise _Skip(f"{loss.name}: class weights")
+        raise Skip(f"{loss.name}: class weights")
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
-        raise _Skip(f"{loss.name}: label smoothing {smoothing!r} not a number in [0, 1]")
+        raise Skip(f"{loss.name}: label smoothing {smoothing!r} not a number in [0, 1]")
     if bound.get("size_average") is not None or bound.get("reduce") is not None:
-        raise _Skip(f"{loss.name}: legacy size_average/reduce arguments")
+        raise Skip(f"{loss.name}: legacy size_average/reduce arguments")
     reduction, ignore_index = bound.get("reduction", "mean"), bound.get("ignore_index", -100)
     if reduction not in ("mean", "sum", "none") or not isinstance(ignore_index, int):
-        raise _Skip(f"{loss.name}: reduction {reduction!r}, ignore_index {ignore_index!r}")
-    xv, tv = _val(x), _val(target)
+        raise Skip(f"{loss.name}: reduction {reduction!r}, ignore_index {ignore_index!r}")
+    xv, tv = val(x), val(target)
     if xv.dim() != 2 or tv.dim() != 1 or tv.dtype.is_floating_point or tv.shape[0] != xv.shape[0]:
-        raise _Skip(f"{loss.name}: input {tuple(xv.shape)} / target {tuple(tv.shape)} not (N, V) / (N,)")
+        raise Skip(f"{loss.name}: input {tuple(xv.shape)} / target {tuple(tv.shape)} not (N, V) / (N,)")
     vocab = xv.shape[-1]
     chain: list[fx.Node] = []
     node = x
     if loss.target is F.nll_loss:  # log-probs: reshapes, then log_softmax over the last dim
-        while _is(node, _RESHAPE_FNS, _RESHAPE_METHODS):
+        while is_call(node, _RESHAPE_FNS, _RESHAPE_METHODS):
             chain.append(node)
             node = node.args[0]
-        if not _is(node, *_LOG_SOFTMAX):
-            raise _Skip(f"{loss.name}: nll_loss input is not a log_softmax")
+        if not is_call(node, *_LOG_SOFTMAX):
+            raise Skip(f"{loss.name}: nll_loss input is not a log_softmax")
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if dim is None or dim % _val(node).dim() != _val(node).dim() - 1 or node.kwargs.get("_stacklevel"):
-            raise _Skip(f"{node.name}: log_softmax not over the last dim")
+        if dim is None or dim % val(node).dim() != val(node).dim() - 1 or node.kwargs.get("_stacklevel"):
+            raise Skip(f"{node.name}: log_softmax not over the last dim")
         chain.append(node)
         node = node.args[0]
     while (proj := _projection(node)) is None:
-        ok = _is(node, _RESHAPE_FNS, _RESHAPE_METHODS | _CAST_METHODS) or _is(node, *_TANH)
-        ok = ok or _is(node, *_MUL) or _is(node, *_DIV) or _is(node, {operator.getitem})
+        ok = is_call(node, _RESHAPE_FNS, _RESHAPE_METHODS | _CAST_METHODS) or is_call(node, *_TANH)
+        ok = ok or is_call(node, *_MUL) or is_call(node, *_DIV) or is_call(node, {operator.getitem})
         if not ok:
-            raise _Skip(f"{loss.name}: {node} ({node.target}) between the projection and the loss")
+            raise Skip(f"{loss.name}: {node} ({node.target}) between the projection and the loss")
         chain.append(node)
-        node = _scalar(node)[0] if _is(node, *_MUL) or _is(node, *_DIV) else node.args[0]
+        node = _scalar(node)[0] if is_call(node, *_MUL) or is_call(node, *_DIV) else node.args[0]
         if not isinstance(node, fx.Node):
-            raise _Skip(f"{loss.name}: chain leaves the graph")
+            raise Skip(f"{loss.name}: chain leaves the graph")
     h, w, w_t, b = proj
-    hv, wv, yv = _val(h), _val(w), _val(node)
+    hv, wv, yv = val(h), val(w), val(node)
     hidden = hv.shape[-1]
     if wv.dim() != 2 or tuple(wv.shape) != ((hidden, vocab) if w_t else (vocab, hidden)):
-        raise _Skip(f"{node.name}: weight {tuple(wv.shape)} does not map {hidden} -> {vocab}")
-    if tuple(yv.shape[:-1]) != tuple(hv.shape[:-1]) or (b is not None and tuple(_val(b).shape) != (vocab,)):
-        raise _Skip(f"{node.name}: batched weight or a bias not of shape ({vocab},)")
+        raise Skip(f"{node.name}: weight {tuple(wv.shape)} does not map {hidden} -> {vocab}")
+    if tuple(yv.shape[:-1]) != tuple(hv.shape[:-1]) or (b is not None and tuple(val(b).shape) != (vocab,)):
+        raise Skip(f"{node.name}: batched weight or a bias not of shape ({vocab},)")
     tail = [node]
     if w_t and (root := _untranspose(w)) is not None:
         tail.append(w)
         w, w_t = root, False
-    return _Match(loss, x, node, h, w, w_t, b, target, ignore_index, reduction, float(smoothing),
+    return Match(loss, x, node, h, w, w_t, b, target, ignore_index, reduction, float(smoothing),
                   *_scaling(chain[::-1], yv.dim(), vocab, loss), chain, tail)  # fmt: skip
 
 
@@ -186,25 +183,25 @@ def _scaling(ops: list[fx.Node], ndim: int, vocab: int, loss: fx.Node) -> tuple[
     ``a * tanh(s * y)`` (softcap a, scale a * s) or ``s * y`` (softcap 0, scale s)."""
     pre, post, tanh, reshaped, slices = 1.0, 1.0, False, False, []
     for op in ops:
-        if _val(op).shape[-1] != vocab or _val(op).device != _val(loss).device:
-            raise _Skip(f"{op.name}: changes the vocabulary dim or the device")
-        if _is(op, *_MUL) or _is(op, *_DIV):
+        if val(op).shape[-1] != vocab or val(op).device != val(loss).device:
+            raise Skip(f"{op.name}: changes the vocabulary dim or the device")
+        if is_call(op, *_MUL) or is_call(op, *_DIV):
             c = _scalar(op)[1]
             post, pre = (post * c, pre) if tanh else (post, pre * c)
-        elif _is(op, *_TANH):
+        elif is_call(op, *_TANH):
             if tanh:
-                raise _Skip(f"{op.name}: a second tanh")
+                raise Skip(f"{op.name}: a second tanh")
             tanh = True
-        elif _is(op, {operator.getitem}):
-            if reshaped or tanh or _val(op).dim() != ndim or not _leading_slices(op.args[1], ndim):
-                raise _Skip(f"{op.name}: indexing other than slices of the leading dims")
+        elif is_call(op, {operator.getitem}):
+            if reshaped or tanh or val(op).dim() != ndim or not _leading_slices(op.args[1], ndim):
+                raise Skip(f"{op.name}: indexing other than slices of the leading dims")
             slices.append(op.args[1])
-        elif _is(op, _RESHAPE_FNS, _RESHAPE_METHODS):
-            if _val(op).dtype != _val(op.args[0]).dtype:
-                raise _Skip(f"{op.name}: a view as another dtype")
+        elif is_call(op, _RESHAPE_FNS, _RESHAPE_METHODS):
+            if val(op).dtype != val(op.args[0]).dtype:
+                raise Skip(f"{op.name}: a view as another dtype")
             reshaped = True
-        elif not _val(op).dtype.is_floating_point:
-            raise _Skip(f"{op.name}: cast to {_val(op).dtype}")
+        elif not val(op).dtype.is_floating_point:
+            raise Skip(f"{op.name}: cast to {val(op).dtype}")
     if tanh and post <= 0:
-        raise _Skip(f"{loss.name}: softcap multiplier {post} <= 0")
+        raise Skip(f"{loss.name}: softcap multiplier {post} <= 0")
     return (pre * post, post, slices) if tanh else (pre, 0.0, slices)

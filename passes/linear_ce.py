@@ -26,7 +26,8 @@ import torch.fx as fx
 from ..codegen.kernels import linear_ce_grad
 from ..codegen.kernels.linear_ce import linear_cross_entropy
 from ..costmodel import HardwareProfile, load_profile
-from ._linear_ce_match import _LOSSES, _hint, _is, _Match, _match, _Skip, _val
+from ._graph import NodeBuilder, size_hint
+from ._linear_ce_match import LOSSES, Match, Skip, is_call, match, val
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +118,20 @@ def run(
     prof = load_profile(profile)
     fused = 0
     for loss in list(gm.graph.nodes):
-        if not _is(loss, set(_LOSSES)):
+        if not is_call(loss, set(LOSSES)):
             continue
         try:
-            m = _match(loss)
+            m = match(loss)
             recompute = m.reduction == "none" and any(
-                x is not None and _val(x).requires_grad for x in (m.w, m.b)
+                x is not None and val(x).requires_grad for x in (m.w, m.b)
             )  # per-token output gradients: dw cannot be formed in the forward
             if recompute and m.label_smoothing:
-                raise _Skip(f"{loss.name}: reduction 'none' with label smoothing and a weight gradient")
-        except Exception as why:  # _Skip, or a construct the matcher did not foresee
+                raise Skip(f"{loss.name}: reduction 'none' with label smoothing and a weight gradient")
+        except Exception as why:  # Skip, or a construct the matcher did not foresee
             log.debug("linear_ce: %s left as is: %s", loss.name, why)
             continue
-        xv, hv, yv = _val(m.logits), _val(m.h), _val(m.proj)
-        tokens = _hint(xv.shape[0])
+        xv, hv, yv = val(m.logits), val(m.h), val(m.proj)
+        tokens = size_hint(xv.shape[0])
         inside = {*m.chain, m.loss}
         kept = any(u not in inside for n in (m.proj, *m.chain) for u in n.users)  # logits used elsewhere
         choice = choose(tokens if tokens is not None else 1 << 30, xv.shape[1], hv.shape[-1],
@@ -141,7 +142,7 @@ def run(
             counters["linear_ce_declined"] += 1
             log.debug("linear_ce: %s not fused: %s", loss.name, choice.reason)
             continue
-        _rewrite(gm.graph, m, yv.dtype, _val(loss).dtype, pass_logits=kept and not recompute)
+        _rewrite(gm.graph, m, yv.dtype, val(loss).dtype, pass_logits=kept and not recompute)
         fused += 1
         counters["linear_ce"] += 1
         log.debug("linear_ce: fused %s (%s x %s, hidden %s; %s): saved logits %d -> 0 bytes, +%.3g ms",
@@ -186,22 +187,11 @@ def _expr(d) -> sympy.Expr:
 
 
 def _rewrite(
-    graph: fx.Graph, m: _Match, compute_dtype: torch.dtype, out_dtype: torch.dtype, pass_logits: bool
+    graph: fx.Graph, m: Match, compute_dtype: torch.dtype, out_dtype: torch.dtype, pass_logits: bool
 ) -> None:
-    new: list[fx.Node] = []
-
-    def add(target, *args, **kwargs) -> fx.Node:
-        node = graph.call_function(target, args, kwargs)
-        new.append(node)
-        vals = fx.node.map_arg((args, kwargs), lambda a: _val(a))
-        mode = getattr(_val(m.h), "fake_mode", None)
-        if mode is not None:
-            with mode:
-                node.meta["example_value"] = target(*vals[0], **vals[1])
-        node.meta["stack_trace"] = m.loss.meta.get("stack_trace")
-        return node
-
-    try:
+    add = NodeBuilder(graph, getattr(val(m.h), "fake_mode", None),
+                      {"stack_trace": m.loss.meta.get("stack_trace")})  # fmt: skip
+    with add.transaction():
         y = None
         if pass_logits:  # the projection its other users read, its zero gradient skipped
             with graph.inserting_before(m.proj.next):
@@ -225,10 +215,6 @@ def _rewrite(
             kw = dict(reduction=m.reduction, scale=m.scale, softcap=m.softcap, out_dtype=out_dtype,
                       label_smoothing=m.label_smoothing, logits=y)  # fmt: skip
             fused = add(linear_cross_entropy, h, w, b, m.target, ignore_index=m.ignore_index, **kw)
-    except Exception:
-        for node in reversed(new):
-            graph.erase_node(node)
-        raise
     m.loss.replace_all_uses_with(fused)
     graph.erase_node(m.loss)
     if full is not None:
@@ -239,6 +225,6 @@ def _rewrite(
 
 
 def _cast(add, x: fx.Node | None, dtype: torch.dtype) -> fx.Node | None:
-    if x is None or _val(x).dtype == dtype:
+    if x is None or val(x).dtype == dtype:
         return x
     return add(torch.Tensor.to, x, dtype)
