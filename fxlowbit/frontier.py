@@ -14,6 +14,7 @@ from typing import Any
 
 from . import planner
 from .config import LowbitConfig
+from .state import STATE
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def budget_frontier(rec) -> list[dict[str, Any]]:
         return []
     base = {f.name: getattr(rec.cfg, f.name) for f in dataclasses.fields(rec.cfg)}
     quiet = logging.getLogger(planner.__name__)
-    level, warned = quiet.level, set(planner._warned)
+    level, warned = quiet.level, set(STATE.warned)
     points = []
     try:
         quiet.setLevel(logging.WARNING)
@@ -49,6 +50,6 @@ def budget_frontier(rec) -> list[dict[str, Any]]:
         log.warning("fxlowbit: no budget frontier for graph %d (%s: %s)", rec.index, type(err).__name__, err)
     finally:
         quiet.setLevel(level)
-        planner._warned.clear()
-        planner._warned.update(warned)
+        STATE.warned.clear()  # the warn-once keys as they were (fxlowbit.state)
+        STATE.warned.update(warned)
     return points
