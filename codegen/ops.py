@@ -8,19 +8,19 @@ before the consumers.
 Each op runs the hand-written Triton kernel (``kernels/*_triton.py``) on CUDA tensors, or anywhere
 when :data:`FORCE_TRITON` is set (env ``FXLOWBIT_TRITON=1``; tests use it to run the kernels in the
 interpreter on CPU), and the pure-torch reference otherwise. Both give the same bits (NaN payloads
-aside).
+aside). The ops of the generated fusions are in :mod:`.fusion_ops`, dispatched by the same
+:func:`use_triton`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Sequence
 
 import torch
 
-from . import fusion, rng
+from . import rng
 from .kernels import quant_cpu
 from .kernels.bitmask import (
     pack_bits_reference,
@@ -41,14 +41,13 @@ from .kernels.quant import (
 __all__ = [
     "quantize_pack",
     "dequantize_unpack",
-    "fused_quantize_pack",
-    "fused_dequantize_apply",
     "pack_mask",
     "unpack_mask",
     "pack_bits",
     "unpack_bits",
     "draw_seed",
     "FORCE_TRITON",
+    "use_triton",
 ]
 
 FORCE_TRITON = os.environ.get("FXLOWBIT_TRITON") == "1"
@@ -70,7 +69,7 @@ def reference_kernels():
         CPU_COMPILED = before
 
 
-def _triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+def use_triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the op on ``t`` runs its Triton kernel (imported lazily: triton is optional on CPU).
     ``dtype``: the float dtype a quant kernel would read or write; fp64 stays on the reference."""
     return (t.is_cuda or FORCE_TRITON) and dtype in (None, *DTYPES)
@@ -99,7 +98,7 @@ def quantize_pack(
     if stream < 0:
         return quantize_pack_reference(x, bits, group_size, None)
     seed = rng.draw_seed(stream, x.device)
-    if _triton(x, x.dtype):
+    if use_triton(x, x.dtype):
         from .kernels.quant_triton import quantize_pack_triton
 
         return quantize_pack_triton(x, bits, group_size, seed)
@@ -126,7 +125,7 @@ def dequantize_unpack(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of ``quantize_pack``: a ``dtype`` tensor with the given shape and strides."""
-    if _triton(codes, dtype):
+    if use_triton(codes, dtype):
         from .kernels.quant_triton import dequantize_unpack_triton
 
         return dequantize_unpack_triton(codes, meta, bits, group_size, list(shape), list(stride), dtype)
@@ -143,7 +142,7 @@ def _(codes, meta, bits, group_size, shape, stride, dtype):
 @torch.library.custom_op("fxlowbit::pack_mask", mutates_args=())
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool -> uint8, eight per byte, lowest bit first."""
-    if _triton(mask):
+    if use_triton(mask):
         from .kernels.bitmask_triton import pack_mask_triton
 
         return pack_mask_triton(mask)
@@ -158,7 +157,7 @@ def _(mask):
 @torch.library.custom_op("fxlowbit::unpack_mask", mutates_args=())
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
     """Inverse of ``pack_mask``."""
-    if _triton(packed):
+    if use_triton(packed):
         from .kernels.bitmask_triton import unpack_mask_triton
 
         return unpack_mask_triton(packed, list(shape), list(stride))
@@ -174,7 +173,7 @@ def _(packed, shape, stride):
 def pack_bits(x: torch.Tensor, bits: int, lo: int) -> torch.Tensor:
     """Integers in ``[lo, lo + 2**bits)`` (or bool at 1 bit) -> uint8, ``8 // bits`` planar fields
     per byte, stored exactly as ``x - lo``."""
-    if _triton(x):
+    if use_triton(x):
         from .kernels.bitmask_triton import pack_bits_triton
 
         return pack_bits_triton(x, bits, lo)
@@ -196,7 +195,7 @@ def unpack_bits(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of ``pack_bits``: a ``dtype`` tensor with the given shape and strides."""
-    if _triton(packed):
+    if use_triton(packed):
         from .kernels.bitmask_triton import unpack_bits_triton
 
         return unpack_bits_triton(packed, bits, lo, list(shape), dtype, list(stride))
@@ -206,110 +205,3 @@ def unpack_bits(
 @unpack_bits.register_fake
 def _(packed, bits, lo, shape, stride, dtype):
     return packed.new_empty_strided(shape, stride, dtype=dtype)
-
-
-@torch.library.custom_op("fxlowbit::fused_quantize_pack", mutates_args=())
-def fused_quantize_pack(
-    inputs: list[torch.Tensor],
-    spec: str,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    bits: int,
-    group_size: int,
-    stream: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A generated fusion (:mod:`.fusion`): evaluate the pointwise chain ``spec`` on ``inputs`` and
-    return ``(value, codes, meta)``: the forward value (``dtype``, contiguous ``shape``) and its
-    ``quantize_pack`` at ``bits`` with the next seed of ``stream``, in one kernel on the Triton path."""
-    s = fusion.Spec.from_json(spec)
-    seed = rng.draw_seed(stream, inputs[0].device)
-    cshape, mshape = packed_shapes(math.prod(shape), bits, group_size)
-    if _triton(inputs[0], dtype) and math.prod(shape) > 0:
-        from .kernels.quant_triton import launch_config
-
-        out = torch.empty(list(shape), dtype=dtype, device=inputs[0].device)
-        codes = torch.empty(cshape, dtype=torch.uint8, device=out.device)
-        meta = torch.empty(mshape, dtype=torch.float32, device=out.device)
-        grid, consts = launch_config(out.numel(), bits, group_size)
-        fusion.kernel(s)[grid](
-            *(t.contiguous() for t in inputs),
-            out.view(torch.int16) if dtype == torch.bfloat16 else out,
-            seed,
-            codes,
-            meta.view(torch.int32),
-            out.numel(),
-            cshape[0],
-            shape[-1] if len(shape) else 1,
-            **consts,
-            OUT_BF16=dtype == torch.bfloat16,
-            enable_fp_fusion=False,
-        )
-        return out, codes, meta
-    out = _unaliased(fusion.reference(s, inputs), inputs)
-    codes, meta = quantize_pack_reference(out, bits, group_size, hash_uniform(seed, cshape[0], group_size))
-    return out, codes, meta
-
-
-@fused_quantize_pack.register_fake
-def _(inputs, spec, shape, dtype, bits, group_size, stream):
-    cshape, mshape = packed_shapes(math.prod(shape), bits, group_size)
-    like = inputs[0]
-    return (
-        like.new_empty(list(shape), dtype=dtype),
-        like.new_empty(cshape, dtype=torch.uint8),
-        like.new_empty(mshape, dtype=torch.float32),
-    )
-
-
-def _unaliased(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """``out``, copied if it shares storage with an input (an op's outputs may not alias them)."""
-    ptr = out.untyped_storage().data_ptr()
-    return out.clone() if any(ptr == t.untyped_storage().data_ptr() for t in inputs) else out
-
-
-@torch.library.custom_op("fxlowbit::fused_dequantize_apply", mutates_args=())
-def fused_dequantize_apply(
-    codes: torch.Tensor,
-    meta: torch.Tensor,
-    inputs: list[torch.Tensor],
-    spec: str,
-    bits: int,
-    group_size: int,
-    shape: Sequence[int],
-    out_shape: Sequence[int],
-    decoded_dtype: torch.dtype,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """A generated consumer fusion (:mod:`.fusion`): decode ``codes``/``meta`` (as
-    ``dequantize_unpack`` to ``decoded_dtype``) and apply the backward's pointwise chain ``spec``
-    with ``inputs``, returning its last value (``dtype``, contiguous ``out_shape``: the same elements
-    as ``shape``, maybe reshaped) in one kernel on the Triton path; the decoded tensor is never
-    written."""
-    s = fusion.Spec.from_json(spec)
-    if _triton(codes, dtype) and decoded_dtype in DTYPES and math.prod(shape) > 0:
-        from .kernels.quant_triton import launch_config
-
-        out = torch.empty(list(out_shape), dtype=dtype, device=codes.device)
-        grid, consts = launch_config(out.numel(), bits, group_size)
-        fusion.kernel(s)[grid](
-            codes.contiguous(),
-            meta.contiguous().view(torch.int32),
-            *(t.contiguous() for t in inputs),
-            out.view(torch.int16) if dtype == torch.bfloat16 else out,
-            out.numel(),
-            len(codes),
-            out_shape[-1] if len(out_shape) else 1,
-            **consts,
-            DEC_BF16=decoded_dtype == torch.bfloat16,
-            DEC_F16=decoded_dtype == torch.float16,
-            OUT_BF16=dtype == torch.bfloat16,
-            enable_fp_fusion=False,
-        )
-        return out
-    x = dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), decoded_dtype)
-    return _unaliased(fusion.reference(s, [x, *inputs]), inputs)
-
-
-@fused_dequantize_apply.register_fake
-def _(codes, meta, inputs, spec, bits, group_size, shape, out_shape, decoded_dtype, dtype):
-    return codes.new_empty(list(out_shape), dtype=dtype)
