@@ -11,7 +11,7 @@ from __future__ import annotations
 from html import escape
 
 from . import forms
-from .report_text import _graph_header, _op, _summary, human_bytes
+from .report_text import graph_header, human_bytes, op_name, summary_line
 
 __all__ = ["render"]
 
@@ -70,7 +70,7 @@ def _rows_html(rows) -> str:
             "<tr>"
             + _td(r.node)
             + _td(r.layer)
-            + _td(_op(r.op))
+            + _td(op_name(r.op))
             + _td("x".join(map(str, r.shape)) or "scalar")
             + _td(r.dtype)
             + _td(r.form, f"form-{r.form}")
@@ -155,13 +155,13 @@ def _reasons(entry) -> str:
 
 
 def render(report) -> str:
-    summary = _summary(report).removeprefix("fxlowbit report: ")
+    summary = summary_line(report).removeprefix("fxlowbit report: ")
     body = [f"<h1>fxlowbit report</h1><p class='summary'>{escape(summary)}</p>"]
     if report.note:
         body.append(f"<p class='muted'>{escape(report.note)}</p>")
     for e in report.entries:
         body.append(
-            f'<section id="graph-{e.index}"><h2>Graph {e.index}</h2><p>{escape(_graph_header(e))}</p>'
+            f'<section id="graph-{e.index}"><h2>Graph {e.index}</h2><p>{escape(graph_header(e))}</p>'
             + _bars(e)
             + (_table(e) if e.rows else "")
             + _frontier(e)

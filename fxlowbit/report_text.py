@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-__all__ = ["render", "COLUMNS", "human_bytes"]
+__all__ = ["render", "COLUMNS", "human_bytes", "op_name", "summary_line", "graph_header"]
 
 # (header, width, right-aligned)
 COLUMNS = (
@@ -35,7 +35,7 @@ def human_bytes(n: float) -> str:
     return f"{int(n)}"
 
 
-def _op(op: str) -> str:
+def op_name(op: str) -> str:
     return op.removeprefix("aten.").removesuffix(".default")
 
 
@@ -43,7 +43,7 @@ def _cells(r) -> list[str]:
     shape = "x".join(str(d) for d in r.shape) or "scalar"
     return [
         r.node,
-        _op(r.op),
+        op_name(r.op),
         shape,
         _DTYPES.get(r.dtype, r.dtype),
         r.form,
@@ -68,7 +68,7 @@ def _line(cells: list[str]) -> str:
     return " ".join(out).rstrip()
 
 
-def _summary(report) -> str:
+def summary_line(report) -> str:
     t = report.totals
     ratio = t["bytes_before"] / t["bytes_after"] if t["bytes_after"] else float("inf")
     return (
@@ -78,7 +78,7 @@ def _summary(report) -> str:
     )
 
 
-def _graph_header(e) -> str:
+def graph_header(e) -> str:
     budget = f"budget {human_bytes(e.budget)}B" if e.budget is not None else "no budget"
     variant = ", re-planned variant" if e.replanned else ""
     return (
@@ -136,11 +136,11 @@ def _sampling(report) -> list[str]:
 def render(report, width: int = 100, use_rich: bool = False) -> str:
     if use_rich:
         return _render_rich(report, width)
-    lines = _wrap(_summary(report), width, "  ")
+    lines = _wrap(summary_line(report), width, "  ")
     if report.note:
         lines += _wrap(report.note, width)
     for e in report.entries:
-        lines += [""] + _wrap(_graph_header(e), width, "  ")
+        lines += [""] + _wrap(graph_header(e), width, "  ")
         shown = [r for r in e.rows if r.bytes_before]
         if not e.rows:
             continue
@@ -165,12 +165,12 @@ def _render_rich(report, width: int) -> str:
 
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, markup=False, highlight=False)
-    console.print(_summary(report))
+    console.print(summary_line(report))
     if report.note:
         console.print(report.note)
     for e in report.entries:
         console.print()
-        console.print(_graph_header(e))
+        console.print(graph_header(e))
         if not e.rows:
             continue
         table = Table(box=None, pad_edge=False, padding=(0, 1))
