@@ -29,11 +29,11 @@ from . import linears
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "GemmChoice", "formats_for"]
+__all__ = ["run", "LinearFormats", "formats_for"]
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmChoice:
+class LinearFormats:
     """The GEMM formats the pass chose for one linear (plain ones included)."""
 
     node: str  # the linear's node name in the Dynamo graph
@@ -80,13 +80,13 @@ def run(
     stream: int = -1,
     profile: HardwareProfile | str | None = None,
     counters: Counter | None = None,
-) -> list[GemmChoice]:
+) -> list[LinearFormats]:
     """Rewrite every supported linear of ``gm`` whose formats are not all plain; returns a
-    :class:`GemmChoice` per linear considered. ``stream``: the random stream of the gradients'
+    :class:`LinearFormats` per linear considered. ``stream``: the random stream of the gradients'
     stochastic rounding (:mod:`fxlowbit.codegen.rng`; negative: round to nearest)."""
     counters = counters if counters is not None else Counter()
     prof = load_profile(profile if profile is not None else cfg.profile)
-    decisions: list[GemmChoice] = []
+    decisions: list[LinearFormats] = []
     rewritten = 0
     try:
         for node in list(gm.graph.nodes):
@@ -101,7 +101,7 @@ def run(
     return decisions
 
 
-def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> GemmChoice | None:
+def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> LinearFormats | None:
     """Choose the formats of one linear node and rewrite it when any is low-bit."""
     found = linears.linear_args(node)
     if found is None:
@@ -118,7 +118,7 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     formats, reasons = formats_for(cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device))
     low = formats[0] in LOWBIT
     hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
-    decision = GemmChoice(node.name, name, mnk, formats, reasons, hadamard)
+    decision = LinearFormats(node.name, name, mnk, formats, reasons, hadamard)
     if not any(f in LOWBIT for f in formats):
         counters["lowbit_gemm_declined"] += 1
         log.debug("lowbit_gemm: %s (%s) stays plain: %s", node.name, name, "; ".join(reasons))

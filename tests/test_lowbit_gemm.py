@@ -44,7 +44,7 @@ def _run(model, x, **options):
     return out.detach(), grads, saved
 
 
-def _decisions(model, x, **options) -> list[lowbit_gemm.Decision]:
+def _decisions(model, x, **options) -> list[lowbit_gemm.LinearFormats]:
     """The pass's decisions on the Dynamo graph of ``model(x)`` (the graph left uncompiled)."""
     got = []
 
