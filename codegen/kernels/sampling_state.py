@@ -4,8 +4,8 @@ registry of their keep ratios, which adapt as training goes without a recompile.
 Dynamo fixes a graph's inputs, so the keep ratios cannot be new inputs; as for the 2:4 masks
 (:mod:`.sparse24_mask`), every rewritten linear gets an integer ``key`` (passes/sampling.py) and
 its backward reads ``STATE.sampling[key]``, an :class:`Entry` holding the ratios, the last
-backward's :data:`~.sampled_linear.STATS` and the controller's target. The backward is
-:func:`.sampled_linear.backward` (gathered GEMMs on the kept rows, unbiased reweighting).
+backward's :data:`~.sampled_backward.STATS` and the controller's target. The backward is
+:func:`.sampled_backward.backward` (gathered GEMMs on the kept rows, unbiased reweighting).
 
 **The controller** (VCAS's adaptation, Wang, Chen, Zhu 2024): after each backward a linear's
 added variance is measured in the unit compression uses (fxlowbit/backend.py: the minibatch
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import state as _state
-from . import sampled_linear as _sl
+from . import sampled_backward as _sb
 
 __all__ = ["Entry", "new_key", "entries", "set_budget", "KEEP_MIN", "KEEP_START", "PROBE_EVERY"]
 
@@ -198,17 +198,17 @@ def sampled_linear_keyed_backward(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw, db) as :func:`.sampled_linear.backward` at the registry's ratios; records the
+    """(dx, dw, db) as :func:`.sampled_backward.backward` at the registry's ratios; records the
     figures and takes one controller step."""
     if _state.STATE.sampling_paused:  # a probe's replay: exact, and not a training backward
-        dx, dw, db, _ = _sl.backward(
+        dx, dw, db, _ = _sb.backward(
             grad, x, weight, 1.0, 1.0, seed, False, x_colmajor, need_input, need_weight, need_bias
         )
         return dx, dw, db
     e = _entry(key)
     ki, kw = e.used()
     ki, kw = (ki if need_input else 1.0), (kw if need_weight else 1.0)
-    dx, dw, db, fig = _sl.backward(
+    dx, dw, db, fig = _sb.backward(
         grad, x, weight, ki, kw, seed, True, x_colmajor, need_input, need_weight, need_bias
     )
     n = grad.numel() // max(grad.shape[-1], 1)
@@ -223,7 +223,7 @@ def sampled_linear_keyed_backward(
 
 @sampled_linear_keyed_backward.register_fake
 def _(grad, x, weight, seed, key, x_colmajor, need_input, need_weight, need_bias):
-    return _sl.fake_grads(grad, weight, need_input, need_weight, need_bias)
+    return _sb.fake_grads(grad, weight, need_input, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:

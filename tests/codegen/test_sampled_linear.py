@@ -1,8 +1,9 @@
-"""The sampled linear layer (codegen/kernels/sampled_linear.py): water-filled probabilities; each
-sampler unbiased, its measured variance equal to :func:`added_variance`, its expected row count
-``keep * N`` and zero rows never kept; keep 1 bit-identical to F.linear's autograd; the gathered
-GEMMs against the fp64 dense-masking reference over odd shapes, dtypes and views; backward mm FLOPs
-falling with the keep ratio; torch.compile (aot_eager, Inductor) equal to eager without recompiles.
+"""The sampled linear layer (codegen/kernels/sampled_linear.py and sampled_backward.py):
+water-filled probabilities; each sampler unbiased, its measured variance equal to
+:func:`added_variance`, its expected row count ``keep * N`` and zero rows never kept; keep 1
+bit-identical to F.linear's autograd; the gathered GEMMs against the fp64 dense-masking reference
+over odd shapes, dtypes and views; backward mm FLOPs falling with the keep ratio; torch.compile
+(aot_eager, Inductor) equal to eager without recompiles.
 
 Statistical tests run 2000 fixed seeds, so they are deterministic; the tolerances are 5 standard
 errors computed from the exact per-element (or per-figure) variance of the Bernoulli sampler,
