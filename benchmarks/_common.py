@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: seeded models, flat gradients, matmul FLOPs of FX graphs,
-a min-cut partitioner that keeps the graphs it made, and run metadata / strict JSON.
+a min-cut partitioner that keeps the graphs it made, run metadata / strict JSON, and the one timer
+(:func:`time_ms`) every benchmark measures with.
 
 The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``.
 """
@@ -13,12 +14,13 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -51,17 +53,6 @@ class Classify(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net(x), y)
-
-
-def cpu_median_ms(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall-clock ms of ``reps`` calls of ``fn`` after one warm-up call (CPU timing)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def seeded(fn):
@@ -188,3 +179,105 @@ def meta(args, setup: str, command: list[str] | None = None) -> dict:
         "args": vars(args),
         "setup": setup,
     }
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: str | torch.device = "cpu") -> None:
+    """Wait for the work queued on ``device`` (CUDA); nothing to wait for on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_REDUCE: dict[str, Callable[[list[float]], float]] = {
+    "median": statistics.median,
+    "mean": statistics.fmean,
+    "min": min,
+}
+
+
+def time_ms(
+    fn: Callable[[], Any] | Mapping[Any, Callable[[], Any]],
+    reps: int = 1,
+    *,
+    warmup: int = 0,
+    reduce: str | None = "median",
+    device: str | torch.device = "cpu",
+    before: Callable[[], Any] | None = None,
+    per_visit: int | None = None,
+    order: str = "rotate",
+    flush_l2: bool = False,
+) -> Any:
+    """Milliseconds per call of ``fn``: ``warmup`` untimed calls, then ``reps`` timed ones, reduced by
+    ``reduce``: ``"median"``, ``"mean"``, ``"min"``, or None for the list of times in call order. The
+    defaults time one call (a compile, a first step).
+
+    On CUDA (``device``) each call is timed with CUDA events and the device synchronised after it,
+    so every call gives its own figure and none overlaps the next; on a CPU with
+    ``time.perf_counter``. ``before`` runs untimed before every call, warm-up ones included (e.g.
+    dropping gradients). ``flush_l2`` (CUDA): zero a 256 MB buffer before each timed call, so no call
+    finds its operands in L2 (as ``triton.testing.do_bench`` does).
+
+    A mapping ``{key: fn}`` is timed in interleaved rounds, so drift in the machine's speed falls on
+    all of its entries alike: each round visits every entry once, ``order`` ``"rotate"`` (round r
+    starts at the r-th entry) or ``"shuffle"`` (a new order per round, ``random.Random(0)``); a visit
+    makes ``warmup`` untimed calls, then ``per_visit`` timed ones (default 1; fewer where ``reps`` is
+    reached), until every entry has ``reps``. Returns ``{key: reduced times}``. A single ``fn`` is
+    one visit of all its ``reps``.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, not {reps}")
+    if reduce is not None and reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {list(_REDUCE)} or None, not {reduce!r}")
+    if order not in ("rotate", "shuffle"):
+        raise ValueError(f"order must be 'rotate' or 'shuffle', not {order!r}")
+    fns = fn if isinstance(fn, Mapping) else {None: fn}
+    per_visit = per_visit or (1 if isinstance(fn, Mapping) else reps)
+    cuda = torch.device(device).type == "cuda"
+    l2 = torch.empty(256 << 20, dtype=torch.int8, device=device) if flush_l2 and cuda else None
+
+    def timed(f: Callable[[], Any]) -> float:
+        if before is not None:
+            before()
+        if l2 is not None:
+            l2.zero_()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        f()
+        return (time.perf_counter() - t0) * 1e3
+
+    keys, times = list(fns), {k: [] for k in fns}
+    rng = random.Random(0)
+    rounds = 0
+    while any(len(ts) < reps for ts in times.values()):
+        if order == "shuffle":
+            rng.shuffle(keys)
+            visits = keys
+        else:
+            visits = keys[rounds % len(keys) :] + keys[: rounds % len(keys)]
+        for k in visits:
+            n = min(per_visit, reps - len(times[k]))
+            for _ in range(warmup if n > 0 else 0):
+                if before is not None:
+                    before()
+                fns[k]()
+            times[k] += [timed(fns[k]) for _ in range(n)]
+        rounds += 1
+    out = {k: ts if reduce is None else _REDUCE[reduce](ts) for k, ts in times.items()}
+    return out if isinstance(fn, Mapping) else out[None]
+
+
+def quartiles(xs: list[float], method: str = "inclusive") -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``xs`` (``statistics.quantiles``' ``method``);
+    one value is all three."""
+    if len(xs) == 1:
+        return (xs[0],) * 3
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method=method)
+    return q1, q2, q3

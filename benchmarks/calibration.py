@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from _common import meta  # benchmarks/ is the script's directory
+from _common import meta, time_ms  # benchmarks/ is the script's directory
 
 import fxlowbit
 from fxlowbit import backend, calibrate, examples
@@ -66,23 +65,32 @@ def main(argv=None) -> dict:
 
     def timed(fn):
         def wrapper(*a, **k):
-            depth[0] += 1
-            t = time.perf_counter()
-            try:
+            if depth[0]:  # called inside a timed call: counted there
                 return fn(*a, **k)
+            out: list = [None, None]  # the result, or the exception (timed too: the backend catches it)
+
+            def call():
+                try:
+                    out[0] = fn(*a, **k)
+                except Exception as err:
+                    out[1] = err
+
+            depth[0] += 1
+            try:
+                spent.append(time_ms(call) / 1e3)
             finally:
                 depth[0] -= 1
-                if depth[0] == 0:
-                    spent.append(time.perf_counter() - t)
+            if out[1] is not None:
+                raise out[1]
+            return out[0]
 
         return wrapper
 
     def replan(self):
-        t = time.perf_counter()
         n = len(self.variants)
-        original_replan(self)
+        ms = time_ms(lambda: original_replan(self))
         if len(self.variants) > n:
-            compiled_s.append(time.perf_counter() - t)
+            compiled_s.append(ms / 1e3)
 
     for n, fn in originals.items():
         setattr(calibrate, n, timed(fn))
@@ -101,13 +109,14 @@ def main(argv=None) -> dict:
         for i in range(args.steps):
             batch = next(batches)
             n_before = len(spent) + len(compiled_s)
-            t = time.perf_counter()
-            out = compiled(**batch[0]) if isinstance(batch[0], dict) else compiled(*batch)
-            loss = out.loss if hasattr(out, "loss") else out
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t
+
+            def step(batch=batch):
+                out = compiled(**batch[0]) if isinstance(batch[0], dict) else compiled(*batch)
+                (out.loss if hasattr(out, "loss") else out).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            dt = time_ms(step) / 1e3
             if len(spent) + len(compiled_s) > n_before:
                 probe_steps.append(i)
             elif i >= 3:  # after compilation and warm-up

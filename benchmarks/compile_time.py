@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import time_ms  # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -72,32 +72,31 @@ def _one(model: str, setting: str, steps: int) -> dict:
     else:
         compiled = torch.compile(net, backend="lowbit", options=options)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        loss(i).backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
+
+    def stepper(batches):  # each call: one training step on the next batch
+        it = iter(batches)
+
+        def step():
+            loss(next(it)).backward()
+            opt.step()
+            opt.zero_grad()
+
+        return step
+
+    times = [t / 1e3 for t in time_ms(stepper(range(steps)), steps, reduce=None)]
     total = sum(times)
     # the CPU kernel families compile in child processes, their calls running the slower eager
     # reference meanwhile: the steady step is timed once they are in (same batches again)
     from fxlowbit.codegen.kernels import quant_cpu
 
     quant_cpu.wait()
-    steady = []
-    for i in range(2, steps):
-        t0 = time.perf_counter()
-        loss(i).backward()
-        opt.step()
-        opt.zero_grad()
-        steady.append(time.perf_counter() - t0)
+    steady_ms = time_ms(stepper(range(2, steps)), steps - 2)
     counters = {k: v for k, v in fxlowbit.counters.items() if not k.startswith("saved_bytes")}
     counters.update({f"cpu_kernels_{k}": v for k, v in quant_cpu.counters.items()})
     return {
         "first_s": times[0],
         "total_s": total,
-        "steady_ms": statistics.median(steady) * 1e3,
+        "steady_ms": steady_ms,
         "max_later_ms": max(times[1:]) * 1e3,
         "step_ms": [round(t * 1e3, 2) for t in times],
         "counters": counters,

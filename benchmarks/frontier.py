@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -57,7 +56,9 @@ from _common import (
     flat_grad,
     matmul_flops,
     meta,
+    quartiles,
     seeded,
+    time_ms,
     write_json,
 )
 
@@ -199,13 +200,9 @@ def build(
         compiled, graphs = _compile(model, s, inner)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            spent = []
-            for _ in range(max(1, warmup)):
-                t0 = time.perf_counter()
-                case.loss(compiled, case.inputs).backward()
-                spent.append(time.perf_counter() - t0)
+            spent = time_ms(lambda: case.loss(compiled, case.inputs).backward(), max(1, warmup), reduce=None)
             # the first step compiles; a lowbit re-plan may compile a variant during the others
-            row["compile_s"], row["warmup_s"] = round(spent[0], 2), round(sum(spent[1:]), 2)
+            row["compile_s"], row["warmup_s"] = round(spent[0] / 1e3, 2), round(sum(spent[1:]) / 1e3, 2)
             model.zero_grad(set_to_none=True)
             torch.manual_seed(1)
             loss = case.loss(compiled, case.inputs)
@@ -262,21 +259,21 @@ def _mean_sqnr_db(ref: torch.Tensor, grads: list[torch.Tensor]) -> float:
 def time_rows(case: Case, lives: list[Live], steps: int, rounds: int) -> None:
     """``steps`` timed steps per row, in ``rounds`` rounds each visiting the rows in a new random order;
     a row's first step of a round is an untimed warm-up."""
-    order = list(lives)
-    rng = random.Random(0)
     per_round = math.ceil(steps / max(1, min(rounds, steps)))
+
+    def step(lv: Live):
+        return lambda: case.loss(lv.compiled, case.inputs).backward()
+
+    def no_grads():  # every step starts without gradients (set to None: nothing to accumulate into)
+        for lv in lives:
+            lv.model.zero_grad(set_to_none=True)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        while any(len(lv.times) < steps for lv in lives):
-            rng.shuffle(order)
-            for lv in order:
-                n = min(per_round, steps - len(lv.times))
-                for i in range(n + 1):
-                    lv.model.zero_grad(set_to_none=True)
-                    t0 = time.perf_counter()
-                    case.loss(lv.compiled, case.inputs).backward()
-                    if i:
-                        lv.times.append((time.perf_counter() - t0) * 1e3)
+        times = time_ms({i: step(lv) for i, lv in enumerate(lives)}, steps, warmup=1, reduce=None,
+                        before=no_grads, per_visit=per_round, order="shuffle")  # fmt: skip
+    for i, lv in enumerate(lives):
+        lv.times += times[i]
 
 
 def run_model(
@@ -325,7 +322,7 @@ def run_model(
     for lv in lives:
         lv.row["step_ms"] = statistics.median(lv.times) if lv.times else None
         lv.row["step_times_ms"] = [round(t, 3) for t in lv.times]
-        q = statistics.quantiles(lv.times, n=4) if len(lv.times) > 1 else [math.nan] * 3
+        q = quartiles(lv.times, method="exclusive") if len(lv.times) > 1 else [math.nan] * 3
         lv.row["step_iqr_ms"] = q[2] - q[0]
     base = next((r for r in rows if r["frontier"] == "inductor" and r["error"] is None), None)
     for r in rows:

@@ -25,14 +25,12 @@ markdown table and JSON; ``--out`` writes it (``benchmarks/_common.write_json``)
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_median_ms, meta, write_json
+from _common import meta, time_ms, write_json
 
 from fxlowbit.codegen import ops, rng
 from fxlowbit.codegen.kernels import int8_gemm as ig
@@ -52,24 +50,6 @@ SHAPES = {  # (M, N, K)
 }
 GEMM_PROVIDERS = ("bf16", "int8", "int8_int_mm", "fp8", "int8+quant", "fp8+quant")
 LINEAR_PROVIDERS = ("linear_bf16", "linear_int8", "linear_int8_sb", "linear_fp8")
-
-
-def _timer(device: str, reps: int):
-    def cuda_time(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    return cuda_time if device == "cuda" else functools.partial(cpu_median_ms, reps=reps)
 
 
 def _fp8_ok(device: str) -> bool:
@@ -122,14 +102,13 @@ def _providers(m: int, n: int, k: int, device: str):
 
 
 def run(device: str, shapes, reps: int) -> list[dict]:
-    time_it = _timer(device, reps)
     rows = []
     for m, n, k in shapes:
         providers, checks = _providers(m, n, k, device)
         base = {}
         for name, flops, fn in providers:
             try:
-                ms = time_it(fn)
+                ms = time_ms(fn, reps, warmup=3 if device == "cuda" else 1, device=device)
             except Exception as err:  # a provider this device / torch cannot run: reported, not fatal
                 rows.append(
                     {"shape": [m, n, k], "provider": name, "error": f"{type(err).__name__}: {err}"[:200]}

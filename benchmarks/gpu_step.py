@@ -30,8 +30,8 @@ lowbit ``inner="eager"``; wall-clock timing, no peak memory): it checks the scri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import random
 import statistics
 import sys
 import time
@@ -39,7 +39,7 @@ import warnings
 
 import torch
 import torch.nn as nn
-from _common import RecordingPartitioner, flat_grad, meta, write_json
+from _common import RecordingPartitioner, flat_grad, meta, sync, time_ms, write_json
 
 import fxlowbit
 from fxlowbit.examples import sqnr_db
@@ -123,7 +123,6 @@ def main(argv=None) -> dict:
     if cuda and not torch.cuda.is_available():
         sys.exit("gpu_step.py needs a CUDA device (--device cpu --inner eager checks that it runs)")
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     started = time.perf_counter()
     setup = f"GPT-2 {args.size} {SIZES[args.size]}, batch {args.batch}, {args.dtype}"
     if not cuda:
@@ -163,14 +162,11 @@ def main(argv=None) -> dict:
             fn = compile_row(model, spec, args.inner)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t0 = time.perf_counter()
-                step(fn, model)
-                sync()
-                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                row["compile_s"] = round(time_ms(functools.partial(step, fn, model), device=dev) / 1e3, 1)
                 for _ in range(args.warmup):
                     step(fn, model)
             model.zero_grad(set_to_none=True)
-            sync()
+            sync(dev)
             base = torch.cuda.memory_allocated() if cuda else 0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -178,37 +174,24 @@ def main(argv=None) -> dict:
                 loss = fn(**batch).loss
             row["saved_MB"] = fxlowbit.saved_activation_bytes(loss, model.parameters()) / 2**20
             loss.backward()
-            sync()
+            sync(dev)
             row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
             row["loss"] = loss.item()
             row["grad_sqnr_db"] = sqnr_db(ref_grad, flat_grad(model).double())
             model.zero_grad(set_to_none=True)
-            live.append((row, model, fn, []))
+            live.append((row, model, fn))
         except Exception as err:  # a row that fails is a row saying why
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
         print(f"  built {label}: {row}", flush=True)
         # kept if the run is stopped before the timing (a caller's timeout): the rows built so far
         write_json(args.out, {"meta": meta(args, setup + "; PARTIAL: stopped before timing"), "rows": rows})
 
-    rng = random.Random(0)
-    for _ in range(args.steps):
-        order = list(live)
-        rng.shuffle(order)
-        for _row, model, fn, times in order:
-            if not cuda:
-                t0 = time.perf_counter()
-                step(fn, model)
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(fn, model)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    for row, model, _, times in live:
-        row["step_ms"] = statistics.median(times)
-        row["step_ms_spread"] = [min(times), max(times)]
+    # every row once per round, in a new random order each round, so clock drift spreads over all
+    steps = {i: functools.partial(step, fn, model) for i, (_, model, fn) in enumerate(live)}
+    times = time_ms(steps, args.steps, reduce=None, device=dev, order="shuffle")
+    for i, (row, model, _) in enumerate(live):
+        row["step_ms"] = statistics.median(times[i])
+        row["step_ms_spread"] = [min(times[i]), max(times[i])]
         model.zero_grad(set_to_none=True)
     base = next((r for r in rows if r["label"] == "inductor" and "step_ms" in r), None)
     for r in rows:

@@ -24,13 +24,12 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import quartiles, sync, time_ms
 
 import fxlowbit
 from fxlowbit.memory import saved_tensors
@@ -58,20 +57,10 @@ def loss_fn(h, w, t):
     return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100)
 
 
-def _sync(dev):
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
-    return q1, q2, q3
-
-
 def _memory(fn, args, exclude) -> tuple[float | None, float]:
     """(peak MB above the inputs on CUDA, else None; MB saved for the backward)."""
     dev = args[0].device.type
-    _sync(dev)
+    sync(dev)
     base = torch.cuda.memory_allocated() if dev == "cuda" else 0
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -79,29 +68,16 @@ def _memory(fn, args, exclude) -> tuple[float | None, float]:
     saved = fxlowbit.saved_activation_bytes(loss, exclude)
     loss.backward()
     del loss
-    _sync(dev)
+    sync(dev)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else None
     return peak, saved / 2**20
-
-
-def interleaved(steps: dict, reps: int, dev: str) -> dict[str, list[float]]:
-    """ms of each step, one of each per round, the order rotating between rounds."""
-    names, times = list(steps), {k: [] for k in steps}
-    for r in range(reps):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            _sync(dev)
-            t0 = time.perf_counter()
-            steps[k]()
-            _sync(dev)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _summary(times: dict[str, list[float]], base: str) -> dict[str, dict]:
     out = {}
     for k, ts in times.items():
-        q1, med, q3 = _quartiles(ts)
-        r1, rmed, r3 = _quartiles([a / b for a, b in zip(ts, times[base], strict=True)])
+        q1, med, q3 = quartiles(ts)
+        r1, rmed, r3 = quartiles([a / b for a, b in zip(ts, times[base], strict=True)])
         out[k] = {"ms": med, "ms_q1": q1, "ms_q3": q3, "ratio_vs_" + base: rmed,
                   "ratio_q1": r1, "ratio_q3": r3, "times_ms": ts}  # fmt: skip
     return out
@@ -130,7 +106,8 @@ def head_rows(
             for _ in range(2):
                 steps[k]()
             mem[k] = _memory(fns[k], (h, w, t), [h, w, t])
-        summary = _summary(interleaved(steps, reps, dev), "inductor")
+        # ms of each step, one of each per round, the order rotating between rounds
+        summary = _summary(time_ms(steps, reps, device=dev, reduce=None), "inductor")
         for k in fns:
             peak, saved = mem[k]
             s = summary[k]
@@ -198,12 +175,14 @@ def table(result: dict) -> str:
 
 
 def kernel_rows(shapes) -> list[dict]:
-    """fwd / bwd op times on CUDA: the recompute path's Triton kernels against its tiled torch
-    (cuBLAS) path, and the forward-gradient op (the default)."""
+    """fwd / bwd op times on CUDA (mean ms of 10 calls after 3, L2 flushed before each): the recompute
+    path's Triton kernels against its tiled torch (cuBLAS) path, and the forward-gradient op (the
+    default)."""
     from fxlowbit.codegen.kernels import linear_ce as lce
     from fxlowbit.codegen.kernels import linear_ce_grad as lcg
 
     ops, rows = torch.ops.fxlowbit, []
+    bench = functools.partial(time_ms, reps=10, warmup=3, reduce="mean", device="cuda", flush_l2=True)
     for name, n, hid, v, dtype in shapes:
         g = torch.Generator(device="cuda").manual_seed(0)
         h = (torch.randn(n, hid, device="cuda", generator=g) * 0.5).to(dtype)
@@ -221,21 +200,15 @@ def kernel_rows(shapes) -> list[dict]:
                 lse = fwd()[1]
                 bwd = functools.partial(lce.linear_cross_entropy_backward_reference, grad, h, w, None, t, lse)
             for phase, fn, mm in (("fwd", fwd, 1), ("bwd", bwd, 3)):
-                ms = triton_bench(fn)
+                ms = bench(fn)
                 rows.append({"shape": name, "path": path, "phase": phase, "ms": ms,
                              "tflops": mm * 2 * n * v * hid / ms / 1e9})  # fmt: skip
         lce.FORCE_TRITON = False
         fg = functools.partial(lcg.linear_ce_grad_reference, h, w, None, t)
-        ms = triton_bench(fg)
+        ms = bench(fg)
         rows.append({"shape": name, "path": "forward-gradient", "phase": "fwd+grads", "ms": ms,
                      "tflops": 3 * 2 * n * v * hid / ms / 1e9})  # fmt: skip
     return rows
-
-
-def triton_bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=50)
 
 
 LLAMA = dict(vocab_size=16384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -289,7 +262,7 @@ def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
         loss.backward()
         opt.zero_grad(set_to_none=True)
         steps[k] = step
-    summary = _summary(interleaved(steps, reps, "cpu"), "lowbit linear_ce off")
+    summary = _summary(time_ms(steps, reps, reduce=None), "lowbit linear_ce off")
     rows = []
     for k in variants:
         rows.append(

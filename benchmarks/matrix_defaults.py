@@ -14,10 +14,10 @@ import datetime
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import time_ms  # benchmarks/ is the script's directory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests import _models  # noqa: E402
@@ -40,14 +40,18 @@ def main() -> None:
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
         for label, options in SETTINGS.items():
-            t0 = time.perf_counter()
-            m = measure_defaults(name, options)
+            m: dict = {}
+
+            def measure(name=name, options=options, m=m):
+                m.update(measure_defaults(name, options))
+
+            seconds = time_ms(measure) / 1e3
             c = m.pop("counters")
             row = {"model": name, "family": _models.FAMILY[name], "setting": label, **m,
                    "probes": c.get("probes", 0), "plan_variants": c.get("plan_variants", 0),
                    "guard_replans": c.get("guard_replans", 0),
                    "fallbacks": c.get("fallback_internal_error", 0) + c.get("probes_disabled", 0),
-                   "seconds": time.perf_counter() - t0}  # fmt: skip
+                   "seconds": seconds}  # fmt: skip
             rows.append(row)
             print(f"| {name} | {row['family']} | {label} | {m['reduction']:.2f}x | "
                   f"{m['sqnr_first_db']:.1f} | "

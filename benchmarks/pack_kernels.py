@@ -3,8 +3,9 @@
 Providers: ``copy`` (``dst.copy_(src)`` of the input: the ceiling), ``inductor`` (our pure-torch
 traceable pack/decode compiled by ``torch.compile``: what the inline path gets), ``triton`` (the
 hand-written kernels of ``codegen/kernels/*_triton.py``, when present). Bytes counted: every input
-read once plus every output written once (codes, scales, masks); GB/s over the median time of
-``triton.testing.do_bench``; ``% copy`` is that over the copy's GB/s on the same tensor.
+read once plus every output written once (codes, scales, masks); GB/s over the median time of 100
+calls after 25 warm-up calls, each timed with CUDA events after flushing L2 (``_common.time_ms``, as
+``triton.testing.do_bench`` flushes); ``% copy`` is that over the copy's GB/s on the same tensor.
 
     python benchmarks/pack_kernels.py --out benchmarks/results/kernels_h100.json
     TRITON_INTERPRET=1 python benchmarks/pack_kernels.py --cpu-smoke  # tiny sizes on a CPU, no compile,
@@ -19,7 +20,7 @@ import importlib
 import sys
 
 import torch
-from _common import cpu_median_ms, meta, write_json
+from _common import meta, time_ms, write_json
 
 from fxlowbit.codegen.kernels import bitmask, quant
 
@@ -27,14 +28,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _bench(fn) -> float:
-    import triton.testing
+    """Median ms of a kernel on the GPU: L2 flushed before each of 100 timed calls."""
+    return time_ms(fn, 100, warmup=25, device="cuda", flush_l2=True)
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-
-def _cpu_bench(fn, reps: int = 1) -> float:
-    """Median ms of ``reps`` calls after one warm-up (the smoke run: timings are no figure)."""
-    return cpu_median_ms(fn, reps)
+def _cpu_bench(fn) -> float:
+    """Median ms of one call after one warm-up (the smoke run: timings are no figure)."""
+    return time_ms(fn, 1, warmup=1)
 
 
 def _nbytes(*ts) -> int:

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import math
 import os
-import statistics
 import time
 import warnings
 
@@ -46,7 +45,7 @@ if __name__ == "__main__":  # the quantize kernels run in the Triton interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
-from _common import Case, Classify, flat_grad, meta, seeded, write_json
+from _common import Case, Classify, flat_grad, meta, seeded, time_ms, write_json
 from torch._dynamo.utils import counters
 
 import fxlowbit
@@ -106,24 +105,25 @@ def measure(
     with ctx(), no_cache, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(1)  # same dropout masks for a provider and its reference
-        t0 = time.perf_counter()
-        loss = case.loss(compiled, case.inputs)
-        nbytes = fxlowbit.saved_activation_bytes(loss, model.parameters())
-        loss.backward()
-        first_s = time.perf_counter() - t0
+        first: dict = {}
+
+        def first_step():
+            first["loss"] = loss = case.loss(compiled, case.inputs)
+            first["nbytes"] = fxlowbit.saved_activation_bytes(loss, model.parameters())
+            loss.backward()
+
+        first_ms = time_ms(first_step)
         grad = flat_grad(model)
-        times = []
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            case.loss(compiled, case.inputs).backward()
-            times.append((time.perf_counter() - t0) * 1e3)
+        step_ms = None
+        if steps:
+            step_ms = time_ms(lambda: case.loss(compiled, case.inputs).backward(), steps,
+                              before=lambda: model.zero_grad(set_to_none=True))  # fmt: skip
     return {
-        "saved_bytes": nbytes,
-        "loss": loss.item(),
+        "saved_bytes": first["nbytes"],
+        "loss": first["loss"].item(),
         "grad": grad,
-        "first_step_s": round(first_s, 2),
-        "step_ms": round(statistics.median(times), 2) if times else None,
+        "first_step_s": round(first_ms / 1e3, 2),
+        "step_ms": round(step_ms, 2) if steps else None,
         "counters": {"fxlowbit": dict(fxlowbit.counters), "inductor": dict(counters["inductor"])},
     }
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from _common import meta, write_json
+from _common import meta, time_ms, write_json
 
 from fxlowbit.codegen.kernels.sparse24 import (
     masked_weight,
@@ -38,17 +37,6 @@ from fxlowbit.codegen.kernels.sparse24 import (
 )
 from fxlowbit.codegen.kernels.sparse24_state import Sparse24State
 from fxlowbit.examples import digits
-
-
-def _ms(fn, reps=3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def masks(shapes, device) -> list[dict]:
@@ -63,7 +51,7 @@ def masks(shapes, device) -> list[dict]:
                     "mask": name,
                     "kept_l1": float((w.abs() * m).sum() / w.abs().sum()),
                     "kept_l2": float((w.square() * m).sum() / w.square().sum()),
-                    "ms": _ms(lambda fn=fn, w=w: fn(w)),
+                    "ms": time_ms(lambda fn=fn, w=w: fn(w), 3, device=device),
                 }
             )
     return rows
@@ -94,7 +82,7 @@ def mvue(n, draws, device) -> list[dict]:
                 "mvue_var_measured": float(measured),
                 "uniform_var_measured": float(uni),  # closed form: exactly 1
                 "ratio_mvue_over_uniform": float(measured / uni),
-                "mvue_ms_per_Melem": _ms(lambda g=g: mvue24(g, 0, dim=0)),
+                "mvue_ms_per_Melem": time_ms(lambda g=g: mvue24(g, 0, dim=0), 3, device=device),
             }
         )
     return rows
@@ -163,9 +151,9 @@ def gemm(shapes, device: str = "cuda") -> list[dict]:
         wm = masked_weight(w, transposable_mask(w))
         x = torch.randn(n, inp, device=device, dtype=torch.bfloat16)
         ws = to_sparse(wm)
-        dense = _ms(lambda x=x, wm=wm: [F.linear(x, wm) for _ in range(20)], reps=5) / 20
-        sparse = _ms(lambda x=x, ws=ws: [F.linear(x, ws) for _ in range(20)], reps=5) / 20
-        compress = _ms(lambda wm=wm: to_sparse(wm), reps=5)
+        dense = time_ms(lambda x=x, wm=wm: [F.linear(x, wm) for _ in range(20)], 5, device=device) / 20
+        sparse = time_ms(lambda x=x, ws=ws: [F.linear(x, ws) for _ in range(20)], 5, device=device) / 20
+        compress = time_ms(lambda wm=wm: to_sparse(wm), 5, device=device)
         rows.append({"shape": f"{n}x{inp}->{out}", "dense_ms": dense, "sparse_ms": sparse,
                      "speedup": dense / sparse, "compress_ms": compress,
                      "sparse_path": path})  # fmt: skip

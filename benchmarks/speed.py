@@ -114,15 +114,19 @@ class Row:
     def step(self, i: int, measure: bool = False) -> None:
         x = self.batches[i]
         before_keys, before_counters = set(STATE.sampling), dict(fxlowbit.counters)
-        t0 = time.perf_counter()
-        loss = self.compiled(input_ids=x, labels=x).loss
-        if measure:  # the final step: not timed
-            self.saved_bytes = fxlowbit.saved_activation_bytes(loss, self.model.parameters())
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.times.append(time.perf_counter() - t0)
-        self.losses.append(float(loss.detach()))
+        losses = []
+
+        def step():
+            loss = self.compiled(input_ids=x, labels=x).loss
+            if measure:  # the final step: not in the timed window
+                self.saved_bytes = fxlowbit.saved_activation_bytes(loss, self.model.parameters())
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            losses.append(loss)
+
+        self.times.append(_common.time_ms(step) / 1e3)
+        self.losses.append(float(losses[0].detach()))
         self.keys |= set(STATE.sampling) - before_keys  # rows run one at a time: new keys are ours
         for k, v in fxlowbit.counters.items():
             if v != before_counters.get(k, 0) and not k.startswith("saved_bytes"):
@@ -139,10 +143,6 @@ def heldout_loss(model: nn.Module, batches) -> float:
     """Mean loss of the uncompiled module on ``batches``, no grad (train mode: dropout is 0)."""
     with torch.no_grad():
         return statistics.fmean(float(model(input_ids=x, labels=x).loss) for x in batches)
-
-
-def _quartiles(xs):
-    return statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
 
 
 def run_model(model_name: str, a, train, held) -> list[dict]:
@@ -166,9 +166,9 @@ def run_model(model_name: str, a, train, held) -> list[dict]:
     out = []
     for r in rows:
         ts = [t * 1e3 for t in r.times[lo:hi]]
-        q1, med, q3 = _quartiles(ts)
+        q1, med, q3 = _common.quartiles(ts)
         ratios = [t / b for t, b in zip(r.times[lo:hi], base.times[lo:hi], strict=True)]
-        rq1, rmed, rq3 = _quartiles(ratios)
+        rq1, rmed, rq3 = _common.quartiles(ratios)
         es = {k: STATE.sampling[k] for k in sorted(r.keys) if k in STATE.sampling}
         sampled_modules = sorted({e.module for e in es.values()})
         # registry names carry a prefix here ("0.model.layers.0.mlp.down_proj"): match by suffix
