@@ -55,6 +55,9 @@ class Classify(nn.Module):
         return F.cross_entropy(self.net(x), y)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # dtype names on the command lines
+
+
 def seeded(fn):
     """``fn`` under ``torch.manual_seed(0)``: every call builds identical weights."""
 
@@ -63,6 +66,27 @@ def seeded(fn):
         return fn()
 
     return make
+
+
+def causal_lm(name: str, **config) -> nn.Module:
+    """A ``transformers`` causal LM, ``"llama"`` (LlamaForCausalLM) or ``"gpt2"`` (GPT2LMHeadModel), from
+    ``config`` (its config class's keywords), built under ``torch.manual_seed(0)`` in train mode: every
+    dropout 0 (recompute with dropout redraws masks in PyTorch), no KV cache, and the loss type set
+    (without it transformers warns in forward: a graph break before the loss)."""
+    import transformers as tf
+
+    from fxlowbit import examples
+
+    tf.logging.set_verbosity_error()
+    model_cls, config_cls = {
+        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig),
+        "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config),
+    }[name]
+    torch.manual_seed(0)
+    defaults = {"use_cache": False, **dict.fromkeys(examples._HF_DROPOUT_KEYS[name], 0.0)}
+    model = model_cls(config_cls(**{**defaults, **config}))
+    model.loss_type = "ForCausalLM"
+    return model.train()
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
@@ -122,6 +146,21 @@ class RecordingPartitioner(CustomPartitionerFn):
         return fw, bw
 
 
+def eager_mincut(rec: RecordingPartitioner):
+    """A backend running min-cut (``rec``) through aot_autograd without Inductor: fast, for smoke
+    runs and tests (``--inner eager``)."""
+    import importlib
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.decomposition import select_decomp_table
+
+    importlib.import_module("torch._inductor.lowering")  # its max_pool2d decomposition reads it
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=rec,
+                        decompositions=select_decomp_table(),
+                        keep_inference_input_mutations=True)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------- metadata and JSON
 
 
@@ -136,14 +175,52 @@ def jsonable(v):
     return v
 
 
-def write_json(path: str | None, result: dict) -> None:
+def error_text(err: BaseException) -> str:
+    """A row's error: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+
+
+def md_path(json_path: str) -> str:
+    """Where a result JSON's markdown table goes: ``x.json`` -> ``x.md``."""
+    return json_path.removesuffix(".json") + ".md"
+
+
+def write_json(path: str | None, result: dict, table: Callable[[dict], str] | None = None) -> None:
     """Write ``result`` as strict JSON (see :func:`jsonable`) when ``path`` is given, creating its
-    folder."""
+    folder; with ``table``, also its markdown ``table(result)`` next to it (:func:`md_path`)."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(jsonable(result), f, indent=1)
             f.write("\n")
+        if table is not None:
+            with open(md_path(path), "w") as f:
+                f.write(table(jsonable(result)))
+
+
+def table_from_json(path: str, table: Callable[[dict], str]) -> None:
+    """Write the markdown ``table`` of the result JSON at ``path`` next to it (a script's ``--table``)."""
+    with open(path) as f:
+        result = json.load(f)
+    with open(md_path(path), "w") as f:
+        f.write(table(result))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+def git(*cmd: str) -> subprocess.CompletedProcess | None:
+    """``git cmd`` run in the checkout (None where git cannot run)."""
+    try:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return None
+
+
+def git_commit(short: bool = False) -> str | None:
+    """The checkout's HEAD commit, abbreviated if ``short`` (None where git cannot tell)."""
+    out = git("rev-parse", *(["--short"] if short else []), "HEAD")
+    return (out.stdout.strip() or None) if out is not None else None
 
 
 def meta(args, setup: str, command: list[str] | None = None) -> dict:
@@ -151,16 +228,9 @@ def meta(args, setup: str, command: list[str] | None = None) -> dict:
     command line (``command``: script and arguments, default ``sys.argv``) and the parsed arguments."""
     import transformers
 
-    def git(*cmd):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root)
-
-    try:
-        commit = git("rev-parse", "HEAD").stdout.strip() or None
-        # uncommitted changes to the package itself make the commit an approximate label
-        dirty = git("diff", "--quiet", "HEAD", "--", "fxlowbit", "passes", "codegen").returncode == 1
-    except OSError:
-        commit, dirty = None, None
+    # uncommitted changes to the package itself make the commit an approximate label
+    diff = git("diff", "--quiet", "HEAD", "--", "fxlowbit", "passes", "codegen")
+    dirty = None if diff is None else diff.returncode == 1
     cpu = platform.processor()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
@@ -173,7 +243,7 @@ def meta(args, setup: str, command: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": git_commit(),
         "package_dirty": dirty,
         "command": shlex.join(["python", *(sys.argv if command is None else command)]),
         "args": vars(args),

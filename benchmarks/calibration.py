@@ -15,11 +15,10 @@ compiled step time is the median of the steps without probes. The fraction at a 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
-from _common import meta, time_ms  # benchmarks/ is the script's directory
+from _common import causal_lm, meta, time_ms, write_json  # benchmarks/ is the script's directory
 
 import fxlowbit
 from fxlowbit import backend, calibrate, examples
@@ -31,7 +30,8 @@ def _model(name: str):
         batches = examples.char_batches(examples.stdlib_text(), 8, 64, 10_000)
         return model, batches
     if name == "gpt2":
-        model = examples.hf_model("gpt2", dropout=0.0, n_embd=256, n_layer=4, n_head=4, n_positions=128)
+        model = causal_lm("gpt2", vocab_size=examples.HF_VOCAB, n_embd=256, n_layer=4, n_head=4,
+                          n_positions=128, bos_token_id=2, eos_token_id=3)  # fmt: skip
         gen = torch.Generator().manual_seed(0)
 
         def batches():
@@ -151,9 +151,7 @@ def main(argv=None) -> dict:
         f"{100 * row['fraction_at_default_1000']:.2f}% | {100 * row[f'fraction_at_{args.every}']:.1f}% | "
         f"{', '.join(f'{x:.1f}' for x in compiled_s) or '-'} |"
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return result
 
 

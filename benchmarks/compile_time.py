@@ -25,11 +25,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from _common import time_ms  # benchmarks/ is the script's directory
+from _common import ROOT, git, git_commit, time_ms, write_json  # benchmarks/ is the script's directory
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "inductor": None,
     "defaults": {},
@@ -46,7 +44,7 @@ def _one(model: str, setting: str, steps: int) -> dict:
     torch.set_num_threads(1)
     import fxlowbit
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, ROOT)
     if model == "tinygpt":
         from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
 
@@ -175,18 +173,16 @@ def main() -> None:
 
         import torch
 
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, cwd=ROOT).stdout.strip())  # fmt: skip
+        commit = git_commit(short=True) or ""
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = bool(status and status.stdout.strip())
         meta = {
             "date": datetime.date.today().isoformat(), "commit": commit + ("+dirty" if dirty else ""),
             "torch": torch.__version__, "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, 1 torch thread", "steps": args.steps,
             "command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
         }  # fmt: skip
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

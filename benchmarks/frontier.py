@@ -53,6 +53,9 @@ from _common import (
     Case,
     Classify,
     RecordingPartitioner,
+    causal_lm,
+    eager_mincut,
+    error_text,
     flat_grad,
     matmul_flops,
     meta,
@@ -79,28 +82,14 @@ LOWBIT_BUDGETS = "0.5,0.3,0.2,0.15,0.1,0.08,0.06"
 TARGET = 10.0  # the acceptance check's saved-bytes reduction
 
 
-def _gpt2(n_embd: int, n_layer: int, n_head: int, seq: int) -> nn.Module:
-    import transformers as tf
-
-    try:
-        model = examples.hf_model("gpt2", 0.0, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=seq)
-    except TypeError:  # hf_model passes these keywords itself, so it cannot take them as overrides
-        drop = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0)
-        cfg = tf.GPT2Config(vocab_size=examples.HF_VOCAB, n_layer=n_layer, n_embd=n_embd,
-                            n_head=n_head, n_positions=seq, bos_token_id=2, eos_token_id=3,
-                            use_cache=False, **drop)  # fmt: skip
-        model = tf.GPT2LMHeadModel(cfg).train()
-    # without a known loss type transformers logs a warning in forward, a graph break before the loss
-    model.loss_type = "ForCausalLM"
-    return model
-
-
 def make_case(name: str, size: str) -> Case:
     s = SIZES[name][size]
     if name == "gpt2":
         text = examples.stdlib_text()
         idx, _ = next(examples.char_batches(text, s["batch"], s["seq"], steps=1, seed=0))
-        model = seeded(lambda: _gpt2(s["n_embd"], s["n_layer"], s["n_head"], s["seq"]))
+        model = seeded(lambda: causal_lm("gpt2", vocab_size=examples.HF_VOCAB, n_embd=s["n_embd"],
+                                         n_layer=s["n_layer"], n_head=s["n_head"], n_positions=s["seq"],
+                                         bos_token_id=2, eos_token_id=3))  # fmt: skip
         return Case(name, model, examples.hf_batch("gpt2", idx), lambda m, b: m(**b).loss)
     if name == "cnn":
         x, y = examples.digits()
@@ -141,20 +130,6 @@ class Live:
     times: list[float] = dataclasses.field(default_factory=list)
 
 
-def _eager_mincut(rec: RecordingPartitioner):
-    """min-cut through aot_autograd without Inductor (``--inner eager``: fast, for tests)."""
-    import importlib
-
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
-    from torch._inductor.decomposition import select_decomp_table
-
-    importlib.import_module("torch._inductor.lowering")  # its max_pool2d decomposition reads it
-    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=rec,
-                        decompositions=select_decomp_table(),
-                        keep_inference_input_mutations=True)  # fmt: skip
-
-
 def _compile(model: nn.Module, s: Setting, inner: str):
     """The compiled model and a function returning the (fw, bw) graphs it made (None if unknown)."""
     if s.frontier == "aot_eager":
@@ -162,7 +137,7 @@ def _compile(model: nn.Module, s: Setting, inner: str):
     if s.frontier in ("inductor", "min-cut"):
         rec = RecordingPartitioner(s.budget)
         if inner == "eager":
-            return torch.compile(model, backend=_eager_mincut(rec)), lambda: rec.graphs
+            return torch.compile(model, backend=eager_mincut(rec)), lambda: rec.graphs
         return torch.compile(model, backend="inductor", options={"custom_partitioner_fn": rec}), (
             lambda: rec.graphs
         )
@@ -216,7 +191,7 @@ def build(
                 case.loss(compiled, case.inputs).backward()
                 grads.append(flat_grad(model))
     except Exception as err:  # a setting that does not compile is a row saying why, not the end
-        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        row["error"] = error_text(err)
         return row, None
     row["loss"] = loss.item()
     grad = grads[0]

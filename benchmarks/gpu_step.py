@@ -39,7 +39,18 @@ import warnings
 
 import torch
 import torch.nn as nn
-from _common import RecordingPartitioner, flat_grad, meta, sync, time_ms, write_json
+from _common import (
+    DTYPES,
+    RecordingPartitioner,
+    causal_lm,
+    eager_mincut,
+    error_text,
+    flat_grad,
+    meta,
+    sync,
+    time_ms,
+    write_json,
+)
 
 import fxlowbit
 from fxlowbit.examples import sqnr_db
@@ -54,17 +65,8 @@ SETTINGS = "inductor,mincut:0.1,lowbit:bits=4,lowbit:budget=0.1"
 
 
 def make_model(s: dict) -> nn.Module:
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(
-        vocab_size=s["vocab"], n_embd=s["n_embd"], n_layer=s["n_layer"], n_head=s["n_head"],
-        n_positions=s["seq"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-    )  # fmt: skip
-    model = tf.GPT2LMHeadModel(cfg).train()
-    model.loss_type = "ForCausalLM"  # without it transformers warns in forward: a graph break
-    return model
+    return causal_lm("gpt2", vocab_size=s["vocab"], n_embd=s["n_embd"], n_layer=s["n_layer"],
+                     n_head=s["n_head"], n_positions=s["seq"])  # fmt: skip
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -92,9 +94,7 @@ def compile_row(model: nn.Module, spec: dict, inner: str = "inductor"):
         return torch.compile(model, backend="lowbit", options=opts)
     rec = RecordingPartitioner(spec.get("budget"))
     if inner == "eager":  # min-cut through aot_autograd, no Inductor (smoke run)
-        from frontier import _eager_mincut
-
-        return torch.compile(model, backend=_eager_mincut(rec))
+        return torch.compile(model, backend=eager_mincut(rec))
     return torch.compile(model, backend="inductor", options={"custom_partitioner_fn": rec})
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="small")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
     ap.add_argument("--settings", default=SETTINGS, help=f"comma-separated (default {SETTINGS}); "
                     "lowbit options joined with '+', e.g. lowbit:bits=4+kernels=\"triton\"")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (args.batch, s["seq"]), generator=g).to(dev)
     batch = {"input_ids": ids, "labels": ids}
-    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    amp = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
     def step(fn, model) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
             model.zero_grad(set_to_none=True)
             live.append((row, model, fn))
         except Exception as err:  # a row that fails is a row saying why
-            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+            row["error"] = error_text(err)
         print(f"  built {label}: {row}", flush=True)
         # kept if the run is stopped before the timing (a caller's timeout): the rows built so far
         write_json(args.out, {"meta": meta(args, setup + "; PARTIAL: stopped before timing"), "rows": rows})

@@ -24,12 +24,11 @@ import argparse
 import datetime
 import functools
 import json
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
-from _common import quartiles, sync, time_ms
+from _common import causal_lm, git_commit, quartiles, sync, table_from_json, time_ms, write_json
 
 import fxlowbit
 from fxlowbit.memory import saved_tensors
@@ -222,19 +221,14 @@ LLAMA_VARIANTS = {"lowbit defaults": {}, "lowbit linear_ce off": {"passes": {"li
 
 def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
     """The Llama step at default options, with and without the fusion (Inductor inner)."""
-    import transformers as tf
-
     from fxlowbit import examples
 
-    tf.logging.set_verbosity_error()
     data = examples.stdlib_text()
     batches = list(examples.char_batches(data, batch, seq, steps=4, seed=0))
     variants = LLAMA_VARIANTS
     steps, info = {}, {}
     for k, opts in variants.items():
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).train()
-        model.loss_type = "ForCausalLM"
+        model = causal_lm("llama", **LLAMA)
         torch._dynamo.reset()
         fxlowbit.reset()
         compiled = torch.compile(model, backend="lowbit", options=opts)
@@ -272,16 +266,6 @@ def llama_rows(reps: int, batch: int = 8, seq: int = 128) -> list[dict]:
     return rows
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -296,8 +280,7 @@ def main(argv=None) -> None:
     ap.add_argument("--table", default=None, help="write the .md table of this result JSON and stop")
     args = ap.parse_args(argv)
     if args.table:
-        with open(args.table) as f, open(args.table.removesuffix(".json") + ".md", "w") as out:
-            out.write(table(json.load(f)))
+        table_from_json(args.table, table)
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
@@ -306,7 +289,7 @@ def main(argv=None) -> None:
     shapes = [s for s in SHAPES[dev] if args.only is None or s[0] in args.only.split(",")]
     shapes = shapes[:1] if args.quick else shapes
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "reps": reps, "commit": _commit(),
+            "threads": torch.get_num_threads(), "reps": reps, "commit": git_commit(short=True),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/linear_ce.py", *(argv or sys.argv[1:])]),
             "lowbit_options": LLAMA_VARIANTS if args.llama else LOWBIT}  # fmt: skip
@@ -321,14 +304,10 @@ def main(argv=None) -> None:
                 f"| {r['shape']} op {r['phase']} | {r['path']} | {r['ms']:.2f} | {r['tflops']:.1f} | | | | |"
             )
         result = {"meta": meta, "rows": rows, "kernels": kernels}
-    text = json.dumps(result, indent=1, allow_nan=False, default=str)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        with open(args.out.removesuffix(".json") + ".md", "w") as f:
-            f.write(table(result))
+        write_json(args.out, result, table)
     else:
-        print(text, file=sys.stderr)
+        print(json.dumps(result, indent=1, allow_nan=False, default=str), file=sys.stderr)
 
 
 if __name__ == "__main__":

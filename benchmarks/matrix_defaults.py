@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from _common import time_ms  # benchmarks/ is the script's directory
+from _common import ROOT, git_commit, time_ms, write_json  # benchmarks/ is the script's directory
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, ROOT)
 from tests import _models  # noqa: E402
 from tests.test_model_matrix import DEFAULTS, measure_defaults  # noqa: E402
 
@@ -58,12 +55,10 @@ def main() -> None:
                   f"{m['sqnr_last_db']:.1f} | {row['probes']} | {row['fallbacks']} | {row['seconds']:.0f} |",
                   flush=True)  # fmt: skip
     if args.out:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        meta = {"date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
-                "device": "cpu (2 cores, 1 thread)", "command": " ".join(sys.argv)}  # fmt: skip
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        meta = {"date": datetime.date.today().isoformat(), "commit": git_commit(short=True),
+                "torch": torch.__version__, "device": "cpu (2 cores, 1 thread)",
+                "command": " ".join(sys.argv)}  # fmt: skip
+        write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ import importlib
 import sys
 
 import torch
-from _common import meta, time_ms, write_json
+from _common import DTYPES, meta, time_ms, write_json
 
 from fxlowbit.codegen.kernels import bitmask, quant
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _bench(fn) -> float:

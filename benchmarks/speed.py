@@ -59,26 +59,16 @@ ROWS = {  # name: backend options (None: backend="inductor")
 
 def build(name: str, a) -> nn.Module:
     """Seeded ``transformers`` model ``name`` ("llama" or "gpt2") at the sizes of ``a``, dropout 0."""
-    import transformers as tf
-
-    tf.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    drop = dict.fromkeys(examples._HF_DROPOUT_KEYS[name], 0.0)
     if name == "llama":
-        cfg = tf.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                             num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                             num_key_value_heads=a.heads, max_position_embeddings=a.seq,
-                             use_cache=False, **drop)  # fmt: skip
-        model = tf.LlamaForCausalLM(cfg)
-    elif name == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=a.vocab, n_embd=a.hidden, n_inner=a.intermediate, n_layer=a.layers,
-                            n_head=a.heads, n_positions=a.seq, bos_token_id=2, eos_token_id=3,
-                            use_cache=False, **drop)  # fmt: skip
-        model = tf.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(f"unknown model {name!r}; valid: llama, gpt2")
-    model.loss_type = "ForCausalLM"
-    return model.train()
+        return _common.causal_lm("llama", vocab_size=a.vocab, hidden_size=a.hidden,
+                                 intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                                 num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                                 max_position_embeddings=a.seq)  # fmt: skip
+    if name == "gpt2":
+        return _common.causal_lm("gpt2", vocab_size=a.vocab, n_embd=a.hidden, n_inner=a.intermediate,
+                                 n_layer=a.layers, n_head=a.heads, n_positions=a.seq, bos_token_id=2,
+                                 eos_token_id=3)  # fmt: skip
+    raise ValueError(f"unknown model {name!r}; valid: llama, gpt2")
 
 
 def linears(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -281,8 +271,7 @@ def main(argv=None) -> None:
     ap.add_argument("--table", default=None, help="write the .md table of this result JSON and stop")
     a = ap.parse_args(argv)
     if a.table:
-        with open(a.table) as f, open(a.table.removesuffix(".json") + ".md", "w") as out:
-            out.write(table(json.load(f)))
+        _common.table_from_json(a.table, table)
         return
     if a.quick:
         a.models, a.layers, a.steps, a.timed, a.eval_batches = "llama", 1, 8, 4, 1
@@ -319,9 +308,7 @@ def main(argv=None) -> None:
                  "wall_s": time.perf_counter() - t0, "dtype": "float32", "rows": ROWS})  # fmt: skip
     result = {"meta": meta, "rows": rows}
     if a.out:
-        _common.write_json(a.out, result)
-        with open(a.out.removesuffix(".json") + ".md", "w") as f:
-            f.write(table(_common.jsonable(result)))
+        _common.write_json(a.out, result, table)
     else:
         print(json.dumps(_common.jsonable(result), indent=1, default=str), file=sys.stderr)
 

@@ -1,6 +1,7 @@
 """benchmarks/_common.py: the one timer every benchmark measures with (warm-up, repeats, reductions,
-interleaved rounds, CUDA events)."""
+interleaved rounds, CUDA events), and the helpers the scripts share."""
 
+import json
 import random
 import statistics
 
@@ -124,8 +125,34 @@ def test_real_clock_measures_something(common):
     assert 0 < ms < 10_000
 
 
-def test_quartiles(common):
+def test_quartiles_and_error_text(common):
     xs = [1.0, 2.0, 3.0, 4.0, 5.0]
     assert common.quartiles(xs) == tuple(statistics.quantiles(xs, n=4, method="inclusive"))
     assert common.quartiles(xs, method="exclusive") == tuple(statistics.quantiles(xs, n=4))
     assert common.quartiles([2.5]) == (2.5, 2.5, 2.5)
+    assert common.error_text(ValueError("first line\nsecond")) == "ValueError: first line"
+    assert common.error_text(KeyError()) == "KeyError: "
+
+
+def test_causal_lm_is_seeded_and_ready_to_compile(common):
+    tiny = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    a, b = common.causal_lm("gpt2", **tiny), common.causal_lm("gpt2", **tiny)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert a.training and a.loss_type == "ForCausalLM" and a.config.use_cache is False
+    assert a.config.resid_pdrop == a.config.embd_pdrop == a.config.attn_pdrop == 0.0
+    # use_cache given as well: the caller's keywords win, no clash with the defaults
+    llama = common.causal_lm("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             max_position_embeddings=16, use_cache=False)  # fmt: skip
+    assert llama.config.attention_dropout == 0.0 and llama.loss_type == "ForCausalLM"
+
+
+def test_write_json_with_table(common, tmp_path):
+    path = str(tmp_path / "sub" / "r.json")
+    result = {"rows": [{"x": float("inf")}]}
+    common.write_json(path, result, lambda r: f"| x |\n| {r['rows'][0]['x']} |\n")
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"rows": [{"x": "inf"}]}
+    assert (tmp_path / "sub" / "r.md").read_text() == "| x |\n| inf |\n"
+    common.table_from_json(path, lambda r: "again\n")
+    assert (tmp_path / "sub" / "r.md").read_text() == "again\n"
+    common.write_json(None, result)  # no path: nothing written, no error
