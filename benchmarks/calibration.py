@@ -86,9 +86,9 @@ def main(argv=None) -> dict:
 
         return wrapper
 
-    def replan(self):
+    def replan(self, *a, **k):
         n = len(self.variants)
-        ms = time_ms(lambda: original_replan(self))
+        ms = time_ms(lambda: original_replan(self, *a, **k))
         if len(self.variants) > n:
             compiled_s.append(ms / 1e3)
 
