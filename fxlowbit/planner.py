@@ -1,6 +1,7 @@
 """Choose a stored form for every saved tensor: keep, recompute, 1-bit masks or b-bit quantization.
 
-Works on the plain records of :mod:`fxlowbit.passes.analyze` and never touches torch.fx graphs.
+Works on the plain records of :mod:`fxlowbit.records` (made by :mod:`fxlowbit.passes.analyze`) and
+never touches torch.fx graphs.
 
 1. Forms a tensor may take (:func:`candidates`): aliases of graph inputs (the caller holds them
    anyway; a forward output saved for the backward is compressible like any activation),
@@ -32,7 +33,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import sympy
@@ -42,6 +43,7 @@ from . import forms as _forms
 from .config import LowbitConfig
 from .costmodel import Costs, stored_bytes
 from .plan import Decision, Form, Plan
+from .records import COMPARE, EXACT, Gemm, SavedTensor
 from .state import STATE
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ __all__ = [
     "canonical_keys",
 ]
 
-VALUE, COMPARE, EXACT = "value", "compare", "exact"  # mirrors fxlowbit.passes._ops roles (no torch.fx)
 DP_UNITS = 4096  # least budget resolution of the exact solver (finer when the instance is small)
 DP_MAX_UNITS = 1 << 18
 DP_LIMIT = 4_000_000  # items x units x choices beyond which the greedy solver is used
@@ -90,7 +91,7 @@ def _warn_unknown(op: str, name: str, strict: bool) -> None:
 
 
 # -- what each tensor may become ------------------------------------------------------------------
-def _exact_only(s, cfg: LowbitConfig) -> str | None:
+def _exact_only(s: SavedTensor, cfg: LowbitConfig) -> str | None:
     """Why ``s`` must keep its exact value (None: it tolerates bounded noise)."""
     if not s.is_float:
         return f"{str(s.dtype)[6:]} tensor: kept exact"
@@ -113,7 +114,7 @@ def _exact_only(s, cfg: LowbitConfig) -> str | None:
     return None
 
 
-def canonical_keys(saved) -> dict[str, tuple]:
+def canonical_keys(saved: Iterable[SavedTensor]) -> dict[str, tuple]:
     """Name-free keys of saved tensors, equal across two partitions of the same graph (node names
     differ between compilations): producer, shape, dtype and occurrence among equal ones."""
     seen: dict[tuple, int] = {}
@@ -125,7 +126,7 @@ def canonical_keys(saved) -> dict[str, tuple]:
     return out
 
 
-def may_quantize(s, cfg: LowbitConfig) -> bool:
+def may_quantize(s: SavedTensor, cfg: LowbitConfig) -> bool:
     """Whether some plan may store ``s`` quantized (the tensors a probe measures)."""
     if _fixed(s, cfg) or not s.is_float or str(s.dtype) == "torch.bool" or _exact_only(s, cfg):
         return False
@@ -139,18 +140,24 @@ def may_quantize(s, cfg: LowbitConfig) -> bool:
 # their kind is "float64" (F64_KEPT, forms/keep.py, is the reason a plan gives).
 
 
-def _n_masks(s) -> int:
+def _n_masks(s: SavedTensor) -> int:
     return len({(u.op, u.scalar) for u in s.uses if u.role == COMPARE})
 
 
-def _free(s) -> bool:
+def _batch(s: SavedTensor) -> bool:
+    """Whether ``s`` aliases the user's batch (``data_input``; hand-built stand-ins for the records,
+    as tests/test_defaults_in_the_wild.py makes, may lack the field: not the batch)."""
+    return getattr(s, "data_input", False)
+
+
+def _free(s: SavedTensor) -> bool:
     """Kept at no cost: an alias of a parameter, buffer or other input that is not the batch."""
-    return s.input_alias and not getattr(s, "data_input", False)
+    return s.input_alias and not _batch(s)
 
 
-def _fixed(s, cfg: LowbitConfig) -> str | None:
+def _fixed(s: SavedTensor, cfg: LowbitConfig) -> str | None:
     """Why ``s`` has no choice at all (None: it has)."""
-    if getattr(s, "data_input", False):
+    if _batch(s):
         return "the user's batch: kept as it is (the training loop holds it), counted in the budget"
     if s.input_alias:
         return "alias of a graph input: costs no memory"
@@ -159,14 +166,16 @@ def _fixed(s, cfg: LowbitConfig) -> str | None:
     return None
 
 
-def _sensitivity(s, sens: Mapping[str, float] | None, total_numel: float, numel: int) -> tuple[float, str]:
+def _sensitivity(
+    s: SavedTensor, sens: Mapping[str, float] | None, total_numel: float, numel: int
+) -> tuple[float, str]:
     if sens and s.name in sens:
         return sens[s.name], "measured"
     return cm.prior_sensitivity(numel, total_numel), "prior"
 
 
 def candidates(
-    s,
+    s: SavedTensor,
     cfg: LowbitConfig,
     profile: cm.HardwareProfile,
     *,
@@ -331,7 +340,7 @@ def solve_greedy(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> l
     return pick
 
 
-def step_time(gemms: Sequence, profile: cm.HardwareProfile, activation_bytes: float) -> float:
+def step_time(gemms: Sequence[Gemm], profile: cm.HardwareProfile, activation_bytes: float) -> float:
     """Rough seconds of one uncompressed step: every GEMM at the profile's throughput, plus the
     saved activations written, read back and their gradients formed at copy bandwidth."""
     t = sum(profile.matmul_time(g.flops, g.dtype) for g in gemms)
@@ -345,16 +354,16 @@ def _budget(cfg: LowbitConfig, total: int) -> int:
 
 # -- the plan -------------------------------------------------------------------------------------
 def decide(
-    saved,
+    saved: Sequence[SavedTensor],
     cfg: LowbitConfig,
     subs: dict | None = None,
     *,
     profile: cm.HardwareProfile | None = None,
     sensitivity: Mapping[str, float] | None = None,
-    gemms: Sequence = (),
+    gemms: Sequence[Gemm] = (),
     extra_bytes: int | sympy.Expr = 0,
 ) -> Plan:
-    """Plan for a tuple of :class:`~fxlowbit.passes.analyze.SavedTensor` records: the cost-model
+    """Plan for a tuple of :class:`~fxlowbit.records.SavedTensor` records: the cost-model
     plan, or the uniform rule when ``cfg.bits`` is set. ``sensitivity``: measured sensitivities by
     saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`).
     ``extra_bytes``: saved bytes the model holds without fxlowbit beyond ``saved`` (the logits a
@@ -453,7 +462,7 @@ def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget
     return pick, status
 
 
-def _replay_leaves(s, costs: list[Costs]) -> set[str]:
+def _replay_leaves(s: SavedTensor, costs: list[Costs]) -> set[str]:
     """Saved tensors whose stored values some form offered for ``s`` would read."""
     return {leaf for c in costs for leaf in _forms.get(c.form).reads(s)}
 
@@ -547,7 +556,7 @@ def _least_bytes_within(items: list[list[Costs]], max_ratio: float) -> int:
     return hi
 
 
-def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
+def _decision(s: SavedTensor, c: Costs, reason: str, masks: int, subs) -> Decision:
     return Decision(
         name=s.name,
         producer=s.producer,
@@ -565,7 +574,7 @@ def _decision(s, c: Costs, reason: str, masks: int, subs) -> Decision:
 
 
 # -- the uniform rule (baseline) ------------------------------------------------------------------
-def _uniform(saved, cfg: LowbitConfig, subs) -> Plan:
+def _uniform(saved: Sequence[SavedTensor], cfg: LowbitConfig, subs) -> Plan:
     """Every compressible tensor at ``cfg.bits`` (masks where exact), no budget; the only recompute is
     of tensors that are functions of graph inputs alone (weight casts), which are not activations."""
     assert cfg.bits is not None  # decide() takes the uniform rule only when bits is set

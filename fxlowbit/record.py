@@ -26,6 +26,7 @@ import torch.fx as fx
 from . import planner
 from .config import LowbitConfig
 from .plan import Plan
+from .records import GraphFacts
 from .state import STATE
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class GraphRecord:
     graphs: dict[str, fx.GraphModule]  # PARTS -> GraphModule
     plan: Plan | None  # None: the plan step did not run (switched off, or nothing to plan)
     cfg: LowbitConfig
-    facts: Any = None  # passes.analyze.GraphFacts of the partition (for the budget frontier)
+    facts: GraphFacts | None = None  # of the partition (for the budget frontier)
     profile: Any = None  # costmodel.HardwareProfile the plan was costed with
     sensitivity: dict[str, float] | None = None  # measured, by saved-tensor name (None: the prior)
     replanned: bool = False  # a variant compiled after probes changed the plan

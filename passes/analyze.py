@@ -1,8 +1,9 @@
 """Analysis: list every tensor the forward graph saves for the backward graph.
 
-Pure: reads the partitioned forward/backward GraphModules and returns frozen records (producer op,
-backward uses and their roles, dtype, symbolic bytes as sympy expressions, view root, how to
-recompute it from other saved values) plus the GEMM FLOPs of both graphs and a networkx view.
+Pure: reads the partitioned forward/backward GraphModules and returns the frozen records of
+:mod:`fxlowbit.records` (producer op, backward uses and their roles, dtype, symbolic bytes as sympy
+expressions, view root, how to recompute it from other saved values) plus the GEMM FLOPs of both
+graphs and a networkx view.
 Relies on AOTAutograd's convention that the forward returns
 ``[outputs..., saved tensors..., saved symints...]`` and the backward's placeholders for saved
 values carry the same node names as the forward outputs.
@@ -10,100 +11,23 @@ values carry the same node names as the forward outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
-from typing import Any, cast
+from typing import cast
 
 import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
 
+from ..records import Gemm, GraphFacts, Recompute, SavedTensor, Use
 from . import _ops
 from .flops import node_flops
 
-__all__ = ["SavedTensor", "GraphFacts", "run"]
+# the records are defined in fxlowbit.records (no torch.fx) and re-exported here
+__all__ = ["Use", "Recompute", "Gemm", "SavedTensor", "GraphFacts", "run", "int_range"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Use:
-    op: str  # target of the backward consumer (looked through transparent ops)
-    role: str | None  # _ops.VALUE / COMPARE, or None: not known to tolerate compression
-    scalar: Any = None  # the scalar a COMPARE use compares with
-    direct: bool = True  # False when reached through a transparent (view/copy) op
-
-
-@dataclasses.dataclass(frozen=True)
-class Recompute:
-    """How the backward can rebuild a saved tensor from values it has anyway: replay ``nodes``
-    (cheap deterministic pointwise/view ops of the forward, in order) on ``leaves`` (other saved
-    tensors and graph inputs)."""
-
-    nodes: tuple[str, ...]
-    leaves: tuple[str, ...]
-    nbytes_moved: int  # bytes read + written by the replayed ops at the example sizes (upper bound)
-    # every leaf is a graph input (e.g. autocast's bf16 copy of a weight): exact and always at hand,
-    # so such a tensor is replayed, never stored lossily
-    from_inputs: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Gemm:
-    op: str
-    flops: int  # at the example sizes
-    dtype: str
-    graph: str  # "fw" | "bw"
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedTensor:
-    name: str
-    position: int  # index in the forward graph's output tuple
-    producer: str  # target of the producing forward op ("placeholder" for graph inputs)
-    shape: tuple[Any, ...]  # ints, or sympy expressions for symbolic sizes
-    stride: tuple[Any, ...]
-    dtype: torch.dtype
-    numel: sympy.Expr
-    nbytes: sympy.Expr
-    nbytes_hint: int  # at the example sizes
-    uses: tuple[Use, ...]
-    view_root: str  # first non-view ancestor in the forward graph (itself if not a view)
-    input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
-    forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
-    recompute: Recompute | None = None
-    # aliases the user's batch (a graph input without grad that is no parameter or buffer): no
-    # choice (the training loop holds it anyway) but memory, so the budget counts it
-    data_input: bool = False
-    # (lo, hi): every value an integer tensor can hold, known from its producer (max-pool window
-    # offsets, pooling indices); None when unknown or not an integer tensor
-    int_range: tuple[int, int] | None = None
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphFacts:
-    saved: tuple[SavedTensor, ...]
-    num_fwd_outputs: int
-    nx_graph: nx.DiGraph  # nodes "fw:<name>" / "bw:<name>", saved edges fw -> bw
-    hints: dict  # sympy symbol -> value at the example sizes
-    gemms: tuple[Gemm, ...] = ()  # every matmul/conv/attention call of both graphs
-
-    @property
-    def gemm_flops(self) -> int:
-        return sum(g.flops for g in self.gemms)
-
-    def by_name(self) -> dict[str, SavedTensor]:
-        return {s.name: s for s in self.saved}
 
 
 def _expr(d) -> sympy.Expr:

@@ -8,7 +8,7 @@ import sympy
 import torch
 
 from fxlowbit import LowbitConfig, planner
-from fxlowbit.passes.analyze import SavedTensor, Use
+from fxlowbit.records import SavedTensor, Use
 
 CFG = LowbitConfig(bits=4, min_bytes=1024)
 MM = Use("aten.mm.default", "value")
@@ -168,7 +168,7 @@ BUDGET_CFG = LowbitConfig(memory_budget=0.05, min_bytes=1024)
 def test_functions_of_graph_inputs_are_replayed_never_rounded(cfg):
     """Autocast saves bf16 copies of weights: rounding them at 4 bits wrecks grad-input (measured:
     12 dB gradient SQNR on a bf16 GPT-2); replaying the cast is exact and costs one pass."""
-    from fxlowbit.passes.analyze import Recompute
+    from fxlowbit.records import Recompute
 
     cast = saved(recompute=Recompute(("convert_element_type",), ("primals_3",), 3 * 4096 * 4, True))
     act = saved(name="a", recompute=Recompute(("gelu",), ("addmm",), 3 * 4096 * 4, False))

@@ -12,7 +12,7 @@ import torch
 
 from fxlowbit import LowbitConfig, planner
 from fxlowbit import costmodel as cm
-from fxlowbit.passes.analyze import Gemm, Recompute, Use
+from fxlowbit.records import Gemm, Recompute, Use
 
 from .test_planner import LE0, MM, saved
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import sympy
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..config import LowbitConfig
     from ..costmodel import HardwareProfile
     from ..plan import Decision, Plan
+    from ..records import SavedTensor
 
 __all__ = ["KINDS", "Tensor", "SavedForm", "register", "unregister", "get", "all_forms", "names"]
 
@@ -46,7 +47,7 @@ class Tensor:
     """One saved tensor as every form's :meth:`SavedForm.offers` sees it (planner-made, no torch.fx).
     Sizes are at the example sizes ``subs``; ``at`` evaluates a sympy expression there."""
 
-    s: Any  # the analysis record (fxlowbit.passes.analyze.SavedTensor)
+    s: SavedTensor  # the analysis record
     cfg: LowbitConfig
     profile: HardwareProfile
     subs: Mapping
@@ -97,7 +98,7 @@ class SavedForm:
         """True when, once this form is offered for ``t``, no later form is (an exact, cheap replay)."""
         return False
 
-    def reads(self, s) -> tuple[str, ...]:
+    def reads(self, s: SavedTensor) -> tuple[str, ...]:
         """Other saved tensors whose stored values this form's decode of ``s`` reads."""
         return ()
 

@@ -18,12 +18,12 @@ class Packed(SavedForm):
     kinds = frozenset({"exact"})
 
     def offers(self, t: Tensor) -> list[tuple[Costs, str]]:
-        s = t.s
-        b = cm.packed_bits(*s.int_range) if s.int_range is not None else None
-        if b is None or b >= s.itemsize * 8:
+        s, known = t.s, t.s.int_range
+        b = cm.packed_bits(*known) if known is not None else None
+        if known is None or b is None or b >= s.itemsize * 8:
             return []
         nbytes = t.at(self.stored_bytes(s.numel, b, 1, 1))
-        lo, hi = s.int_range
+        lo, hi = known
         why = f"integers in [{lo}, {hi}] (from {s.producer}'s op): {b}-bit fields, exact"
         return [(Costs(self.name, b, nbytes, t.profile.mask_time(t.fp32_bytes), 0.0), why)]
 

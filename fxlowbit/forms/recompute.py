@@ -38,7 +38,8 @@ class Recompute(SavedForm):
 
     def exclusive(self, t: Tensor) -> bool:
         # a cast of weights or inputs: replaying it is exact and costs one pass
-        return t.s.recompute.from_inputs
+        r = t.s.recompute
+        return r is not None and r.from_inputs
 
     def reads(self, s) -> tuple[str, ...]:
         return s.recompute.leaves if s.recompute is not None else ()
