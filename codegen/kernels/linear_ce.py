@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .linear_ce_grad import _check, linear_ce_fwd_grad  # noqa: F401  (registers fxlowbit::linear_ce_fwd_grad)
+from .linear_ce_grad import check_inputs
+from .linear_ce_grad_op import linear_ce_fwd_grad  # noqa: F401  (registers fxlowbit::linear_ce_fwd_grad)
 from .linear_ce_logits import linear_logits  # noqa: F401  (registers fxlowbit::linear_logits)
 
 __all__ = [
@@ -90,7 +91,7 @@ def linear_cross_entropy_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses and log-sum-exps, both fp32 (N,), tile by tile (never (N, V)). Targets
     outside ``[0, V)`` other than ``ignore_index`` raise on CPU (unchecked on CUDA: no host sync)."""
-    _check(h, w, b, target)
+    check_inputs(h, w, b, target)
     n, v = h.shape[0], w.shape[0]
     mm_dtype, block_v, chunk_n = _tiling(h, w)
     valid = target != ignore_index
@@ -141,7 +142,7 @@ def linear_cross_entropy_backward_reference(
     Outputs are contiguous, in h's, w's and b's dtypes. Vocab blocks outside, token chunks inside,
     so dw is accumulated one fp32 block at a time. On CUDA the GEMMs run in the inputs' dtype with
     fp32 accumulation (``dy`` rounded to it, as in CCE) and larger tiles; on CPU all in fp32."""
-    _check(h, w, b, target)
+    check_inputs(h, w, b, target)
     (n, hid), v = h.shape, w.shape[0]
     mm_dtype, block_v, chunk_n = _tiling(h, w)
     g = torch.where(target != ignore_index, grad.float(), 0.0) * scale  # where: 1/0 counts stay out
@@ -199,7 +200,7 @@ def linear_ce_fwd(
 
 @linear_ce_fwd.register_fake
 def _(h, w, b, target, ignore_index, scale, softcap):
-    _check(h, w, b, target)
+    check_inputs(h, w, b, target)
     n = h.shape[0]
     return h.new_empty((n,), dtype=torch.float32), h.new_empty((n,), dtype=torch.float32)
 

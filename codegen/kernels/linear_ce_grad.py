@@ -12,12 +12,13 @@ them into ``dy`` in place (fp32 maths, rounded once to the GEMM dtype, as the un
 does), then one GEMM gives the chunk's dh rows and one adds its share of dw. No tensor of tokens x
 vocab exists and no logit is built twice: the same three GEMMs as the unfused loss, through aten
 (MKL / oneDNN / cuBLAS). Ignored tokens are dropped before the GEMMs on CPU (on CUDA they are
-masked: no host sync). For mean / sum the op returns the reduced loss and the reduced loss's
-gradients, so the backward only scales them by the output gradient. For ``reduction="none"`` it
-returns per-token losses and per-token dh rows only: a weight gradient cannot be summed before
-the per-token output gradients are known (:func:`.linear_ce.linear_cross_entropy` recomputes in
-the backward then). A caller that has the logits anyway (a model returning them) hands them
-over: they are read chunk by chunk, not rebuilt.
+masked: no host sync). For mean / sum it returns the reduced loss and the reduced loss's
+gradients, so the backward of its op (``fxlowbit::linear_ce_fwd_grad``, :mod:`.linear_ce_grad_op`)
+only scales them by the output gradient. For ``reduction="none"`` it returns per-token losses and
+per-token dh rows only: a weight gradient cannot be summed before the per-token output gradients
+are known (:func:`.linear_ce.linear_cross_entropy` recomputes in the backward then). A caller
+that has the logits anyway (a model returning them) hands them over: they are read chunk by
+chunk, not rebuilt.
 
 Precision: reductions and dw's sum over chunks in fp32 (fp64 for fp64 inputs); GEMMs in the
 inputs' dtype with fp32 accumulation inside. Tokens per chunk come from the cost model
@@ -34,15 +35,15 @@ import math
 import os
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from ...costmodel import HardwareProfile, load_profile
+from ..dtypes import FLOATS
 
 __all__ = [
     "linear_ce_grad_reference",
-    "linear_ce_fwd_grad",
     "chunk_rows",
     "cache_bytes",
+    "check_inputs",
 ]
 
 CHUNK_ROWS: int | None = None  # tests: a fixed number of tokens per chunk instead of the cost model's
@@ -50,11 +51,13 @@ CHUNK_SLACK = 0.05  # the smallest chunk whose estimated time is within this of 
 MASK_IGNORED: bool | None = None  # tests: the CUDA way (mask ignored tokens, no host sync) on CPU
 FRESH_BYTES, FAULT_GBPS = 32 << 20, 2.0  # CPU: glibc's largest reused block; first-touch rate (measured)
 CUDA_BLOCK_BYTES = 256 << 20  # CUDA: fp32 temporaries of the elementwise part at most this large
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOATS = (*FLOATS, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check(h, w, b, target) -> None:
+def check_inputs(h, w, b, target) -> None:
+    """ValueError unless h (N, H), w (V, H), b (V,) or None are floating point and target is integer
+    (N,): the inputs' check of both paths (:mod:`.linear_ce`, this module) and the Triton kernels."""
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
         raise ValueError(
             f"fxlowbit linear_ce: need h (N, H) and w (V, H), got {tuple(h.shape)} and {tuple(w.shape)}"
@@ -160,7 +163,7 @@ def linear_ce_grad_reference(
     bias) is an empty (0,) tensor. ``reduction="none"`` takes ``grad_w = grad_b = False``: per-token
     losses and per-token dh rows. ``logits``: ``h w^T + b`` (N, V) when the caller has them anyway
     (a model that returns its logits): read chunk by chunk instead of rebuilt, never written."""
-    _check(h, w, b, target)
+    check_inputs(h, w, b, target)
     if logits is not None and tuple(logits.shape) != (h.shape[0], w.shape[0]):
         raise ValueError(f"fxlowbit linear_ce: logits must be (N, V), got {tuple(logits.shape)}")
     if reduction not in _REDUCTIONS:
@@ -281,73 +284,3 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
         return a.float() @ b.float()
-
-
-# -- ops ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fxlowbit::linear_ce_fwd_grad", mutates_args=())
-def linear_ce_fwd_grad(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    target: torch.Tensor,
-    logits: torch.Tensor | None,
-    ignore_index: int,
-    scale: float,
-    softcap: float,
-    label_smoothing: float,
-    reduction: str,
-    grad_h: bool,
-    grad_w: bool,
-    grad_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dh, dw, db) as :func:`linear_ce_grad_reference`; differentiable in h, w, b for the
-    gradients asked for (the backward scales the stored ones by the loss's output gradient)."""
-    args = (ignore_index, scale, softcap, label_smoothing, reduction, grad_h, grad_w, grad_b)
-    return linear_ce_grad_reference(h, w, b, target, logits, *args)
-
-
-@linear_ce_fwd_grad.register_fake
-def _(h, w, b, target, logits, ignore_index, scale, softcap, smoothing, reduction, grad_h, grad_w, grad_b):
-    _check(h, w, b, target)
-    acc = torch.float64 if torch.promote_types(h.dtype, w.dtype) == torch.float64 else torch.float32
-    loss = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=acc)
-    dh = h.new_empty(h.shape if grad_h else (0,))
-    dw = w.new_empty(w.shape if grad_w else (0,))
-    db = b.new_empty(b.shape) if grad_b and b is not None else h.new_empty((0,), dtype=acc)
-    return loss, dh, dw, db
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*output[1:])
-    ctx.asked = inputs[10:13]  # grad_h, grad_w, grad_b
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward(ctx, grad_loss, *_):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fxlowbit linear_ce: double backward is not supported (the gradients were formed in the "
-            "forward); compute the loss unfused for create_graph=True"
-        )
-    for i, name in enumerate(("h", "w", "b")):
-        if ctx.needs_input_grad[i] and not ctx.asked[i]:
-            raise RuntimeError(f"fxlowbit linear_ce: {name} needs a gradient the forward did not form")
-    # a scalar (mean / sum), or one per token (none: dh rows only). Plain multiplications: Inductor
-    # fuses them with their consumers, and the planner may store dh / dw compressed (they are
-    # linear in the gradients) when a budget needs it, as it may the unfused loss's logits
-    g = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
-    saved = zip(ctx.saved_tensors, ctx.asked, strict=True)
-    grads = [(x * g).to(x.dtype) if asked else None for x, asked in saved]
-    return (*grads, *([None] * 10))
-
-
-linear_ce_fwd_grad.register_autograd(_backward, setup_context=_setup_context)
-
-
-# Matmul FLOPs for torch's flop counter (passes/analyze's GEMM list, the benchmarks): the logits
-# (unless given), then one GEMM per weight-sized gradient asked for; the backward's scaling has none.
-@register_flop_formula(torch.ops.fxlowbit.linear_ce_fwd_grad)
-def _fwd_grad_flops(h_shape, w_shape, b_shape, t_shape, logits_shape, *args, out_shape=None, **kwargs) -> int:
-    grad_h, grad_w = args[-3], args[-2]
-    gemms = (logits_shape is None) + bool(grad_h) + bool(grad_w)
-    return 2 * h_shape[0] * w_shape[0] * h_shape[1] * gemms

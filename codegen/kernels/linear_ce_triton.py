@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_ce import _check
+from .linear_ce_grad import check_inputs
 
 __all__ = ["linear_ce_fwd_triton", "linear_ce_bwd_triton"]
 
@@ -129,7 +129,7 @@ def _config(h: torch.Tensor) -> dict:
 
 
 def _prepare(h, w, b):
-    _check(h, w, b, torch.empty(h.shape[0], dtype=torch.long))
+    check_inputs(h, w, b, torch.empty(h.shape[0], dtype=torch.long))
     dtype = torch.promote_types(h.dtype, w.dtype)  # tl.dot wants one operand dtype
     if dtype == torch.float64:
         raise ValueError("fxlowbit linear_ce: the Triton kernels take fp32/bf16/fp16, not fp64")
