@@ -202,3 +202,27 @@ def test_dynamic_shapes_with_inductor_inner():
     for batch in (48, 96, 160):
         ref, got = (torch.cat([g.flatten() for g in grads[k, batch]]) for k in ("ref", "lowbit"))
         assert sqnr_db(ref, got) >= 25.0
+
+
+def test_compile_mode_reaches_inductor_and_lowbit_mode_stays_an_option(monkeypatch):
+    """torch.compile's ``mode`` (the compile mode, handed to the backend as the keyword ``mode``)
+    becomes Inductor's config patches; lowbit's own ``mode`` is an option and never goes there."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile_fx)
+    modes = torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+    assert modes  # the mode sets something, so the check below can fail
+    model = torch.nn.Linear(8, 8)
+    for kwargs in ({"mode": "max-autotune-no-cudagraphs"}, {"options": {"mode": "memory"}}):
+        torch._dynamo.reset()
+        torch.compile(model, backend="lowbit", **kwargs)(torch.randn(4, 8)).sum().backward()
+    compiled_mode, lowbit_mode = seen
+    assert {k: compiled_mode[k] for k in modes} == modes
+    assert not set(modes) & set(lowbit_mode)
+    assert set(lowbit_mode) == {"custom_partitioner_fn"}
