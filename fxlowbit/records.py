@@ -57,18 +57,14 @@ class Gemm:
 @dataclasses.dataclass(frozen=True)
 class SavedTensor:
     name: str
-    position: int  # index in the forward graph's output tuple
     producer: str  # target of the producing forward op ("placeholder" for graph inputs)
     shape: tuple[Any, ...]  # ints, or sympy expressions for symbolic sizes
-    stride: tuple[Any, ...]
     dtype: torch.dtype
     numel: sympy.Expr
     nbytes: sympy.Expr
     nbytes_hint: int  # at the example sizes
     uses: tuple[Use, ...]
-    view_root: str  # first non-view ancestor in the forward graph (itself if not a view)
     input_alias: bool  # aliases a graph input (parameter, buffer, user input): costs no memory
-    forward_output_alias: bool  # also (an alias of) a value the forward returns to the user
     recompute: Recompute | None = None
     # aliases the user's batch (a graph input without grad that is no parameter or buffer): no
     # choice (the training loop holds it anyway) but memory, so the budget counts it
@@ -89,14 +85,9 @@ class SavedTensor:
 @dataclasses.dataclass(frozen=True)
 class GraphFacts:
     saved: tuple[SavedTensor, ...]
-    num_fwd_outputs: int
     nx_graph: Any  # networkx.DiGraph: nodes "fw:<name>" / "bw:<name>", saved edges fw -> bw
     hints: dict  # sympy symbol -> value at the example sizes
     gemms: tuple[Gemm, ...] = ()  # every matmul/conv/attention call of both graphs
-
-    @property
-    def gemm_flops(self) -> int:
-        return sum(g.flops for g in self.gemms)
 
     def by_name(self) -> dict[str, SavedTensor]:
         return {s.name: s for s in self.saved}

@@ -2,8 +2,8 @@
 
 Pure: reads the partitioned forward/backward GraphModules and returns the frozen records of
 :mod:`fxlowbit.records` (producer op, backward uses and their roles, dtype, symbolic bytes as sympy
-expressions, view root, how to recompute it from other saved values) plus the GEMM FLOPs of both
-graphs and a networkx view.
+expressions, whether it aliases a graph input, how to recompute it from other saved values) plus
+the GEMM FLOPs of both graphs and a networkx view.
 Relies on AOTAutograd's convention that the forward returns
 ``[outputs..., saved tensors..., saved symints...]`` and the backward's placeholders for saved
 values carry the same node names as the forward outputs.
@@ -218,8 +218,7 @@ def run(
     forward placeholders of the user's batch (no grad): kept as they are, but counted."""
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
-    user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
-    user_output_roots = {_root(n) for n in user_outputs}
+    user_output_roots = {_root(n) for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
 
     g = nx.DiGraph()
     for prefix, gm in (("fw", fw), ("bw", bw)):
@@ -232,8 +231,8 @@ def run(
     hints: dict = _all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
     pinned = _pinned_shares(outputs[num_fwd_outputs:], user_output_roots)
-    for pos, node in enumerate(outputs):
-        if pos < num_fwd_outputs or not isinstance(node, fx.Node):
+    for node in outputs[num_fwd_outputs:]:
+        if not isinstance(node, fx.Node):
             continue
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -248,19 +247,15 @@ def run(
         saved.append(
             SavedTensor(
                 name=node.name,
-                position=pos,
                 producer="placeholder" if node.op == "placeholder" else _name(node.target),
                 shape=tuple(_expr(d) if not isinstance(d, int) else d for d in val.shape),
-                stride=tuple(_expr(d) if not isinstance(d, int) else d for d in val.stride()),
                 dtype=val.dtype,
                 numel=numel,
                 nbytes=nbytes,
                 nbytes_hint=int(nbytes.subs(hints)),
                 uses=tuple(_uses(placeholder)) if placeholder is not None else (),
-                view_root=root.name,
                 input_alias=root.op == "placeholder" and root.name not in activations,
                 data_input=root.op == "placeholder" and root.name in data,
-                forward_output_alias=node in user_outputs or root in user_output_roots,
                 # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed
                 recompute=None if _must_save(node) else _recompute(node, saved_names, hints, activations),
                 int_range=int_range(node),
@@ -269,9 +264,7 @@ def run(
     gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)
     log.debug("%d saved tensors (%d graph-input aliases), %d GEMMs", len(saved),
               sum(s.input_alias for s in saved), len(gemms))  # fmt: skip
-    return GraphFacts(
-        saved=tuple(saved), num_fwd_outputs=num_fwd_outputs, nx_graph=g, hints=hints, gemms=tuple(gemms)
-    )
+    return GraphFacts(saved=tuple(saved), nx_graph=g, hints=hints, gemms=tuple(gemms))
 
 
 def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:

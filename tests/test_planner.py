@@ -17,10 +17,9 @@ LE0 = Use("aten.le.Scalar", "compare", 0)
 
 def saved(name="t", dtype=torch.float32, numel=4096, uses=(MM,), **kw):
     fields = dict(
-        name=name, position=1, producer="aten.addmm.default", shape=(numel,), stride=(1,),
-        dtype=dtype, numel=sympy.Integer(numel), nbytes=sympy.Integer(numel * dtype.itemsize),
-        nbytes_hint=numel * dtype.itemsize, uses=tuple(uses), view_root=name,
-        input_alias=False, forward_output_alias=False,
+        name=name, producer="aten.addmm.default", shape=(numel,), dtype=dtype,
+        numel=sympy.Integer(numel), nbytes=sympy.Integer(numel * dtype.itemsize),
+        nbytes_hint=numel * dtype.itemsize, uses=tuple(uses), input_alias=False,
     )  # fmt: skip
     fields.update(kw)
     return SavedTensor(**fields)
@@ -35,7 +34,7 @@ def decide_one(s, cfg=CFG):
     "record,form,reason",
     [
         (saved(input_alias=True), "keep", "graph input"),
-        (saved(forward_output_alias=True), "quant", "4-bit"),  # the caller usually drops outputs
+        (saved(input_alias=True, data_input=True), "keep", "the user's batch"),
         (saved(numel=100), "keep", "below min_bytes=1024"),
         (saved(dtype=torch.bool), "mask", "1 bit, exact"),
         (saved(dtype=torch.int64), "keep", "int64"),
