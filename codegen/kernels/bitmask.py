@@ -34,7 +34,7 @@ __all__ = [
 BIT_WIDTHS = (1, 2, 4, 8)  # field widths that tile a byte (the planner picks one: costmodel.packed_bits)
 
 
-def _check_bits(bits: int) -> int:
+def check_bits(bits: int) -> int:
     if bits not in BIT_WIDTHS:
         raise ValueError(f"bits must be one of {BIT_WIDTHS}, got {bits}")
     return 8 // bits  # fields per byte
@@ -42,7 +42,7 @@ def _check_bits(bits: int) -> int:
 
 def packed_bits_numel(numel, bits: int):
     """Bytes holding ``numel`` fields of ``bits`` bits (works with SymInts)."""
-    per = _check_bits(bits)
+    per = check_bits(bits)
     return (numel + per - 1) // per
 
 
@@ -53,7 +53,7 @@ def packed_mask_numel(numel):
 
 def pack_bits_traceable(x: torch.Tensor, bits: int, lo: int = 0) -> torch.Tensor:
     """Branch-free body of :func:`pack_bits_reference` (traceable with symbolic sizes)."""
-    per = _check_bits(bits)
+    per = check_bits(bits)
     flat = x.reshape(-1)
     flat = (flat if lo == 0 else flat - lo).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)])
@@ -68,7 +68,7 @@ def unpack_bits_traceable(
     packed: torch.Tensor, bits: int, lo: int, shape, dtype: torch.dtype
 ) -> torch.Tensor:
     """Contiguous, branch-free :func:`unpack_bits_reference` (traceable with symbolic sizes)."""
-    per = _check_bits(bits)
+    per = check_bits(bits)
     numel = math.prod(shape)  # SymInts multiply too
     field = (1 << bits) - 1
     planes = torch.cat([(packed >> (j * bits)) & field for j in range(per)]) if per > 1 else packed

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bitmask import _check_bits, packed_bits_numel
+from .bitmask import check_bits, packed_bits_numel
 
 __all__ = ["pack_bits_triton", "unpack_bits_triton", "pack_mask_triton", "unpack_mask_triton"]
 
@@ -69,7 +69,7 @@ def _launch(width: int):
 
 
 def _pack(x: torch.Tensor, bits: int, lo: int, name: str) -> torch.Tensor:
-    _check_bits(bits)
+    check_bits(bits)
     if x.is_floating_point() or x.is_complex():
         raise TypeError(f"{name} expects an integer or bool tensor, got {x.dtype}")
     if x.dtype == torch.bool and lo != 0:
@@ -88,7 +88,7 @@ def _pack(x: torch.Tensor, bits: int, lo: int, name: str) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, bits: int, lo: int, shape, dtype: torch.dtype, stride, name: str):
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"{name} expects uint8 bytes, got {packed.dtype}")
     if dtype.is_floating_point or dtype.is_complex:

@@ -139,7 +139,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) ->
     return (q.float() * s).to(dtype)
 
 
-def _check_mm(a_q, b_q, sa, sb, bias, out_dtype, codes: tuple[torch.dtype, ...], what: str) -> None:
+def check_mm(a_q, b_q, sa, sb, bias, out_dtype, codes: tuple[torch.dtype, ...], what: str) -> None:
     if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
         raise ValueError(
             f"fxlowbit {what}: need a (M, K) and b (N, K), got {tuple(a_q.shape)} and {tuple(b_q.shape)}"
@@ -200,7 +200,7 @@ def int8_mm_reference(
 ) -> torch.Tensor:
     """``(a_q @ b_q^T) * sa[:, None] * sb[None, :] + bias`` -> (M, N) ``out_dtype``: a (M, K) and
     b (N, K) int8 codes, int32 accumulation (exact), the fp32 epilogue of the module docstring."""
-    _check_mm(a_q, b_q, sa, sb, bias, out_dtype, (torch.int8,), "int8_mm")
+    check_mm(a_q, b_q, sa, sb, bias, out_dtype, (torch.int8,), "int8_mm")
     return _epilogue(_int32_product(a_q, b_q), sa, sb, bias, out_dtype)
 
 
@@ -214,7 +214,7 @@ def fp8_mm_reference(
 ) -> torch.Tensor:
     """The FP8 GEMM emulated: codes (any mix of e4m3/e5m2) widened to fp32, fp32 matmul, then the
     same epilogue as :func:`int8_mm_reference` (row-wise scales; expand per-tensor ones)."""
-    _check_mm(a_q, b_q, sa, sb, bias, out_dtype, tuple(d for d, *_ in FP8.values()), "fp8_mm")
+    check_mm(a_q, b_q, sa, sb, bias, out_dtype, tuple(d for d, *_ in FP8.values()), "fp8_mm")
     return _epilogue(a_q.float() @ b_q.float().t(), sa, sb, bias, out_dtype)
 
 

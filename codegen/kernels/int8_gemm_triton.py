@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_gemm import _check_mm
+from .int8_gemm import check_mm
 from .quant_triton_lib import bf16_bits
 
 __all__ = ["int8_mm_triton", "CONFIGS"]
@@ -99,7 +99,7 @@ def int8_mm_triton(
         >>> sa, sb = torch.ones(64, device="cuda"), torch.ones(32, device="cuda")  # doctest: +SKIP
         >>> out = int8_mm_triton(a, b, sa, sb)  # doctest: +SKIP
     """
-    _check_mm(a_q, b_q, sa, sb, bias, out_dtype, (torch.int8,), "int8_mm_triton")
+    check_mm(a_q, b_q, sa, sb, bias, out_dtype, (torch.int8,), "int8_mm_triton")
     (m, k), n = a_q.shape, b_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:

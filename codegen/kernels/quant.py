@@ -50,9 +50,9 @@ BITS = (2, 4, 8)
 DTYPES = FLOATS  # the Triton kernels'; references take any float
 # kind bits of a special group, in the low bits of its scale; the kinds present take the top codes
 # in this order (+Inf at L)
-_KIND_POSINF, _KIND_NEGINF, _KIND_NAN = 1, 2, 4
-_KIND_MASK = 7
-_SIGN = -(2**31)  # int32 bit pattern of the sign bit
+KIND_POSINF, KIND_NEGINF, KIND_NAN = 1, 2, 4
+KIND_MASK = 7
+SIGN_BIT = -(2**31)  # int32 bit pattern of the sign bit
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -81,16 +81,16 @@ def hash_uniform(seed: torch.Tensor, n_groups, group_size: int) -> torch.Tensor:
     Pure integer arithmetic, so eager, Inductor and Triton kernels draw identical bits. The 24-bit
     resolution biases stochastic rounding by at most ``2**-24`` of a step, below fp32's own rounding.
     """
-    return _noise_columns(_seed_key(seed), n_groups, group_size, slice(0, group_size))
+    return noise_columns(seed_key(seed), n_groups, group_size, slice(0, group_size))
 
 
-def _seed_key(seed: torch.Tensor) -> torch.Tensor:
+def seed_key(seed: torch.Tensor) -> torch.Tensor:
     s_lo = (seed & 0xFFFFFFFF).to(torch.int32)  # wraps to the same 32 bits
     s_hi = ((seed >> 32) & 0xFFFFFFFF).to(torch.int32)
     return _hash32(s_lo ^ _hash32(s_hi))  # 0-dim: once per call
 
 
-def _noise_columns(key: torch.Tensor, n_groups, group_size: int, cols: slice) -> torch.Tensor:
+def noise_columns(key: torch.Tensor, n_groups, group_size: int, cols: slice) -> torch.Tensor:
     """Columns ``cols`` of :func:`hash_uniform`'s noise, computed from their own element indices
     (a slice of the full noise would make Inductor materialise all of it)."""
     rows = torch.arange(n_groups, device=key.device, dtype=torch.int32)[:, None] * group_size
@@ -99,7 +99,7 @@ def _noise_columns(key: torch.Tensor, n_groups, group_size: int, cols: slice) ->
     return ((x >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
-def _check(bits: int, group_size: int) -> None:
+def check_format(bits: int, group_size: int) -> None:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if group_size <= 0 or group_size % 8:
@@ -125,10 +125,10 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     bytes per group, element ``j*W + k`` sits in bits ``j*bits .. j*bits + bits-1`` of byte ``k``
     (lowest bits hold the first plane). Every plane is a contiguous slice, so packing and
     unpacking are vectorised loads, ORs and shifts (an interleaved layout needs strided loads)."""
-    return _pack_planes(lambda sl: q[:, sl], bits, q.shape[1])
+    return pack_planes(lambda sl: q[:, sl], bits, q.shape[1])
 
 
-def _pack_planes(plane, bits: int, group_size: int) -> torch.Tensor:
+def pack_planes(plane, bits: int, group_size: int) -> torch.Tensor:
     """:func:`pack_codes` of the codes ``plane(slice)`` gives for each plane's columns. Computing
     each plane from its own slice of the inputs keeps Inductor from materialising the full-size
     fp32 codes (it realises a value read through several slices): one pass reads x, writes codes."""
@@ -153,8 +153,8 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
     return torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)  # hi - lo overflowed
 
 
-def _affine(lo, hi, usable):
-    """Per group: ``scale``, and the ``half`` factor and ``inv`` multiplier :func:`_codes_of` uses."""
+def group_affine(lo, hi, usable):
+    """Per group: ``scale``, and the ``half`` factor and ``inv`` multiplier :func:`codes_of` uses."""
     scale = _scale(lo, hi, usable)
     return (scale, *_half_inv(lo, hi, scale))
 
@@ -166,7 +166,7 @@ def _half_inv(lo, hi, scale):
     return half, inv
 
 
-def _codes_of(g, u, lo, half, inv, usable):
+def codes_of(g, u, lo, half, inv, usable):
     """Stochastically rounded codes, fp32 in ``[0, usable]``, of values ``g`` with noise ``u``."""
     v = (g * half - lo[:, None] * half) * inv
     return torch.minimum(torch.floor(v + u).clamp_min(0), usable[:, None])
@@ -174,8 +174,8 @@ def _codes_of(g, u, lo, half, inv, usable):
 
 def _codes(g, u, lo, hi, usable):
     """Stochastically rounded codes (n, G) fp32 in ``[0, usable]`` and the per-group scale."""
-    scale, half, inv = _affine(lo, hi, usable)
-    return _codes_of(g, u, lo, half, inv, usable), scale
+    scale, half, inv = group_affine(lo, hi, usable)
+    return codes_of(g, u, lo, half, inv, usable), scale
 
 
 def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
@@ -189,7 +189,7 @@ def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
     pinf = torch.where(g == torch.inf, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
     ninf = torch.where(g == -torch.inf, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
     nan = torch.where(g != g, 1.0, 0.0).sum(1).gt(0).to(torch.int32)
-    kinds = pinf * _KIND_POSINF + ninf * _KIND_NEGINF + nan * _KIND_NAN
+    kinds = pinf * KIND_POSINF + ninf * KIND_NEGINF + nan * KIND_NAN
     special = kinds != 0
     empty = torch.isinf(lo)  # no finite value at all
     lo = torch.where(empty, 0.0, lo)
@@ -201,8 +201,8 @@ def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
     scale = torch.where(usable > 0, scale, 0.0)
     # special groups: sign bit set, kinds in the low bits; the codes use the truncated scale
     sbits = scale.view(torch.int32)
-    sbits = torch.where(special, (sbits & ~_KIND_MASK) | kinds | _SIGN, sbits)
-    scale = torch.where(special, sbits & ~_KIND_MASK & ~_SIGN, sbits).view(torch.float32)
+    sbits = torch.where(special, (sbits & ~KIND_MASK) | kinds | SIGN_BIT, sbits)
+    scale = torch.where(special, sbits & ~KIND_MASK & ~SIGN_BIT, sbits).view(torch.float32)
     half, inv = _half_inv(lo, hi, scale)
     # top codes of the non-finite values: +Inf at L, then -Inf, then NaN (only the kinds present)
     code_ninf = float(levels) - pinf.float()
@@ -210,19 +210,19 @@ def _quantize_general(g: torch.Tensor, noise, finite: torch.Tensor, bits: int):
 
     def plane(sl):
         gs, fs = g[:, sl], finite[:, sl]
-        q = _codes_of(torch.where(fs, gs, lo[:, None]), noise(sl), lo, half, inv, usable)
+        q = codes_of(torch.where(fs, gs, lo[:, None]), noise(sl), lo, half, inv, usable)
         top = torch.where(gs == gs, torch.where(gs > 0, float(levels), code_ninf[:, None]), code_nan[:, None])
         return torch.where(fs, q, top)
 
-    return _pack_planes(plane, bits, g.shape[1]), torch.stack([lo, sbits.view(torch.float32)], 1)
+    return pack_planes(plane, bits, g.shape[1]), torch.stack([lo, sbits.view(torch.float32)], 1)
 
 
 def quantize_pack_traceable(x: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int):
     """:func:`quantize_pack_reference` with :func:`hash_uniform` noise and no data-dependent
     branches, so it can be traced into a graph and fused by Inductor (same results)."""
     g = _grouped(x, group_size)
-    key = _seed_key(seed)
-    noise = lambda cols: _noise_columns(key, g.shape[0], group_size, cols)  # noqa: E731
+    key = seed_key(seed)
+    noise = lambda cols: noise_columns(key, g.shape[0], group_size, cols)  # noqa: E731
     return _quantize_general(g, noise, torch.isfinite(g), bits)
 
 
@@ -236,7 +236,7 @@ def quantize_pack_reference(
 
         codes, meta = quantize_pack_reference(torch.randn(1000), 4, 256, torch.rand(4, 256))
     """
-    _check(bits, group_size)
+    check_format(bits, group_size)
     levels = (1 << bits) - 1
     g = _grouped(x, group_size)  # (n, G) fp32
     u = torch.full_like(g, 0.5) if noise is None else noise.reshape(g.shape).float()
@@ -248,7 +248,7 @@ def quantize_pack_reference(
     return _quantize_general(g, lambda cols: u[:, cols], finite, bits)
 
 
-def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) -> torch.Tensor:
+def decode_groups(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) -> torch.Tensor:
     """(n, G) fp32 values from codes and meta; ``specials=False`` skips the NaN/Inf decoding."""
     levels = (1 << bits) - 1
     q = unpack_codes(codes, bits).float()  # (n, G)
@@ -256,14 +256,14 @@ def _decode(codes: torch.Tensor, meta: torch.Tensor, bits: int, specials: bool) 
     if specials:
         sbits = scale.contiguous().view(torch.int32)
         special = sbits < 0
-        scale = torch.where(special, sbits & ~_KIND_MASK & ~_SIGN, sbits).view(torch.float32)
+        scale = torch.where(special, sbits & ~KIND_MASK & ~SIGN_BIT, sbits).view(torch.float32)
     half = q * (scale * 0.5)
     x = (lo + half) + half  # lo + q * scale without overflowing when the range exceeds fp32's max
     # rounding of scale can carry the top code a few ulps past hi: never past fp32's max into Inf
     x = x.clamp(-_FP32_MAX, _FP32_MAX)
     if specials:
-        kinds = torch.where(special, sbits & _KIND_MASK, 0)  # (n, 1)
-        pinf, ninf, nan = ((kinds & k) != 0 for k in (_KIND_POSINF, _KIND_NEGINF, _KIND_NAN))
+        kinds = torch.where(special, sbits & KIND_MASK, 0)  # (n, 1)
+        pinf, ninf, nan = ((kinds & k) != 0 for k in (KIND_POSINF, KIND_NEGINF, KIND_NAN))
         usable = levels - (pinf.float() + ninf.float() + nan.float())
         # per group, the values of codes L and L - 1 (L - 2 is only ever NaN): +Inf, -Inf, NaN in
         # that order, of the kinds present
@@ -278,7 +278,7 @@ def dequantize_unpack_traceable(
     codes: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, shape, dtype: torch.dtype
 ) -> torch.Tensor:
     """Branch-free :func:`dequantize_unpack_reference` (contiguous result), for tracing."""
-    x = _decode(codes, meta, bits, specials=True)
+    x = decode_groups(codes, meta, bits, specials=True)
     return x.reshape(-1)[: math.prod(shape)].to(dtype).view(shape)
 
 
@@ -293,9 +293,9 @@ def dequantize_unpack_reference(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_pack_reference`: returns a ``dtype`` tensor of ``shape``
     (with ``stride`` if given, else contiguous)."""
-    _check(bits, group_size)
+    check_format(bits, group_size)
     specials = bool((meta[:, 1].contiguous().view(torch.int32) < 0).any())
-    x = _decode(codes, meta, bits, specials)
+    x = decode_groups(codes, meta, bits, specials)
     numel = math.prod(shape)
     out = x.reshape(-1)[:numel].to(dtype).view(shape)
     if stride is not None and tuple(out.stride()) != tuple(stride) and numel > 0:

@@ -89,15 +89,15 @@ def _pack_finite(flat: torch.Tensor, seed: torch.Tensor, bits: int, group_size: 
     """``quantize_pack_reference`` of all-finite whole groups ``flat`` with ``hash_uniform(seed)``
     noise, each plane computed from its own columns (no full-size noise or codes in memory)."""
     g = flat.float().view(-1, group_size)
-    key = Q._seed_key(seed)
+    key = Q.seed_key(seed)
     lo, hi = g.amin(1), g.amax(1)
     usable = torch.full_like(lo, (1 << bits) - 1)
-    scale, half, inv = Q._affine(lo, hi, usable)
+    scale, half, inv = Q.group_affine(lo, hi, usable)
 
     def plane(sl: slice) -> torch.Tensor:
-        return Q._codes_of(g[:, sl], Q._noise_columns(key, g.shape[0], group_size, sl), lo, half, inv, usable)
+        return Q.codes_of(g[:, sl], Q.noise_columns(key, g.shape[0], group_size, sl), lo, half, inv, usable)
 
-    return Q._pack_planes(plane, bits, group_size), torch.stack([lo, scale], 1)
+    return Q.pack_planes(plane, bits, group_size), torch.stack([lo, scale], 1)
 
 
 def _decode_finite(
@@ -106,7 +106,7 @@ def _decode_finite(
     """``dequantize_unpack_reference`` of flat codes and meta of groups without NaN/Inf: flat
     ``(n * G,)`` ``dtype`` (a 1-tuple: every family returns a tuple)."""
     n = meta.numel() // 2
-    return (Q._decode(codes.view(n, -1), meta.view(n, 2), bits, specials=False).reshape(-1).to(dtype),)
+    return (Q.decode_groups(codes.view(n, -1), meta.view(n, 2), bits, specials=False).reshape(-1).to(dtype),)
 
 
 def _arg(i: int) -> Callable[[tuple], Any]:

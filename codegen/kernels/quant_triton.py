@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import DTYPES, _check, packed_shapes
+from .quant import DTYPES, check_format, packed_shapes
 from .quant_triton_lib import (
     INF,
     bf16_bits,
@@ -156,7 +156,7 @@ def quantize_pack_triton(
         codes, meta = quantize_pack_triton(torch.randn(1000, device="cuda"), 4, 256,
                                            torch.tensor(7, device="cuda"))
     """
-    _check(bits, group_size)
+    check_format(bits, group_size)
     if x.dtype not in DTYPES:
         raise TypeError(f"quantize_pack_triton supports {DTYPES}, got {x.dtype}")
     if seed.dtype != torch.int64 or seed.numel() != 1:
@@ -192,7 +192,7 @@ def dequantize_unpack_triton(
     """Inverse of :func:`quantize_pack_triton`, equal to :func:`.quant.dequantize_unpack_reference`:
     a ``dtype`` tensor of ``shape``. The kernel writes it contiguous; ``stride`` (``None``:
     contiguous) other than that costs one extra copy."""
-    _check(bits, group_size)
+    check_format(bits, group_size)
     if dtype not in DTYPES:
         raise TypeError(f"dequantize_unpack_triton supports {DTYPES}, got {dtype}")
     if codes.dtype != torch.uint8 or meta.dtype != torch.float32:

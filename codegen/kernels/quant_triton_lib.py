@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant import _KIND_MASK, _KIND_NAN, _KIND_NEGINF, _KIND_POSINF, _SIGN
+from .quant import KIND_MASK, KIND_NAN, KIND_NEGINF, KIND_POSINF, SIGN_BIT
 
 __all__ = [
     "INF",
@@ -24,11 +24,11 @@ __all__ = [
     "decode_plane",
 ]
 
-_POSINF = tl.constexpr(_KIND_POSINF)
-_NEGINF = tl.constexpr(_KIND_NEGINF)
-_NAN_KIND = tl.constexpr(_KIND_NAN)
-_KINDS = tl.constexpr(_KIND_MASK)
-_SIGN_BIT = tl.constexpr(_SIGN)
+_POSINF = tl.constexpr(KIND_POSINF)
+_NEGINF = tl.constexpr(KIND_NEGINF)
+_NAN_KIND = tl.constexpr(KIND_NAN)
+_KINDS = tl.constexpr(KIND_MASK)
+_SIGN_BIT = tl.constexpr(SIGN_BIT)
 INF = tl.constexpr(float("inf"))
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 _NAN_BITS = tl.constexpr(0x7FC00000)  # torch.nan; a NaN constexpr would never equal itself on relaunch
@@ -56,7 +56,7 @@ def bf16_bits(x):
 @triton.jit
 def plane_stats(x, lo_t, hi_t, kinds_t):
     """Fold a plane of values into the running per-lane min / max over finite values and the OR
-    of the non-finite kinds seen (int32 bits, as :data:`.quant._KIND_POSINF` etc.)."""
+    of the non-finite kinds seen (int32 bits, as :data:`.quant.KIND_POSINF` etc.)."""
     finite = tl.abs(x) < INF  # False for NaN too
     lo_t = tl.minimum(lo_t, tl.where(finite, x, INF))
     hi_t = tl.maximum(hi_t, tl.where(finite, x, -INF))

@@ -64,7 +64,7 @@ def _patterns() -> torch.Tensor:
 PATTERNS = _patterns()  # (90, 16) fp32
 
 
-def _check_weight(w: torch.Tensor, what: str) -> None:
+def check_weight(w: torch.Tensor, what: str) -> None:
     if w.dim() != 2 or w.shape[0] % 4 or w.shape[1] % 4:
         raise ValueError(
             f"fxlowbit sparse24: {what} needs a 2-D weight (out, in) with both sizes multiples of 4, "
@@ -81,7 +81,7 @@ def transposable_mask(w: torch.Tensor) -> torch.Tensor:
     >>> bool(is_24(m) and is_24(m.t()))
     True
     """
-    _check_weight(w, "transposable_mask")
+    check_weight(w, "transposable_mask")
     out, inp = w.shape
     # w: (out, in) -> blocks: (out/4 * in/4, 16), each block's 4x4 entries row-major
     blocks = w.detach().abs().float().reshape(out // 4, 4, inp // 4, 4).transpose(1, 2).reshape(-1, 16)
@@ -93,7 +93,7 @@ def transposable_mask(w: torch.Tensor) -> torch.Tensor:
 
 def plain_mask(w: torch.Tensor) -> torch.Tensor:
     """Bool mask keeping the 2 largest ``|w|`` of every group of 4 along rows (2:4 for ``w`` only)."""
-    _check_weight(w, "plain_mask")
+    check_weight(w, "plain_mask")
     a = w.detach().abs().float().reshape(w.shape[0], -1, 4)  # (out, in/4, 4)
     top = a.topk(2, dim=-1).indices
     return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top, True).view(w.shape)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import state
-from .sparse24 import _check_weight, is_24, masked_weight, mvue24
+from .sparse24 import check_weight, is_24, masked_weight, mvue24
 
 __all__ = ["sparse24_linear", "sparse24_linear_op", "sparse24_linear_bwd", "SEMI_STRUCTURED"]
 
@@ -94,7 +94,7 @@ def _rows_cols_24(mask: torch.Tensor) -> tuple[bool, bool]:
 
 
 def _check_linear(x, w, bias, mask) -> None:
-    _check_weight(w, "sparse24_linear")
+    check_weight(w, "sparse24_linear")
     if x.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(
             f"fxlowbit sparse24_linear: x must be (tokens, {w.shape[1]}) for w {tuple(w.shape)}, "
