@@ -17,7 +17,8 @@ from .explain import explain
 from .integrations import install as _install_integrations
 from .memory import saved_activation_bytes
 from .plan import Decision, Form, Plan
-from .report import Report, last_report
+from .report import Report
+from .report_build import last_report
 
 if "lowbit" not in list_backends(exclude_tags=()):
     register_backend(name="lowbit", compiler_fn=lowbit)

@@ -136,7 +136,8 @@ def compile_run(
         return torch.compile(model, backend=run)
     options = {"inner": inner, "seed": seed, **(options or {})}
     if run == "uncompressed":
-        options["passes"] = {"plan": False, "sparsity": False, "lowbit_gemm": False, **options.get("passes", {})}
+        off = {"plan": False, "sparsity": False, "lowbit_gemm": False}
+        options["passes"] = {**off, **options.get("passes", {})}
     elif run.startswith("lowbit"):
         options["bits"] = int(run.removeprefix("lowbit"))
     elif run.startswith("budget"):

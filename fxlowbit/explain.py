@@ -18,7 +18,8 @@ import torch
 from . import record
 from .backend import lowbit
 from .config import LowbitConfig
-from .report import Report, from_records
+from .report import Report
+from .report_build import from_records
 
 __all__ = ["explain"]
 

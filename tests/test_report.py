@@ -14,7 +14,8 @@ import fxlowbit
 from fxlowbit import record, report_text
 from fxlowbit.examples import MLP, SmallCNN
 from fxlowbit.plan import Decision, Form, Plan
-from fxlowbit.report import SCHEMA, Report, reason
+from fxlowbit.report import SCHEMA, Report
+from fxlowbit.report_build import reason
 
 EAGER = {"inner": "eager", "seed": 0}
 HEADER = ["node", "op", "shape", "dtype", "form", "bits", "gemm", "before", "after", "est.ms", "var%"]
