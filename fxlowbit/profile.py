@@ -19,6 +19,8 @@ summary table. Each figure is the median of several timed repeats after warm-up:
   ``fp8_sr`` round stochastically (gradients, hash noise included);
 - launch: one tiny op, in microseconds.
 
+One function per figure measures it (fxlowbit/profile_bench.py); :func:`measure` runs them in turn.
+
     fxlowbit-profile --out my.json     # 2-core CPU: ~40 s, ~1.5 min with a cold Inductor cache
     python -m fxlowbit.profile --quick --out /tmp/p.json     # ~5 s: small sizes, no compile
     python -m fxlowbit.profile --from-device-check DIR --out fxlowbit/profiles/   # <device>.json
@@ -31,26 +33,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
-import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from fxlowbit.codegen.kernels import int8_gemm
-from fxlowbit.codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
-from fxlowbit.codegen.kernels.quant import BITS, dequantize_unpack_traceable, quantize_pack_traceable
+from fxlowbit import profile_bench as bench
+from fxlowbit.codegen.kernels.quant import BITS
 from fxlowbit.costmodel import BUCKETS, HardwareProfile
 
 __all__ = ["measure", "main", "format_table", "GEMMS"]
-
-GROUP_SIZE = 256  # LowbitConfig's default group size
-HIDDEN = 1024  # last dimension of the pointwise input (its per-column weight and bias)
 
 # fp32 elements per bandwidth figure: large enough to leave the caches (quick: small, for tests)
 SIZES = {
@@ -72,80 +67,6 @@ DTYPES = {
 }
 GEMM_QUANT = ("int8", "int8_sr", "fp8", "fp8_sr")  # HardwareProfile.gemm_quant_gbps keys
 BUDGET_S = {False: 1.0, True: 0.05}  # timed seconds per figure (quick: True)
-MIN_SAMPLE_S = 2e-3  # a timed sample repeats the call until it lasts this long
-
-
-def _timer(sync: Callable[[], None], budget: float) -> Callable[[Callable[[], object]], float]:
-    """A function timing ``fn()``: seconds per call, median of samples after two warm-up calls."""
-
-    def elapsed(fn, calls: int) -> float:
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        return time.perf_counter() - start
-
-    def time_it(fn) -> float:
-        for _ in range(2):  # compile, allocate, autotune
-            fn()
-        once = max(elapsed(fn, 1), 1e-7)
-        calls = max(1, int(MIN_SAMPLE_S / once))  # tiny ops: many calls per sample
-        samples = min(25, max(3, int(budget / (once * calls))))
-        return statistics.median(elapsed(fn, calls) / calls for _ in range(samples))
-
-    return time_it
-
-
-def _pointwise(x, m, r, w, b):
-    # x: (rows, H); m, r: (rows, 1); w, b: (H,) -- a LayerNorm output recomputed in the backward
-    return (x - m) * r * w + b
-
-
-def _pack_cmp(x):
-    return pack_mask_traceable(x > 0)  # cmp_mask: the comparison fuses into the packing
-
-
-def _gemm(dtype: str, m: int, n: int, k: int, device: torch.device) -> Callable[[], object]:
-    # a: (M, K) @ b: (K, N); int8 and float8 as fxlowbit::lowbit_linear calls them: codes a (M, K)
-    # and b (N, K) (the weight), row scales, the scale epilogue, bf16 out
-    if dtype in ("int8", "float8_e4m3fn"):
-        sa, sb = torch.rand(m, device=device), torch.rand(n, device=device)
-        if dtype == "int8":
-            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
-            b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-            return lambda: int8_gemm.int8_mm(a, b, sa, sb, None, torch.bfloat16)
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise NotImplementedError("fp8 GEMMs need CUDA sm89+ (elsewhere they are emulated)")
-        a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
-        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
-        return lambda: int8_gemm.fp8_mm(a, b, sa, sb, None, torch.bfloat16)
-    a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
-    b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
-    return lambda: torch.mm(a, b)
-
-
-def _machine(device: torch.device) -> dict:
-    """What the figures were measured on, without the host name."""
-    model = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    return {
-        "system": platform.system(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_model": model or None,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def measure(
@@ -177,122 +98,90 @@ def measure(
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    sizes = SIZES["quick" if quick else kind]
-    gemms = GEMMS[kind]
+    sizes, gemms = SIZES["quick" if quick else kind], GEMMS[kind]
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
-    time_it = _timer(sync, BUDGET_S[quick])
-    jit = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else (lambda fn: fn)
-    results: dict = {}
-
-    def rand(n: int) -> torch.Tensor:
-        return torch.randn(n, device=dev)
-
-    def copy():
-        src = rand(sizes["copy"])
-        dst = torch.empty_like(src)
-        return 2 * src.nbytes / time_it(lambda: dst.copy_(src)) / 1e9
-
-    def pointwise():
-        x = rand(sizes["pointwise"]).view(-1, HIDDEN)
-        m, r, w, b = rand(x.shape[0])[:, None], rand(x.shape[0])[:, None], rand(HIDDEN), rand(HIDDEN)
-        fn = jit(_pointwise)
-        return 2 * x.nbytes / time_it(lambda: fn(x, m, r, w, b)) / 1e9
-
-    def quant(bits: int):
-        x, seed = rand(sizes["quant"]), torch.tensor(12345, dtype=torch.int64, device=dev)
-        pack, unpack = jit(quantize_pack_traceable), jit(dequantize_unpack_traceable)
-        codes, qmeta = pack(x, seed, bits, GROUP_SIZE)
-        t_pack = time_it(lambda: pack(x, seed, bits, GROUP_SIZE))
-        t_unpack = time_it(lambda: unpack(codes, qmeta, bits, GROUP_SIZE, x.shape, torch.float32))
-        results["pack_gbps", bits] = x.nbytes / t_pack / 1e9
-        results["unpack_gbps", bits] = x.nbytes / t_unpack / 1e9
-
-    def mask():
-        x = rand(sizes["mask"])
-        pack, unpack = jit(_pack_cmp), jit(unpack_mask_traceable)
-        packed = pack(x)
-        t = time_it(lambda: pack(x)) + time_it(lambda: unpack(packed, x.shape))
-        return x.nbytes / t / 1e9
-
-    def matmul(dtype: str, name: str):
-        m, n, k = gemms[name]
-        try:
-            fn = _gemm(dtype, m, n, k, dev)
-            fn()
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-            return  # dtype or shape not supported on this device: skipped
-        results.setdefault("matmul", {}).setdefault(dtype, {})[name] = 2 * m * n * k / time_it(fn) / 1e12
-
-    def gemm_quant(key: str):
-        # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
-        x = rand(sizes["gemm_quant"]).view(-1, HIDDEN)
-        seed = torch.tensor(12345, dtype=torch.int64, device=dev)
-        noise = (lambda: int8_gemm.rowwise_noise(seed, *x.shape)) if key.endswith("_sr") else (lambda: None)
-        if key.startswith("int8"):
-            fn = lambda: int8_gemm.quantize_int8_rowwise(x, noise())  # noqa: E731
-        else:
-            fmt = "e5m2" if key.endswith("_sr") else "e4m3"
-            fn = lambda: int8_gemm.quantize_fp8(x, fmt, noise())  # noqa: E731
-        results.setdefault("gemm_quant", {})[key] = x.nbytes / time_it(fn) / 1e9
-
-    def launch():
-        a, b = torch.ones(1, device=dev), torch.ones(1, device=dev)
-        return time_it(lambda: torch.add(a, b)) * 1e6
-
-    steps: list[tuple[str, Callable]] = [("launch", launch), ("copy", copy), ("pointwise", pointwise)]
-    steps += [(f"quant {b}-bit", lambda b=b: quant(b)) for b in BITS]
-    steps += [("mask", mask)]
-    steps += [(f"gemm quant {key}", lambda key=key: gemm_quant(key)) for key in GEMM_QUANT]
-    steps += [
-        (f"matmul {dt} {name}", lambda dt=dt, name=name: matmul(dt, name))
-        for dt in DTYPES[kind]
-        for name, _ in BUCKETS
-    ]
+    b = bench.Bench(dev, sizes, bench.timer(sync, BUDGET_S[quick]), compile)
+    # (progress label, the figure's place in the profile, its measurement), in measuring order
+    steps: list[tuple[str, tuple, Callable[[], object]]] = [
+        ("launch", ("launch_us",), lambda: bench.launch_us(b)),
+        ("copy", ("copy_gbps",), lambda: bench.copy_gbps(b)),
+        ("pointwise", ("pointwise_gbps",), lambda: bench.pointwise_gbps(b)),
+        *((f"quant {n}-bit", ("quant", n), lambda n=n: bench.quant_gbps(b, n)) for n in BITS),
+        ("mask", ("mask_gbps",), lambda: bench.mask_gbps(b)),
+        *((f"gemm quant {key}", ("gemm_quant_gbps", key), lambda key=key: bench.gemm_quant_gbps(b, key))
+          for key in GEMM_QUANT),
+        *((f"matmul {dt} {name}", ("matmul_tflops", dt, name),
+           lambda dt=dt, name=name: bench.matmul_tflops(b, dt, *gemms[name]))
+          for dt in DTYPES[kind] for name, _ in BUCKETS),
+    ]  # fmt: skip
+    figures: dict[tuple, Any] = {}
     try:
         with torch.no_grad():
             bar = tqdm(steps, desc="profile", disable=not progress, file=sys.stderr, leave=False)
-            for label, step in bar:
+            for label, key, step in bar:
                 bar.set_postfix_str(label)
                 value = step()
-                if value is not None:
-                    results[label] = value
+                if value is not None:  # None: not supported on this device
+                    figures[key] = value
     finally:
         torch.set_num_threads(old_threads)
+    command = f"fxlowbit.profile.measure(device={device!r}, quick={quick}, threads={threads})"
+    return _profile(dev, _nested(figures), _meta(dev, sizes, gemms, quick, threads, compile, command))
 
-    sig = lambda v: float(f"{v:.4g}")  # noqa: E731
-    meta = {
+
+def _meta(
+    dev: torch.device, sizes: dict, gemms: dict, quick: bool, threads: int | None, compile: bool, command: str
+) -> dict:
+    """What the figures were measured on and how (the profile's ``meta``)."""
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": bench.version("triton"),
         "python": platform.python_version(),
-        "machine": _machine(dev),
+        "machine": bench.machine(dev),
         "threads": torch.get_num_threads() if threads is None else threads,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "quick": quick,
         "compiled": compile,  # pointwise, quantizer and mask run through torch.compile (Inductor)
-        "command": f"fxlowbit.profile.measure(device={device!r}, quick={quick}, threads={threads})",
+        "command": command,
         # fp32 elements per bandwidth figure; (M, N, K) per matmul bucket
         "sizes": {
             **sizes,
-            "group_size": GROUP_SIZE,
-            "hidden": HIDDEN,
+            "group_size": bench.GROUP_SIZE,
+            "hidden": bench.HIDDEN,
             "matmul": {k: list(v) for k, v in gemms.items()},
         },
         "mask_input": "float32: pack_mask(x > 0) then unpack_mask (bool); fp32 bytes / both times",
     }
+
+
+def _nested(figures: dict[tuple, Any]) -> dict[str, Any]:
+    """``{("a", "b"): v}`` as ``{"a": {"b": v}}``, in measuring order."""
+    out: dict = {}
+    for path, value in figures.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _profile(dev: torch.device, figures: dict[str, Any], meta: dict) -> HardwareProfile:
+    """The profile of the measured ``figures``, each to 4 significant digits."""
+    sig = lambda v: float(f"{v:.4g}")  # noqa: E731
     return HardwareProfile(
-        device=torch.cuda.get_device_name(dev) if kind == "cuda" else "cpu",
-        kind=kind,
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        kind=dev.type,
         measured=True,
-        copy_gbps=sig(results["copy"]),
-        pointwise_gbps=sig(results["pointwise"]),
-        pack_gbps={b: sig(results["pack_gbps", b]) for b in BITS},
-        unpack_gbps={b: sig(results["unpack_gbps", b]) for b in BITS},
-        mask_gbps=sig(results["mask"]),
-        matmul_tflops={dt: {k: sig(v) for k, v in t.items()} for dt, t in results["matmul"].items()},
-        launch_us=sig(results["launch"]),
+        copy_gbps=sig(figures["copy_gbps"]),
+        pointwise_gbps=sig(figures["pointwise_gbps"]),
+        pack_gbps={n: sig(figures["quant"][n][0]) for n in BITS},
+        unpack_gbps={n: sig(figures["quant"][n][1]) for n in BITS},
+        mask_gbps=sig(figures["mask_gbps"]),
+        matmul_tflops={dt: {k: sig(v) for k, v in t.items()} for dt, t in figures["matmul_tflops"].items()},
+        launch_us=sig(figures["launch_us"]),
         meta=meta,
-        gemm_quant_gbps={k: sig(v) for k, v in results["gemm_quant"].items()},
+        gemm_quant_gbps={k: sig(v) for k, v in figures["gemm_quant_gbps"].items()},
     )
 
 

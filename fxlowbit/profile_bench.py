@@ -1,0 +1,197 @@
+"""The measurements behind ``python -m fxlowbit.profile``: one function per figure of a
+:class:`~fxlowbit.costmodel.HardwareProfile`, each timing the kernels a lowbit plan adds to a
+training step (:func:`fxlowbit.profile.measure` says which, in what order, and assembles them).
+Each takes a :class:`Bench`: the device, the tensor sizes, the timer and whether to compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fxlowbit.codegen.kernels import int8_gemm
+from fxlowbit.codegen.kernels.bitmask import pack_mask_traceable, unpack_mask_traceable
+from fxlowbit.codegen.kernels.quant import dequantize_unpack_traceable, quantize_pack_traceable
+
+__all__ = [
+    "Bench",
+    "timer",
+    "launch_us",
+    "copy_gbps",
+    "pointwise_gbps",
+    "quant_gbps",
+    "mask_gbps",
+    "gemm_quant_gbps",
+    "matmul_tflops",
+    "machine",
+    "version",
+]
+
+GROUP_SIZE = 256  # LowbitConfig's default group size
+HIDDEN = 1024  # last dimension of the pointwise input (its per-column weight and bias)
+MIN_SAMPLE_S = 2e-3  # a timed sample repeats the call until it lasts this long
+
+
+def timer(sync: Callable[[], None], budget: float) -> Callable[[Callable[[], object]], float]:
+    """A function timing ``fn()``: seconds per call, median of samples after two warm-up calls."""
+
+    def elapsed(fn, calls: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        return time.perf_counter() - start
+
+    def time_it(fn) -> float:
+        for _ in range(2):  # compile, allocate, autotune
+            fn()
+        once = max(elapsed(fn, 1), 1e-7)
+        calls = max(1, int(MIN_SAMPLE_S / once))  # tiny ops: many calls per sample
+        samples = min(25, max(3, int(budget / (once * calls))))
+        return statistics.median(elapsed(fn, calls) / calls for _ in range(samples))
+
+    return time_it
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What every measurement shares."""
+
+    device: torch.device
+    sizes: dict[str, int]  # fp32 elements per bandwidth figure (profile.SIZES)
+    time_it: Callable[[Callable[[], object]], float]  # seconds per call (:func:`timer`)
+    compile: bool  # run pointwise, quantizer and mask functions through torch.compile
+
+    def jit(self, fn: Callable) -> Callable:
+        return torch.compile(fn, fullgraph=True, dynamic=False) if self.compile else fn
+
+    def rand(self, n: int) -> torch.Tensor:
+        return torch.randn(n, device=self.device)
+
+
+def launch_us(b: Bench) -> float:
+    """One tiny op, in microseconds."""
+    x, y = torch.ones(1, device=b.device), torch.ones(1, device=b.device)
+    return b.time_it(lambda: torch.add(x, y)) * 1e6
+
+
+def copy_gbps(b: Bench) -> float:
+    """``dst.copy_(src)``: fp32 bytes read + written per second."""
+    src = b.rand(b.sizes["copy"])
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / b.time_it(lambda: dst.copy_(src)) / 1e9
+
+
+def _pointwise(x, m, r, w, b):
+    # x: (rows, H); m, r: (rows, 1); w, b: (H,) -- a LayerNorm output recomputed in the backward
+    return (x - m) * r * w + b
+
+
+def pointwise_gbps(b: Bench) -> float:
+    """A LayerNorm-style ``(x - m) * r * w + b`` (how recompute runs): fp32 bytes read + written
+    per second."""
+    x = b.rand(b.sizes["pointwise"]).view(-1, HIDDEN)
+    m, r, w, bias = b.rand(x.shape[0])[:, None], b.rand(x.shape[0])[:, None], b.rand(HIDDEN), b.rand(HIDDEN)
+    fn = b.jit(_pointwise)
+    return 2 * x.nbytes / b.time_it(lambda: fn(x, m, r, w, bias)) / 1e9
+
+
+def quant_gbps(b: Bench, bits: int) -> tuple[float, float]:
+    """The quantizer at ``bits`` as the backend runs it under Inductor (the traceable pure-torch
+    functions): (pack: fp32 bytes in per second, unpack: fp32 bytes out per second)."""
+    x, seed = b.rand(b.sizes["quant"]), torch.tensor(12345, dtype=torch.int64, device=b.device)
+    pack, unpack = b.jit(quantize_pack_traceable), b.jit(dequantize_unpack_traceable)
+    codes, qmeta = pack(x, seed, bits, GROUP_SIZE)
+    t_pack = b.time_it(lambda: pack(x, seed, bits, GROUP_SIZE))
+    t_unpack = b.time_it(lambda: unpack(codes, qmeta, bits, GROUP_SIZE, x.shape, torch.float32))
+    return x.nbytes / t_pack / 1e9, x.nbytes / t_unpack / 1e9
+
+
+def _pack_cmp(x):
+    return pack_mask_traceable(x > 0)  # cmp_mask: the comparison fuses into the packing
+
+
+def mask_gbps(b: Bench) -> float:
+    """``pack_mask(x > 0)`` plus ``unpack_mask``: fp32 input bytes per second of both."""
+    x = b.rand(b.sizes["mask"])
+    pack, unpack = b.jit(_pack_cmp), b.jit(unpack_mask_traceable)
+    packed = pack(x)
+    t = b.time_it(lambda: pack(x)) + b.time_it(lambda: unpack(packed, x.shape))
+    return x.nbytes / t / 1e9
+
+
+def gemm_quant_gbps(b: Bench, key: str) -> float:
+    """The row-wise quantizer of a low-bit GEMM operand (``int8`` / ``fp8`` round to nearest,
+    ``*_sr`` stochastically, hash noise included): fp32 bytes in per second."""
+    # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
+    x = b.rand(b.sizes["gemm_quant"]).view(-1, HIDDEN)
+    seed = torch.tensor(12345, dtype=torch.int64, device=b.device)
+    noise = (lambda: int8_gemm.rowwise_noise(seed, *x.shape)) if key.endswith("_sr") else (lambda: None)
+    if key.startswith("int8"):
+        fn = lambda: int8_gemm.quantize_int8_rowwise(x, noise())  # noqa: E731
+    else:
+        fmt = "e5m2" if key.endswith("_sr") else "e4m3"
+        fn = lambda: int8_gemm.quantize_fp8(x, fmt, noise())  # noqa: E731
+    return x.nbytes / b.time_it(fn) / 1e9
+
+
+def _gemm(dtype: str, m: int, n: int, k: int, device: torch.device) -> Callable[[], object]:
+    # a: (M, K) @ b: (K, N); int8 and float8 as fxlowbit::lowbit_linear calls them: codes a (M, K)
+    # and b (N, K) (the weight), row scales, the scale epilogue, bf16 out
+    if dtype in ("int8", "float8_e4m3fn"):
+        sa, sb = torch.rand(m, device=device), torch.rand(n, device=device)
+        if dtype == "int8":
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+            b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+            return lambda: int8_gemm.int8_mm(a, b, sa, sb, None, torch.bfloat16)
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise NotImplementedError("fp8 GEMMs need CUDA sm89+ (elsewhere they are emulated)")
+        a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+        return lambda: int8_gemm.fp8_mm(a, b, sa, sb, None, torch.bfloat16)
+    a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
+    return lambda: torch.mm(a, b)
+
+
+def matmul_tflops(b: Bench, dtype: str, m: int, n: int, k: int) -> float | None:
+    """TFLOP/s of an (M, K) x (K, N) GEMM in ``dtype`` (``int8`` and ``float8_e4m3fn`` as
+    ``fxlowbit::lowbit_linear`` runs them); None where this device does not run it."""
+    try:
+        fn = _gemm(dtype, m, n, k, b.device)
+        fn()
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None  # dtype or shape not supported on this device: skipped
+    return 2 * m * n * k / b.time_it(fn) / 1e12
+
+
+def machine(device: torch.device) -> dict:
+    """What the figures were measured on, without the host name."""
+    model = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_model": model or None,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def version(name: str) -> str | None:
+    """The installed version of package ``name``, None if it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
