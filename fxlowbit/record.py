@@ -93,8 +93,6 @@ def add(
 
 def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
     facts = partitioner.facts
-    if facts is not None and dataclasses.is_dataclass(facts) and not isinstance(facts, type):
-        facts = dataclasses.replace(facts, nx_graph=None)  # the planner's records only: keep it lean
     sens = partitioner.sensitivity
     if sens is not None and facts is not None:  # measured, by canonical key -> by this graph's names
         keys = planner.canonical_keys(facts.saved)

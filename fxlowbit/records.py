@@ -85,7 +85,6 @@ class SavedTensor:
 @dataclasses.dataclass(frozen=True)
 class GraphFacts:
     saved: tuple[SavedTensor, ...]
-    nx_graph: Any  # networkx.DiGraph: nodes "fw:<name>" / "bw:<name>", saved edges fw -> bw
     hints: dict  # sympy symbol -> value at the example sizes
     gemms: tuple[Gemm, ...] = ()  # every matmul/conv/attention call of both graphs
 

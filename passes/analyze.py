@@ -3,7 +3,7 @@
 Pure: reads the partitioned forward/backward GraphModules and returns the frozen records of
 :mod:`fxlowbit.records` (producer op, backward uses and their roles, dtype, symbolic bytes as sympy
 expressions, whether it aliases a graph input, how to recompute it from other saved values) plus
-the GEMM FLOPs of both graphs and a networkx view.
+the GEMM FLOPs of both graphs; :func:`saved_graph` draws the pair as one networkx graph.
 Relies on AOTAutograd's convention that the forward returns
 ``[outputs..., saved tensors..., saved symints...]`` and the backward's placeholders for saved
 values carry the same node names as the forward outputs.
@@ -15,7 +15,6 @@ import logging
 import operator
 from typing import cast
 
-import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
@@ -25,7 +24,7 @@ from . import _ops
 from .flops import node_flops
 
 # the records are defined in fxlowbit.records (no torch.fx) and re-exported here
-__all__ = ["Use", "Recompute", "Gemm", "SavedTensor", "GraphFacts", "run", "int_range"]
+__all__ = ["Use", "Recompute", "Gemm", "SavedTensor", "GraphFacts", "run", "int_range", "saved_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +219,6 @@ def run(
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     user_output_roots = {_root(n) for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
 
-    g = nx.DiGraph()
-    for prefix, gm in (("fw", fw), ("bw", bw)):
-        for n in gm.graph.nodes:
-            g.add_node(f"{prefix}:{n.name}", op=n.op, target=_name(n.target))
-            for a in n.all_input_nodes:
-                g.add_edge(f"{prefix}:{a.name}", f"{prefix}:{n.name}")
-
     saved = []
     hints: dict = _all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
@@ -237,7 +229,6 @@ def run(
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue  # symints and opaque objects are never touched
-        g.add_edge(f"fw:{node.name}", f"bw:{node.name}", saved=True)
         root = _root(node)
         numel = _numel(val)
         nbytes = numel * val.dtype.itemsize
@@ -264,7 +255,25 @@ def run(
     gemms = _gemms(fw, "fw", hints) + _gemms(bw, "bw", hints)
     log.debug("%d saved tensors (%d graph-input aliases), %d GEMMs", len(saved),
               sum(s.input_alias for s in saved), len(gemms))  # fmt: skip
-    return GraphFacts(saved=tuple(saved), nx_graph=g, hints=hints, gemms=tuple(gemms))
+    return GraphFacts(saved=tuple(saved), hints=hints, gemms=tuple(gemms))
+
+
+def saved_graph(fw: fx.GraphModule, bw: fx.GraphModule, facts: GraphFacts):
+    """The pair as one ``networkx.DiGraph`` (for inspection; the compile never builds it): nodes
+    ``"fw:<name>"`` / ``"bw:<name>"`` with their ``op`` and ``target``, data edges within each
+    graph, and an edge ``fw:<name> -> bw:<name>`` marked ``saved=True`` per saved tensor of
+    ``facts`` (call it on the pair :func:`run` analysed, before later passes rewrite it)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for prefix, gm in (("fw", fw), ("bw", bw)):
+        for n in gm.graph.nodes:
+            g.add_node(f"{prefix}:{n.name}", op=n.op, target=_name(n.target))
+            for a in n.all_input_nodes:
+                g.add_edge(f"{prefix}:{a.name}", f"{prefix}:{n.name}")
+    for s in facts.saved:
+        g.add_edge(f"fw:{s.name}", f"bw:{s.name}", saved=True)
+    return g
 
 
 def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:

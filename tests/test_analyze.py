@@ -15,14 +15,15 @@ EAGER = {"inner": "eager", "seed": 0}
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Record (facts, forward code before, after analysis) for every compiled graph."""
+    """Record (facts, forward code before, after analysis, the pair's networkx graph) for every
+    compiled graph."""
     seen = []
     original = analyze.run
 
     def spy(fw, bw, num_fwd_outputs, *rest):
         before = (fw.code, bw.code)
         facts = original(fw, bw, num_fwd_outputs, *rest)
-        seen.append((facts, before, (fw.code, bw.code)))
+        seen.append((facts, before, (fw.code, bw.code), analyze.saved_graph(fw, bw, facts)))
         return facts
 
     monkeypatch.setattr(analyze, "run", spy)
@@ -38,7 +39,7 @@ def _compile_mlp(dynamic, batch=48):
 
 def test_lists_saved_tensors_with_producers_and_uses(captured):
     _compile_mlp(dynamic=False)
-    ((facts, before, after),) = captured
+    ((facts, before, after, _),) = captured
     assert before == after  # analysis never mutates the graphs
     by = facts.by_name()
     producers = {s.producer for s in facts.saved}
@@ -55,7 +56,7 @@ def test_lists_saved_tensors_with_producers_and_uses(captured):
 
 def test_symbolic_bytes_under_dynamic_shapes(captured):
     _compile_mlp(dynamic=True, batch=48)
-    ((facts, _, _),) = captured
+    ((facts, _, _, _),) = captured
     activations = [s for s in facts.saved if not s.input_alias and s.nbytes.free_symbols]
     assert activations, "batch-dependent saved tensors must have symbolic sizes"
     for s in activations:
@@ -67,8 +68,7 @@ def test_symbolic_bytes_under_dynamic_shapes(captured):
 
 def test_networkx_view_links_saved_tensors(captured):
     _compile_mlp(dynamic=False)
-    ((facts, _, _),) = captured
-    g = facts.nx_graph
+    ((facts, _, _, g),) = captured
     saved_edges = [(a, b) for a, b, d in g.edges(data=True) if d.get("saved")]
     assert len(saved_edges) == len(facts.saved)
     for s in facts.saved:
@@ -87,7 +87,7 @@ def test_value_range_of_pooling_offsets_and_indices(captured):
     )
     compiled = torch.compile(model, backend="lowbit", options=EAGER)
     compiled(torch.randn(4, 3, 12, 12)).sum().backward()
-    ((facts, _, _),) = captured
+    ((facts, _, _, _),) = captured
     ranges = sorted(s.int_range for s in facts.saved if s.int_range is not None)
     assert ranges == [(0, 3), (0, 8)]
     assert all(s.int_range is None for s in facts.saved if s.is_float)
