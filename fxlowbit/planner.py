@@ -29,7 +29,6 @@ baseline the cost-model plans are measured against.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import warnings
@@ -615,15 +614,3 @@ def _fields(cfg: LowbitConfig) -> dict:
     import dataclasses
 
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-# The exhaustive reference the tests compare the solver with.
-def brute_force(items: Sequence[Sequence[tuple[int, float]]], budget: int) -> tuple[float, list[int]] | None:
-    best = None
-    for pick in itertools.product(*(range(len(c)) for c in items)):
-        b = sum(items[i][k][0] for i, k in enumerate(pick))
-        if b <= budget:
-            cost = sum(items[i][k][1] for i, k in enumerate(pick))
-            if best is None or cost < best[0]:
-                best = (cost, list(pick))
-    return best

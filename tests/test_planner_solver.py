@@ -1,6 +1,7 @@
 """The multiple-choice knapsack solvers against exhaustive search: exact DP, its budget rounding,
 and the greedy fallback."""
 
+import itertools
 import math
 
 import pytest
@@ -14,6 +15,19 @@ instances = st.lists(st.lists(choice, min_size=1, max_size=5), min_size=1, max_s
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True)
 
 
+def brute_force(items, budget):
+    """The exhaustive reference: (least total cost, its pick) over every selection within
+    ``budget``, or None when none fits."""
+    best = None
+    for pick in itertools.product(*(range(len(c)) for c in items)):
+        b = sum(items[i][k][0] for i, k in enumerate(pick))
+        if b <= budget:
+            cost = sum(items[i][k][1] for i, k in enumerate(pick))
+            if best is None or cost < best[0]:
+                best = (cost, list(pick))
+    return best
+
+
 def _bytes(items, pick):
     return sum(items[i][k][0] for i, k in enumerate(pick))
 
@@ -25,7 +39,7 @@ def _cost(items, pick):
 @SETTINGS
 @given(items=instances, budget=st.integers(0, 150))
 def test_dp_matches_brute_force(items, budget):
-    best = planner.brute_force(items, budget)
+    best = brute_force(items, budget)
     pick = planner.solve(items, budget)
     if best is None:
         assert pick is None
@@ -40,7 +54,7 @@ def test_dp_matches_brute_force(items, budget):
 @given(items=instances, budget=st.integers(0, 150))
 def test_greedy_is_within_budget_when_feasible(items, budget):
     pick = planner.solve_greedy(items, budget)
-    best = planner.brute_force(items, budget)
+    best = brute_force(items, budget)
     if best is None:
         assert pick is None
         return
@@ -61,9 +75,9 @@ def test_rounded_dp_never_exceeds_budget(items, budget):
     within budget and at least as good as the optimum for sizes rounded to the coarsest unit."""
     unit = math.ceil(budget / planner.DP_UNITS)
     pick = planner.solve(items, budget)
-    exact = planner.brute_force(items, budget)
+    exact = brute_force(items, budget)
     rounded_items = [[(-(-b // unit), c) for b, c in it] for it in items]
-    rounded = planner.brute_force(rounded_items, budget // unit)
+    rounded = brute_force(rounded_items, budget // unit)
     if exact is None:
         assert pick is None
         return
@@ -80,7 +94,7 @@ def test_dp_is_exact_when_sizes_are_multiples_of_the_unit():
     budget = planner.DP_UNITS * unit
     items = [[(unit * 1000, 0.0), (unit * 10, 5.0)], [(unit * 3000, 0.0), (unit * 100, 1.0)]]
     items.append([(budget - unit * 4000, 0.0), (0, 2.0)])
-    best = planner.brute_force(items, budget)
+    best = brute_force(items, budget)
     pick = planner.solve(items, budget)
     assert _cost(items, pick) == pytest.approx(best[0]) == 0.0
 
@@ -98,7 +112,7 @@ def test_edge_cases():
     assert planner.solve([], 0) == []
     assert planner.solve([[(1, 0.0)]], -1) is None
     assert planner.solve([[(0, 1.0), (0, 0.5)]], 0) == [1]
-    assert planner.brute_force([[(5, 0.0)]], 4) is None
+    assert brute_force([[(5, 0.0)]], 4) is None
 
 
 def test_a_budget_equal_to_a_plans_bytes_fits_that_plan():
