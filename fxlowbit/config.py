@@ -1,36 +1,21 @@
 """Validated options of the ``lowbit`` backend.
 
 ``torch.compile(model, backend="lowbit", options={...})`` lands here; an unknown key or a bad value
-raises ``ValueError`` naming it and listing what is valid.
+raises ``ValueError`` naming it and listing what is valid (the valid values and their checks are
+fxlowbit/config_checks.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LowbitConfig", "PASSES", "GEMM_FORMATS"]
+from .config_checks import GEMM_FORMATS, GEMM_ROLES, PASSES, normalised
 
-# The pipeline's named steps, in order; each can be switched off with options={"passes": {...}}.
-# (fxlowbit/pipeline.py runs them; "probes": the copies the probes replay, so off = no probes)
-PASSES = (
-    *("linear_ce", "sparsity", "lowbit_gemm", "sampling"),  # on the Dynamo graph
-    *("saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"),  # on the partitioned pair
-)
-GEMM_FORMATS = ("auto", "off", "int8", "fp8")  # per GEMM: cost model, plain, or forced
-GEMM_ROLES = ("fwd", "grad_input", "grad_weight")
+__all__ = ["LowbitConfig", "PASSES", "GEMM_FORMATS", "GEMM_ROLES"]
 
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "bits": (None, 2, 4, 8),
-    "inner": ("inductor", "eager"),
-    "kernels": ("auto", "inline", "hybrid", "triton"),
-    "mode": ("memory", "balanced", "speed"),
-    "gemm_hadamard": (0, 32, 128),
-    "sparsity": (None, "2:4"),
-}
 # Default memory budget of each mode, as a fraction of the uncompressed saved-activation bytes.
 MODE_BUDGET = {"memory": 0.1, "balanced": 0.2, "speed": 0.5}
 
@@ -125,119 +110,10 @@ class LowbitConfig:
     sampling_filter: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key, choices in _CHOICES.items():
-            if not _one_of(getattr(self, key), choices):
-                raise ValueError(
-                    f"fxlowbit: option {key}={getattr(self, key)!r} is invalid; valid values: {choices}"
-                )
-        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
-            raise ValueError(
-                f"fxlowbit: option group_size={self.group_size!r} is invalid; "
-                "it must be a positive multiple of 8"
-            )
-        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
-            raise ValueError(f"fxlowbit: option min_bytes={self.min_bytes!r} must be an int >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"fxlowbit: option seed={self.seed!r} must be an int or None")
-        b = self.memory_budget
-        if b is not None and (
-            isinstance(b, bool)
-            or not isinstance(b, (int, float))
-            or (isinstance(b, float) and not math.isfinite(b))  # NaN passes every comparison below
-            or b <= 0
-            or (isinstance(b, float) and 1 < b < 2)
-        ):
-            raise ValueError(
-                f"fxlowbit: option memory_budget={b!r} is invalid; give a fraction in (0, 1] of the "
-                "uncompressed saved-activation bytes or a byte count (int > 1)"
-            )
-        r = self.max_variance_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
-            raise ValueError(f"fxlowbit: option max_variance_ratio={self.max_variance_ratio!r} must be > 0")
-        bits = tuple(self.allowed_bits) if isinstance(self.allowed_bits, (list, tuple)) else None
-        if not bits or any(not _one_of(x, (2, 4, 8)) for x in bits):
-            raise ValueError(
-                f"fxlowbit: option allowed_bits={self.allowed_bits!r} is invalid; "
-                "give a non-empty subset of (2, 4, 8)"
-            )
-        object.__setattr__(self, "allowed_bits", bits)
-        for key in ("calibrate_every", "max_variants"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "calibrate_every" else 1):
-                raise ValueError(
-                    f"fxlowbit: option {key}={v!r} must be an int >= {int(key != 'calibrate_every')}"
-                )
-        for key in ("masks", "strict", "recompute", "fuse"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"fxlowbit: option {key}={getattr(self, key)!r} must be a bool")
-        if not isinstance(self.passes, Mapping) or not all(isinstance(v, bool) for v in self.passes.values()):
-            raise ValueError(
-                f"fxlowbit: option passes={self.passes!r} is invalid; give a mapping of pass name -> bool, "
-                f'e.g. {{"plan": False}}; pass names: {PASSES}'
-            )
-        unknown = set(self.passes) - set(PASSES)
-        if unknown:
-            raise ValueError(
-                f"fxlowbit: unknown pass name(s) {sorted(unknown, key=str)} in options['passes']; "
-                f"valid: {PASSES}"
-            )
-        object.__setattr__(self, "passes", dict(self.passes))
-        object.__setattr__(self, "gemm", _gemm_formats(self.gemm, "gemm"))
-        if not isinstance(self.gemm_filter, Mapping):
-            raise ValueError(
-                f"fxlowbit: option gemm_filter={self.gemm_filter!r} must be a mapping of module-name glob "
-                "pattern -> format"
-            )
-        rules = {}
-        for pattern, value in self.gemm_filter.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"fxlowbit: gemm_filter pattern {pattern!r} must be a non-empty string")
-            rules[pattern] = _gemm_formats(value, f"gemm_filter[{pattern!r}]")
-        object.__setattr__(self, "gemm_filter", rules)
-        self._check_sparsity()
-        self._check_sampling()
-        self._check_bits()
-        _check_profile(self.profile)
-
-    def _check_bits(self) -> None:
-        """``bits`` is the uniform rule and skips the planner: options that only the planner reads
-        would be silently ignored, so giving them with ``bits`` is an error."""
-        if self.bits is None:
-            return
-        if self.memory_budget is not None:
-            raise ValueError(
-                f"fxlowbit: options bits={self.bits!r} and memory_budget={self.memory_budget!r} contradict: "
-                "bits stores every compressible tensor at that width whatever the budget; give one of them"
-            )
-        if self.mode != "balanced":
-            raise ValueError(
-                f"fxlowbit: options bits={self.bits!r} and mode={self.mode!r} contradict: bits skips the "
-                "planner, which is what mode sets the budget of; give one of them"
-            )
-        if self.bits not in self.allowed_bits:
-            raise ValueError(
-                f"fxlowbit: options bits={self.bits!r} and allowed_bits={self.allowed_bits!r} contradict: "
-                "bits is not among the allowed widths"
-            )
-
-    def _check_sparsity(self) -> None:
-        if not isinstance(self.sparsity_filter, Mapping):
-            raise ValueError(
-                f"fxlowbit: option sparsity_filter={self.sparsity_filter!r} must be a mapping of "
-                "module-name glob pattern -> bool"
-            )
-        for pattern, value in self.sparsity_filter.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"fxlowbit: sparsity_filter pattern {pattern!r} must be a non-empty string")
-            if not isinstance(value, bool):
-                raise ValueError(f"fxlowbit: sparsity_filter[{pattern!r}]={value!r} must be a bool")
-        object.__setattr__(self, "sparsity_filter", dict(self.sparsity_filter))
-        r = self.sparsity_refresh
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"fxlowbit: option sparsity_refresh={r!r} must be an int >= 1")
-        d = self.sparsity_dense_after
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
-            raise ValueError(f"fxlowbit: option sparsity_dense_after={d!r} must be None or an int >= 0")
+        # every option checked (fxlowbit/config_checks.py; the first bad one raises ValueError),
+        # and those with a normal form (tuples, plain dicts) stored in it
+        for key, value in normalised(self).items():
+            object.__setattr__(self, key, value)
 
     def sparse(self, module: str) -> bool:
         """Whether the linear in module ``module`` is to be 2:4 sparse: ``sparsity`` is set and the
@@ -277,24 +153,6 @@ class LowbitConfig:
         """Whether any linear may get a low-bit GEMM (else the lowbit_gemm pass has nothing to do)."""
         return any(f != "off" for fs in (self.gemm, *self.gemm_filter.values()) for f in fs)
 
-    def _check_sampling(self) -> None:
-        v = self.sampling
-        ok = v is None or isinstance(v, bool) or (isinstance(v, (int, float)) and 0 < v <= 1)
-        if not ok:
-            raise ValueError(
-                f"fxlowbit: option sampling={v!r} is invalid; give None, False, True or a keep ratio "
-                "in (0, 1]"
-            )
-        rules = self.sampling_filter
-        if not isinstance(rules, Mapping) or not all(
-            isinstance(k, str) and k and isinstance(b, bool) for k, b in rules.items()
-        ):
-            raise ValueError(
-                f"fxlowbit: option sampling_filter={rules!r} must be a mapping of module-name glob "
-                "pattern -> bool"
-            )
-        object.__setattr__(self, "sampling_filter", dict(rules))
-
     @property
     def sampling_keep(self) -> float | None:
         """The forced keep ratio (``sampling=<float>``), else None."""
@@ -330,37 +188,3 @@ class LowbitConfig:
 
     def enabled(self, step: str) -> bool:
         return bool(self.passes.get(step, True))
-
-
-def _one_of(value: Any, choices: tuple[Any, ...]) -> bool:
-    """``value in choices`` with types compared too: 8.0 and True are not the int choices 8 and 1."""
-    return any(value == c and type(value) is type(c) for c in choices)
-
-
-def _check_profile(spec: Any) -> None:
-    """Load the hardware profile once, so that a bad ``profile`` fails when the options are read
-    (``torch.compile``'s first call) with its name, before any pass runs."""
-    from .costmodel import load_profile
-
-    try:
-        load_profile(spec)
-    except ValueError as err:
-        text = repr(spec)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        why = str(err).removeprefix("fxlowbit profile: ").removeprefix("fxlowbit: ")
-        raise ValueError(f"fxlowbit: option profile={text} is invalid: {why}") from None
-
-
-def _gemm_formats(value: Any, key: str) -> tuple[str, str, str]:
-    """A ``gemm`` value as (forward, grad-input, grad-weight) formats; a single format sets all three."""
-    formats = (value,) * 3 if isinstance(value, str) else value
-    if (
-        not isinstance(formats, (list, tuple))
-        or len(formats) != 3
-        or any(not isinstance(f, str) or f not in GEMM_FORMATS for f in formats)
-    ):
-        raise ValueError(
-            f"fxlowbit: option {key}={value!r} is invalid; give one of {GEMM_FORMATS} or a 3-tuple of them "
-            f"for the {', '.join(GEMM_ROLES)} GEMMs"
-        )
-    return tuple(formats)
