@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from . import planner
+from .candidates import canonical_keys
 from .config import LowbitConfig
 from .plan import Plan
 from .records import GraphFacts
@@ -95,7 +95,7 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
     facts = partitioner.facts
     sens = partitioner.sensitivity
     if sens is not None and facts is not None:  # measured, by canonical key -> by this graph's names
-        keys = planner.canonical_keys(facts.saved)
+        keys = canonical_keys(facts.saved)
         sens = {name: sens[k] for name, k in keys.items() if k in sens}
     rec = GraphRecord(
         index=len(_records),

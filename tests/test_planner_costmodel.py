@@ -10,7 +10,7 @@ import pytest
 import sympy
 import torch
 
-from fxlowbit import LowbitConfig, planner
+from fxlowbit import LowbitConfig, knapsack, planner
 from fxlowbit import costmodel as cm
 from fxlowbit.records import Gemm, Recompute, Use
 
@@ -82,7 +82,7 @@ def test_plans_stay_within_budget(profile):
         plan = plan_of(records, profile, memory_budget=budget)
         expected = int(budget * total) if budget <= 1 else budget
         assert plan.budget == expected
-        if expected >= smallest + 2 * len(records) * (expected // planner.DP_UNITS + 1):
+        if expected >= smallest + 2 * len(records) * (expected // knapsack.DP_UNITS + 1):
             assert "cannot be met" not in plan.status, (budget, plan.status)  # room for rounding
         if "cannot be met" in plan.status:
             assert plan.bytes_after == smallest
