@@ -298,7 +298,7 @@ def test_inductor_compiles_the_op():
 
 
 def test_gpt_loss_within_3pct_with_int8_gemms():
-    from fxlowbit.__main__ import gpt_task, train
+    from fxlowbit.training import gpt_task, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

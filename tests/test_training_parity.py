@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from fxlowbit.__main__ import Result, digits_task, gpt_task, train
+from fxlowbit.training import Result, digits_task, gpt_task, train
 
 STEPS = {"mlp": 400, "cnn": 300, "gpt": 200}
 ACC_FLOOR = {"mlp": 0.88, "cnn": 0.94}  # chance is 0.10
