@@ -23,20 +23,17 @@ from ..records import Gemm, GraphFacts, Recompute, SavedTensor, Use
 from . import _ops
 from .flops import node_flops
 
+# the size helpers under their old names (passes/saved_views.py imports some from here)
+from .sizes import all_hints as _all_hints
+from .sizes import at as _at
+from .sizes import concrete as _concrete
+from .sizes import expr as _expr
+from .sizes import numel as _numel
+
 # the records are defined in fxlowbit.records (no torch.fx) and re-exported here
 __all__ = ["Use", "Recompute", "Gemm", "SavedTensor", "GraphFacts", "run", "int_range", "saved_graph"]
 
 log = logging.getLogger(__name__)
-
-
-def _expr(d) -> sympy.Expr:
-    return sympy.Integer(d) if isinstance(d, int) else d.node.expr
-
-
-def _symbol_hint(shape_env, sym) -> int:
-    """Value of a shape symbol at the example sizes, without adding guards."""
-    values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
-    return int(values[sym]) if sym in values else int(shape_env.size_hint(sym))
 
 
 def _root(node: fx.Node) -> fx.Node:
@@ -155,27 +152,6 @@ def _must_save(node: fx.Node) -> bool:
     from torch.utils.checkpoint import CheckpointPolicy
 
     return node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
-
-
-def _numel(val: torch.Tensor) -> sympy.Expr:
-    numel = sympy.Integer(1)
-    for d in val.shape:
-        numel = numel * _expr(d)
-    return numel
-
-
-def _at(expr, hints: dict) -> int:
-    """``expr`` (a sympy size) at the example sizes ``hints``."""
-    return int(sympy.sympify(expr).subs(hints))
-
-
-def _concrete(v, hints: dict):
-    """Meta tensors / ints at the example sizes, for torch's FLOP formulas."""
-    if isinstance(v, torch.Tensor):
-        return torch.empty([_at(_expr(d), hints) for d in v.shape], dtype=v.dtype, device="meta")
-    if isinstance(v, torch.SymInt):
-        return _at(v.node.expr, hints)
-    return v
 
 
 def _gemms(gm: fx.GraphModule, graph: str, hints: dict) -> list[Gemm]:
@@ -303,24 +279,3 @@ def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:
         if key not in owned
         for node in nodes
     }
-
-
-def _all_hints(*gms: fx.GraphModule) -> dict:
-    """Example-size values of every shape symbol the graphs' values mention."""
-    hints: dict = {}
-    for gm in gms:
-        for n in gm.graph.nodes:
-            for v in torch.utils._pytree.tree_leaves(n.meta.get("val")):
-                dims = (
-                    list(v.shape)
-                    if isinstance(v, torch.Tensor)
-                    else [v]
-                    if isinstance(v, torch.SymInt)
-                    else []
-                )
-                for d in dims:
-                    if isinstance(d, torch.SymInt):
-                        for sym in d.node.expr.free_symbols:
-                            if sym not in hints:
-                                hints[sym] = _symbol_hint(d.node.shape_env, sym)
-    return hints
