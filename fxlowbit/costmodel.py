@@ -26,7 +26,6 @@ from .gemm_cost import (  # noqa: F401  (re-exported: the cost model's public fa
     MIN_GEMM_GAIN,
     GemmChoice,
     gemm_choice,
-    gemm_format,
     lowbit_gemm_time,
 )
 from .hardware import BUCKETS, HardwareProfile, bucket, load_profile  # noqa: F401
@@ -48,7 +47,6 @@ __all__ = [
     "bucket",
     "GemmChoice",
     "gemm_choice",
-    "gemm_format",
     "lowbit_gemm_time",
     "GEMM_TFLOPS_KEY",
     "MIN_GEMM_GAIN",

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from .hardware import HardwareProfile, load_profile  # noqa: F401  (load_profile: the doctest's)
 
-__all__ = ["GemmChoice", "gemm_choice", "gemm_format", "lowbit_gemm_time", "GEMM_TFLOPS_KEY", "MIN_GEMM_GAIN"]
+__all__ = ["GemmChoice", "gemm_choice", "lowbit_gemm_time", "GEMM_TFLOPS_KEY", "MIN_GEMM_GAIN"]
 
 # The profile's matmul_tflops key timing each low-bit format's GEMM (its scale epilogue included).
 GEMM_TFLOPS_KEY = {"int8": "int8", "fp8": "float8_e4m3fn"}
@@ -84,17 +84,3 @@ def gemm_choice(
         return GemmChoice(best, t_plain, options, why)
     why = f"{plain} {t_plain * 1e3:.3g} ms; {best} {options[best] * 1e3:.3g} ms: not {MIN_GEMM_GAIN:.0%} less"
     return GemmChoice(plain, t_plain, options, why)
-
-
-def gemm_format(
-    m: int,
-    n: int,
-    k: int,
-    dtype: str,
-    profile: HardwareProfile,
-    capability: tuple[int, int] | None = None,
-    *,
-    gradient: bool = False,
-) -> str:
-    """:func:`gemm_choice`'s format name."""
-    return gemm_choice(m, n, k, dtype, profile, capability, gradient=gradient).fmt

@@ -77,8 +77,8 @@ def _profile(**changes) -> cm.HardwareProfile:
 def test_small_gemms_stay_plain_large_go_int8_when_the_profile_says_so():
     prof = _profile()
     a100 = (8, 0)
-    assert cm.gemm_format(64, 64, 64, "bfloat16", prof, a100) == "bf16"
-    assert cm.gemm_format(256, 256, 512, "bfloat16", prof, a100) == "bf16"
+    assert cm.gemm_choice(64, 64, 64, "bfloat16", prof, a100).fmt == "bf16"
+    assert cm.gemm_choice(256, 256, 512, "bfloat16", prof, a100).fmt == "bf16"
     # SwitchBack (A100, int8 vs bf16): slower at 8192x1024x4096, 1.49x faster at 131072x4096x16384
     small = cm.gemm_choice(8192, 1024, 4096, "bfloat16", prof, a100)
     large = cm.gemm_choice(131072, 4096, 16384, "bfloat16", prof, a100)
@@ -88,15 +88,15 @@ def test_small_gemms_stay_plain_large_go_int8_when_the_profile_says_so():
 
 def test_the_crossover_comes_from_the_profile():
     shape = (131072, 4096, 16384, "bfloat16")
-    assert cm.gemm_format(*shape, _profile(), (8, 0)) == "int8"
+    assert cm.gemm_choice(*shape, _profile(), (8, 0)).fmt == "int8"
     slow_quant = _profile(gemm_quant_gbps={"int8": 50.0, "int8_sr": 50.0})
-    assert cm.gemm_format(*shape, slow_quant, (8, 0)) == "bf16"  # quantization now dominates
+    assert cm.gemm_choice(*shape, slow_quant, (8, 0)).fmt == "bf16"  # quantization now dominates
     no_faster = _profile()
     no_faster.matmul_tflops["int8"].update(no_faster.matmul_tflops["bfloat16"])
-    assert cm.gemm_format(*shape, no_faster, (8, 0)) == "bf16"
+    assert cm.gemm_choice(*shape, no_faster, (8, 0)).fmt == "bf16"
     no_int8 = _profile()
     del no_int8.matmul_tflops["int8"]
-    assert cm.gemm_format(*shape, no_int8, (8, 0)) == "bf16"
+    assert cm.gemm_choice(*shape, no_int8, (8, 0)).fmt == "bf16"
     # crossover tokens of a 4096x4096 layer move up as the quantizer slows down
     crossover = {}
     for gbps in (2000.0, 500.0):
@@ -104,7 +104,7 @@ def test_the_crossover_comes_from_the_profile():
         crossover[gbps] = next(
             m
             for m in (2**i for i in range(8, 22))
-            if cm.gemm_format(m, 4096, 4096, "bfloat16", p, (8, 0)) == "int8"
+            if cm.gemm_choice(m, 4096, 4096, "bfloat16", p, (8, 0)).fmt == "int8"
         )
     assert crossover[2000.0] < crossover[500.0], crossover
 
@@ -122,9 +122,9 @@ def test_fp8_needs_sm89():
     fast.matmul_tflops["float8_e4m3fn"] = {"medium": 450.0, "large": 600.0}
     fast.gemm_quant_gbps.update(fp8=1000.0, fp8_sr=1000.0)
     big = (65536, 8192, 8192, "bfloat16")
-    assert cm.gemm_format(*big, fast, (9, 0)) == "fp8"  # faster than int8 here
-    assert cm.gemm_format(*big, fast, (8, 0)) == "int8"  # an A100 has no fp8
-    assert cm.gemm_format(*big, fast, None) == "bf16"  # a CUDA profile planned without a device
+    assert cm.gemm_choice(*big, fast, (9, 0)).fmt == "fp8"  # faster than int8 here
+    assert cm.gemm_choice(*big, fast, (8, 0)).fmt == "int8"  # an A100 has no fp8
+    assert cm.gemm_choice(*big, fast, None).fmt == "bf16"  # a CUDA profile planned without a device
 
 
 def test_h100_profile():
@@ -133,9 +133,9 @@ def test_h100_profile():
     GEMMs, which go fp8."""
     h100 = cm.load_profile("h100")
     assert h100.gemm_quant_gbps and "ESTIMATED" in h100.meta["gemm_note"]
-    assert cm.gemm_format(8192, 4096, 4096, "bfloat16", h100, (9, 0)) == "bf16"
-    assert cm.gemm_format(131072, 32768, 4096, "bfloat16", h100, (9, 0)) == "fp8"
-    assert cm.gemm_format(131072, 32768, 4096, "bfloat16", h100, (8, 0)) == "bf16"  # int8 never pays
+    assert cm.gemm_choice(8192, 4096, 4096, "bfloat16", h100, (9, 0)).fmt == "bf16"
+    assert cm.gemm_choice(131072, 32768, 4096, "bfloat16", h100, (9, 0)).fmt == "fp8"
+    assert cm.gemm_choice(131072, 32768, 4096, "bfloat16", h100, (8, 0)).fmt == "bf16"  # int8 never pays
 
 
 def test_cpu_profile_int8():
@@ -143,12 +143,12 @@ def test_cpu_profile_int8():
     2.5 GB/s, 0.26 GB/s with stochastic rounding): TinyGPT's GEMMs stay fp32, large ones go int8."""
     cpu = cm.load_profile("cpu")
     assert "int8" in cpu.matmul_tflops and {"int8", "int8_sr"} <= set(cpu.gemm_quant_gbps)
-    assert cm.gemm_format(1024, 256, 64, "float32", cpu) == "fp32"  # TinyGPT-sized: quantizing costs more
-    assert cm.gemm_format(256, 1024, 1024, "float32", cpu) == "fp32"
-    assert cm.gemm_format(8192, 4096, 4096, "float32", cpu) == "int8"
-    assert cm.gemm_format(8192, 4096, 4096, "float32", cpu, gradient=True) == "fp32"  # slow noise
-    assert cm.gemm_format(65536, 8192, 8192, "float32", cpu, gradient=True) == "int8"
-    assert cm.gemm_format(65536, 8192, 8192, "float32", cpu, (9, 0)) == "int8"  # never fp8 on a CPU profile
+    assert cm.gemm_choice(1024, 256, 64, "float32", cpu).fmt == "fp32"  # TinyGPT-sized: quantizing costs more
+    assert cm.gemm_choice(256, 1024, 1024, "float32", cpu).fmt == "fp32"
+    assert cm.gemm_choice(8192, 4096, 4096, "float32", cpu).fmt == "int8"
+    assert cm.gemm_choice(8192, 4096, 4096, "float32", cpu, gradient=True).fmt == "fp32"  # slow noise
+    assert cm.gemm_choice(65536, 8192, 8192, "float32", cpu, gradient=True).fmt == "int8"
+    assert cm.gemm_choice(65536, 8192, 8192, "float32", cpu, (9, 0)).fmt == "int8"  # no fp8 on a CPU profile
 
 
 def test_profile_without_gemm_quant_figures_uses_pack_bandwidth():
