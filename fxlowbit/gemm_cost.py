@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from .codegen.dtypes import SHORT_NAMES
 from .hardware import HardwareProfile, load_profile  # noqa: F401  (load_profile: the doctest's)
 
 __all__ = ["GemmChoice", "gemm_choice", "lowbit_gemm_time", "GEMM_TFLOPS_KEY", "MIN_GEMM_GAIN"]
@@ -15,7 +16,6 @@ __all__ = ["GemmChoice", "gemm_choice", "lowbit_gemm_time", "GEMM_TFLOPS_KEY", "
 GEMM_TFLOPS_KEY = {"int8": "int8", "fp8": "float8_e4m3fn"}
 # A low-bit GEMM costs accuracy, so it must be estimated at least this much faster than plain.
 MIN_GEMM_GAIN = 0.1
-_PLAIN_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _NEEDS = {"int8": (8, 0), "fp8": (8, 9)}  # CUDA compute capability (int8 MMA in Triton; fp8 cuBLAS)
 
 
@@ -66,9 +66,9 @@ def gemm_choice(
         >>> gemm_choice(64, 64, 64, "float32", load_profile("cpu")).fmt
         'fp32'
     """
-    plain = _PLAIN_NAMES.get(dtype)
+    plain = SHORT_NAMES.get(dtype)
     if plain is None:
-        raise ValueError(f"fxlowbit gemm_choice: dtype {dtype!r}; valid: {tuple(_PLAIN_NAMES)}")
+        raise ValueError(f"fxlowbit gemm_choice: dtype {dtype!r}; valid: {tuple(SHORT_NAMES)}")
     t_plain = profile.matmul_time(2.0 * m * n * k, dtype)
     options = {}
     for fmt, needs in _NEEDS.items():

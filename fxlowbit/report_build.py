@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import forms, planner, record
+from .codegen.dtypes import SHORT_NAMES
 from .config import LowbitConfig
 from .frontier import budget_frontier
 from .plan import Decision, Plan
@@ -119,7 +120,6 @@ def _entry(rec, frontier: bool) -> GraphReport:
 
 _PLAIN_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
 _VIEWS = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand", "clone", "contiguous"}
-_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def _opname(node) -> str:
@@ -150,7 +150,7 @@ def _gemm(node) -> tuple[str, str]:
             return fmts[2], f"; input of a low-bit linear ({note.format('/'.join(fmts))})"
     if any(_opname(user) in _PLAIN_GEMMS for user in users):
         dtype = str(getattr(node.meta.get("val"), "dtype", "")).removeprefix("torch.")
-        return _SHORT.get(dtype, ""), ""
+        return SHORT_NAMES.get(dtype, ""), ""
     return "", ""
 
 
