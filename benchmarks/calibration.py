@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     compiled_s: list[float] = []  # seconds compiling new plan variants (one-time, bounded)
     depth = [0]
     originals = {n: getattr(calibrate, n) for n in ("probe_sensitivity", "exact_gradient")}
-    original_replan = backend._Adaptive._replan
+    original_replan = backend.Adaptive.replan
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
 
     for n, fn in originals.items():
         setattr(calibrate, n, timed(fn))
-    backend._Adaptive._replan = replan
+    backend.Adaptive.replan = replan
     try:
         model, batches = _model(args.model)
         options = {
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     finally:
         for n, fn in originals.items():
             setattr(calibrate, n, fn)
-        backend._Adaptive._replan = original_replan
+        backend.Adaptive.replan = original_replan
 
     step = statistics.median(step_s)
     probes = fxlowbit.counters["probes"]

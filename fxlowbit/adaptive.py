@@ -110,7 +110,7 @@ class Adaptive:
         self._check_jointly(args, var)
         self._guard()
         self.unsafe = True  # the plan in force was measured over the limit
-        self._replan(args)
+        self.replan(args)
 
     def _still_good(self, new: Plan) -> bool:
         """Hysteresis against plan churn (each new variant is a compilation): keep the current plan
@@ -163,7 +163,7 @@ class Adaptive:
             self._check_in_force(args, var)
             self._check_jointly(args, var)
             self._guard()
-            self._replan(args)
+            self.replan(args)
         elif due:
             self.pending = calibrate.probe_sensitivity(
                 p.pristine, args, p.quantizable, self.cfg.group_size, seed=self.steps
@@ -241,7 +241,7 @@ class Adaptive:
     def _guard(self) -> None:
         """The runtime guard: when a probe measures a tensor's gradient error far above what the
         plan in force assumed (a prior wrong for an op kind), say so; the re-plan that follows then
-        may compile past ``max_variants`` (see :meth:`_replan`)."""
+        may compile past ``max_variants`` (see :meth:`replan`)."""
         if self.plan is None:
             return
         estimated = {d.name: d.variance for d in self.plan.decisions}
@@ -258,7 +258,10 @@ class Adaptive:
                 self.steps, worst[0], worst[1], total, self.cfg.max_variance_ratio,
             )  # fmt: skip
 
-    def _replan(self, args: list) -> None:
+    def replan(self, args: list) -> None:
+        """Plan again from the sensitivities measured so far and compile the plan as a new variant
+        (or reuse the one whose plan it equals); called by the probes and the guard, and wrapped by
+        benchmarks/calibration.py to time it."""
         p = self.partitioner
         plan = self._decide()
         sig = plan.signature()

@@ -264,8 +264,3 @@ def compile_graph(
     # partitioner (no plan, a stale random stream id): plans are per compilation, so bypass it.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches, **extra)
-
-
-# the names other modules used before they were public (tests/_util.py,
-# tests/test_defaults_in_the_wild.py, benchmarks/calibration.py)
-_compile, _activation_inputs, _Adaptive = compile_graph, activation_inputs, Adaptive

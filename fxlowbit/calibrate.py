@@ -237,8 +237,3 @@ def minibatch_variance(g1: torch.Tensor, g2: torch.Tensor) -> float:
     var = float(((g1 - g2) ** 2).sum()) / 2
     norm = gradient_power(g1)
     return var if var > 1e-6 * norm else max(norm, 1e-30)
-
-
-# the names other modules used before they were public (fxlowbit/validate.py,
-# tests/test_defaults_in_the_wild.py)
-_flat, _tangents = flat_gradient, replay_tangents

@@ -52,5 +52,5 @@ def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int =
             torch.cuda.set_rng_state(s, d)
         with torch.no_grad(), ops.reference_kernels():
             saved = list(fw(*list(args))[n:])
-            got = calibrate._flat(bw(*saved, *tangents))
+            got = calibrate.flat_gradient(bw(*saved, *tangents))
     return float(((got - grad) ** 2).sum()), float((grad**2).sum())

@@ -19,10 +19,11 @@ from typing import cast
 import torch
 import torch.fx as fx
 
+from ..records import Recompute
 from . import _ops
 from ._graph import SymBuilder
-from .analyze import Recompute, _all_hints, _at, _numel
 from .recompute import replay
+from .sizes import all_hints, at, numel
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,12 @@ def run(
                 groups.setdefault(root, []).append((node, chain[::-1]))
     if not groups:
         return 0
-    hints = _all_hints(fw, bw)
+    hints = all_hints(fw, bw)
     bound = set(SymBuilder(bw.graph).bound)
     recipes = {}
     for root, views in groups.items():
-        covered = sum(_at(_numel(v.meta["val"]), hints) for v, _ in views)
-        if root.name not in saved_names and _at(_numel(root.meta["val"]), hints) > covered:
+        covered = sum(at(numel(v.meta["val"]), hints) for v, _ in views)
+        if root.name not in saved_names and at(numel(root.meta["val"]), hints) > covered:
             continue  # storing the root would cost more than the views
         if not _symbols(root, [c for _, chain in views for c in chain]) <= bound:
             continue

@@ -69,7 +69,7 @@ def through_partitioner(model, loss_fn, *inputs, **cfg_options):
 
     def compiler(gm, example_inputs):
         captured.append(list(example_inputs))
-        return backend._compile(gm, example_inputs, cfg, partitioner, None)
+        return backend.compile_graph(gm, example_inputs, cfg, partitioner, None)
 
     torch._dynamo.reset()
     loss_fn(torch.compile(model, backend=compiler)(*inputs)).backward()

@@ -215,8 +215,8 @@ def test_parameters_and_buffers_are_never_counted_as_activations():
     data = []
 
     def spy(gm, example_inputs):
-        data[:] = [backend._activation_inputs(gm, example_inputs, grad=False)]
-        seen.append((backend._activation_inputs(gm, example_inputs), list(example_inputs)))
+        data[:] = [backend.activation_inputs(gm, example_inputs, grad=False)]
+        seen.append((backend.activation_inputs(gm, example_inputs), list(example_inputs)))
         return gm.forward
 
     torch._dynamo.reset()
@@ -302,7 +302,7 @@ class LossAndLogits(nn.Module):
 def test_tangents_follow_the_loss_not_the_other_outputs():
     partitioner, _ = _probe_graphs(LossAndLogits(), torch.randn(64, 32))
     _, bw, _ = partitioner.pristine
-    tangents = calibrate._tangents(bw, seed=0)
+    tangents = calibrate.replay_tangents(bw, seed=0)
     assert sorted(t.numel() for t in tangents) == [1, 640]
     for t in tangents:
         assert torch.equal(t, torch.ones_like(t) if t.numel() == 1 else torch.zeros_like(t))
@@ -343,7 +343,7 @@ def test_a_joint_miss_rescales_and_replans(monkeypatch, caplog):
         F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
         assert fxlowbit.counters["prior_misses"] == 1 and fxlowbit.counters["probes"] == 1
         first = fxlowbit.counters["joint_rescales"]
-        assert 1 <= first <= backend._Adaptive.JOINT_ROUNDS
+        assert 1 <= first <= backend.Adaptive.JOINT_ROUNDS
         for _ in range(3):
             F.cross_entropy(compiled(torch.randn(128, 64)), torch.arange(128) % 10).backward()
     assert fxlowbit.counters["probes"] == 2 and fxlowbit.counters["joint_rescales"] > first
