@@ -20,15 +20,8 @@ import torch
 import torch.fx as fx
 
 from ..records import Gemm, GraphFacts, Recompute, SavedTensor, Use
-from . import _ops
+from . import _ops, sizes
 from .flops import node_flops
-
-# the size helpers under their old names (passes/saved_views.py imports some from here)
-from .sizes import all_hints as _all_hints
-from .sizes import at as _at
-from .sizes import concrete as _concrete
-from .sizes import expr as _expr
-from .sizes import numel as _numel
 
 # the records are defined in fxlowbit.records (no torch.fx) and re-exported here
 __all__ = ["Use", "Recompute", "Gemm", "SavedTensor", "GraphFacts", "run", "int_range", "saved_graph"]
@@ -108,7 +101,8 @@ def _recompute(
         return None
     # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
-    moved = sum(_at(_numel(v) * v.dtype.itemsize, hints) for v in vals if isinstance(v, torch.Tensor))
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    moved = sum(sizes.at(sizes.numel(v) * v.dtype.itemsize, hints) for v in tensors)
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
     return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
 
@@ -157,7 +151,7 @@ def _must_save(node: fx.Node) -> bool:
 def _gemms(gm: fx.GraphModule, graph: str, hints: dict) -> list[Gemm]:
     out = []
     for n in gm.graph.nodes:
-        flops = node_flops(n, lambda v: _concrete(v, hints))
+        flops = node_flops(n, lambda v: sizes.concrete(v, hints))
         if flops is None:
             continue
         dtype = next((a.meta["val"].dtype for a in n.all_input_nodes
@@ -196,7 +190,7 @@ def run(
     user_output_roots = {_root(n) for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
 
     saved = []
-    hints: dict = _all_hints(fw, bw)
+    hints: dict = sizes.all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
     pinned = _pinned_shares(outputs[num_fwd_outputs:], user_output_roots)
     for node in outputs[num_fwd_outputs:]:
@@ -206,7 +200,7 @@ def run(
         if not isinstance(val, torch.Tensor):
             continue  # symints and opaque objects are never touched
         root = _root(node)
-        numel = _numel(val)
+        numel = sizes.numel(val)
         nbytes = numel * val.dtype.itemsize
         if node.name in pinned:  # kept as it is, a view holds its whole root's storage
             nbytes = sympy.Max(nbytes, pinned[node.name])
@@ -215,7 +209,7 @@ def run(
             SavedTensor(
                 name=node.name,
                 producer="placeholder" if node.op == "placeholder" else _name(node.target),
-                shape=tuple(_expr(d) if not isinstance(d, int) else d for d in val.shape),
+                shape=tuple(sizes.expr(d) if not isinstance(d, int) else d for d in val.shape),
                 dtype=val.dtype,
                 numel=numel,
                 nbytes=nbytes,
