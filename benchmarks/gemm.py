@@ -66,7 +66,7 @@ def _providers(m: int, n: int, k: int, device: str):
     out = [
         ("bf16", flops, lambda: torch.mm(x, w.t())),
         ("int8", flops, lambda: ig.int8_mm(xq, wq, xs, ws, None, torch.bfloat16)),
-        ("int8_int_mm", flops, lambda: ig._epilogue(torch._int_mm(xq, wq.t()), xs, ws, None, torch.bfloat16)),
+        ("int8_int_mm", flops, lambda: ig.epilogue(torch._int_mm(xq, wq.t()), xs, ws, None, torch.bfloat16)),
         ("int8+quant", flops, lambda: lowbit_matmul(x, w, "int8")),
     ]
     fp8 = _fp8_ok(device) or device == "cpu"  # emulated on a CPU (smoke test only)

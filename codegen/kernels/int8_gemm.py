@@ -50,6 +50,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_rotate",
     "rowwise_noise",
+    "epilogue",
 ]
 
 # (torch dtype, largest finite value, mantissa bits, exponent of the smallest normal)
@@ -160,7 +161,9 @@ def check_mm(a_q, b_q, sa, sb, bias, out_dtype, codes: tuple[torch.dtype, ...], 
         raise ValueError(f"fxlowbit {what}: K={a_q.shape[1]} > {MAX_K} could overflow the int32 accumulator")
 
 
-def _epilogue(acc: torch.Tensor, sa, sb, bias, out_dtype) -> torch.Tensor:
+def epilogue(acc: torch.Tensor, sa, sb, bias, out_dtype) -> torch.Tensor:
+    """A low-bit GEMM's output from its accumulator: ``acc * sa[:, None] * sb[None, :] (+ bias)`` in
+    fp32, cast to ``out_dtype`` (the references' and the benchmark's ``torch._int_mm`` path's)."""
     out = acc.float() * sa[:, None]
     out = out * sb[None, :]
     if bias is not None:
@@ -201,7 +204,7 @@ def int8_mm_reference(
     """``(a_q @ b_q^T) * sa[:, None] * sb[None, :] + bias`` -> (M, N) ``out_dtype``: a (M, K) and
     b (N, K) int8 codes, int32 accumulation (exact), the fp32 epilogue of the module docstring."""
     check_mm(a_q, b_q, sa, sb, bias, out_dtype, (torch.int8,), "int8_mm")
-    return _epilogue(_int32_product(a_q, b_q), sa, sb, bias, out_dtype)
+    return epilogue(_int32_product(a_q, b_q), sa, sb, bias, out_dtype)
 
 
 def fp8_mm_reference(
@@ -215,7 +218,7 @@ def fp8_mm_reference(
     """The FP8 GEMM emulated: codes (any mix of e4m3/e5m2) widened to fp32, fp32 matmul, then the
     same epilogue as :func:`int8_mm_reference` (row-wise scales; expand per-tensor ones)."""
     check_mm(a_q, b_q, sa, sb, bias, out_dtype, tuple(d for d, *_ in FP8.values()), "fp8_mm")
-    return _epilogue(a_q.float() @ b_q.float().t(), sa, sb, bias, out_dtype)
+    return epilogue(a_q.float() @ b_q.float().t(), sa, sb, bias, out_dtype)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
