@@ -30,15 +30,16 @@ class LowbitConfig:
     masks: pack bool saved tensors and scalar comparisons to exact 1-bit masks.
     seed: seed of the stochastic-rounding noise (None: drawn from torch's default generator).
     inner: compiler for the rewritten graphs, "inductor" (default) or "eager" (fast, for tests).
-    kernels: how packing and decoding run. "inline": our pure-torch code traced into the graphs,
-        for Inductor to fuse with the producers and consumers (fastest CPU step, but Inductor spends
-        minutes generating C++ for the traced quantizers); "hybrid": inline, except each
-        quantizing pack, which calls ``fxlowbit::quantize_pack``, on CPU one Inductor kernel per
-        (bits, group size, dtype) compiled once per process and reused by every graph and shape
-        (codegen/kernels/quant_cpu.py); "triton": the opaque ``fxlowbit::`` ops everywhere
-        (hand-written Triton kernels on CUDA, compiled or reference kernels on CPU); "auto"
-        (default): hybrid on CPU, triton on CUDA (benchmarks/results/compile_time_cpu.json and
-        gpu_step_*.json measure them). With ``inner="eager"`` the ops always run.
+    kernels: how packing and decoding run. "inline": our pure-torch code traced into the graphs, for
+        Inductor to fuse with the producers and consumers (fastest CPU step, but Inductor spends
+        minutes generating C++ for the traced quantizers); "hybrid": inline, except each quantizing
+        pack, which calls ``fxlowbit::quantize_pack``, on CPU one Inductor kernel per (bits, group
+        size, dtype) compiled once per process and reused by every graph and shape
+        (codegen/kernels/quant_cpu.py); "ops": the opaque ``fxlowbit::`` ops everywhere (hand-written
+        Triton kernels on CUDA, compiled or reference kernels on CPU; "triton", its old
+        name, still works with a FutureWarning); "auto" (default): hybrid on CPU, ops on CUDA
+        (benchmarks/results/compile_time_cpu.json and gpu_step_*.json measure them). With
+        ``inner="eager"`` the ops always run.
     fuse: on the ops path, generate one kernel per pointwise chain ending in a quantized tensor
         that writes the forward value and its packed copy (codegen/fusion.py).
     strict: raise on unsupported constructs and internal errors instead of falling back.

@@ -9,6 +9,7 @@ normal form (tuples, plain dicts, 3-tuples of GEMM formats) come back in it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ GEMM_ROLES = ("fwd", "grad_input", "grad_weight")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (None, 2, 4, 8),
     "inner": ("inductor", "eager"),
-    "kernels": ("auto", "inline", "hybrid", "triton"),
+    "kernels": ("auto", "inline", "hybrid", "ops", "triton"),  # "triton": the old name of "ops"
     "mode": ("memory", "balanced", "speed"),
     "gemm_hadamard": (0, 32, 128),
     "sparsity": (None, "2:4"),
@@ -42,6 +43,7 @@ def normalised(cfg: LowbitConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"allowed_bits": _allowed_bits(cfg.allowed_bits)}
     _check_counts_and_flags(cfg)
     out["passes"] = _passes(cfg.passes)
+    out["kernels"] = _kernels(cfg.kernels)
     out["gemm"] = gemm_formats(cfg.gemm, "gemm")
     out["gemm_filter"] = _gemm_filter(cfg.gemm_filter)
     out["sparsity_filter"] = _sparsity(cfg)
@@ -49,6 +51,20 @@ def normalised(cfg: LowbitConfig) -> dict[str, Any]:
     _check_bits(cfg, out["allowed_bits"])
     _check_profile(cfg.profile)
     return out
+
+
+def _kernels(value: str) -> str:
+    """``kernels="triton"`` is the old name of ``"ops"``: the opaque ops run Triton only on CUDA (on a
+    CPU they run compiled or reference kernels), so the name said what they are on one device only."""
+    if value == "triton":
+        warnings.warn(
+            'fxlowbit: option kernels="triton" is now called kernels="ops" (the opaque fxlowbit:: ops: '
+            'Triton kernels on CUDA, compiled or reference kernels on a CPU); running as "ops"',
+            FutureWarning,
+            stacklevel=5,
+        )
+        return "ops"
+    return value
 
 
 def _one_of(value: Any, choices: tuple[Any, ...]) -> bool:

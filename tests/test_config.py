@@ -46,7 +46,7 @@ def test_bad_option_surfaces_through_torch_compile():
         ({"kernels": "inline"}, "cpu", True, False),
         ({"kernels": "inline"}, "cuda", True, False),
         ({"kernels": "hybrid"}, "cuda", True, True),
-        ({"kernels": "triton"}, "cpu", False, False),
+        ({"kernels": "ops"}, "cpu", False, False),
         ({"kernels": "inline", "inner": "eager"}, "cpu", False, False),
         ({"kernels": "hybrid", "inner": "eager"}, "cpu", False, False),
     ],
@@ -58,5 +58,13 @@ def test_kernels_option_picks_inline_or_ops(opts, device, inline, quant_op):
 
 
 def test_bad_kernels_option_names_the_choices():
-    with pytest.raises(ValueError, match="kernels='cuda'.*'inline', 'hybrid', 'triton'"):
+    with pytest.raises(ValueError, match="kernels='cuda'.*'inline', 'hybrid', 'ops'"):
         LowbitConfig.from_options({"kernels": "cuda"})
+
+
+def test_kernels_triton_is_the_old_name_of_ops():
+    """The opaque ops run Triton only on CUDA, so the option value says "ops"; "triton" still works,
+    with a FutureWarning naming the new value, and is stored as "ops"."""
+    with pytest.warns(FutureWarning, match='kernels="ops"'):
+        cfg = LowbitConfig.from_options({"kernels": "triton"})
+    assert cfg.kernels == "ops" and not cfg.inline_kernels("cpu") and not cfg.inline_kernels("cuda")

@@ -164,7 +164,7 @@ def test_inductor_inner_compiler():
     the same graphs, bytes saved and floor (measured 30.4 dB, 7.3x). Qwen2 has no dropout, whose
     random numbers Inductor draws differently from the eager inner compiler. About 5 minutes on one
     CPU thread with a cold Inductor cache, nearly all Inductor compiling the traced pack/decode code
-    (plain Inductor 25 s, lowbit with ``kernels="triton"`` 35 s, the default inline kernels 286 s)."""
+    (plain Inductor 25 s, lowbit with ``kernels="ops"`` 35 s, the default inline kernels 286 s)."""
     ref = train("qwen2", "lowbit", UNCOMPRESSED, steps=1)
     base = train("qwen2", "aot_eager")
     got = train("qwen2", "lowbit", {**LOWBIT4, "inner": "inductor"})

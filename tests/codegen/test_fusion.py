@@ -294,7 +294,7 @@ def test_compiled_model_same_loss_and_gradients_with_fusion(force):
             fxlowbit.reset()
             torch.manual_seed(0)
             model = _MLP()
-            opts = {"bits": 4, "inner": "eager", "kernels": "triton", "fuse": fuse, "seed": 0, "min_bytes": 0}
+            opts = {"bits": 4, "inner": "eager", "kernels": "ops", "fuse": fuse, "seed": 0, "min_bytes": 0}
             loss = torch.compile(model, backend="lowbit", options=opts)(x)
             loss.backward()
             grads = [p.grad for p in model.parameters()]
