@@ -105,9 +105,8 @@ def _n_masks(s: SavedTensor) -> int:
 
 
 def _batch(s: SavedTensor) -> bool:
-    """Whether ``s`` aliases the user's batch (``data_input``; hand-built stand-ins for the records,
-    as tests/test_defaults_in_the_wild.py makes, may lack the field: not the batch)."""
-    return getattr(s, "data_input", False)
+    """Whether ``s`` aliases the user's batch."""
+    return s.data_input
 
 
 def _free(s: SavedTensor) -> bool:

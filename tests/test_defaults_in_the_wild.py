@@ -51,6 +51,7 @@ class _Saved:
     recompute: _Replay | None = None
     int_range: tuple | None = None
     producer: str = "aten.mm.default"
+    data_input: bool = False
 
     @property
     def nbytes(self) -> int:
