@@ -1,4 +1,4 @@
-"""The ``sparsity="2:4"`` option: passes/lowbit_gemm.py rewrites matching linears to
+"""The ``sparsity="2:4"`` option: passes/sparsity.py rewrites matching linears to
 ``fxlowbit::sparse24_linear`` with a mask kept by ``fxlowbit::sparse24_mask``
 (codegen/kernels/sparse24_mask.py): forward values, valid transposable masks, zero gradients of
 pruned weights, the refresh and dense schedule, the filter, ineligible shapes, option errors, and a

@@ -1,5 +1,5 @@
 """``fxlowbit::sparse24_mask``: the 2:4 mask of one linear, kept across training steps inside a
-compiled graph (the ``sparsity="2:4"`` option, passes/lowbit_gemm.py).
+compiled graph (the ``sparsity="2:4"`` option, passes/sparsity.py).
 
 Dynamo fixes a graph's inputs, so a mask cannot be a new input. Instead every rewritten linear gets
 an integer ``key`` and its graph calls ``sparse24_mask(w, key, refresh, dense_after)``, whose real
