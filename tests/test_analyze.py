@@ -131,3 +131,14 @@ def test_gemms_count_cpu_attention_as_the_benchmarks_do(captured):
 
     graphs = [gm for pair in backend.last_graphs() for gm in pair]
     assert flops.matmul_flops(graphs) >= sum(g.flops for g in facts.gemms) > 0
+
+
+def test_the_flop_count_includes_the_projects_own_linear_ops():
+    """flop_counter's registry is read when a node is counted, not copied at import: the formulas
+    codegen/kernels registers for its ops (low-bit, 2:4, sampled linears, the fused loss) count in
+    the planner's step estimate (a copy taken at import missed them and shortened it)."""
+    from fxlowbit.passes import flops
+
+    ops = ("lowbit_linear", "sparse24_linear", "sparse24_linear_bwd", "linear_ce_fwd_grad", "sampled_linear")
+    for op in ops:
+        assert flops.formula(getattr(torch.ops.fxlowbit, op)) is not None, op
