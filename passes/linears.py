@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..codegen.kernels.lowbit_linear import PLAIN
 from ._graph import NodeBuilder, size_hint, value
 
-__all__ = ["LINEAR", "module_name", "linear_args", "example_size", "unsupported", "replace"]
+__all__ = ["LINEAR", "module_name", "linear_args", "example_size", "unsupported", "replace", "rewrite_each"]
 
 LINEAR = frozenset({F.linear, torch._C._nn.linear})
 _SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
@@ -91,3 +92,28 @@ def replace(graph: fx.Graph, node: fx.Node, x, w, b, dtype: torch.dtype, build: 
         out = build(add, x, w, b)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def rewrite_each(
+    gm: fx.GraphModule,
+    consider: Callable[[fx.Node], Any],
+    targets: Collection = LINEAR,
+    rewrote: Callable[[Any], bool] = lambda result: True,
+) -> list:
+    """``consider(node)`` for every call of ``targets`` in ``gm``, in graph order; returns the results
+    that are not None. When any result ``rewrote`` the graph, the graph is linted and recompiled,
+    also when a later ``consider`` raises (the linears rewritten so far stay rewritten)."""
+    results: list = []
+    changed = False
+    try:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in targets:
+                result = consider(node)
+                if result is not None:
+                    results.append(result)
+                    changed = changed or rewrote(result)
+    finally:
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+    return results

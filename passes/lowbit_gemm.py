@@ -86,19 +86,11 @@ def run(
     stochastic rounding (:mod:`fxlowbit.codegen.rng`; negative: round to nearest)."""
     counters = counters if counters is not None else Counter()
     prof = load_profile(profile if profile is not None else cfg.profile)
-    decisions: list[LinearFormats] = []
-    rewritten = 0
-    try:
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in linears.LINEAR:
-                d = _consider(gm.graph, node, cfg, prof, stream, counters)
-                decisions += [d] if d is not None else []
-                rewritten += d is not None and any(f in LOWBIT for f in d.formats)
-    finally:  # a failure leaves the linears rewritten so far rewritten, and the graph compiled
-        if rewritten:
-            gm.graph.lint()
-            gm.recompile()
-    return decisions
+    return linears.rewrite_each(
+        gm,
+        lambda node: _consider(gm.graph, node, cfg, prof, stream, counters),
+        rewrote=lambda d: any(f in LOWBIT for f in d.formats),  # plain ones are only recorded
+    )
 
 
 def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> LinearFormats | None:

@@ -84,17 +84,11 @@ def run(
 ) -> list[int]:
     """Rewrite the linears of ``gm`` worth sampling; returns their registry keys."""
     counters = counters if counters is not None else Counter()
-    keys: list[int] = []
-    try:
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in (*linears.LINEAR, torch.addmm):
-                key = _consider(gm.graph, node, cfg, profile, stream, counters)
-                keys += [key] if key is not None else []
-    finally:  # linears rewritten so far stay rewritten, and the graph compiles
-        if keys:
-            gm.graph.lint()
-            gm.recompile()
-    return keys
+    return linears.rewrite_each(
+        gm,
+        lambda node: _consider(gm.graph, node, cfg, profile, stream, counters),
+        (*linears.LINEAR, torch.addmm),
+    )
 
 
 def _addmm_args(node: fx.Node):

@@ -48,17 +48,7 @@ def run(
     """Make every matching linear of ``gm`` 2:4 sparse. ``stream``: the random stream of the MVUE
     seeds (:mod:`fxlowbit.codegen.rng`; negative: a new stream per linear)."""
     counters = counters if counters is not None else Counter()
-    done: list[SparseLinear] = []
-    try:
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in linears.LINEAR:
-                s = _consider(gm.graph, node, cfg, stream, counters)
-                done += [s] if s is not None else []
-    finally:  # a failure leaves the linears rewritten so far rewritten, and the graph compiled
-        if done:
-            gm.graph.lint()
-            gm.recompile()
-    return done
+    return linears.rewrite_each(gm, lambda node: _consider(gm.graph, node, cfg, stream, counters))
 
 
 def _consider(graph, node, cfg: LowbitConfig, stream: int, counters: Counter) -> SparseLinear | None:
