@@ -17,6 +17,7 @@ across partitions, which is how a measured sensitivity finds it again.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -223,6 +224,7 @@ def graph_candidates(
             )  # fmt: skip
             for s in saved
         ]
+        _charge_replay_noise(saved, options)
         # A replay reads its leaves' stored values: they must exist (no comparison-only masks, no
         # replays of replays).
         leaves = {leaf for s, (c, _, _) in zip(saved, options, strict=True) for leaf in _replay_leaves(s, c)}
@@ -234,6 +236,28 @@ def graph_candidates(
         return options
 
     return forms
+
+
+def _charge_replay_noise(saved: Sequence[SavedTensor], options: list[Options]) -> None:
+    """A GEMM replay that reads a lossily stored leaf carries the leaf's rounding noise into the
+    replayed tensor, about as much as rounding that tensor itself to the leaf's width. The solver
+    prices each choice alone, so that noise is charged, in place, to every lossy form of the leaf
+    (``b`` bits: ``quant_variance(sensitivity of the replayed tensor, b)``): a plan that replays the
+    tensor keeps its leaf wide enough; one that stores the tensor instead is over-charged, never
+    under-charged."""
+    index = {s.name: i for i, s in enumerate(saved)}
+    extra: dict[str, float] = {}  # leaf -> sum of the sensitivities of replays reading it
+    for c, _, _ in options:
+        for x in c:
+            for leaf in x.reads_lossy:
+                extra[leaf] = extra.get(leaf, 0.0) + x.sensitivity
+    for leaf, sens in extra.items():
+        if leaf not in index:
+            continue
+        c, why, n = options[index[leaf]]
+        c = [dataclasses.replace(x, variance=x.variance + cm.quant_variance(sens, x.bits))
+             if _forms.get(x.form).probed else x for x in c]  # fmt: skip
+        options[index[leaf]] = (c, why, n)
 
 
 def _replay_leaves(s: SavedTensor, costs: list[Costs]) -> set[str]:

@@ -108,3 +108,8 @@ class Costs:
     nbytes: int  # stored bytes at the example sizes
     time_s: float  # seconds added to the step
     variance: float  # gradient variance added, in units of the minibatch gradient variance
+    # a replay through a GEMM that reads leaves a plan may store lossily: those leaves, and the
+    # replayed tensor's sensitivity (candidates.graph_candidates charges the noise the replay
+    # carries to the leaves' lossy forms, at their widths)
+    reads_lossy: tuple[str, ...] = ()
+    sensitivity: float = 0.0

@@ -119,9 +119,10 @@ def decide(
     total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
     budget = _budget(cfg, total + int(sympy.sympify(extra_bytes).subs(subs)))
     t_step = step_time(gemms, profile, total)
-    pick, weight, status = _choose(
+    pick, _, status = _choose(
         [c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio, soft=cfg.memory_budget is None
     )
+    _warn_status(status)
     pick, status = _hold_when_sizes_grow(
         saved, cfg, subs, forms, options, pick, status, budget, t_step, extra_bytes
     )
@@ -163,9 +164,7 @@ def _hold_when_sizes_grow(saved, cfg, subs, forms, options, pick, status, budget
         if used2 <= frac * total2:
             return pick, status
         scaled = int(scaled * frac * total2 / used2) - 1
-        new_pick, _, new_status = _choose(
-            [c for c, _, _ in options], scaled, t_step, cfg.max_variance_ratio, warn=False
-        )
+        new_pick, _, new_status = _choose([c for c, _, _ in options], scaled, t_step, cfg.max_variance_ratio)
         if new_pick is None or "cannot be met" in new_status:
             break
         pick, status = new_pick, new_status
@@ -177,13 +176,12 @@ def _choose(
     budget: int,
     t_step: float,
     max_ratio: float,
-    warn: bool = True,
     soft: bool = False,
 ):
-    """(choice per item, variance weight used, status line); ``warn``: warn once when the budget
-    or the variance limit cannot be met. ``soft``: the budget came from ``mode``, not from the user,
-    so the variance limit wins: when no plan within the budget meets it, the smallest plan that
-    does is used and the status says by how much the budget was missed."""
+    """(choice per item, variance weight used, status line; :func:`_warn_status` warns when it
+    says the budget or the variance limit was missed). ``soft``: the budget came from ``mode``,
+    not from the user, so the variance limit wins: when no plan within the budget meets it, the
+    smallest plan that does is used and the status says by how much the budget was missed."""
 
     def run(w: float, at: int = budget):
         pick = solve([[(c.nbytes, c.time_s + w * t_step * c.variance) for c in it] for it in items], at)
@@ -198,14 +196,12 @@ def _choose(
         if best_pick is None or best_ratio > max_ratio:  # the mode's budget yields to the variance limit
             least = _least_bytes_within(items, max_ratio)
             if least > budget:
-                pick, weight, _ = _choose(items, least, t_step, max_ratio, warn=False)
+                pick, weight, _ = _choose(items, least, t_step, max_ratio)
                 msg = (
                     f"fxlowbit: the mode's memory budget of {budget} saved bytes needs more gradient "
                     f"variance than max_variance_ratio={max_ratio:g}, so the budget yields to the variance "
                     f"limit: storing {least} bytes ({least / max(budget, 1):.2f}x the budget)"
                 )
-                if warn:
-                    _warn_once("soft-budget", msg)
                 return pick, weight, msg
     if pick is None:  # even the smallest forms exceed the budget
         pick = [_smallest(it) for it in items]
@@ -214,8 +210,6 @@ def _choose(
             f"fxlowbit: memory budget of {budget} saved bytes cannot be met: the smallest plan "
             f"stores {least} bytes; using it"
         )
-        if warn:
-            _warn_once("budget", msg)
         return pick, math.inf, msg
     if ratio <= max_ratio:
         return pick, 1.0, "ok"
@@ -228,8 +222,6 @@ def _choose(
             f"{best_ratio:.3g} > max_variance_ratio={max_ratio:g}; using the least-variance plan within "
             f"budget. Within the variance limit the smallest plan stores {least_bytes} bytes"
         )
-        if warn:
-            _warn_once("variance", msg)
         return best_pick, hi, msg
     for _ in range(40):  # smallest weight meeting the limit: the fastest plan that does
         mid = math.sqrt(lo * hi)
@@ -241,6 +233,20 @@ def _choose(
         if hi / lo < 1.05:
             break
     return best_pick, hi, "ok"
+
+
+_STATUS_KEYS = {  # a phrase of the status line -> its warn-once key
+    "budget yields": "soft-budget",
+    "cannot be met": "budget",
+    "needs a gradient variance": "variance",
+}
+
+
+def _warn_status(status: str) -> None:
+    """Warn once per kind when a plan's status says a budget or the variance limit was missed."""
+    key = next((k for text, k in _STATUS_KEYS.items() if text in status), None)
+    if key is not None:
+        _warn_once(key, status, stacklevel=4)
 
 
 def _smallest(choices: Sequence[Costs]) -> int:
@@ -290,7 +296,7 @@ def _uniform(saved: Sequence[SavedTensor], cfg: LowbitConfig, subs) -> Plan:
         r = s.recompute
         if fixed:
             c, why, n = Costs(Form.KEEP, 0, 0 if _free(s) else _at(s.nbytes, subs), 0.0, 0.0), fixed, 0
-        elif cfg.recompute and r is not None and r.from_inputs:
+        elif cfg.recompute and r is not None and r.from_inputs and not r.flops:
             # not an activation (e.g. autocast's bf16 copy of a weight): replayed exactly, never rounded
             c, n = Costs(Form.RECOMPUTE, 0, 0, 0.0, 0.0), 0
             why = f"a function of graph inputs only: replayed in the backward ({len(r.nodes)} op(s))"

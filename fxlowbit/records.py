@@ -35,8 +35,8 @@ class Use:
 @dataclasses.dataclass(frozen=True)
 class Recompute:
     """How the backward can rebuild a saved tensor from values it has anyway: replay ``nodes``
-    (cheap deterministic pointwise/view ops of the forward, in order) on ``leaves`` (other saved
-    tensors and graph inputs)."""
+    (deterministic pointwise/view ops of the forward and at most one matmul or convolution, in
+    order) on ``leaves`` (other saved tensors and graph inputs)."""
 
     nodes: tuple[str, ...]
     leaves: tuple[str, ...]
@@ -44,6 +44,10 @@ class Recompute:
     # every leaf is a graph input (e.g. autocast's bf16 copy of a weight): exact and always at hand,
     # so such a tensor is replayed, never stored lossily
     from_inputs: bool = False
+    # matmul/convolution FLOPs of the replay at the example sizes (0: pointwise and views only)
+    # and the dtype that GEMM runs in (its time comes from the profile's table for it)
+    flops: int = 0
+    gemm_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,23 +61,36 @@ def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) 
 
 
 _MAX_RECOMPUTE_NODES = 64  # a bound on replay length (masks built from positions take ~40)
+# Matmuls and convolutions a replay may run (PyTorch's min-cut recomputes none of them): one per
+# replay, so a replay costs at most one forward GEMM again; the planner prices it with the
+# profile's GEMM throughput against storing the tensor.
+_GEMMS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,
+}
+_MAX_RECOMPUTE_GEMMS = 1
 
 
 def _replayable(node: fx.Node) -> bool:
-    """Deterministic pointwise, view or constant-building ops: cheap to replay in the backward."""
+    """Deterministic pointwise, view or constant-building ops, or a matmul/convolution: ops the
+    backward can replay to rebuild a value (the GEMMs are priced by the planner)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
         return False
-    return torch.Tag.pointwise in target.tags or target in (_ops.VIEWS | _ops.CONSTRUCTORS | _ops.CHEAP_MOVES)
+    cheap = _ops.VIEWS | _ops.CONSTRUCTORS | _ops.CHEAP_MOVES
+    return torch.Tag.pointwise in target.tags or target in cheap or target in _GEMMS
 
 
 def _recompute(
     node: fx.Node, saved: set[str], hints: dict, activations: frozenset[str] = frozenset()
 ) -> Recompute | None:
     """A replay of ``node`` from saved tensors and graph inputs, or None if it needs anything else
-    (a matmul, a reduction, random numbers, a long chain)."""
+    (a reduction, random numbers, more than one matmul/convolution, a long chain)."""
     order: list[fx.Node] = []
     leaves: dict[str, None] = {}
     seen: set[fx.Node] = set()
@@ -99,12 +112,17 @@ def _recompute(
 
     if node.op == "placeholder" or not visit(node):
         return None
-    # Inductor fuses the replay into one kernel: it reads the leaves and writes the result.
+    gemms = [n for n in order if n.target in _GEMMS]
+    if len(gemms) > _MAX_RECOMPUTE_GEMMS:
+        return None
+    # Inductor fuses the pointwise part into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
     tensors = [v for v in vals if isinstance(v, torch.Tensor)]
     moved = sum(sizes.at(sizes.numel(v) * v.dtype.itemsize, hints) for v in tensors)
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
-    return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs)
+    flops = sum(node_flops(g, lambda v: sizes.concrete(v, hints)) or 0 for g in gemms)
+    dtype = str(gemms[0].meta["val"].dtype).replace("torch.", "") if gemms else "float32"
+    return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs, flops, dtype)
 
 
 def _static_prod(dims) -> int | None:

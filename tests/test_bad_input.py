@@ -272,7 +272,8 @@ def test_float64_beyond_fp32_range_is_kept_exact(scale, extra):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=0.0)
     plan = fxlowbit.last_plans()[-1]
     kept = [d for d in plan.decisions if d.form == "keep" and "float64" in d.reason]
-    assert len(kept) >= 2 and not [d for d in plan.decisions if d.form == "quant"]
+    replayed = [d for d in plan.decisions if d.form == "recompute" and d.dtype == "float64"]
+    assert kept and len(kept) + len(replayed) >= 2 and not [d for d in plan.decisions if d.form == "quant"]
     assert fxlowbit.counters["saved_mask"] == 2  # the leaky ReLUs' masks: exact, still packed
 
 

@@ -38,6 +38,8 @@ class _Replay:
     leaves: tuple = ()
     nbytes_moved: int = 1 << 16
     from_inputs: bool = False
+    flops: int = 0
+    gemm_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,29 @@ def test_no_replay_scales_a_lossy_leaf_by_a_row_statistic():
     }
     assert "recompute" not in forms["normed"] and "quant" in forms["normed"]
     assert "recompute" in forms["gelu_in"]  # no row statistic in the replay: offered as before
+
+
+def test_a_gemm_replay_charges_the_noise_it_carries_to_its_lossy_leaf():
+    """A Linear's output replayed through the Linear from its rounded input carries the input's
+    rounding noise: each lossy form of the input is charged the variance the output would get at
+    that width; the replay itself costs the GEMM's time and no variance."""
+    from fxlowbit.candidates import graph_candidates
+
+    x = _Saved("x")
+    replay = _Replay(nodes=("addmm",), leaves=("x", "w"), flops=1 << 25)
+    y = _Saved("y", producer="aten.addmm.default", recompute=replay)
+    cfg = LowbitConfig(memory_budget=0.1, min_bytes=512)
+    profile = fxlowbit.costmodel.load_profile(None)
+    with_replay = graph_candidates([x, y], cfg, profile, {})({})
+    stored = graph_candidates([x, dataclasses.replace(y, recompute=None)], cfg, profile, {})({})
+    (r,) = [c for c in with_replay[1][0] if c.form == "recompute"]
+    assert r.variance == 0 and r.reads_lossy == ("x",) and r.nbytes == 0
+    assert r.time_s >= profile.matmul_time(1 << 25)
+    assert r.sensitivity > 0
+    for a, b in zip(with_replay[0][0], stored[0][0], strict=True):
+        charge = fxlowbit.costmodel.quant_variance(r.sensitivity, a.bits) if a.form == "quant" else 0.0
+        assert a.variance == pytest.approx(b.variance + charge)
+    assert any(a.form == "quant" for a in with_replay[0][0])
 
 
 def test_grouped_expert_gemms_tolerate_noise_in_tokens_and_weights():

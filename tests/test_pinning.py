@@ -2,7 +2,9 @@
 fixed seed, eager inner compiler, against values recorded before issue 16's moves: at e74ac60, which
 is 39dcb16 plus one deliberate change, the planner's step-time estimate counting CPU attention
 (passes/flops.py); at 39dcb16 every run here matched except tinygpt/b01, whose longer step estimate
-swaps the widths of two equal-sized tensors.
+swaps the widths of two equal-sized tensors. Rewritten at the change that lets a replay run one
+matmul or convolution (the ``memory_budget=0.1`` plans now replay GEMM outputs; the ``bits=4``
+runs did not move).
 
 The runs are the planner without probes (``memory_budget=0.1``: two steps, no probe is due) and the
 uniform rule (``bits=4``), so the plans come from the shipped CPU profile and the prior

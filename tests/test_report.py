@@ -25,7 +25,7 @@ HEADER = ["node", "op", "shape", "dtype", "form", "bits", "gemm", "before", "aft
 def mlp_report():
     torch.manual_seed(0)
     fxlowbit.reset()
-    report = fxlowbit.explain(MLP(), torch.randn(64, 64), memory_budget=0.2, **EAGER)
+    report = fxlowbit.explain(MLP(), torch.randn(64, 64), memory_budget=0.1, **EAGER)
     report.plan = fxlowbit.last_plans()[-1]  # (the autouse fixture resets fxlowbit before each test)
     yield report
     torch._dynamo.reset()
