@@ -207,7 +207,11 @@ def graph_candidates(
     quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
     total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
     lossy_names = frozenset(s.name for s in quantizable)
-    row_stats = frozenset(s.name for s in saved if len(s.shape) >= 2 and str(s.shape[-1]) == "1")
+    # keepdim reductions of activations; a saved weight whose last dim is 1 (a 1x1 convolution's
+    # kernel) is a graph input, not a statistic
+    row_stats = frozenset(
+        s.name for s in saved if len(s.shape) >= 2 and str(s.shape[-1]) == "1" and not s.input_alias
+    )
 
     def forms(at: Mapping) -> list[Options]:
         options = [

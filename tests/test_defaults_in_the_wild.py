@@ -111,6 +111,22 @@ def test_no_replay_scales_a_lossy_leaf_by_a_row_statistic():
     assert "recompute" in forms["gelu_in"]  # no row statistic in the replay: offered as before
 
 
+def test_a_1x1_convolution_kernel_is_no_row_statistic():
+    """MBConv's expand and project convolutions: their kernels (C_out, C_in, 1, 1) end in a 1 like
+    a keepdim statistic, but are weights (graph inputs); they blocked every replay through a 1x1
+    convolution (MBConv at memory_budget=0.1: 10.1 -> 19.6 dB once they did not)."""
+    from fxlowbit.candidates import graph_candidates
+
+    x = _Saved("x")
+    w = _Saved("w", numel=1024, shape=(64, 16, 1, 1), input_alias=True, producer="placeholder")
+    replay = _Replay(nodes=("convolution",), leaves=("x", "w"), flops=1 << 21)
+    y = _Saved("y", producer="aten.convolution.default", recompute=replay)
+    cfg = LowbitConfig(memory_budget=0.1, min_bytes=512)
+    profile = fxlowbit.costmodel.load_profile(None)
+    options = graph_candidates([x, w, y], cfg, profile, {})({})
+    assert "recompute" in {c.form for c in options[2][0]}
+
+
 def test_a_gemm_replay_charges_the_noise_it_carries_to_its_lossy_leaf():
     """A Linear's output replayed through the Linear from its rounded input carries the input's
     rounding noise: each lossy form of the input is charged the variance the output would get at
