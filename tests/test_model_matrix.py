@@ -209,6 +209,21 @@ class DefaultRun:
     last: torch.Tensor  # last step's gradient (after the probe's re-plan)
     state: dict  # weights before the last step
     counters: dict
+    replay_flops: int = 0  # matmul/convolution FLOPs the first step's plans replay in the backward
+    gemm_flops: int = 0  # matmul FLOPs of the first step's forward and backward graphs, uncompressed
+
+
+def _replay_flops() -> tuple[int, int]:
+    """(FLOPs the first plans' GEMM replays add, the graphs' own matmul FLOPs), from the records of
+    the graphs compiled since the last reset (re-planned variants left out)."""
+    extra = total = 0
+    for rec in fxlowbit.record.records():
+        if rec.replanned or rec.plan is None or rec.facts is None:
+            continue
+        recipes = {s.name: s.recompute for s in rec.facts.saved if s.recompute is not None}
+        extra += sum(recipes[d.name].flops for d in rec.plan.decisions if d.form == "recompute")
+        total += sum(g.flops for g in rec.facts.gemms)
+    return extra, total
 
 
 def _flat_grad(model) -> torch.Tensor:
@@ -247,7 +262,7 @@ def train_defaults(
             last = _flat_grad(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return DefaultRun(nbytes, first, last, before, dict(fxlowbit.counters))
+    return DefaultRun(nbytes, first, last, before, dict(fxlowbit.counters), *_replay_flops())
 
 
 def measure_defaults(name: str, options: dict) -> dict:
@@ -260,6 +275,7 @@ def measure_defaults(name: str, options: dict) -> dict:
         "reduction": ref.nbytes / got.nbytes,
         "sqnr_first_db": sqnr_db(ref.first, got.first),
         "sqnr_last_db": sqnr_db(ref_last.first, got.last),
+        "extra_matmul_flops": got.replay_flops / max(got.gemm_flops, 1),  # fraction of the step's
         "counters": got.counters,
     }
 
