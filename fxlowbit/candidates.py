@@ -203,7 +203,7 @@ def graph_candidates(
     they are priced at (the planner checks a plan at grown sizes too). What ties the tensors
     together is fixed at the example sizes ``subs``: the prior's share of each tensor, which may
     be stored lossily, which are per-row statistics; and a tensor some replay reads keeps only
-    the forms a replay may read (no comparison-only masks, no replays of replays)."""
+    the forms a replay may read (no comparison-only masks; replays chain)."""
     quantizable = [s for s in saved if not _fixed(s, cfg) and s.is_float]
     total_numel = float(sum(int(sympy.sympify(s.numel).subs(subs)) for s in quantizable)) or 1.0
     lossy_names = frozenset(s.name for s in quantizable)
@@ -229,8 +229,8 @@ def graph_candidates(
             for s in saved
         ]
         _charge_replay_noise(saved, options)
-        # A replay reads its leaves' stored values: they must exist (no comparison-only masks, no
-        # replays of replays).
+        # A replay reads its leaves' values: they must exist (no comparison-only masks; a replayed
+        # leaf is rebuilt first).
         leaves = {leaf for s, (c, _, _) in zip(saved, options, strict=True) for leaf in _replay_leaves(s, c)}
         for i, s in enumerate(saved):
             if s.name in leaves:
@@ -244,20 +244,33 @@ def graph_candidates(
 
 def _charge_replay_noise(saved: Sequence[SavedTensor], options: list[Options]) -> None:
     """A GEMM replay that reads a lossily stored leaf carries the leaf's rounding noise into the
-    replayed tensor, about as much as rounding that tensor itself to the leaf's width. The solver
-    prices each choice alone, so that noise is charged, in place, to every lossy form of the leaf
-    (``b`` bits: ``quant_variance(sensitivity of the replayed tensor, b)``): a plan that replays the
-    tensor keeps its leaf wide enough; one that stores the tensor instead is over-charged, never
-    under-charged."""
+    replayed tensor, about as much as rounding that tensor itself to the leaf's width; through a
+    chain of replays (a leaf that is itself replayed) it carries the noise of that leaf's lossy
+    leaves too. The solver prices each choice alone, so that noise is charged, in place, to every
+    lossy form of each such leaf (``b`` bits: ``quant_variance(sensitivity of the replayed tensor,
+    b)``): a plan that replays the tensor keeps its leaves wide enough; one that stores it instead
+    is over-charged, never under-charged."""
     index = {s.name: i for i, s in enumerate(saved)}
-    extra: dict[str, float] = {}  # leaf -> sum of the sensitivities of replays reading it
-    for c, _, _ in options:
+    replays = {  # tensor -> the leaves its offered replay reads (saved tensors only)
+        s.name: {leaf for leaf in _replay_leaves(s, c) if leaf in index}
+        for s, (c, _, _) in zip(saved, options, strict=True)
+    }
+
+    def upstream(name: str, seen: set[str]) -> set[str]:
+        """Saved tensors whose stored values a replay of ``name`` may read, through chains."""
+        for leaf in replays.get(name, ()):
+            if leaf not in seen:
+                seen.add(leaf)
+                upstream(leaf, seen)
+        return seen
+
+    extra: dict[str, float] = {}  # leaf -> sum of the sensitivities of GEMM replays reading it
+    for s, (c, _, _) in zip(saved, options, strict=True):
         for x in c:
-            for leaf in x.reads_lossy:
-                extra[leaf] = extra.get(leaf, 0.0) + x.sensitivity
+            if x.reads_lossy:
+                for leaf in set(x.reads_lossy) | upstream(s.name, set()):
+                    extra[leaf] = extra.get(leaf, 0.0) + x.sensitivity
     for leaf, sens in extra.items():
-        if leaf not in index:
-            continue
         c, why, n = options[index[leaf]]
         c = [dataclasses.replace(x, variance=x.variance + cm.quant_variance(sens, x.bits))
              if _forms.get(x.form).probed else x for x in c]  # fmt: skip

@@ -1,12 +1,14 @@
-"""Rewrite: replay cheap producers in the backward instead of saving their outputs.
+"""Rewrite: replay producers in the backward instead of saving their outputs.
 
 For every saved tensor the plan marks ``recompute``, the forward stops returning it and the
-backward rebuilds it, just before its first use, by copying the pointwise/view ops that analysis
-recorded (:class:`~fxlowbit.passes.analyze.Recompute`) onto their leaves: saved tensors the
-backward receives anyway and graph inputs (added to the saved outputs if absent; aliases of inputs
-cost no memory). Runs before ``rewrite_saved``, so a replay reads the decoded value of a
-compressed leaf. Relies on AOTAutograd matching saved outputs and backward placeholders by
-position and on the replayed ops being deterministic; both graphs are linted and recompiled.
+backward rebuilds it, just before its first use, by copying the ops that analysis recorded
+(:class:`~fxlowbit.passes.analyze.Recompute`: pointwise and view ops, at most one matmul or
+convolution) onto their leaves: saved tensors the backward receives anyway and graph inputs (added
+to the saved outputs if absent; aliases of inputs cost no memory). A leaf may itself be replayed
+(a chain): it is rebuilt first, before the earliest use of it or of what reads it. Runs before
+``rewrite_saved``, so a replay reads the decoded value of a compressed leaf. Relies on AOTAutograd
+matching saved outputs and backward placeholders by position and on the replayed ops being
+deterministic; both graphs are linted and recompiled.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def replay(
     placeholders = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
     saved_here = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
     syms = SymBuilder(bw.graph)
+    # A replay may read another replayed tensor (a chain): replay in forward order, each before
+    # the first backward use of its own value or of any replay that reads it.
+    position = {n.name: i for i, n in enumerate(fw.graph.nodes)}
+    names = sorted(names, key=position.__getitem__)
+    anchors = _anchors(bw.graph, names, recipes, placeholders)
+    rebuilt: dict[str, fx.Node] = {}
     for name in names:
         recipe, ph = recipes[name], placeholders[name]
         # graph inputs the replay reads but the backward does not receive yet: save them (aliases)
@@ -75,8 +83,8 @@ def replay(
             outputs.insert(_saved_index(outputs, fw_nodes[name], num_fwd_outputs), src)
             placeholders[leaf] = placeholder_like(bw.graph, ph, src)
             saved_here.add(leaf)
-        env = {leaf: placeholders[leaf] for leaf in recipe.leaves}
-        with bw.graph.inserting_before(first_user(bw.graph, ph)):
+        env = {leaf: rebuilt[leaf] if leaf in rebuilt else placeholders[leaf] for leaf in recipe.leaves}
+        with bw.graph.inserting_before(anchors[name]):
             for node_name in recipe.nodes:
                 src = fw_nodes[node_name]
                 args, kwargs = fx.node.map_arg(
@@ -85,6 +93,7 @@ def replay(
                 new = bw.graph.call_function(src.target, args, kwargs)
                 new.meta["val"] = src.meta["val"]
                 env[node_name] = new
+        rebuilt[name] = env[name]
         ph.replace_all_uses_with(env[name])
         bw.graph.erase_node(ph)
         del outputs[_saved_index(outputs, fw_nodes[name], num_fwd_outputs)]
@@ -95,6 +104,20 @@ def replay(
     for gm in (fw, bw):
         gm.graph.lint()
         gm.recompile()
+
+
+def _anchors(graph: fx.Graph, names: list[str], recipes: dict, placeholders: dict) -> dict[str, fx.Node]:
+    """The backward node each replay goes before: the first user of its saved value, or the
+    anchor of a later replay that reads it, whichever comes first (``names`` in forward order)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchors: dict[str, fx.Node] = {}
+    for name in reversed(names):
+        anchors[name] = first_user(graph, placeholders[name])
+    for name in reversed(names):  # readers come later in forward order: theirs are final here
+        for leaf in recipes[name].leaves:
+            if leaf in anchors and order[anchors[name]] < order[anchors[leaf]]:
+                anchors[leaf] = anchors[name]
+    return anchors
 
 
 def _saved_index(outputs: list, node: fx.Node, num_fwd_outputs: int) -> int:

@@ -68,7 +68,7 @@ def test_symbolic_bytes_under_dynamic_shapes(captured):
 
 def test_networkx_view_links_saved_tensors(captured):
     _compile_mlp(dynamic=False)
-    ((facts, _, _, g),) = captured
+    facts, _, _, g = captured[0]  # the first partition (a re-plan may add a second)
     saved_edges = [(a, b) for a, b, d in g.edges(data=True) if d.get("saved")]
     assert len(saved_edges) == len(facts.saved)
     for s in facts.saved:

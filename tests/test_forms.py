@@ -96,7 +96,7 @@ def test_registering_twice_or_unknown_names_raise():
 
 def test_a_form_added_in_a_test_file_is_planned_rewritten_and_reported(half):
     exact, _ = _grads({**EAGER, "passes": {"plan": False}})
-    grad, report = _grads({**EAGER, "memory_budget": 0.6})
+    grad, report = _grads({**EAGER, "memory_budget": 0.6, "recompute": False})  # no GEMM replays
     (plan,) = fxlowbit.last_plans()
     n = plan.count("fp16")
     assert n > 0 and plan.count(Form.QUANT) == 0

@@ -119,7 +119,8 @@ def test_forms_each_record_may_take():
 
 
 def test_replay_leaves_are_stored_as_values():
-    """A tensor a replay reads is neither replayed itself nor reduced to comparison masks."""
+    """A tensor a replay reads is never reduced to comparison masks (its value must exist); it may
+    be replayed itself (the replays chain)."""
     records = (
         saved("a", numel=65536, uses=(LE0,)),
         saved("b", numel=65536, recompute=_replay(65536, "a")),
@@ -128,7 +129,8 @@ def test_replay_leaves_are_stored_as_values():
     for budget in (0.02, 0.2, 0.5):
         d = plan_of(records, memory_budget=budget).by_name()
         assert d["a"].form == "keep"  # only keep or cmp_mask were possible; masks are not values
-        assert d["b"].form != "recompute"
+    d = plan_of(records, memory_budget=0.02).by_name()
+    assert d["b"].form == d["c"].form == "recompute"  # c from b, b from a: a chain
     d = plan_of(records, memory_budget=2, min_bytes=0).by_name()
     assert d["c"].form == "recompute" and d["c"].bits == 0 and d["c"].bytes_after == 0
 

@@ -217,8 +217,8 @@ def test_human_bytes():
 def test_planner_logs_its_plan_at_info(caplog):
     with caplog.at_level(logging.INFO, logger="fxlowbit.planner"):
         fxlowbit.explain(MLP(), torch.randn(32, 64), **EAGER)
-    (rec,) = [r for r in caplog.records if r.name == "fxlowbit.planner"]
-    assert rec.levelno == logging.INFO and "total saved bytes" in rec.getMessage()
+    recs = [r for r in caplog.records if r.name == "fxlowbit.planner"]  # a re-plan logs one more
+    assert recs and all(r.levelno == logging.INFO and "total saved bytes" in r.getMessage() for r in recs)
     for name in ("analyze", "saved_views", "recompute", "rewrite_saved"):  # one logger per pass
         assert hasattr(__import__(f"fxlowbit.passes.{name}", fromlist=["log"]), "log")
 

@@ -25,7 +25,7 @@ class Recompute(SavedForm):
     kinds = frozenset({"bool", "exact", "compared", "float64", "float"})
     color = "#7a3db8"
     stored_as_is = True
-    replay_leaf = False  # no replays of replays
+    replay_leaf = True  # a replay may read a replayed value (passes/recompute.py chains them)
 
     def offers(self, t: Tensor) -> list[tuple[Costs, str]]:
         r = t.s.recompute
