@@ -397,7 +397,8 @@ def test_fractional_budget_counts_the_fused_logits():
     on an LM head at 0.1, and the head's weight gradient fell to 2.3 dB SQNR). Measured here
     (commit 49e0f9a's planner): budget 330188 bytes fused vs 331008 unfused, head weight gradient
     SQNR 37.7 vs 16.5 dB (all gradients 38.3 vs 16.7 dB; 32.8 / 29.3 dB unfused with the planner
-    of 501122c)."""
+    of 501122c). Since replays chain through matmuls (df674a4) the unfused plan rebuilds the layer
+    exactly (140.6 dB) and the fused one stays at 37.7 dB."""
     torch.manual_seed(0)
     model = examples.TinyGPT(vocab=1024, dim=32, layers=1, heads=2, block=64)  # 512 x 1024 logits
     idx, tgt = torch.randint(0, 1024, (8, 64)), torch.randint(0, 1024, (8, 64))
@@ -415,7 +416,7 @@ def test_fractional_budget_counts_the_fused_logits():
     unfused, fused = plans
     assert fused.budget == pytest.approx(unfused.budget, rel=0.01)
     assert fused.bytes_after <= fused.budget and fused.bytes_before < unfused.bytes_before / 2
-    assert sqnr[1] >= max(sqnr[0], 20.0)
+    assert min(sqnr) >= 20.0
 
 
 def test_the_frontier_budgets_count_the_fused_logits(monkeypatch):
