@@ -188,16 +188,7 @@ MIN_SQNR_DEFAULTS = 15.0
 DEFAULTS_CI = ("qwen3_moe", "whisper", "clip", "mbconv", "t5", "gpt2")
 # Measured (benchmarks/results/matrix_defaults_cpu.json, CPU, seed 0): every model meets the floors
 # below except these, which fail for a reason of ours (strict xfails: a fix must remove them).
-KNOWN_SHORTFALLS = {
-    ("clip", "defaults"): "CLIP: 25.4 dB on the first step, 9.8 dB at step 11 under the same plan; the "
-    "joint check's replay measures that plan within the limit, so the replay and the compiled step "
-    "disagree on this model (not found yet)",
-    ("clip", "budget0.1"): "CLIP at budget 0.1: 1.6 / -5.0 dB; bits alone cannot meet 0.1 on the "
-    "contrastive towers and exact recompute of matmul outputs is not built",
-    ("cnn", "budget0.1"): "SmallCNN at budget 0.1: 5.6 / 9.3 dB (exact recompute of conv outputs not built)",
-    ("resnet", "budget0.1"): "ResNet at budget 0.1: 7.8 / 9.4 dB (exact recompute of conv outputs not built)",
-    ("mbconv", "budget0.1"): "MBConv at budget 0.1: 5.9 / 5.4 dB (exact recompute of conv outputs not built)",
-}
+KNOWN_SHORTFALLS: dict[tuple[str, str], str] = {}  # none since GEMM replays (f12bf32..df674a4)
 # Per-model floors at defaults (dB) where one is set above the acceptance line; None: 15 dB.
 DEFAULTS_FLOOR_DB: dict[str, float | None] = dict.fromkeys(_models.FAMILY)
 
