@@ -44,8 +44,9 @@ class Recompute:
     # every leaf is a graph input (e.g. autocast's bf16 copy of a weight): exact and always at hand,
     # so such a tensor is replayed, never stored lossily
     from_inputs: bool = False
-    # matmul/convolution FLOPs of the replay at the example sizes (0: pointwise and views only)
-    # and the dtype that GEMM runs in (its time comes from the profile's table for it)
+    # the replay's matmul/convolution: its node ("": pointwise and views only), its FLOPs at the
+    # example sizes and the dtype it runs in (its time comes from the profile's table for it)
+    gemm: str = ""
     flops: int = 0
     gemm_dtype: str = "float32"
 

@@ -71,7 +71,6 @@ _GEMMS = {
     torch.ops.aten.baddbmm.default,
     torch.ops.aten.convolution.default,
 }
-_MAX_RECOMPUTE_GEMMS = 1
 
 
 def _replayable(node: fx.Node) -> bool:
@@ -113,16 +112,20 @@ def _recompute(
     if node.op == "placeholder" or not visit(node):
         return None
     gemms = [n for n in order if n.target in _GEMMS]
-    if len(gemms) > _MAX_RECOMPUTE_GEMMS:
+    if len(gemms) > 1:  # one GEMM per replay (the record names it)
         return None
     # Inductor fuses the pointwise part into one kernel: it reads the leaves and writes the result.
     vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
     tensors = [v for v in vals if isinstance(v, torch.Tensor)]
     moved = sum(sizes.at(sizes.numel(v) * v.dtype.itemsize, hints) for v in tensors)
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
-    flops = sum(node_flops(g, lambda v: sizes.concrete(v, hints)) or 0 for g in gemms)
-    dtype = str(gemms[0].meta["val"].dtype).replace("torch.", "") if gemms else "float32"
-    return Recompute(tuple(n.name for n in order), tuple(leaves), moved, from_inputs, flops, dtype)
+    nodes, names = tuple(n.name for n in order), tuple(leaves)
+    if not gemms:
+        return Recompute(nodes, names, moved, from_inputs)
+    (gemm,) = gemms
+    flops = node_flops(gemm, lambda v: sizes.concrete(v, hints)) or 0
+    dtype = str(gemm.meta["val"].dtype).replace("torch.", "")
+    return Recompute(nodes, names, moved, from_inputs, gemm.name, flops, dtype)
 
 
 def _static_prod(dims) -> int | None:

@@ -38,6 +38,7 @@ class _Replay:
     leaves: tuple = ()
     nbytes_moved: int = 1 << 16
     from_inputs: bool = False
+    gemm: str = ""
     flops: int = 0
     gemm_dtype: str = "float32"
 
@@ -119,7 +120,7 @@ def test_a_1x1_convolution_kernel_is_no_row_statistic():
 
     x = _Saved("x")
     w = _Saved("w", numel=1024, shape=(64, 16, 1, 1), input_alias=True, producer="placeholder")
-    replay = _Replay(nodes=("convolution",), leaves=("x", "w"), flops=1 << 21)
+    replay = _Replay(nodes=("convolution",), leaves=("x", "w"), gemm="convolution", flops=1 << 21)
     y = _Saved("y", producer="aten.convolution.default", recompute=replay)
     cfg = LowbitConfig(memory_budget=0.1, min_bytes=512)
     profile = fxlowbit.costmodel.load_profile(None)
@@ -134,7 +135,7 @@ def test_a_gemm_replay_charges_the_noise_it_carries_to_its_lossy_leaf():
     from fxlowbit.candidates import graph_candidates
 
     x = _Saved("x")
-    replay = _Replay(nodes=("addmm",), leaves=("x", "w"), flops=1 << 25)
+    replay = _Replay(nodes=("addmm",), leaves=("x", "w"), gemm="addmm", flops=1 << 25)
     y = _Saved("y", producer="aten.addmm.default", recompute=replay)
     cfg = LowbitConfig(memory_budget=0.1, min_bytes=512)
     profile = fxlowbit.costmodel.load_profile(None)

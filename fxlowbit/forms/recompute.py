@@ -16,8 +16,6 @@ from ..costmodel import Costs
 from ..plan import Form
 from . import SavedForm, Tensor, register
 
-_GEMM_NAMES = ("mm", "addmm", "bmm", "baddbmm", "convolution")  # FX names of the GEMM a replay runs
-
 
 @register
 class Recompute(SavedForm):
@@ -45,8 +43,7 @@ class Recompute(SavedForm):
             why = f"replayed in the backward: {len(r.nodes)} pointwise op(s) on {leaves}"
             return [(Costs(self.name, 0, 0, seconds, 0.0), why)]
         seconds += t.profile.matmul_time(r.flops, r.gemm_dtype)
-        gemm = next((n for n in r.nodes if n.startswith(_GEMM_NAMES)), "a GEMM")
-        ops = f"{gemm} ({r.flops / 1e6:.3g} MFLOP) and {len(r.nodes) - 1} op(s)"
+        ops = f"{r.gemm} ({r.flops / 1e6:.3g} MFLOP) and {len(r.nodes) - 1} op(s)"
         why = f"replayed in the backward: {ops} on {leaves}"
         # the noise of lossy leaves it carries is charged to the leaves' forms (graph_candidates)
         lossy = tuple(sorted(lossy_leaves))
