@@ -101,9 +101,15 @@ def _one(model: str, setting: str, steps: int) -> dict:
     }
 
 
-def _spawn(model: str, setting: str, steps: int, cache: str) -> dict:
+def _spawn(
+    model: str, setting: str, steps: int, cache: str, script: str = __file__, pythonpath: str | None = None
+) -> dict:
+    """One run in a fresh process with Inductor's cache in ``cache``; ``script`` and ``pythonpath``:
+    another checkout's copy of this file and its package (benchmarks/step_time_ab.py)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    cmd = [sys.executable, __file__, "--one", model, setting, "--steps", str(steps)]
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [sys.executable, script, "--one", model, setting, "--steps", str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}

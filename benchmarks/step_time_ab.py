@@ -12,15 +12,16 @@ and on this checkout), so the ratios share the machine's state.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
 from _common import ROOT, git, git_commit, write_json  # benchmarks/ is the script's directory
+from compile_time import _spawn
 
 SETTINGS = ("defaults", "budget0.1")
+STEPS = 14  # compile_time.py's default: the probe at step 10 and its re-plan at 11 included
 
 
 def _layout(rev: str, where: str) -> tuple[str, str]:
@@ -35,19 +36,6 @@ def _layout(rev: str, where: str) -> tuple[str, str]:
         os.symlink(os.path.join(src, sub), os.path.join(pkg, "fxlowbit", sub))
     os.symlink(os.path.join(src, "tests"), os.path.join(pkg, "tests"))
     return pkg, os.path.join(src, "benchmarks", "compile_time.py")
-
-
-def _run(script: str, pythonpath: str | None, model: str, setting: str, cache: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    cmd = [sys.executable, script, "--one", model, setting, "--steps", "14"]
-    out = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(script))
-    )
-    if out.returncode:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -66,9 +54,11 @@ def main() -> None:
         print("| --- | ---: | --- | ---: | ---: | ---: |")
         try:
             for model in args.models.split(","):
-                ind = _run(here, None, model, "inductor", caches["head"]).get("steady_ms", float("nan"))
+                ind = _spawn(model, "inductor", STEPS, caches["head"]).get("steady_ms", float("nan"))
                 for setting in SETTINGS:
-                    got = {v: _run(s, pp, model, setting, caches[v]) for v, (pp, s) in versions.items()}
+                    got = {
+                        v: _spawn(model, setting, STEPS, caches[v], s, pp) for v, (pp, s) in versions.items()
+                    }
                     row = {"model": model, "setting": setting, "inductor_ms": ind,
                            **{f"{v}_ms": r.get("steady_ms") for v, r in got.items()},
                            **{f"{v}_first_s": r.get("first_s") for v, r in got.items()},
