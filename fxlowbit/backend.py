@@ -23,11 +23,16 @@ Two modes, not to be confused:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib
 import logging
+import os
+import pickle
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ from . import (
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
     passes,
     pipeline,
+    planner,
     record,
     state,
 )
@@ -64,7 +70,7 @@ __all__ = [
 
 # in fxlowbit.state.STATE, the one home of run-time state (reset() clears them)
 _last_plans: list[Plan] = STATE.plans
-_last_graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = STATE.graphs
+_last_graphs: list[tuple[fx.GraphModule, fx.GraphModule] | record.LazyGraphs] = STATE.graphs
 counters: Counter = STATE.counters  # what the rewrites did; tests assert it (expected zeros included)
 
 
@@ -77,7 +83,7 @@ def last_plans() -> list[Plan]:
 def last_graphs() -> list[tuple[fx.GraphModule, fx.GraphModule]]:
     """(forward, backward) GraphModules after rewriting, as handed to the inner compiler, one pair
     per compiled graph since the last :func:`reset` (same order as :func:`last_plans`)."""
-    return list(_last_graphs)
+    return [(g["fw_after"], g["bw_after"]) if isinstance(g, record.LazyGraphs) else g for g in _last_graphs]
 
 
 def reset(kernels: bool = True) -> None:
@@ -114,16 +120,29 @@ class LowbitPartitioner(CustomPartitionerFn):
         self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
         self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
         self.timings: dict[str, float] = {}  # step -> seconds, of the last partition
+        self.called = False  # the partition ran here (False after compiling: AOTAutograd's cache hit)
+        self.journal: Path | None = None  # where this partition's outcome is kept for cache hits
+        self.after: tuple[fx.GraphModule, fx.GraphModule] | None = None  # the rewritten pair
 
-    def uuid(self) -> Any | None:
-        return None  # plans and random streams are per compilation: never reuse cached code
+    def uuid(self) -> str:
+        """What decides the plan, for AOTAutograd's and Inductor's cache keys (the Dynamo graph and
+        its inputs are in those keys already): our code, the options but the seed, the profile, the
+        measured sensitivities, which inputs are activations, the random stream the code names (a
+        process-local id: two graphs of one process never share code, so never a stream) and the
+        sampled linears. A changed plan input is a new key, so a hit never reuses a stale plan."""
+        sens = sorted(self.sensitivity.items(), key=repr) if self.sensitivity is not None else None
+        cfg = dataclasses.replace(self.cfg, seed=None, profile=None)  # the profile: as loaded, below
+        acts = sorted(map(sorted, self.activations))
+        env = [os.environ.get(k) for k in _ENV]
+        what = (cfg, self.profile, sens, acts, self.stream, self.sampling_keys, env)
+        return hashlib.sha256(_code_version() + repr(what).encode()).hexdigest()
 
     # Inductor's FX graph cache pickles its config, this partitioner included, into each graph's
     # key: leave out what varies between identical compiles (step timings, the report record), or
     # a second process could never hit the cache, and the seed, which the compiled code never
     # sees (it names a stream; the stream's generator is seeded at run time), so another seed
     # reuses the code and still draws its own noise.
-    _NOT_IN_CACHE_KEY = ("timings", "record")
+    _NOT_IN_CACHE_KEY = ("timings", "record", "called", "journal", "after")
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_IN_CACHE_KEY}
@@ -134,7 +153,20 @@ class LowbitPartitioner(CustomPartitionerFn):
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         kwargs.pop("compiler", None)
+        self.called = True
+        counts = Counter(counters)
+        with warnings.catch_warnings(record=True) as caught:  # kept for cache hits, shown below
+            fw, bw, before, fallback = self._partition(gm, joint_inputs, **kwargs)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.after = (fw, bw)
+        _last_graphs.append((fw, bw))
+        record.add(self, before, (fw, bw), fallback)
+        if self.journal is not None:
+            self._write_journal(before, fallback, counters - counts, caught)
+        return fw, bw
 
+    def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:
             return min_cut_rematerialization_partition(joint, inputs, compiler="inductor", **kwargs)
 
@@ -163,9 +195,62 @@ class LowbitPartitioner(CustomPartitionerFn):
             fallback = f"{type(err).__name__}: {err}"
         self.pristine, self.facts, self.plan = ctx.pristine, ctx.facts, ctx.plan
         self.extra_bytes, self.quantizable, self.timings = ctx.extra_bytes, ctx.quantizable, ctx.timings
-        _last_graphs.append((fw, bw))
-        record.add(self, before, (fw, bw), fallback)
-        return fw, bw
+        return fw, bw, before, fallback
+
+    # -- AOTAutograd's cache ----------------------------------------------------------------------
+    # A hit hands back the compiled graphs without calling the partitioner, so what the partition
+    # leaves behind (the plan, the analysis and the pristine graphs the probes replay, the graphs
+    # and counters reports show, the warnings the user must see) is kept beside Inductor's cache,
+    # under a key of the partitioner's uuid and the Dynamo graph, and restored on a hit.
+    _JOURNALED = ("plan", "facts", "pristine", "quantizable", "extra_bytes", "timings", "after")
+
+    def _write_journal(self, before, fallback: str | None, counts: Counter, caught) -> None:
+        assert self.journal is not None
+        entry = {name: getattr(self, name) for name in self._JOURNALED}
+        entry.update(fallback=fallback, counters=dict(counts))
+        entry["warnings"] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+        try:
+            # the graphs reports show go without their fake values (the slow part of loading):
+            # their nodes keep ``tensor_meta`` (sizes, strides, dtype)
+            shown = _dumps({"before": before, "after": entry.pop("after")}, values=False)
+            data = pickle.dumps((_dumps(entry), shown))
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.journal.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(self.journal)
+        except Exception as err:  # the graph is compiled; only a later cache hit loses its plan
+            log.warning("fxlowbit: plan not kept for cache hits (%s: %s)", type(err).__name__, err)
+
+    def restore(self) -> bool:
+        """After a cache hit: load what the partition left (:meth:`_write_journal`) and do what it
+        did for reports and counters; False if it is not there. The graphs reports show load on
+        first use (most of a hit's cost otherwise, and only reports and :func:`last_graphs` read
+        them)."""
+        try:
+            assert self.journal is not None
+            core, shown = pickle.loads(self.journal.read_bytes())
+            entry = _loads(core)
+        except Exception as err:
+            log.debug("fxlowbit: no kept plan at %s (%s)", self.journal, err)
+            return False
+        for name in self._JOURNALED:
+            setattr(self, name, entry.get(name))
+        for message, category, filename, lineno in entry["warnings"]:
+            warnings.warn_explicit(message, category, filename, lineno)
+        if self.plan is not None:
+            STATE.plans.append(self.plan)
+        counters.update(entry["counters"])
+        counters["cache_hits"] += 1
+
+        def load() -> dict[str, fx.GraphModule]:
+            e = _loads(shown)
+            parts = (e["before"][0], e["after"][0], e["before"][1], e["after"][1])
+            return dict(zip(record.PARTS, parts, strict=True))
+
+        graphs = record.LazyGraphs(load)
+        _last_graphs.append(graphs)
+        record.add(self, graphs, None, entry["fallback"])
+        return True
 
     @staticmethod
     def _placeholder_names(fw: fx.GraphModule, indices: frozenset[int]) -> frozenset[str]:
@@ -260,7 +345,96 @@ def compile_graph(
     patches["custom_partitioner_fn"] = partitioner
     # FXLOWBIT_DUMP_DIR: also keep and write Inductor's generated code (fxlowbit/record.py)
     extra = {"inner_compile": record.inner_compile(partitioner)} if record.dump_dir() else {}
-    # AOTAutograd's cache would hand back a previous process's graphs without calling our
-    # partitioner (no plan, a stale random stream id): plans are per compilation, so bypass it.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches, **extra)
+    # AOTAutograd's cache serves a second process (issue 17) unless dumps want Inductor's code
+    cached = torch._functorch.config.enable_autograd_cache and not extra
+    if cached:
+        partitioner.journal = _journal_path(partitioner, gm, example_inputs)
+    aot = torch._dynamo.utils.counters["aot_autograd"]
+    hits = aot["autograd_cache_hit"]
+    with torch._functorch.config.patch(enable_autograd_cache=cached):
+        compiled = compile_fx(gm, example_inputs, config_patches=patches, **extra)
+    hit = aot["autograd_cache_hit"] > hits and not partitioner.called  # (inference never partitions)
+    if hit and not partitioner.restore():
+        counters["cache_hits_without_plan"] += 1
+        planner._warn_once(
+            f"journal:{partitioner.journal}",
+            "fxlowbit: AOTAutograd's cache served this graph but fxlowbit's record of its plan is "
+            f"gone ({partitioner.journal}): it runs the cached plan, without probes or re-plans; "
+            "clear the Inductor cache (or set torch._functorch.config.enable_autograd_cache=False) "
+            "to compile it anew",
+        )
+    return compiled
+
+
+def _dumps(entry: dict, values: bool = True) -> bytes:
+    """Pickle a journal entry with FX's graph pickler: it keeps node names and metadata (a plain
+    pickle re-traces each GraphModule's code and numbers its nodes afresh, while plans, analyses
+    and sensitivities name them), our ``fxlowbit::`` ops allowed."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    class Pickler(GraphPickler):
+        def reducer_override(self, obj: object) -> Any:
+            # torch 2.13 pickles a fake view's base with its fake mode (unpicklable): a kept graph
+            # is run eagerly and reported, never compiled again, so a view's value may lose its
+            # base and keep its sizes, strides and dtype
+            if isinstance(obj, FakeTensor) and obj._base is not None:
+                with obj.fake_mode:
+                    obj = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=obj.device)
+            return super().reducer_override(obj)
+
+    kept = _KEPT_META if values else _KEPT_META - {"val", "example_value"}
+    return Pickler.dumps(entry, Options(ops_filter=None, node_metadata_key_filter=kept.__contains__))
+
+
+# node metadata a kept graph needs: values (shapes, dtypes), Inductor's tags, source lines for
+# reports; not the module stacks (they hold the model's classes, some of them unpicklable)
+_KEPT_META = frozenset(
+    {"val", "tensor_meta", "example_value", "partitioner_tag", "stack_trace", "recompute", "seq_nr",
+     "original_aten", "saved_tensor_with_no_vc_check", "mutation_region_id", "is_backward", "ac_graph_id",
+     "autograd_backward"}
+)  # fmt: skip
+
+
+def _loads(data: bytes) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    entry: dict = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))  # type: ignore[assignment]
+    for value in entry.values():  # the pickler keeps a GraphModule's graph, not its code
+        for gm in value if isinstance(value, tuple) else (value,):
+            if isinstance(gm, fx.GraphModule):
+                gm.recompile()
+    return entry
+
+
+# environment variables that change what the rewrites emit (codegen/ops.py)
+_ENV = ("FXLOWBIT_TRITON", "FXLOWBIT_CPU_KERNELS", "TRITON_INTERPRET")
+
+
+@functools.cache
+def _code_version() -> bytes:
+    """A hash of fxlowbit's sources (the plan and the rewrites are code): a changed checkout
+    never reuses another's cache entries."""
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    roots = {Path(__file__).parent, *(Path(str(m.__file__)).parent for m in (passes, codegen))}
+    return get_hash_for_files(tuple(sorted(str(f) for r in roots for f in r.rglob("*.py"))))
+
+
+def _journal_path(partitioner: LowbitPartitioner, gm: fx.GraphModule, example_inputs) -> Path:
+    """Where the partition of ``gm`` by ``partitioner`` keeps its outcome: beside Inductor's cache,
+    named by the partitioner's uuid, the Dynamo graph's code, its inputs' metadata and its
+    constants (AOTAutograd's key has all of these)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    h = hashlib.sha256(partitioner.uuid().encode() + gm.code.encode())
+    for x in example_inputs:
+        meta = (x.shape, x.stride(), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor) else x
+        h.update(repr(meta).encode())
+    for name, t in sorted(gm.state_dict(keep_vars=True).items()):  # constants by value; big weights
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())  # (no plan reads them) by metadata
+        if t.numel() <= 1 << 16:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return Path(str(cache_dir())) / "fxlowbit" / f"{h.hexdigest()}.pkl"

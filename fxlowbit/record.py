@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.fx as fx
@@ -37,10 +38,33 @@ DUMP_ENV = "FXLOWBIT_DUMP_DIR"
 PARTS = ("fw_before", "fw_after", "bw_before", "bw_after")
 
 
+class LazyGraphs(Mapping[str, fx.GraphModule]):
+    """PARTS -> GraphModule, loaded by ``load`` on first use: the graphs of a graph that
+    AOTAutograd's cache served (``fxlowbit.backend``), which only reports read."""
+
+    def __init__(self, load: Callable[[], dict[str, fx.GraphModule]]) -> None:
+        self._load: Callable[[], dict[str, fx.GraphModule]] | None = load
+        self._graphs: dict[str, fx.GraphModule] = {}
+
+    def _get(self) -> dict[str, fx.GraphModule]:
+        if self._load is not None:
+            self._graphs, self._load = self._load(), None
+        return self._graphs
+
+    def __getitem__(self, part: str) -> fx.GraphModule:
+        return self._get()[part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PARTS)
+
+    def __len__(self) -> int:
+        return len(PARTS)
+
+
 @dataclasses.dataclass
 class GraphRecord:
     index: int  # order of compilation since the last reset (the k of graph<k>_* dump files)
-    graphs: dict[str, fx.GraphModule]  # PARTS -> GraphModule
+    graphs: Mapping[str, fx.GraphModule]  # PARTS -> GraphModule
     plan: Plan | None  # None: the plan step did not run (switched off, or nothing to plan)
     cfg: LowbitConfig
     facts: GraphFacts | None = None  # of the partition (for the budget frontier)
@@ -80,10 +104,14 @@ def dump_dir() -> str | None:
 
 
 def add(
-    partitioner, before: tuple[fx.GraphModule, fx.GraphModule], after, fallback: str | None
+    partitioner,
+    before: tuple[fx.GraphModule, fx.GraphModule] | LazyGraphs,
+    after: tuple[fx.GraphModule, fx.GraphModule] | None,
+    fallback: str | None,
 ) -> GraphRecord | None:
-    """Record one compiled graph (``partitioner``: the ``LowbitPartitioner`` that made it); None
-    (and a logged warning) if that fails: the compile goes on."""
+    """Record one compiled graph (``partitioner``: the ``LowbitPartitioner`` that made it): its
+    graphs ``before`` and ``after`` rewriting, or all four as :class:`LazyGraphs` (``after``
+    None: a cache hit's); None (and a logged warning) if that fails: the compile goes on."""
     try:
         return _add(partitioner, before, after, fallback)
     except Exception as err:
@@ -97,9 +125,13 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
     if sens is not None and facts is not None:  # measured, by canonical key -> by this graph's names
         keys = canonical_keys(facts.saved)
         sens = {name: sens[k] for name, k in keys.items() if k in sens}
+    if isinstance(before, LazyGraphs):
+        graphs: Mapping[str, fx.GraphModule] = before
+    else:
+        graphs = dict(zip(PARTS, (before[0], snapshot(after[0]), before[1], snapshot(after[1])), strict=True))
     rec = GraphRecord(
         index=len(_records),
-        graphs=dict(zip(PARTS, (before[0], snapshot(after[0]), before[1], snapshot(after[1])), strict=True)),
+        graphs=graphs,
         plan=None if fallback else partitioner.plan,
         cfg=partitioner.cfg,
         facts=facts,

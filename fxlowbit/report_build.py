@@ -149,7 +149,8 @@ def _gemm(node) -> tuple[str, str]:
         if (fmts := _lowbit_formats(user)) is not None:
             return fmts[2], f"; input of a low-bit linear ({note.format('/'.join(fmts))})"
     if any(_opname(user) in _PLAIN_GEMMS for user in users):
-        dtype = str(getattr(node.meta.get("val"), "dtype", "")).removeprefix("torch.")
+        value = node.meta.get("val", node.meta.get("tensor_meta"))  # a cache hit's graphs: tensor_meta
+        dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
         return SHORT_NAMES.get(dtype, ""), ""
     return "", ""
 

@@ -1,10 +1,13 @@
-"""Inductor's on-disk cache across processes, on the default path (planner, probes, Inductor).
+"""AOTAutograd's and Inductor's on-disk caches across processes, on the default path (planner,
+probes, Inductor).
 
-What a cache hit may never do (issue 17): reuse a stale plan or share a random stream. Plans are
-in the rewritten graphs, so a changed plan is a different graph and compiles anew; the rounding
-noise is drawn at run time from the stream's generator (seeded from the ``seed`` option or
-torch's seed), so another seed never replays the first one's noise, and a second process with the
-same seed reproduces the first bit for bit.
+What a cache hit may never do (issue 17): reuse a stale plan or share a random stream. What
+decides a plan (options, profile, sensitivities, our code) is in the partitioner's uuid, so in
+both caches' keys: a changed plan input compiles anew. The rounding noise is drawn at run time from
+the stream's generator (seeded from the ``seed`` option or torch's seed), so another seed never
+replays the first one's noise, and a second process with the same seed reproduces the first bit
+for bit. A hit skips the partitioner: what it left (plan, analysis, the graphs the probes replay,
+counters) comes back from beside the cache, so probes and reports work as after a compile.
 """
 
 import json
@@ -26,21 +29,32 @@ torch.manual_seed(0)
 model = MLP(hidden=256, dropout=0.0)
 compiled = torch.compile(model, backend="lowbit", options=json.loads(sys.argv[1]))
 g = torch.Generator().manual_seed(1)
-x, y = torch.randn(512, 64, generator=g), torch.randint(0, 10, (512,), generator=g)
-torch.nn.functional.cross_entropy(compiled(x), y).backward()
+for step in range(int(sys.argv[2])):
+    model.zero_grad()
+    x, y = torch.randn(512, 64, generator=g), torch.randint(0, 10, (512,), generator=g)
+    torch.nn.functional.cross_entropy(compiled(x), y).backward()
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+report = fxlowbit.last_report()
 print(json.dumps({
     "grad": hashlib.sha256(grad.numpy().tobytes()).hexdigest(),
     "hits": counters["inductor"]["fxgraph_cache_hit"],
     "misses": counters["inductor"]["fxgraph_cache_miss"],
+    "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
+    "aot_misses": counters["aot_autograd"]["autograd_cache_miss"],
+    "restored": fxlowbit.counters["cache_hits"],
+    "lost": fxlowbit.counters["cache_hits_without_plan"],
     "rewritten": fxlowbit.counters["graphs_rewritten"],
-}))
+    "probes": fxlowbit.counters["probes"],
+    "plans": [p.signature() for p in fxlowbit.last_plans()],
+    "reported": [[r.form for r in e.rows] for e in report.entries],
+    "graphs": [{k: len(g.graph.nodes) for k, g in d.items()} for d in report.graphs],
+}, default=str))
 """
 
 
-def _run(cache, options: dict) -> dict:
+def _run(cache, options: dict, steps: int = 1) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
-    cmd = [sys.executable, "-c", SCRIPT, json.dumps(options)]
+    cmd = [sys.executable, "-c", SCRIPT, json.dumps(options), str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -56,20 +70,34 @@ def runs(tmp_path_factory):
 def test_a_second_process_hits_the_cache_and_reproduces_the_first(runs):
     first, again, _, _ = runs
     assert first["rewritten"] == again["rewritten"] == 1  # compressed, not a fallback
-    assert first["misses"] > 0 and again["misses"] == 0 and again["hits"] > 0
+    assert first["aot_misses"] == 1 and first["restored"] == 0
+    # AOTAutograd's cache served the whole graph: no trace, no partition, no Inductor compile
+    assert again["aot_hits"] == 1 and again["aot_misses"] == 0 and again["misses"] == 0
+    assert again["restored"] == 1 and again["lost"] == 0  # the plan came back with it
+    assert again["plans"] == first["plans"] and again["reported"] == first["reported"] != []
+    assert again["graphs"] == first["graphs"]  # the graphs reports show, before and after rewriting
     assert again["grad"] == first["grad"]  # bit for bit
+
+
+def test_probes_and_re_plans_run_on_a_cache_hit(tmp_path):
+    options = {"seed": 3, "calibrate_every": 2}  # probe at step 2, its re-plan at step 3
+    first, again = (_run(tmp_path, options, steps=4) for _ in range(2))
+    assert again["aot_hits"] >= 1 and again["restored"] >= 1
+    assert first["probes"] == again["probes"] >= 1
+    assert again["plans"] == first["plans"] and again["grad"] == first["grad"]
 
 
 def test_another_seed_reuses_the_code_but_never_replays_the_first_seeds_noise(runs):
     first, _, other_seed, _ = runs
     # the seed is not in the code (it seeds the stream the code names, at run time), so it is left
-    # out of Inductor's key (backend.LowbitPartitioner.__getstate__): a hit, with other noise
+    # out of the keys (backend.LowbitPartitioner.uuid and __getstate__): a hit, with other noise
     assert other_seed["rewritten"] == 1
-    assert other_seed["misses"] == 0 and other_seed["hits"] > 0
+    assert other_seed["aot_hits"] == 1 and other_seed["misses"] == 0
     assert other_seed["grad"] != first["grad"]
 
 
 def test_a_changed_plan_compiles_anew(runs):
     first, _, _, budget = runs
-    assert budget["misses"] > 0
+    assert budget["aot_misses"] == 1 and budget["restored"] == 0 and budget["misses"] > 0
+    assert budget["plans"] != first["plans"]
     assert budget["grad"] != first["grad"]
