@@ -22,6 +22,7 @@ Two modes, not to be confused:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -351,7 +352,17 @@ def compile_graph(
         partitioner.journal = _journal_path(partitioner, gm, example_inputs)
     aot = torch._dynamo.utils.counters["aot_autograd"]
     hits = aot["autograd_cache_hit"]
-    with torch._functorch.config.patch(enable_autograd_cache=cached):
+    context: Any = contextlib.nullcontext()
+    if torch._guards.TracingContext.try_get() is None:
+        # a re-plan's variant, compiled outside Dynamo on a real batch: both caches want a shape
+        # environment (without one they bypass, and a warm process compiled each variant cold)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        fake = FakeTensorMode(shape_env=ShapeEnv())
+        example_inputs = [_static_fake(fake, t) for t in example_inputs]
+        context = torch._guards.tracing(torch._guards.TracingContext(fake))
+    with context, torch._functorch.config.patch(enable_autograd_cache=cached):
         compiled = compile_fx(gm, example_inputs, config_patches=patches, **extra)
     hit = aot["autograd_cache_hit"] > hits and not partitioner.called  # (inference never partitions)
     if hit and not partitioner.restore():
@@ -364,6 +375,10 @@ def compile_graph(
             "to compile it anew",
         )
     return compiled
+
+
+def _static_fake(fake, t: Any) -> Any:
+    return fake.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
 
 
 def _dumps(entry: dict, values: bool = True) -> bytes:
