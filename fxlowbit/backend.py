@@ -211,9 +211,8 @@ class LowbitPartitioner(CustomPartitionerFn):
         entry.update(fallback=fallback, counters=dict(counts))
         entry["warnings"] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
         try:
-            # the graphs reports show go without their fake values (the slow part of loading):
-            # their nodes keep ``tensor_meta`` (sizes, strides, dtype)
-            shown = _dumps({"before": before, "after": entry.pop("after")}, values=False)
+            # the graphs reports show: apart, as a hit loads them on first use (restore)
+            shown = _dumps({"before": before, "after": entry.pop("after")})
             data = pickle.dumps((_dumps(entry), shown))
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.journal.with_suffix(f".{os.getpid()}.tmp")
@@ -381,7 +380,7 @@ def _static_fake(fake, t: Any) -> Any:
     return fake.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
 
 
-def _dumps(entry: dict, values: bool = True) -> bytes:
+def _dumps(entry: dict) -> bytes:
     """Pickle a journal entry with FX's graph pickler: it keeps node names and metadata (a plain
     pickle re-traces each GraphModule's code and numbers its nodes afresh, while plans, analyses
     and sensitivities name them), our ``fxlowbit::`` ops allowed."""
@@ -398,8 +397,7 @@ def _dumps(entry: dict, values: bool = True) -> bytes:
                     obj = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=obj.device)
             return super().reducer_override(obj)
 
-    kept = _KEPT_META if values else _KEPT_META - {"val", "example_value"}
-    return Pickler.dumps(entry, Options(ops_filter=None, node_metadata_key_filter=kept.__contains__))
+    return Pickler.dumps(entry, Options(ops_filter=None, node_metadata_key_filter=_KEPT_META.__contains__))
 
 
 # node metadata a kept graph needs: values (shapes, dtypes), Inductor's tags, source lines for

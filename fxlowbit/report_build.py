@@ -149,8 +149,7 @@ def _gemm(node) -> tuple[str, str]:
         if (fmts := _lowbit_formats(user)) is not None:
             return fmts[2], f"; input of a low-bit linear ({note.format('/'.join(fmts))})"
     if any(_opname(user) in _PLAIN_GEMMS for user in users):
-        value = node.meta.get("val", node.meta.get("tensor_meta"))  # a cache hit's graphs: tensor_meta
-        dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
+        dtype = str(getattr(node.meta.get("val"), "dtype", "")).removeprefix("torch.")
         return SHORT_NAMES.get(dtype, ""), ""
     return "", ""
 
