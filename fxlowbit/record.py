@@ -40,7 +40,7 @@ PARTS = ("fw_before", "fw_after", "bw_before", "bw_after")
 
 class LazyGraphs(Mapping[str, fx.GraphModule]):
     """PARTS -> GraphModule, loaded by ``load`` on first use: the graphs of a graph that
-    AOTAutograd's cache served (``fxlowbit.backend``), which only reports read."""
+    AOTAutograd's cache served (``fxlowbit.backend``), which only reports and ``last_graphs()`` read."""
 
     def __init__(self, load: Callable[[], dict[str, fx.GraphModule]]) -> None:
         self._load: Callable[[], dict[str, fx.GraphModule]] | None = load
