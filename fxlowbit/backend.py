@@ -203,7 +203,7 @@ class LowbitPartitioner(CustomPartitionerFn):
     # leaves behind (the plan, the analysis and the pristine graphs the probes replay, the graphs
     # and counters reports show, the warnings the user must see) is kept beside Inductor's cache,
     # under a key of the partitioner's uuid and the Dynamo graph, and restored on a hit.
-    _JOURNALED = ("plan", "facts", "pristine", "quantizable", "extra_bytes", "timings", "after")
+    _JOURNALED = ("plan", "facts", "pristine", "quantizable", "extra_bytes", "timings")
 
     def _write_journal(self, before, fallback: str | None, counts: Counter, caught) -> None:
         assert self.journal is not None
@@ -212,7 +212,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         entry["warnings"] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
         try:
             # the graphs reports show: apart, as a hit loads them on first use (restore)
-            shown = _dumps({"before": before, "after": entry.pop("after")})
+            shown = _dumps({"before": before, "after": self.after})
             data = pickle.dumps((_dumps(entry), shown))
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.journal.with_suffix(f".{os.getpid()}.tmp")
@@ -234,7 +234,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             log.debug("fxlowbit: no kept plan at %s (%s)", self.journal, err)
             return False
         for name in self._JOURNALED:
-            setattr(self, name, entry.get(name))
+            setattr(self, name, entry[name])
         for message, category, filename, lineno in entry["warnings"]:
             warnings.warn_explicit(message, category, filename, lineno)
         if self.plan is not None:
@@ -355,10 +355,7 @@ def compile_graph(
     if torch._guards.TracingContext.try_get() is None:
         # a re-plan's variant, compiled outside Dynamo on a real batch: both caches want a shape
         # environment (without one they bypass, and a warm process compiled each variant cold)
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        fake = FakeTensorMode(shape_env=ShapeEnv())
+        fake = _fake_mode()
         example_inputs = [_static_fake(fake, t) for t in example_inputs]
         context = torch._guards.tracing(torch._guards.TracingContext(fake))
     with context, torch._functorch.config.patch(enable_autograd_cache=cached):
@@ -374,6 +371,14 @@ def compile_graph(
             "to compile it anew",
         )
     return compiled
+
+
+def _fake_mode():
+    """A fake mode with a shape environment (what Dynamo gives a compile, and both caches want)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv())
 
 
 def _static_fake(fake, t: Any) -> Any:
@@ -410,11 +415,9 @@ _KEPT_META = frozenset(
 
 
 def _loads(data: bytes) -> dict:
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    entry: dict = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))  # type: ignore[assignment]
+    entry: dict = GraphPickler.loads(data, _fake_mode())  # type: ignore[assignment]
     for value in entry.values():  # the pickler keeps a GraphModule's graph, not its code
         for gm in value if isinstance(value, tuple) else (value,):
             if isinstance(gm, fx.GraphModule):
