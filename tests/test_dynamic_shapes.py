@@ -63,7 +63,7 @@ def run(name: str, backend: str, options: dict | None = None) -> list[Step]:
         loss.backward()
         assert math.isfinite(loss.item()) and all(p.grad.isfinite().all() for p in model.parameters())
         model.zero_grad(set_to_none=True)
-        graphs = model_graphs()  # the CPU kernel families are Dynamo graphs too: left out
+        graphs = model_graphs()
         steps.append(Step(graphs, nbytes, fxlowbit.last_plans(), fxlowbit.counters["plan_variants"]))
     return steps
 

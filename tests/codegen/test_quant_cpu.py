@@ -5,8 +5,10 @@ hash_uniform noise, quant.dequantize_unpack_reference) for every input, so ``tor
 meta and decoded values, over odd sizes, fp32/bf16/fp16, non-contiguous inputs and non-finite
 values (those take the reference, and the test proves that the compiled path's result was not
 used for them). One compilation per family, whatever the shapes, and none after
-``torch._dynamo.reset()``.
+``torch._dynamo.reset()`` or in a later process (the package is loaded).
 """
+
+import sys
 
 import pytest
 import torch
@@ -34,8 +36,12 @@ def _same(a, b) -> bool:
     return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+# every width in fp32, both half types at two widths (each family is a 16 s AOTInductor compile on
+# 2 cores: the whole cross product would add two minutes to CI for no other code path)
+@pytest.mark.parametrize(
+    ("bits", "dtype"),
+    [(2, torch.float32), (4, torch.float32), (8, torch.float32), (4, torch.bfloat16), (8, torch.float16)],
+)
 def test_same_bits_as_the_reference_over_sizes_and_dtypes(bits, dtype):
     calls = C.counters["compiled"]
     for n in (257, 512, 3001, 65536 + 7):  # whole and partial last groups
@@ -90,7 +96,7 @@ def test_one_compilation_per_family_whatever_the_shapes_and_none_after_a_dynamo_
     for n in (1000, 5000, 128 * 7, 77777):
         C.quantize_pack(torch.randn(n), 2, 128, SEED)
     family = C._families[key]
-    assert family.fn is not None  # captured: later calls skip Dynamo
+    assert family.fn is not None  # loaded: later calls go straight to the package
     torch._dynamo.utils.counters.clear()
     torch._dynamo.reset()
     x = torch.randn(4321)
@@ -98,13 +104,19 @@ def test_one_compilation_per_family_whatever_the_shapes_and_none_after_a_dynamo_
     assert C._families[key] is family and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
-def test_a_family_that_cannot_compile_warns_once_counts_and_runs_the_reference(monkeypatch):
-    import torch._inductor.compile_fx as cfx
+def _no_compiler(*args, **kwargs):
+    raise RuntimeError("no C++ compiler")
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(cfx, "compile_fx", broken)
+@pytest.fixture
+def fresh_packages(monkeypatch, tmp_path):
+    """No family compiled yet: packages (and the children's) go to an empty directory."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_family_that_cannot_compile_warns_once_counts_and_runs_the_reference(monkeypatch, fresh_packages):
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compiler)
     x = torch.randn(3000, dtype=torch.float16)
     key = ("pack", 8, 512, "float16")
     C._families.pop(key, None)
@@ -130,7 +142,9 @@ def test_the_op_runs_the_compiled_kernel_on_cpu_unless_told_not_to(monkeypatch):
     assert C.counters["compiled"] == calls + 1
 
 
-def test_a_child_process_compiles_the_family_while_the_reference_runs_with_the_same_bits(monkeypatch):
+def test_a_child_process_compiles_the_family_while_the_reference_runs_with_the_same_bits(
+    monkeypatch, fresh_packages
+):
     monkeypatch.setattr(C, "BACKGROUND", True)
     key = ("pack", 4, 64, "bfloat16")
     C._families.pop(key, None)
@@ -140,18 +154,23 @@ def test_a_child_process_compiles_the_family_while_the_reference_runs_with_the_s
     assert C.counters["pending"] == pending + 1 and C._families[key].proc is not None
     C.wait()
     assert C._families[key].proc.returncode == 0
-    assert _same(C.quantize_pack(x, 4, 64, SEED), first)  # compiled here, from the child's cache entry
+    assert _same(C.quantize_pack(x, 4, 64, SEED), first)  # loaded from the child's package
     assert C._families[key].fn is not None and C.counters["compiled"] == compiled + 1
     assert _same(first, _reference(x, 4, 64))
+    # a later process (here: a fresh family) loads the package on first use, no child, no compile
+    C._families.pop(key)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compiler)
+    assert _same(C.quantize_pack(x, 4, 64, SEED), first)
+    assert C._families[key].proc is None and C.counters["compiled"] == compiled + 2
 
 
-def test_a_family_that_compiles_in_the_child_but_not_here_warns_and_falls_back(monkeypatch):
-    import torch._inductor.compile_fx as cfx
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(cfx, "compile_fx", broken)
+def test_a_child_that_fails_leaves_the_compile_here_which_fails_warns_and_falls_back(
+    monkeypatch, fresh_packages
+):
+    monkeypatch.setattr(
+        C._Family, "child_command", lambda self: [sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compiler)
     monkeypatch.setattr(C, "BACKGROUND", True)
     key = ("pack", 2, 64, "float16")
     C._families.pop(key, None)
@@ -159,13 +178,14 @@ def test_a_family_that_compiles_in_the_child_but_not_here_warns_and_falls_back(m
     x = torch.randn(3000, dtype=torch.float16)
     assert _same(C.quantize_pack(x, 2, 64, SEED), _reference(x, 2, 64))
     C.wait()
-    with pytest.warns(UserWarning, match="could not compile the CPU pack kernel"):
+    assert C._families[key].proc.returncode == 3
+    with pytest.warns(UserWarning, match="could not compile the CPU pack kernel.*no C\\+\\+ compiler"):
         assert _same(C.quantize_pack(x, 2, 64, SEED), _reference(x, 2, 64))
     assert key in C._broken
     C._broken.discard(key)
 
 
-def test_children_still_compiling_at_exit_are_stopped_and_the_family_still_works(monkeypatch):
+def test_children_still_compiling_at_exit_are_stopped_and_the_family_still_works(monkeypatch, fresh_packages):
     monkeypatch.setattr(C, "BACKGROUND", True)
     key = ("pack", 8, 64, "bfloat16")
     C._families.pop(key, None)
