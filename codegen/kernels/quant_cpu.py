@@ -72,6 +72,15 @@ def _stop_children() -> None:
             family.proc.terminate()
 
 
+@atexit.register
+def _unload() -> None:
+    """Drop the loaded packages before the interpreter's teardown: a loader removes the folder it
+    unpacked its package into (``/tmp/aotinductor_*``, 1.5 MB) when it is destroyed, which module
+    globals never are, so every process left one per family behind."""
+    for family in list(_families.values()):
+        family.fn = None
+
+
 def wait() -> None:
     """Wait for the families compiling in child processes."""
     for family in list(_families.values()):

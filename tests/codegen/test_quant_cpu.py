@@ -196,3 +196,23 @@ def test_children_still_compiling_at_exit_are_stopped_and_the_family_still_works
     assert proc.wait() != 0
     assert _same(C.quantize_pack(x, 8, 64, SEED), _reference(x, 8, 64))  # compiled here instead
     assert C._families[key].fn is not None
+
+
+def test_a_process_that_loaded_packages_leaves_no_unpacked_folder_behind(tmp_path):
+    """The package loader unpacks into ``$TMPDIR/aotinductor_*`` and removes that folder only when
+    it is destroyed; without ``quant_cpu._unload`` at exit every process left one per family."""
+    import os
+    import subprocess
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    code = (
+        "import torch\n"
+        "from fxlowbit.codegen.kernels import quant_cpu as C\n"
+        "assert C.quantize_pack(torch.randn(4096), 4, 256, torch.tensor(3)) is not None\n"
+        "assert C.counters['compiled'] == 1\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": cache_dir(),
+           "FXLOWBIT_CPU_COMPILE": "sync"}  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert not list(tmp_path.glob("aotinductor_*"))
