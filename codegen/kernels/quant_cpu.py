@@ -130,10 +130,10 @@ def _package_dir() -> Path:
 def _version() -> str:
     """The compiled bodies' sources and torch's version: a changed checkout never loads another's
     kernels."""
-    h = hashlib.sha256(torch.__version__.encode())
-    for source in (Q.__file__, __file__):
-        h.update(Path(str(source)).read_bytes())
-    return h.hexdigest()[:16]
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    sources = get_hash_for_files((str(Q.__file__), __file__))
+    return hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:16]
 
 
 class _Body(torch.nn.Module):
@@ -173,8 +173,7 @@ class _Family:
         from torch.export import Dim, export
 
         a, b = _example(self.key)
-        groups = Dim("groups", min=2)
-        n = 4  # _example's groups
+        groups, n = Dim("groups", min=2), _EXAMPLE_GROUPS
         if self.key[0] == "pack":
             dynamic = {"a": {0: (a.numel() // n) * groups}, "b": None}
         else:
@@ -227,16 +226,20 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
+_EXAMPLE_GROUPS = 4
+
+
 def _example(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of family ``key`` (4 groups) to export it with: the program depends on the dtypes and
-    the symbolic number of groups only."""
+    """Inputs of family ``key`` (:data:`_EXAMPLE_GROUPS` groups) to export it with: the program
+    depends on the dtypes and the symbolic number of groups only."""
     op, bits, group_size, dtype_name = key
     dtype = getattr(torch, dtype_name)
-    x = torch.linspace(-1, 1, 4 * group_size).to(dtype)
+    x = torch.linspace(-1, 1, _EXAMPLE_GROUPS * group_size).to(dtype)
     seed = torch.tensor(1, dtype=torch.int64)
     if op == "pack":
         return x, seed
-    codes, meta = Q.quantize_pack_reference(x, bits, group_size, Q.hash_uniform(seed, 4, group_size))
+    noise = Q.hash_uniform(seed, _EXAMPLE_GROUPS, group_size)
+    codes, meta = Q.quantize_pack_reference(x, bits, group_size, noise)
     return codes.reshape(-1), meta.reshape(-1)
 
 
