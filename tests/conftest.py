@@ -19,11 +19,17 @@ torch.set_num_threads(1)  # tiny ops: thread start-up costs more than it saves o
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch, with no recorded plans and zeroed fxlowbit counters (and no
-    CPU kernel still compiling in the background from the previous test)."""
+    CPU kernel still compiling in the background from the previous test).
+
+    AOTAutograd's cache is off in the test process: a hit skips the partition and the rewrites
+    (the plan comes back from the journal), so a test that spies on them would see nothing when
+    the suite runs a second time on the same Inductor cache (CI's did). Cache hits are tested in
+    fresh processes with their own cache folders (test_compile_cache.py)."""
     quant_cpu.wait()
     torch._dynamo.reset()
     fxlowbit.reset(kernels=False)  # compiled CPU kernel families hold no model state: keep them
-    yield
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     quant_cpu.wait()
     torch._dynamo.reset()
 
