@@ -144,8 +144,12 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: (n, G*bits//8) uint8 -> (n, G) uint8."""
     if bits == 8:
         return codes
-    mask = (1 << bits) - 1
-    return torch.cat([(codes >> (j * bits)) & mask for j in range(8 // bits)], dim=1)
+    # column j*W + k is plane j of byte k: tile the bytes and shift each column by its plane's
+    # offset. One pointwise expression (Inductor reads byte k of the tile by index and fuses the
+    # unpacking into the decode's consumer); a cat of the planes is a buffer it materialises
+    per = 8 // bits
+    shift = (torch.arange(codes.shape[1] * per, device=codes.device) // codes.shape[1] * bits).to(torch.uint8)
+    return (codes.repeat(1, per) >> shift) & ((1 << bits) - 1)
 
 
 def _scale(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
