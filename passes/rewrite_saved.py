@@ -68,10 +68,6 @@ class Rewriter:
         # (old placeholder, decode builder, comparison users or None, fused decode or None)
         self.stored: list = []
         self.seed: fx.Node | None = None  # this graph's seed node (inline mode)
-        # the decode being built reads into extern kernels only: the opaque op, even when inline
-        # (no kernel of its own for Inductor to generate and compile, per shape: T5's backward
-        # had 20 more C++ kernels than Inductor's; the op runs the compiled family)
-        self.opaque_decode = False
         self.n_seeded = 0
         self.dropped: list[fx.Node] = []  # backward placeholders replaced by a normalised form
         self.fw_nodes = {n.name: n for n in self.fg.nodes}  # for forms.normalised (names are stable)
@@ -133,7 +129,7 @@ class Rewriter:
         )
 
         def build(syms) -> fx.Node:
-            if self.inline and contiguous and not self.opaque_decode:
+            if self.inline and contiguous:
                 return _inline(self.bg, traceable, [*parts, *consts[:-1], syms(shape), *consts[-1:]])
             return call(self.bg, op, (*parts, *consts[:-1], syms(shape), syms(stride), *consts[-1:]))
 
@@ -159,7 +155,6 @@ class Rewriter:
             if fused is not None and fused():
                 continue
             first = first_user(self.bg, ph) if users is None else min(users, key=order.__getitem__)
-            self.opaque_decode = extern_only(list(ph.users) if users is None else users)
             with self.bg.inserting_before(first):
                 value = build(syms)
             if users is None:
@@ -189,30 +184,6 @@ class Rewriter:
                 o for o in self.new_outputs[self.num_fwd :] if getattr(o, "name", None) not in unused
             ]
         self.out_node.args = (tuple(self.new_outputs),)
-
-
-# backward ops Inductor runs as extern kernels (aten, MKL, oneDNN): a value they read is
-# materialised whatever produces it, so fusing its decode buys nothing
-_EXTERN = frozenset(
-    {"mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward",
-     "_scaled_dot_product_flash_attention_for_cpu_backward",
-     "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention_backward",
-     "_scaled_dot_product_cudnn_attention_backward"}
-)  # fmt: skip
-_VIEWS = frozenset(
-    {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand", "unsqueeze", "squeeze"}
-)
-
-
-def extern_only(readers: list[fx.Node]) -> bool:
-    """Whether every one of ``readers`` (backward nodes) is an extern kernel, or a view read only
-    by extern kernels."""
-    for u in readers:
-        name = getattr(u.target, "_opname", "") if u.op == "call_function" else ""
-        if name in _EXTERN or (name in _VIEWS and u.users and extern_only(list(u.users))):
-            continue
-        return False
-    return bool(readers)
 
 
 def run(
