@@ -76,11 +76,15 @@ class Adaptive:
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
         self.unsafe = False  # the last probe found the plan in force far over the variance limit
-        if self.partitioner.pristine is not None and torch.is_grad_enabled():
+        if self.partitioner.prior_checked():
+            # a cache hit: the process that compiled this plan checked it on its first batch
+            counters["prior_checks_kept"] += 1
+        elif self.partitioner.probed and torch.is_grad_enabled():
             try:  # the first batch checks the prior's plan before the first step trains on it
                 with torch.random.fork_rng(devices=_devices(example_inputs)):
                     with sampling_state.exact():  # replays need the exact gradient
-                        self._check_prior(list(example_inputs))
+                        if self._check_prior(list(example_inputs)):
+                            self.partitioner.keep_prior_check()
             except Exception as err:
                 if cfg.strict:
                     raise
@@ -88,16 +92,17 @@ class Adaptive:
                 counters["probes_disabled"] += 1
                 log.warning("fxlowbit: probes disabled for this graph (%s: %s)", type(err).__name__, err)
 
-    def _check_prior(self, args: list) -> None:
+    def _check_prior(self, args: list) -> bool:
         """The runtime guard's first look: measure the prior plan's whole gradient error on the first
         batch (:func:`fxlowbit.validate.plan_error`, one eager forward and backward). Over the variance
         limit (the gradient's power stands in for the minibatch variance, one batch being at hand),
         probe every tensor on that batch and re-plan before the first step, so no step trains on a
-        prior that is wrong for this model (ResNet at default options: 12 dB on the prior)."""
+        prior that is wrong for this model (ResNet at default options: 12 dB on the prior). True when
+        the prior passed."""
         p, limit = self.partitioner, self.cfg.max_variance_ratio
         measured = None if self.plan is None else self._joint_ratio(self.plan, args, math.inf)
         if measured is None or measured <= limit:
-            return
+            return True
         counters["prior_misses"] += 1
         log.warning(
             "fxlowbit: the prior plan adds %.3g of the first batch's gradient power (limit %g): probing "
@@ -111,6 +116,7 @@ class Adaptive:
         self._guard()
         self.unsafe = True  # the plan in force was measured over the limit
         self.replan(args)
+        return False
 
     def _still_good(self, new: Plan) -> bool:
         """Hysteresis against plan churn (each new variant is a compilation): keep the current plan
@@ -129,7 +135,7 @@ class Adaptive:
         return p.plan.signature() if p.plan is not None else None
 
     def __call__(self, *args):
-        if torch.is_grad_enabled() and not self.failed and self.partitioner.pristine is not None:
+        if torch.is_grad_enabled() and not self.failed and self.partitioner.probed:
             self.steps += 1
             due = self.steps >= self.first and (self.steps - self.first) % self.cfg.calibrate_every == 0
             if due or self.pending is not None:

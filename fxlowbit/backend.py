@@ -119,11 +119,31 @@ class LowbitPartitioner(CustomPartitionerFn):
         self.facts: passes.analyze.GraphFacts | None = None  # of the last partition
         self.extra_bytes = 0  # saved bytes of the losses linear_ce fused, unfused (the budget counts them)
         self.quantizable: list[str] = []  # saved tensors a plan may quantize (probed)
-        self.pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
+        self._pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None  # for probes
+        self._pristine_kept: bytes | None = None  # a cache hit's pristine pair, loaded on first use
         self.timings: dict[str, float] = {}  # step -> seconds, of the last partition
         self.called = False  # the partition ran here (False after compiling: AOTAutograd's cache hit)
         self.journal: Path | None = None  # where this partition's outcome is kept for cache hits
         self.after: tuple[fx.GraphModule, fx.GraphModule] | None = None  # the rewritten pair
+
+    @property
+    def pristine(self) -> tuple[fx.GraphModule, fx.GraphModule, int] | None:
+        """The partitioned graphs before any rewrite, and the forward's output count: what probes
+        and checks replay. After a cache hit, read from the journal on first use (a warm first
+        step whose plan was checked by the process that compiled it never reads them)."""
+        if self._pristine_kept is not None:
+            kept, self._pristine_kept = self._pristine_kept, None
+            self._pristine = _loads(kept)["pristine"]
+        return self._pristine
+
+    @pristine.setter
+    def pristine(self, value: tuple[fx.GraphModule, fx.GraphModule, int] | None) -> None:
+        self._pristine, self._pristine_kept = value, None
+
+    @property
+    def probed(self) -> bool:
+        """Whether probes can replay this partition (it kept its pristine graphs)."""
+        return self._pristine is not None or self._pristine_kept is not None
 
     def uuid(self) -> str:
         """What decides the plan, for AOTAutograd's and Inductor's cache keys (the Dynamo graph and
@@ -143,7 +163,7 @@ class LowbitPartitioner(CustomPartitionerFn):
     # a second process could never hit the cache, and the seed, which the compiled code never
     # sees (it names a stream; the stream's generator is seeded at run time), so another seed
     # reuses the code and still draws its own noise.
-    _NOT_IN_CACHE_KEY = ("timings", "record", "called", "journal", "after")
+    _NOT_IN_CACHE_KEY = ("timings", "record", "called", "journal", "after", "_pristine_kept")
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_IN_CACHE_KEY}
@@ -203,7 +223,7 @@ class LowbitPartitioner(CustomPartitionerFn):
     # leaves behind (the plan, the analysis and the pristine graphs the probes replay, the graphs
     # and counters reports show, the warnings the user must see) is kept beside Inductor's cache,
     # under a key of the partitioner's uuid and the Dynamo graph, and restored on a hit.
-    _JOURNALED = ("plan", "facts", "pristine", "quantizable", "extra_bytes", "timings")
+    _JOURNALED = ("plan", "facts", "quantizable", "extra_bytes", "timings")
 
     def _write_journal(self, before, fallback: str | None, counts: Counter, caught) -> None:
         assert self.journal is not None
@@ -211,9 +231,11 @@ class LowbitPartitioner(CustomPartitionerFn):
         entry.update(fallback=fallback, counters=dict(counts))
         entry["warnings"] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
         try:
-            # the graphs reports show: apart, as a hit loads them on first use (restore)
+            # apart, as a hit loads them on first use: the pristine pair (probes, checks) and the
+            # graphs reports show
+            pristine = _dumps({"pristine": self._pristine})
             shown = _dumps({"before": before, "after": self.after})
-            data = pickle.dumps((_dumps(entry), shown))
+            data = pickle.dumps((_dumps(entry), pristine, shown))
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.journal.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(data)
@@ -228,13 +250,14 @@ class LowbitPartitioner(CustomPartitionerFn):
         them)."""
         try:
             assert self.journal is not None
-            core, shown = pickle.loads(self.journal.read_bytes())
+            core, pristine, shown = pickle.loads(self.journal.read_bytes())
             entry = _loads(core)
         except Exception as err:
             log.debug("fxlowbit: no kept plan at %s (%s)", self.journal, err)
             return False
         for name in self._JOURNALED:
             setattr(self, name, entry[name])
+        self._pristine, self._pristine_kept = None, pristine
         for message, category, filename, lineno in entry["warnings"]:
             warnings.warn_explicit(message, category, filename, lineno)
         if self.plan is not None:
@@ -251,6 +274,25 @@ class LowbitPartitioner(CustomPartitionerFn):
         _last_graphs.append(graphs)
         record.add(self, graphs, None, entry["fallback"])
         return True
+
+    # -- the first batch's check, kept for cache hits ---------------------------------------------
+    def prior_checked(self) -> bool:
+        """Whether the process that compiled this partition (a cache hit's) found its plan within the
+        variance limit on its first batch (:meth:`keep_prior_check`)."""
+        return not self.called and self.journal is not None and self._check_path().exists()
+
+    def keep_prior_check(self) -> None:
+        """Note beside the journal that the plan passed the first batch's check: a later process
+        that loads this partition from the cache trusts it (its probes still run on schedule)."""
+        if self.journal is not None and self.called:
+            try:
+                self._check_path().touch()
+            except OSError as err:
+                log.debug("fxlowbit: first-batch check not kept (%s)", err)
+
+    def _check_path(self) -> Path:
+        assert self.journal is not None
+        return self.journal.with_suffix(".checked")
 
     @staticmethod
     def _placeholder_names(fw: fx.GraphModule, indices: frozenset[int]) -> frozenset[str]:

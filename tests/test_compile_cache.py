@@ -35,6 +35,18 @@ if sys.argv[3] == "pessimistic":  # probes measure 1e6x the prior's error: the g
         return dataclasses.replace(probe, sensitivity={k: 1e6 * v for k, v in probe.sensitivity.items()})
 
     calibrate.probe_sensitivity = pessimistic
+pristine_loads = 0
+loads = fxlowbit.backend._loads
+
+
+def counting_loads(data):
+    global pristine_loads
+    entry = loads(data)
+    pristine_loads += "pristine" in entry
+    return entry
+
+
+fxlowbit.backend._loads = counting_loads
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = MLP(hidden=256, dropout=0.0)
@@ -57,6 +69,9 @@ print(json.dumps({
     "lost": fxlowbit.counters["cache_hits_without_plan"],
     "rewritten": fxlowbit.counters["graphs_rewritten"],
     "probes": fxlowbit.counters["probes"],
+    "checks_kept": fxlowbit.counters["prior_checks_kept"],
+    "prior_misses": fxlowbit.counters["prior_misses"],
+    "pristine_loads": pristine_loads,
     "variants": fxlowbit.counters["plan_variants"],
     "plans": [p.signature() for p in fxlowbit.last_plans()],
     "reported": [[r.form for r in e.rows] for e in report.entries],
@@ -95,6 +110,16 @@ def test_a_second_process_hits_the_cache_and_reproduces_the_first(runs):
     assert again["grad"] == first["grad"]  # bit for bit
 
 
+def test_a_hit_trusts_the_first_batch_check_of_the_process_that_compiled_it(runs):
+    """The first process checks the prior plan on its first batch (it passes: no miss) and marks
+    the journal; the second skips the check, and its first step never loads the pristine graphs
+    (they load when the first probe, at step 10, needs them)."""
+    first, again, _, _ = runs
+    assert first["prior_misses"] == again["prior_misses"] == 0
+    assert first["checks_kept"] == 0 and again["checks_kept"] == 1
+    assert again["pristine_loads"] == 0
+
+
 def test_probes_and_re_plans_run_on_a_cache_hit_and_a_variant_hits_too(tmp_path):
     """The probe at step 2 finds 1e6x the prior's error; the guard re-plans at step 3 and compiles
     a variant outside Dynamo, on the real batch. The second process hits on both graphs (a variant
@@ -106,6 +131,9 @@ def test_probes_and_re_plans_run_on_a_cache_hit_and_a_variant_hits_too(tmp_path)
     assert first["aot_misses"] == 2 and first["aot_hits"] == 0
     assert again["aot_hits"] == 2 and again["aot_misses"] == 0 and again["restored"] == 2
     assert first["probes"] == again["probes"] >= 1
+    # the first partition's pristine pair, loaded by the probe at step 2 (the hit skipped the
+    # first-batch check; probes always replay the first partition, whatever variant runs)
+    assert again["pristine_loads"] == 1
     assert again["plans"] == first["plans"] and len(first["plans"]) == 2
     assert again["grad"] == first["grad"]
 
