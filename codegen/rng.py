@@ -29,6 +29,20 @@ def new_stream(seed: int) -> int:
         return sid
 
 
+# ids of streams that never enter compiled code, apart from new_stream's counter: allocating one
+# must not shift the ids later graphs bake in (a warm process that skips a check would compile
+# every later graph under other ids than the cold one, and miss the caches)
+_RESERVED = 1 << 62
+
+
+def reserved_stream(index: int, seed: int) -> int:
+    """The id of reserved stream ``index`` (seeded with ``seed``), outside :func:`new_stream`'s ids."""
+    sid = _RESERVED + index
+    with _lock:
+        _seeds[sid] = int(seed)
+    return sid
+
+
 def generator(stream: int) -> torch.Generator:
     """The stream's generator, created from its seed on first use (and again after
     ``fxlowbit.reset()``, which restarts the stream)."""
