@@ -137,7 +137,7 @@ def test_a_skipped_check_leaves_the_later_graphs_ids_alone(tmp_path):
     that graph's input) on the first batch; the warm one skips that check, and the third graph,
     compiled after it, still hits. The check's rounding stream once took the next stream id, so
     a warm process gave every later graph another id than the cold one, and another key: GPT-2's
-    loss graph compiled anew in every warm process (7.3 s against 6.0 s, at 4e36ef4)."""
+    loss graph compiled anew in every warm process (7.3 s against 6.0 s, at 004f285)."""
     first, again = (_run(tmp_path, {"seed": 3}, graphs="three") for _ in range(2))
     assert first["aot_misses"] == 3 and first["checks_kept"] == 0
     assert any(form == "quant" for plan in first["plans"] for _, form, _ in plan)  # a check ran
