@@ -46,7 +46,6 @@ class RuntimeState:
     generators: dict = dataclasses.field(default_factory=dict)
     device_generators: dict = dataclasses.field(default_factory=dict)
     stream_seeds: dict = dataclasses.field(default_factory=dict)
-    check_stream: list = dataclasses.field(default_factory=list)  # validate's stream id (0 or 1)
     # codegen.kernels.sparse24_mask: key -> mask entry, key -> module path
     masks: dict = dataclasses.field(default_factory=dict)
     mask_modules: dict = dataclasses.field(default_factory=dict)
@@ -89,7 +88,6 @@ _MODEL_STATE = (
     "warned",
     "generators",
     "device_generators",
-    "check_stream",
     "masks",
     "mask_modules",
     "mask_checks",

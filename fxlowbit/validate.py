@@ -18,16 +18,20 @@ from . import calibrate, passes
 from .codegen import ops, rng
 from .config import LowbitConfig
 from .plan import Plan
-from .state import STATE
 
 __all__ = ["plan_error"]
+
+
+def _check_stream() -> int:
+    """The one rounding stream of every check (its draws never reach training): a reserved id, no
+    id a compiled graph bakes in, so a check one process runs and another skips shifts no later
+    graph's stream."""
+    return rng.reserved_stream(0, 0x5EED)
 
 
 def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int = 0) -> tuple[float, float]:
     """(squared error of the plan's gradient against the exact one, squared norm of the exact
     one) on the step ``args``, with the probes' tangents for ``seed``."""
-    if not STATE.check_stream:  # one rounding stream for every check (its draws never reach training)
-        STATE.check_stream.append(rng.reserved_stream(0, 0x5EED))  # no id a compiled graph bakes in
     fw0, bw0, n = pristine
     fw, bw = passes._graph.copy_module(fw0), passes._graph.copy_module(bw0)
     if cfg.enabled("recompute"):
@@ -39,7 +43,7 @@ def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int =
         plan,
         num_fwd_outputs=n,
         group_size=cfg.group_size,
-        stream=STATE.check_stream[0],
+        stream=_check_stream(),
         inline=False,
         fuse=False,
     )
