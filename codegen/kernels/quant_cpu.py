@@ -18,9 +18,10 @@ eager references. A family that fails to compile (no C++ compiler, say) warns
 once, is counted in :data:`counters` and runs the eager reference from then on.
 
 Off the critical path. A family's first compile runs in a child process at the lowest priority
-(:data:`BACKGROUND`, env ``FXLOWBIT_CPU_COMPILE=sync`` to compile on first use instead; one pack
-family took 16 s to compile on 2 cores, 2026-12-05); until it exits the family's calls run the
-eager reference, which gives the same bits, so when the switch happens changes no result. A child,
+(:data:`BACKGROUND`; one pack family took 16 s to compile on 2 cores, 2026-12-05); until it exits
+the family's calls run the eager reference, which gives the same bits, so when the switch happens
+changes no result. ``FXLOWBIT_CPU_COMPILE=sync`` waits for the child on first use instead: the
+export cannot run inside the op's call in a compiled graph (torch.export fails there). A child,
 not a thread: export patches ``torch.nn.Module.__call__`` process-wide, so a compile on a thread
 breaks the training thread's module calls. :func:`wait` waits for the children; a process that
 exits stops those still running.
@@ -52,6 +53,8 @@ __all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear"
 log = logging.getLogger(__name__)
 
 BACKGROUND = os.environ.get("FXLOWBIT_CPU_COMPILE", "background") != "sync"
+# compile in this process, not in a child: only for direct calls outside compiled graphs (tests)
+IN_PROCESS = False
 # in fxlowbit.state.STATE (fxlowbit.reset() clears them); counters: "compiled" / "reference" /
 # "pending" calls, "compile_failures"
 counters: Counter = state.STATE.kernel_counters
@@ -207,15 +210,20 @@ class _Family:
         """The kernel's outputs, or None while a child process compiles it."""
         fn = self.fn
         if fn is None:
-            if BACKGROUND and not self.path.exists():
-                if self.proc is None:
+            if not self.path.exists():
+                if self.proc is None and not IN_PROCESS:
                     try:
                         self._compile_in_child()
                     except OSError as err:  # no child processes here: compile on the spot
                         log.info("fxlowbit: compiling %s here (%s)", self.key, err)
-                if self.proc is not None and self.proc.poll() is None:
-                    return None
-            if not self.path.exists():  # sync, or a child that failed: compile here (or fail here)
+                if self.proc is not None:
+                    if BACKGROUND and self.proc.poll() is None:
+                        return None
+                    # sync: wait for the child. Not an export here: this call may run inside a
+                    # compiled graph (dispatch keys excluded, fake modes about), where
+                    # torch.export fails ("SymInt ... is not tracked with proxy")
+                    self.proc.wait()
+            if not self.path.exists():  # a child that failed, or none: compile here (or fail here)
                 self.compile()
             fn = self._load()
         return tuple(fn(*args))

@@ -22,9 +22,10 @@ SEED = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
 
 @pytest.fixture(autouse=True)
 def _compile_on_first_use(monkeypatch):
-    """These tests count compiled calls: families compile on first use (the background compile,
-    the default, has its own test)."""
+    """These tests count compiled calls: families compile on first use, in this process (the
+    background compile, the default, and sync's child have their own tests)."""
     monkeypatch.setattr(C, "BACKGROUND", False)
+    monkeypatch.setattr(C, "IN_PROCESS", True)
 
 
 def _reference(x, bits, group_size=256, seed=SEED):
@@ -146,6 +147,7 @@ def test_a_child_process_compiles_the_family_while_the_reference_runs_with_the_s
     monkeypatch, fresh_packages
 ):
     monkeypatch.setattr(C, "BACKGROUND", True)
+    monkeypatch.setattr(C, "IN_PROCESS", False)
     key = ("pack", 4, 64, "bfloat16")
     C._families.pop(key, None)
     x = torch.randn(5000).to(torch.bfloat16)
@@ -172,6 +174,7 @@ def test_a_child_that_fails_leaves_the_compile_here_which_fails_warns_and_falls_
     )
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_compiler)
     monkeypatch.setattr(C, "BACKGROUND", True)
+    monkeypatch.setattr(C, "IN_PROCESS", False)
     key = ("pack", 2, 64, "float16")
     C._families.pop(key, None)
     C._broken.discard(key)
@@ -187,6 +190,7 @@ def test_a_child_that_fails_leaves_the_compile_here_which_fails_warns_and_falls_
 
 def test_children_still_compiling_at_exit_are_stopped_and_the_family_still_works(monkeypatch, fresh_packages):
     monkeypatch.setattr(C, "BACKGROUND", True)
+    monkeypatch.setattr(C, "IN_PROCESS", False)
     key = ("pack", 8, 64, "bfloat16")
     C._families.pop(key, None)
     x = torch.randn(3000).to(torch.bfloat16)
@@ -216,3 +220,27 @@ def test_a_process_that_loaded_packages_leaves_no_unpacked_folder_behind(tmp_pat
            "FXLOWBIT_CPU_COMPILE": "sync"}  # fmt: skip
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     assert not list(tmp_path.glob("aotinductor_*"))
+
+
+def test_sync_compiles_inside_a_compiled_graph(tmp_path):
+    """``FXLOWBIT_CPU_COMPILE=sync`` used to export the family inside the op's call in the compiled
+    graph, where torch.export fails ("SymInt ... is not tracked with proxy"): every family warned
+    and ran the reference. Sync now waits for the child that compiles it. A fresh process and an
+    empty cache, so the families really compile there."""
+    import os
+    import subprocess
+
+    code = (
+        "import warnings, torch, fxlowbit\n"
+        "from fxlowbit.codegen.kernels import quant_cpu as C\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))\n"
+        "c = torch.compile(net, backend='lowbit', options={'bits': 4, 'inner': 'eager'})\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error', UserWarning)\n"
+        "    c(torch.randn(64, 256)).sum().backward()\n"
+        "assert C.counters['compile_failures'] == 0 and C.counters['reference'] == 0, C.counters\n"
+        "assert C.counters['compiled'] == 2, C.counters\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "FXLOWBIT_CPU_COMPILE": "sync"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
