@@ -201,9 +201,10 @@ class _Family:
 
     def _compile_in_child(self) -> None:
         env = {**os.environ, "FXLOWBIT_CPU_COMPILE": "sync"}
+        # at the lowest priority while training goes on; sync's caller waits for it, so not then
         self.proc = subprocess.Popen(
             self.child_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_lowest_priority,
+            preexec_fn=_lowest_priority if BACKGROUND else None,
         )  # fmt: skip
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
