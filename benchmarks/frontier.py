@@ -110,13 +110,14 @@ class Setting:
     budget: float | None = None
     bits: int | None = None
     matches: int | None = None  # lowbit at the planned bytes of uniform ``matches``-bit
+    mincut: bool = True  # lowbit: the planner may take min-cut's re-partition (option ``mincut``)
 
     @property
     def label(self) -> str:
         if self.matches is not None:
             return f"lowbit least-variance = uniform {self.matches}b bytes"
         if self.budget is not None:
-            return f"{self.frontier} B={self.budget:g}"
+            return f"{self.frontier} B={self.budget:g}" + ("" if self.mincut else " bits/replays only")
         return f"{self.frontier} {self.bits}b" if self.bits is not None else self.frontier
 
 
@@ -141,10 +142,12 @@ def _compile(model: nn.Module, s: Setting, inner: str):
         return torch.compile(model, backend="inductor", options={"custom_partitioner_fn": rec}), (
             lambda: rec.graphs
         )
-    opts = {"memory_budget": s.budget} if s.frontier == "lowbit" else {"bits": s.bits}
+    opts = {"memory_budget": s.budget} if s.frontier in ("lowbit", "lowbit-bits") else {"bits": s.bits}
     if s.matches is not None:  # the least-variance plan within the budget (see vs_uniform)
         opts["max_variance_ratio"] = LEAST_VARIANCE
     opts |= {"seed": 0, **({"inner": "eager"} if inner == "eager" else {})}
+    if not s.mincut:
+        opts["mincut"] = False
     fxlowbit.LowbitConfig.from_options(opts)  # an unknown option raises here, not inside Dynamo
     last_graphs = getattr(fxlowbit.backend, "last_graphs", None)
     n0 = len(last_graphs()) if last_graphs else 0
@@ -185,7 +188,7 @@ def build(
             loss.backward()
             # more gradients under other rounding seeds: the SQNR of their mean squared error
             grads = [flat_grad(model)]
-            for k in range(1, sqnr_samples if s.frontier in ("lowbit", "uniform") else 1):
+            for k in range(1, sqnr_samples if s.frontier in ("lowbit", "lowbit-bits", "uniform") else 1):
                 model.zero_grad(set_to_none=True)
                 torch.manual_seed(1 + k)
                 case.loss(compiled, case.inputs).backward()
@@ -434,6 +437,7 @@ LABELS = {
     "uniform": "uniform lowbit 8/4/2 b",
     "min-cut": "min-cut (activation_memory_budget)",
     "lowbit": "lowbit (memory_budget)",
+    "lowbit-bits": "lowbit, bits and replays only (mincut=False)",
     "matched": "lowbit least-variance at uniform's bytes",
 }
 
@@ -446,8 +450,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
-    styles = {"min-cut": ("o-", "C0"), "lowbit": ("s-", "C3"), "matched": ("D", "C1"), "uniform": ("^", "C2"),
-              "inductor": ("*", "k")}  # fmt: skip
+    styles = {"min-cut": ("o-", "C0"), "lowbit": ("s-", "C3"), "lowbit-bits": ("v--", "C4"),
+              "matched": ("D", "C1"), "uniform": ("^", "C2"), "inductor": ("*", "k")}  # fmt: skip
 
     def series(r: dict) -> str:  # least-variance rows at uniform's bytes are not the budget sweep
         return "matched" if r["frontier"] == "lowbit" and r.get("matches") is not None else r["frontier"]
@@ -510,6 +514,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="tiny", choices=("tiny", "small"))
     p.add_argument("--mincut-budgets", default=MINCUT_BUDGETS, help="activation_memory_budget sweep")
     p.add_argument("--lowbit-budgets", default=LOWBIT_BUDGETS, help="lowbit memory_budget sweep")
+    p.add_argument(
+        "--bits-only-budgets", default="", help="lowbit memory_budget sweep with mincut=False (old planner)"
+    )
     p.add_argument("--bits", default="8,4,2", help="uniform lowbit bit widths ('' for none)")
     p.add_argument(
         "--match-uniform",
@@ -536,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = [Setting("inductor")]
     settings += [Setting("min-cut", budget=b) for b in floats(args.mincut_budgets)]
     settings += [Setting("lowbit", budget=b) for b in floats(args.lowbit_budgets)]
+    settings += [Setting("lowbit-bits", budget=b, mincut=False) for b in floats(args.bits_only_budgets)]
     settings += [Setting("uniform", bits=int(b)) for b in floats(args.bits)]
     rows, accept = [], {}
     t0 = time.perf_counter()

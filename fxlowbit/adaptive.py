@@ -196,6 +196,8 @@ class Adaptive:
         return planner.decide(
             p.facts.saved, self.cfg, p.facts.hints, profile=p.profile, sensitivity=self.sensitivity,
             gemms=p.facts.gemms, extra_bytes=p.extra_bytes,
+            # a re-partitioned pair (min-cut's recompute) keeps the budget the default pair's bytes set
+            budget_bytes=p.plan.budget if p.plan is not None and p.plan.partition else None,
         )  # fmt: skip
 
     def _joint_ratio(self, plan: Plan, args: list, var: float) -> float | None:

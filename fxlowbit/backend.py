@@ -28,6 +28,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import operator
 import os
 import pickle
 import warnings
@@ -191,17 +192,32 @@ class LowbitPartitioner(CustomPartitionerFn):
         def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:
             return min_cut_rematerialization_partition(joint, inputs, compiler="inductor", **kwargs)
 
+        before: tuple[fx.GraphModule, fx.GraphModule] | None = None  # the graphs reports show as "before"
+
+        def repartition(frac: float) -> tuple[fx.GraphModule, fx.GraphModule]:
+            """The joint graph under min-cut's own recompute knapsack at ``frac`` (the plan step
+            weighs it against the default pair, pipeline._weigh_mincut)."""
+            with torch._functorch.config.patch(activation_memory_budget=frac), _random_saved(gm):
+                fw, bw = partition(gm, joint_inputs)
+            nonlocal before
+            before = (record.snapshot(fw), record.snapshot(bw))
+            return fw, bw
+
         fw, bw = partition(gm, joint_inputs)
         n = kwargs["num_fwd_outputs"]
-        before, fallback = (record.snapshot(fw), record.snapshot(bw)), None  # for fxlowbit.last_report()
+        default = before = (record.snapshot(fw), record.snapshot(bw))  # for fxlowbit.last_report()
+        fallback = None
         acts, data = (self._placeholder_names(fw, which) for which in self.activations)
         ctx = pipeline.Context(
             self.cfg, self.profile, label=f"graph{len(STATE.records)}", fw=fw, bw=bw, num_fwd_outputs=n,
             stream=self.stream, activations=acts, data=data, sensitivity=self.sensitivity,
-            sampling_keys=self.sampling_keys,
+            sampling_keys=self.sampling_keys, repartition=repartition,
         )  # fmt: skip
         try:
             pipeline.run(pipeline.PARTITION_STEPS, ctx)
+            fw, bw = ctx.pair
+            if not ctx.repartitioned:
+                before = default
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
                 raise
@@ -213,7 +229,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             )
             counters["fallback_internal_error"] += 1
             fw, bw = partition(gm, joint_inputs)
-            fallback = f"{type(err).__name__}: {err}"
+            before, fallback = default, f"{type(err).__name__}: {err}"
         self.pristine, self.facts, self.plan = ctx.pristine, ctx.facts, ctx.plan
         self.extra_bytes, self.quantizable, self.timings = ctx.extra_bytes, ctx.quantizable, ctx.timings
         return fw, bw, before, fallback
@@ -300,6 +316,28 @@ class LowbitPartitioner(CustomPartitionerFn):
         input ``primals_{i+1}``)."""
         names = {f"primals_{i + 1}" for i in indices}
         return frozenset(p.name for p in fw.graph.find_nodes(op="placeholder") if p.name in names)
+
+
+@contextlib.contextmanager
+def _random_saved(joint: fx.GraphModule):
+    """Mark the joint graph's random draws (dropout) MUST_SAVE while it is partitioned under a
+    memory budget: min-cut's knapsack would otherwise recompute them in the backward with fresh
+    masks (pytorch/pytorch#190758). The marks are removed afterwards."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    marked = []
+    for node in joint.graph.nodes:
+        if passes._ops.draws_random(node):
+            getitems = [u for u in node.users if u.target is operator.getitem]
+            for n in [node, *getitems]:
+                if "recompute" not in n.meta:
+                    n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                    marked.append(n)
+    try:
+        yield
+    finally:
+        for n in marked:
+            n.meta.pop("recompute", None)
 
 
 def _seed(cfg: LowbitConfig) -> int:

@@ -78,6 +78,11 @@ class LowbitConfig:
         ``mode="speed"``, else off), False, True (keep ratios adapted per linear so that the added
         variance stays within what ``max_variance_ratio`` leaves after compression) or a float in
         (0, 1] (that keep ratio on every eligible linear, no adaptation; 1.0 is exact).
+    mincut: when a plan needs lossy forms to meet the budget, also partition the joint graph with
+        PyTorch's own recompute knapsack (``activation_memory_budget`` = the budget's fraction, which
+        recomputes reductions, attention and chains of GEMMs that lowbit's replays cannot), plan
+        that pair under the same budget in bytes, and keep whichever costs less by the cost model
+        (default True; needs ``recompute``). Costs one more partition and analysis per such graph.
     sampling_filter: mapping of module-name glob pattern (as in ``gemm_filter``) -> bool: whether the
         linears it matches are sampled; first match wins; unmatched linears are. E.g. ``{"head": False}``.
     """
@@ -88,6 +93,7 @@ class LowbitConfig:
     allowed_bits: tuple[int, ...] = (2, 4, 8)
     profile: Any = None
     recompute: bool = True
+    mincut: bool = True
     calibrate_every: int = 2000
     max_variants: int = 4
     bits: int | None = None

@@ -22,7 +22,7 @@ __all__ = ["PASSES", "GEMM_FORMATS", "GEMM_ROLES", "CHOICES", "normalised", "gem
 # (fxlowbit/pipeline.py runs them; "probes": the copies the probes replay, so off = no probes)
 PASSES = (
     *("linear_ce", "sparsity", "lowbit_gemm", "sampling"),  # on the Dynamo graph
-    *("saved_views", "probes", "analyze", "plan", "recompute", "rewrite_saved"),  # on the partitioned pair
+    *("saved_views", "analyze", "plan", "probes", "recompute", "rewrite_saved"),  # on the partitioned pair
 )
 GEMM_FORMATS = ("auto", "off", "int8", "fp8")  # per GEMM: cost model, plain, or forced
 GEMM_ROLES = ("fwd", "grad_input", "grad_weight")
@@ -119,7 +119,7 @@ def _check_counts_and_flags(cfg: LowbitConfig) -> None:
             raise ValueError(
                 f"fxlowbit: option {key}={v!r} must be an int >= {int(key != 'calibrate_every')}"
             )
-    for key in ("masks", "strict", "recompute", "fuse"):
+    for key in ("masks", "strict", "recompute", "mincut", "fuse"):
         if not isinstance(getattr(cfg, key), bool):
             raise ValueError(f"fxlowbit: option {key}={getattr(cfg, key)!r} must be a bool")
 

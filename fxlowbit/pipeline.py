@@ -9,9 +9,10 @@ partitioner (fxlowbit/backend.py)::
                    lowbit_gemm    linears -> INT8/FP8 GEMMs where chosen         passes/lowbit_gemm.py
                    sampling       linears -> backward GEMMs on sampled rows      passes/sampling.py
     partition      saved_views    save a view's base, not the view               passes/saved_views.py
-                   probes         keep copies of the pair for the probes         fxlowbit/calibrate.py
                    analyze        saved tensors, their sizes and backward uses   passes/analyze.py
-                   plan           a form per saved tensor (cost model)           fxlowbit/planner.py
+                   plan           a form per saved tensor (cost model); weighs   fxlowbit/planner.py
+                                  min-cut's own recompute partition against it
+                   probes         keep copies of the pair for the probes         fxlowbit/calibrate.py
                    recompute      replay the tensors planned for recompute       passes/recompute.py
                    rewrite_saved  pack in the forward, decode in the backward    passes/rewrite_saved.py
 
@@ -29,9 +30,13 @@ the partitioner falls back to the uncompressed pair (``fallback_internal_error``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
+from collections import Counter
 
 import torch
+import torch.fx as fx
 
 from . import passes, planner
 from .codegen import rng
@@ -105,22 +110,122 @@ def _analyze(ctx: Context) -> None:
     ctx.facts = passes.analyze.run(*ctx.pair, ctx.num_fwd_outputs, ctx.activations, ctx.data)
 
 
-def _plan(ctx: Context) -> None:
-    facts, cfg = ctx.facts, ctx.cfg
+def _decide(ctx: Context, facts, budget: int | None = None):
+    """The plan of ``facts`` (quiet: :func:`_plan` warns about the plan it keeps)."""
     sens = None
     if ctx.sensitivity is not None:
         keys = planner.canonical_keys(facts.saved)
         sens = {name: ctx.sensitivity[k] for name, k in keys.items() if k in ctx.sensitivity}
+    return planner.decide(
+        facts.saved, ctx.cfg, facts.hints, profile=ctx.profile, sensitivity=sens, gemms=facts.gemms,
+        extra_bytes=ctx.extra_bytes, budget_bytes=budget, warn=False,
+    )  # fmt: skip
+
+
+def _plan(ctx: Context) -> None:
+    facts, cfg = ctx.facts, ctx.cfg
     # a fused loss saves no logits: the budget's fraction is of the bytes saved without fxlowbit
     ctx.extra_bytes = passes.linear_ce.unfused_extra_bytes(ctx.pair[0])
-    ctx.plan = planner.decide(
-        facts.saved, cfg, facts.hints, profile=ctx.profile, sensitivity=sens, gemms=facts.gemms,
-        extra_bytes=ctx.extra_bytes,
-    )  # fmt: skip
-    ctx.quantizable = [s.name for s in facts.saved if planner.may_quantize(s, cfg)]
+    ctx.plan = _decide(ctx, facts)
+    _weigh_mincut(ctx)
+    planner.warn_status(ctx.plan.status)
+    ctx.quantizable = [s.name for s in ctx.facts.saved if planner.may_quantize(s, cfg)]
     STATE.plans.append(ctx.plan)  # planner.decide logs it at INFO
     # one budget of added variance: sampling gets what the plan's compression leaves
     sampling_state.set_budget(ctx.sampling_keys, cfg.max_variance_ratio - ctx.plan.variance_ratio)
+
+
+def _weigh_mincut(ctx: Context) -> None:
+    """When the plan needs lossy forms or misses its budget, weigh it against PyTorch's own
+    recompute: partition the joint graph again at ``activation_memory_budget`` = the budget's
+    fraction (min-cut then recomputes what lowbit's replays cannot: reductions, softmax, attention,
+    chains of GEMMs), plan that pair under the same budget in bytes, and keep the pair whose plan
+    meets the budget, or both do and it costs less (:func:`fxlowbit.planner.objective`: GEMM time
+    of both graphs, the plan's added time and its variance priced in steps), or neither does and
+    it stores less (or as much, faster). Static sizes only; never a pair whose backward replays a
+    random or fxlowbit op (min-cut redraws dropout masks, pytorch/pytorch#190758). A failure here
+    keeps the default pair's plan, with one warning (``strict`` raises)."""
+    plan, facts, cfg = ctx.planned, ctx.facts, ctx.cfg
+    if ctx.repartition is None or not (cfg.recompute and cfg.mincut) or plan.budget is None:
+        return
+    if not planner.lossy(plan) and plan.bytes_after <= plan.budget:
+        return  # exact and within budget: nothing min-cut could improve on
+    if any(getattr(s.nbytes, "free_symbols", None) for s in facts.saved):
+        return  # symbolic sizes: the budget's bytes move with them
+    total = plan.bytes_before + planner.at_hints(ctx.extra_bytes, facts.hints)
+    frac = plan.budget / max(total, 1)
+    if frac >= 1:
+        return
+    ctx.counters["mincut_tried"] += 1
+    try:
+        _weigh_pair(ctx, frac)
+    except Exception as err:
+        if cfg.strict:
+            raise
+        ctx.counters["mincut_failed"] += 1
+        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        msg = f"fxlowbit: min-cut's re-partition failed ({why}); the default partition's plan is kept"
+        warnings.warn(msg, stacklevel=4)
+
+
+def _weigh_pair(ctx: Context, frac: float) -> None:
+    plan, facts = ctx.planned, ctx.facts
+    assert ctx.repartition is not None and plan.budget is not None
+    fw, bw = ctx.repartition(frac)
+    if _replays_state(bw, ctx.pair[1]):
+        ctx.counters["mincut_unsafe"] += 1
+        log.info("min-cut at %.3g recomputes a random or fxlowbit op in the backward: not used", frac)
+        return
+    own: Counter = Counter()
+    passes.saved_views.run(fw, bw, num_fwd_outputs=ctx.num_fwd_outputs, counters=own)
+    alt_facts = passes.analyze.run(fw, bw, ctx.num_fwd_outputs, ctx.activations, ctx.data)
+    with warnings.catch_warnings(record=True) as caught:  # shown if this pair is kept
+        warnings.simplefilter("always")
+        alt = _decide(ctx, alt_facts, budget=plan.budget)
+    t_ref = plan.step_time_s
+    here = planner.objective(plan, facts.gemms, ctx.profile, t_ref)
+    there = planner.objective(alt, alt_facts.gemms, ctx.profile, t_ref)
+    fits, alt_fits = plan.bytes_after <= plan.budget, alt.bytes_after <= plan.budget
+    if alt_fits != fits:  # meeting the budget comes first, then the time
+        better = alt_fits
+    elif fits:
+        better = there < here
+    else:  # neither can: the one closer to it, then the faster
+        better = (alt.bytes_after, there) < (plan.bytes_after, here)
+    log.info("min-cut at activation_memory_budget=%.3g: est. %.3f ms, %d bytes against %.3f ms, "
+             "%d bytes (%s)", frac, there * 1e3, alt.bytes_after, here * 1e3, plan.bytes_after,
+             "used" if better else "not used")  # fmt: skip
+    if not better:
+        return
+    why = (
+        f"min-cut partition at activation_memory_budget={frac:.3g} (est. {there * 1e3:.3f} ms against "
+        f"{here * 1e3:.3f} ms on the default partition)"
+    )
+    ctx.fw, ctx.bw, ctx.facts, ctx.repartitioned = fw, bw, alt_facts, True
+    ctx.plan = dataclasses.replace(alt, partition=why, bytes_default=plan.bytes_before)
+    ctx.counters.update(own)
+    ctx.counters["mincut_used"] += 1
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _replays_state(bw: fx.GraphModule, base: fx.GraphModule) -> bool:
+    """Whether ``bw`` calls a random op or an fxlowbit op more often than ``base`` does (a forward
+    op min-cut moved into the backward: a redrawn mask, a stream or registry advanced twice)."""
+
+    def stateful(gm: fx.GraphModule) -> Counter:
+        out: Counter = Counter()
+        for n in gm.graph.nodes:
+            t = n.target
+            if passes._ops.draws_random(n) or getattr(t, "namespace", None) == "fxlowbit":
+                out[t] += 1
+        return out
+
+    mine, theirs = stateful(bw), stateful(base)
+    extra = {str(t): k - theirs[t] for t, k in mine.items() if k > theirs[t]}
+    if extra:
+        log.debug("backward ops a re-partition adds: %s", extra)
+    return bool(extra)
 
 
 def _recompute(ctx: Context) -> None:
@@ -144,7 +249,7 @@ def _rewrite_saved(ctx: Context) -> None:
         fuse=cfg.fuse,
     )
     ctx.counters["graphs_rewritten"] += 1
-    ctx.counters["saved_bytes_before"] += plan.bytes_before
+    ctx.counters["saved_bytes_before"] += plan.bytes_uncompressed
     ctx.counters["saved_bytes_after"] += plan.bytes_after
 
 
@@ -172,6 +277,8 @@ DYNAMO_STEPS: tuple[Step, ...] = (
 )  # fmt: skip
 PARTITION_STEPS: tuple[Step, ...] = (
     Step("saved_views", _saved_views, "partition"),
+    Step("analyze", _analyze, "partition"),
+    Step("plan", _plan, "partition", when=lambda ctx: ctx.facts is not None),
     Step(
         "probes", _probes, "partition",
         when=lambda ctx: (  # probes revisit a plan: the planner and its analysis on
@@ -181,8 +288,6 @@ PARTITION_STEPS: tuple[Step, ...] = (
         contained="it is compressed under the prior sensitivities",
         error_counter="probes_disabled",
     ),
-    Step("analyze", _analyze, "partition"),
-    Step("plan", _plan, "partition", when=lambda ctx: ctx.facts is not None),
     Step("recompute", _recompute, "partition", when=lambda ctx: ctx.plan is not None),
     Step("rewrite_saved", _rewrite_saved, "partition", when=lambda ctx: ctx.plan is not None),
 )  # fmt: skip

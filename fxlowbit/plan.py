@@ -49,6 +49,9 @@ class Plan:
     step_time_s: float = 0.0  # estimated uncompressed step time of the graph
     variance_ratio: float = 0.0  # estimated added gradient variance / minibatch variance
     status: str = "ok"  # "ok", "uniform b-bit", or why the budget or variance limit was not met
+    partition: str = ""  # "": min-cut's default partition; else which partition and why (planner)
+    # uncompressed saved bytes of the default partition when the plan is of another (0: the same)
+    bytes_default: int = 0
 
     @property
     def time_s(self) -> float:
@@ -58,6 +61,12 @@ class Plan:
     @property
     def bytes_before(self) -> int:
         return sum(d.bytes_before for d in self.decisions)
+
+    @property
+    def bytes_uncompressed(self) -> int:
+        """What the graph saves without fxlowbit (the default partition, uncompressed): the bytes a
+        fractional budget is a fraction of (with a fused loss's logits, ``extra_bytes``)."""
+        return self.bytes_default or self.bytes_before
 
     @property
     def bytes_after(self) -> int:
@@ -71,7 +80,8 @@ class Plan:
 
     def signature(self) -> tuple:
         """What the rewrite depends on: two plans with equal signatures compile to the same code."""
-        return tuple((d.name, d.form, d.bits) for d in self.decisions)
+        rows = tuple((d.name, d.form, d.bits) for d in self.decisions)
+        return rows + ((("partition", self.partition, 0),) if self.partition else ())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, default=str)
@@ -86,10 +96,14 @@ class Plan:
                 f"{d.bytes_before:>10} {d.bytes_after:>10}  {d.reason}"
             )
         rows.append(f"total saved bytes {self.bytes_before} -> {self.bytes_after}")
+        if self.bytes_default:
+            rows.append(f"(the default partition saves {self.bytes_default} bytes)")
         if self.budget is not None:
             rows.append(
                 f"budget {self.budget} bytes, est. +{self.time_s * 1e3:.3f} ms on a "
                 f"{self.step_time_s * 1e3:.3f} ms step, variance ratio {self.variance_ratio:.3g} "
                 f"({self.status})"
             )
+        if self.partition:
+            rows.append(f"partition: {self.partition}")
         return "\n".join(rows)

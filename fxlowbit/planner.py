@@ -53,6 +53,10 @@ _warned: set[str] = STATE.warned  # warn-once keys (fxlowbit.state; reset() clea
 
 __all__ = [
     "decide",
+    "objective",
+    "lossy",
+    "at_hints",
+    "warn_status",
     "candidates",
     "solve",
     "stored_bytes",
@@ -83,6 +87,26 @@ def step_time(gemms: Sequence[Gemm], profile: cm.HardwareProfile, activation_byt
     return t + 4 * activation_bytes / (profile.copy_gbps * 1e9)
 
 
+def at_hints(expr: int | sympy.Expr, subs: Mapping) -> int:
+    """A byte count (int or sympy expression of the sizes) at the example sizes."""
+    return int(sympy.sympify(expr).subs(subs))
+
+
+def lossy(plan: Plan) -> bool:
+    """Whether the plan stores any tensor in a form that adds gradient variance."""
+    return any(d.variance > 0 or d.form == Form.QUANT for d in plan.decisions)
+
+
+def objective(plan: Plan, gemms: Sequence[Gemm], profile: cm.HardwareProfile, t_ref: float) -> float:
+    """Estimated seconds of a step of one partition under ``plan``: every GEMM of its forward and
+    backward at the profile's throughput (a partition that recomputes GEMMs has them in its
+    backward), the seconds the plan adds, and its variance ratio priced as that many steps of
+    ``t_ref`` seconds (the objective :func:`decide` minimises at weight 1). Compares two
+    partitions of one graph."""
+    t = sum(profile.matmul_time(g.flops, g.dtype) for g in gemms)
+    return t + plan.time_s + t_ref * plan.variance_ratio
+
+
 def _budget(cfg: LowbitConfig, total: int) -> int:
     b = cfg.budget
     return int(b * total) if b <= 1 else int(b)
@@ -98,13 +122,18 @@ def decide(
     sensitivity: Mapping[str, float] | None = None,
     gemms: Sequence[Gemm] = (),
     extra_bytes: int | sympy.Expr = 0,
+    budget_bytes: int | None = None,
+    warn: bool = True,
 ) -> Plan:
     """Plan for a tuple of :class:`~fxlowbit.records.SavedTensor` records: the cost-model
     plan, or the uniform rule when ``cfg.bits`` is set. ``sensitivity``: measured sensitivities by
     saved-tensor name (units of the minibatch gradient variance, see :mod:`fxlowbit.calibrate`).
     ``extra_bytes``: saved bytes the model holds without fxlowbit beyond ``saved`` (the logits a
     fused loss no longer saves, :func:`fxlowbit.passes.linear_ce.unfused_extra_bytes`), a sympy
-    expression of the sizes: a fractional budget is a fraction of the uncompressed bytes with them."""
+    expression of the sizes: a fractional budget is a fraction of the uncompressed bytes with them.
+    ``budget_bytes``: the budget in bytes, given (another partition of the same graph, planned
+    under the budget the default partition's bytes set). ``warn``: warn when the status says the
+    budget or the variance limit was missed (else the caller does, with :func:`warn_status`)."""
     subs = subs or {}
     if cfg.bits is not None:
         plan = _uniform(saved, cfg, subs)
@@ -117,12 +146,13 @@ def decide(
     )
     options = forms(subs)
     total = sum(c[0].nbytes for c, _, _ in options)  # uncompressed saved-activation bytes
-    budget = _budget(cfg, total + int(sympy.sympify(extra_bytes).subs(subs)))
+    budget = _budget(cfg, total + at_hints(extra_bytes, subs)) if budget_bytes is None else budget_bytes
     t_step = step_time(gemms, profile, total)
     pick, _, status = _choose(
         [c for c, _, _ in options], budget, t_step, cfg.max_variance_ratio, soft=cfg.memory_budget is None
     )
-    _warn_status(status)
+    if warn:
+        warn_status(status)
     pick, status = _hold_when_sizes_grow(
         saved, cfg, subs, forms, options, pick, status, budget, t_step, extra_bytes
     )
@@ -178,7 +208,7 @@ def _choose(
     max_ratio: float,
     soft: bool = False,
 ):
-    """(choice per item, variance weight used, status line; :func:`_warn_status` warns when it
+    """(choice per item, variance weight used, status line; :func:`warn_status` warns when it
     says the budget or the variance limit was missed). ``soft``: the budget came from ``mode``,
     not from the user, so the variance limit wins: when no plan within the budget meets it, the
     smallest plan that does is used and the status says by how much the budget was missed."""
@@ -242,7 +272,7 @@ _STATUS_KEYS = {  # a phrase of the status line -> its warn-once key
 }
 
 
-def _warn_status(status: str) -> None:
+def warn_status(status: str) -> None:
     """Warn once per kind when a plan's status says a budget or the variance limit was missed."""
     key = next((k for text, k in _STATUS_KEYS.items() if text in status), None)
     if key is not None:

@@ -69,10 +69,13 @@ class GraphReport:
     inductor_code: dict[str, str] = dataclasses.field(default_factory=dict)  # "fw"/"bw" -> source
     frontier: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # budget, bytes, time_s, ...
     modules: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    partition: str = ""  # "": min-cut's default partition; else the re-partition the planner chose
+    bytes_default: int = 0  # what the default partition saves, when ``partition`` is another
 
     @property
     def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.rows)
+        """Uncompressed saved bytes: of the default partition when the plan chose another."""
+        return self.bytes_default or sum(r.bytes_before for r in self.rows)
 
     @property
     def bytes_after(self) -> int:

@@ -104,6 +104,8 @@ def _entry(rec, frontier: bool) -> GraphReport:
     return GraphReport(
         index=rec.index,
         status=plan.status,
+        partition=plan.partition,
+        bytes_default=plan.bytes_default,
         budget=plan.budget,
         step_time_s=step,
         time_added_s=plan.time_s,

@@ -86,6 +86,7 @@ def graph_header(e) -> str:
         f"{budget}, "
         f"est. +{e.time_added_s * 1e3:.3f} ms on {e.step_time_s * 1e3:.3f} ms, "
         f"variance ratio {e.variance_ratio:.3g} ({e.status})"
+        + (f"; on the {e.partition}" if e.partition else "")
     )
 
 

@@ -56,6 +56,10 @@ class Context:
     extra_bytes: Any = 0  # saved bytes of the losses linear_ce fused, unfused (the budget counts them)
     quantizable: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # step -> seconds
+    # the joint graph partitioned again at PyTorch's activation_memory_budget=f (min-cut's own
+    # recompute: reductions, attention, any GEMM): the plan step weighs that pair against this one
+    repartition: Callable[[float], tuple[fx.GraphModule, fx.GraphModule]] | None = None
+    repartitioned: bool = False  # the plan step swapped ``fw``/``bw`` for a re-partitioned pair
 
     @property
     def dynamo(self) -> fx.GraphModule:

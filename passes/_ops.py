@@ -211,3 +211,18 @@ def role(target, arg_index: int, args) -> str | None:
     if target is aten.where.self and arg_index == 0:
         return EXACT  # a float condition would be odd; be safe
     return r
+
+
+def draws_random(node) -> bool:
+    """Whether an FX call draws random numbers: an op tagged ``nondeterministic_seeded``, unless it
+    takes a ``dropout_p`` that is 0 (the attention ops are tagged for their dropout)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.name == "dropout_p":
+            p = node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else arg.default_value)
+            return not (isinstance(p, (int, float)) and p == 0)
+    return True

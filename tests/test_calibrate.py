@@ -197,7 +197,8 @@ def test_training_probes_and_replans(monkeypatch):
         return plan
 
     monkeypatch.setattr(planner, "decide", spy)
-    options = {"inner": "eager", "calibrate_every": 2, "memory_budget": 0.1, "seed": 0}
+    # mincut off: the re-plans follow rounded tensors (min-cut's partition of this MLP is exact)
+    options = {"inner": "eager", "calibrate_every": 2, "memory_budget": 0.1, "seed": 0, "mincut": False}
     losses = _train(options, steps=6, hidden=256)
     c = fxlowbit.counters
     assert all(math.isfinite(v) for v in losses)

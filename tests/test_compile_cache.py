@@ -94,6 +94,10 @@ print(json.dumps({
 
 
 def _run(cache, options: dict, steps: int = 1, probes: str = "as measured", graphs: str = "one") -> dict:
+    """One process's run. ``mincut`` is off unless ``options`` say otherwise: the noise, probes
+    and re-plans these tests follow need a rounding plan, and with min-cut's partition weighed in
+    this MLP's plans are exact."""
+    options = {"mincut": False, **options}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
     cmd = [sys.executable, "-c", SCRIPT, json.dumps(options), str(steps), probes, f"{graphs} graphs"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -207,3 +211,14 @@ def test_two_models_in_one_process_draw_different_noise():
     assert not torch.equal(grads[0], grads[1])
     for grad in grads:  # noise, not garbage: both near the exact gradient (4-bit MLP: ~18 dB in the README)
         assert 10 * torch.log10(exact.square().sum() / (grad - exact).square().sum()) > 12
+
+
+def test_a_mincut_partition_comes_back_from_the_cache(tmp_path):
+    """At 0.05 this MLP's exact replays miss the budget and min-cut's re-partition is kept: a second
+    process hits on it, gets the same plan back (its partition is in the signature) and the same
+    gradient bit for bit."""
+    options = {"seed": 3, "memory_budget": 0.05, "mincut": True}
+    first, again = (_run(tmp_path, options) for _ in range(2))
+    assert any(row[0] == "partition" for plan in first["plans"] for row in plan)
+    assert again["aot_hits"] == 1 and again["aot_misses"] == 0 and again["restored"] == 1
+    assert again["plans"] == first["plans"] and again["grad"] == first["grad"]

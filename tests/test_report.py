@@ -17,7 +17,9 @@ from fxlowbit.plan import Decision, Form, Plan
 from fxlowbit.report import SCHEMA, Report
 from fxlowbit.report_build import reason
 
-EAGER = {"inner": "eager", "seed": 0}
+# mincut off: these tests read the rows of rounded tensors (with it, the MLP's plans at these budgets
+# are min-cut's exact re-partition; tests/test_mincut_choice.py reports one)
+EAGER = {"inner": "eager", "seed": 0, "mincut": False}
 HEADER = ["node", "op", "shape", "dtype", "form", "bits", "gemm", "before", "after", "est.ms", "var%"]
 
 

@@ -142,7 +142,8 @@ def test_the_controller_meets_its_target_and_a_tight_limit_samples_less():
 
 def test_the_saved_input_of_a_sampled_linear_is_still_compressed():
     x, y = _task()
-    opts = {"inner": "eager", "seed": 0, "calibrate_every": 0, "memory_budget": 0.25}
+    # mincut off: the saved input is to be rounded, not left to min-cut's exact partition
+    opts = {"inner": "eager", "seed": 0, "calibrate_every": 0, "memory_budget": 0.25, "mincut": False}
     _grads(_mlp(), opts, x, y)
     plain = fxlowbit.last_plans()[0].bytes_after
     torch._dynamo.reset()
