@@ -197,12 +197,13 @@ def _weigh_pair(ctx: Context, frac: float) -> None:
              "used" if better else "not used")  # fmt: skip
     if not better:
         return
+    flops = sum(g.flops for g in alt_facts.gemms) - sum(g.flops for g in facts.gemms)
     why = (
-        f"min-cut partition at activation_memory_budget={frac:.3g} (est. {there * 1e3:.3f} ms against "
-        f"{here * 1e3:.3f} ms on the default partition)"
+        f"min-cut partition at activation_memory_budget={frac:.3g} (recompute +{flops / 1e6:.1f} MFLOP; "
+        f"est. {there * 1e3:.3f} ms against {here * 1e3:.3f} ms on the default partition)"
     )
     ctx.fw, ctx.bw, ctx.facts, ctx.repartitioned = fw, bw, alt_facts, True
-    ctx.plan = dataclasses.replace(alt, partition=why, bytes_default=plan.bytes_before)
+    ctx.plan = dataclasses.replace(alt, partition=why, bytes_default=plan.bytes_before, partition_flops=flops)
     ctx.counters.update(own)
     ctx.counters["mincut_used"] += 1
     for w in caught:

@@ -52,6 +52,7 @@ class Plan:
     partition: str = ""  # "": min-cut's default partition; else which partition and why (planner)
     # uncompressed saved bytes of the default partition when the plan is of another (0: the same)
     bytes_default: int = 0
+    partition_flops: int = 0  # GEMM FLOPs the other partition's recompute adds to the default pair's
 
     @property
     def time_s(self) -> float:

@@ -208,12 +208,11 @@ def run(
     forward placeholders of the user's batch (no grad): kept as they are, but counted."""
     outputs = fw.graph.find_nodes(op="output")[0].args[0]
     bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
-    user_output_roots = {_root(n) for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
 
     saved = []
     hints: dict = sizes.all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
-    pinned = _pinned_shares(outputs[num_fwd_outputs:], user_output_roots)
+    pinned = _pinned_shares(outputs[num_fwd_outputs:])
     for node in outputs[num_fwd_outputs:]:
         if not isinstance(node, fx.Node):
             continue
@@ -267,12 +266,15 @@ def saved_graph(fw: fx.GraphModule, bw: fx.GraphModule, facts: GraphFacts):
     return g
 
 
-def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:
-    """Saved views into a larger storage that no saved tensor, graph input or user output owns
-    (Falcon's k and v: slices of one fused QKV projection that saved_views leaves as views because
-    they cover a third of it). Kept as they are, they keep the whole storage alive, which the walk
-    from the loss counts: each such view is charged an equal share of the storage's bytes. A
-    compressed form reads the view alone and frees the storage."""
+def _pinned_shares(saved_nodes) -> dict[str, int]:
+    """Saved views into a larger storage that no saved tensor or graph input owns (Falcon's k and
+    v: slices of one fused QKV projection that saved_views leaves as views because they cover a
+    third of it; CLIP's CLS token, a slice of the vision tower's last hidden state, which min-cut's
+    re-partition saves). Kept as they are, they keep the whole storage alive, which the walk from
+    the loss counts: each such view is charged an equal share of the storage's bytes. A user output
+    does not own its storage here: the step keeps it alive through the saved view for as long as
+    the autograd graph lives, whether or not the caller keeps the output. A compressed form reads
+    the view alone and frees the storage."""
     owned: set[int] = set()  # storages that something else keeps alive anyway
     groups: dict[int, tuple[int, list[fx.Node]]] = {}  # storage -> (its bytes, saved views into it)
     for node in saved_nodes:
@@ -284,7 +286,7 @@ def _pinned_shares(saved_nodes, user_output_roots: set) -> dict[str, int]:
             continue  # symbolic sizes: left as they are (int() would specialise them)
         key = val.untyped_storage()._cdata  # the storage itself (a Python wrapper's id can be reused)
         root = _root(node)
-        if root.op == "placeholder" or root in user_output_roots or val.numel() * val.dtype.itemsize == size:
+        if root.op == "placeholder" or val.numel() * val.dtype.itemsize == size:
             owned.add(key)
             continue
         groups.setdefault(key, (size, []))[1].append(node)

@@ -15,7 +15,9 @@ from fxlowbit.examples import MLP, sqnr_db
 
 from ._util import UNCOMPRESSED, make, model_graphs, step
 
-EAGER = {"inner": "eager", "seed": 0}
+# mincut off: these tests follow the rounding (noise, seeds, quantized forms); with it, the small
+# models' plans are min-cut's exact re-partition (tests/test_mincut_choice.py)
+EAGER = {"inner": "eager", "seed": 0, "mincut": False}
 
 
 def test_entry_point_is_declared():

@@ -205,15 +205,17 @@ class DefaultRun:
 
 
 def _replay_flops() -> tuple[int, int]:
-    """(FLOPs the first plans' GEMM replays add, the graphs' own matmul FLOPs), from the records of
-    the graphs compiled since the last reset (re-planned variants left out)."""
+    """(FLOPs the first plans' GEMM replays and min-cut re-partitions add, the default graphs' own
+    matmul FLOPs), from the records of the graphs compiled since the last reset (re-planned
+    variants left out)."""
     extra = total = 0
     for rec in fxlowbit.record.records():
         if rec.replanned or rec.plan is None or rec.facts is None:
             continue
         recipes = {s.name: s.recompute for s in rec.facts.saved if s.recompute is not None}
         extra += sum(recipes[d.name].flops for d in rec.plan.decisions if d.form == "recompute")
-        total += sum(g.flops for g in rec.facts.gemms)
+        extra += rec.plan.partition_flops  # min-cut's recompute, when its partition was kept
+        total += sum(g.flops for g in rec.facts.gemms) - rec.plan.partition_flops
     return extra, total
 
 
