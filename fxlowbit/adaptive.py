@@ -205,7 +205,7 @@ class Adaptive:
         (:func:`fxlowbit.validate.plan_error`), in units of ``var`` capped at this batch's own
         gradient power (the probe's batch may have had a larger one: CLIP's contrastive gradient
         changes several-fold between batches); None when the plan rounds nothing."""
-        if not any(forms.get(d.form).probed for d in plan.decisions):
+        if not planner.lossy(plan):
             return None
         p = self.partitioner
         err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)

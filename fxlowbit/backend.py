@@ -192,20 +192,19 @@ class LowbitPartitioner(CustomPartitionerFn):
         def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:
             return min_cut_rematerialization_partition(joint, inputs, compiler="inductor", **kwargs)
 
-        before: tuple[fx.GraphModule, fx.GraphModule] | None = None  # the graphs reports show as "before"
+        alt_before: list[tuple[fx.GraphModule, fx.GraphModule]] = []  # a re-partition before rewriting
 
         def repartition(frac: float) -> tuple[fx.GraphModule, fx.GraphModule]:
             """The joint graph under min-cut's own recompute knapsack at ``frac`` (the plan step
             weighs it against the default pair, pipeline._weigh_mincut)."""
             with torch._functorch.config.patch(activation_memory_budget=frac), _random_saved(gm):
                 fw, bw = partition(gm, joint_inputs)
-            nonlocal before
-            before = (record.snapshot(fw), record.snapshot(bw))
+            alt_before.append((record.snapshot(fw), record.snapshot(bw)))
             return fw, bw
 
         fw, bw = partition(gm, joint_inputs)
         n = kwargs["num_fwd_outputs"]
-        default = before = (record.snapshot(fw), record.snapshot(bw))  # for fxlowbit.last_report()
+        before = (record.snapshot(fw), record.snapshot(bw))  # for fxlowbit.last_report()
         fallback = None
         acts, data = (self._placeholder_names(fw, which) for which in self.activations)
         ctx = pipeline.Context(
@@ -216,8 +215,8 @@ class LowbitPartitioner(CustomPartitionerFn):
         try:
             pipeline.run(pipeline.PARTITION_STEPS, ctx)
             fw, bw = ctx.pair
-            if not ctx.repartitioned:
-                before = default
+            if ctx.repartitioned:
+                before = alt_before[-1]
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
                 raise
@@ -229,7 +228,7 @@ class LowbitPartitioner(CustomPartitionerFn):
             )
             counters["fallback_internal_error"] += 1
             fw, bw = partition(gm, joint_inputs)
-            before, fallback = default, f"{type(err).__name__}: {err}"
+            fallback = f"{type(err).__name__}: {err}"
         self.pristine, self.facts, self.plan = ctx.pristine, ctx.facts, ctx.plan
         self.extra_bytes, self.quantizable, self.timings = ctx.extra_bytes, ctx.quantizable, ctx.timings
         return fw, bw, before, fallback

@@ -176,12 +176,13 @@ def _weigh_pair(ctx: Context, frac: float) -> None:
         ctx.counters["mincut_unsafe"] += 1
         log.info("min-cut at %.3g recomputes a random or fxlowbit op in the backward: not used", frac)
         return
-    own: Counter = Counter()
-    passes.saved_views.run(fw, bw, num_fwd_outputs=ctx.num_fwd_outputs, counters=own)
-    alt_facts = passes.analyze.run(fw, bw, ctx.num_fwd_outputs, ctx.activations, ctx.data)
+    other = dataclasses.replace(ctx, fw=fw, bw=bw, counters=Counter())  # its counters count if kept
+    _saved_views(other)
+    _analyze(other)
+    alt_facts = other.facts
     with warnings.catch_warnings(record=True) as caught:  # shown if this pair is kept
         warnings.simplefilter("always")
-        alt = _decide(ctx, alt_facts, budget=plan.budget)
+        alt = _decide(other, alt_facts, budget=plan.budget)
     t_ref = plan.step_time_s
     here = planner.objective(plan, facts.gemms, ctx.profile, t_ref)
     there = planner.objective(alt, alt_facts.gemms, ctx.profile, t_ref)
@@ -204,7 +205,7 @@ def _weigh_pair(ctx: Context, frac: float) -> None:
     )
     ctx.fw, ctx.bw, ctx.facts, ctx.repartitioned = fw, bw, alt_facts, True
     ctx.plan = dataclasses.replace(alt, partition=why, bytes_default=plan.bytes_before, partition_flops=flops)
-    ctx.counters.update(own)
+    ctx.counters.update(other.counters)
     ctx.counters["mincut_used"] += 1
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

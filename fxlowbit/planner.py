@@ -93,8 +93,8 @@ def at_hints(expr: int | sympy.Expr, subs: Mapping) -> int:
 
 
 def lossy(plan: Plan) -> bool:
-    """Whether the plan stores any tensor in a form that adds gradient variance."""
-    return any(d.variance > 0 or d.form == Form.QUANT for d in plan.decisions)
+    """Whether the plan stores any tensor in a lossy form (one the probes measure)."""
+    return any(_forms.get(d.form).probed for d in plan.decisions)
 
 
 def objective(plan: Plan, gemms: Sequence[Gemm], profile: cm.HardwareProfile, t_ref: float) -> float:
@@ -103,8 +103,7 @@ def objective(plan: Plan, gemms: Sequence[Gemm], profile: cm.HardwareProfile, t_
     backward), the seconds the plan adds, and its variance ratio priced as that many steps of
     ``t_ref`` seconds (the objective :func:`decide` minimises at weight 1). Compares two
     partitions of one graph."""
-    t = sum(profile.matmul_time(g.flops, g.dtype) for g in gemms)
-    return t + plan.time_s + t_ref * plan.variance_ratio
+    return step_time(gemms, profile, 0) + plan.time_s + t_ref * plan.variance_ratio
 
 
 def _budget(cfg: LowbitConfig, total: int) -> int:
