@@ -91,12 +91,16 @@ def _one(model: str, setting: str, steps: int) -> dict:
     total = sum(times)
     # the CPU kernel families compile in child processes, their calls running the slower eager
     # reference meanwhile: the steady step is timed once they are in (same batches again)
-    from fxlowbit.codegen.kernels import quant_cpu
-
-    quant_cpu.wait()
+    try:
+        from fxlowbit.codegen.kernels import quant_cpu
+    except ImportError:  # a checkout older than the CPU kernel families (step_time_ab.py's base)
+        quant_cpu = None
+    if quant_cpu is not None:
+        quant_cpu.wait()
     steady_ms = time_ms(stepper(range(2, steps)), steps - 2)
     counters = {k: v for k, v in fxlowbit.counters.items() if not k.startswith("saved_bytes")}
-    counters.update({f"cpu_kernels_{k}": v for k, v in quant_cpu.counters.items()})
+    if quant_cpu is not None:
+        counters.update({f"cpu_kernels_{k}": v for k, v in quant_cpu.counters.items()})
     return {
         "first_s": times[0],
         "total_s": total,
