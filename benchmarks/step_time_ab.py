@@ -24,17 +24,25 @@ SETTINGS = ("defaults", "budget0.1")
 STEPS = 14  # compile_time.py's default: the probe at step 10 and its re-plan at 11 included
 
 
-def _layout(rev: str, where: str) -> tuple[str, str]:
-    """(PYTHONPATH, compile_time.py) of commit ``rev``, checked out under ``where``: the package
-    as pyproject.toml maps it (fxlowbit/, with passes/ and codegen/ as its subpackages)."""
-    src, pkg = os.path.join(where, "src"), os.path.join(where, "pkg")
-    if git("worktree", "add", "--detach", src, rev) is None:
-        raise SystemExit(f"cannot check out {rev}")
+def _package(src: str, where: str) -> str:
+    """A PYTHONPATH folder under ``where`` holding the package of the checkout ``src`` as
+    pyproject.toml maps it (fxlowbit/, with passes/ and codegen/ as its subpackages)."""
+    pkg = os.path.join(where, "pkg")
     os.makedirs(pkg)
     subprocess.run(["cp", "-r", os.path.join(src, "fxlowbit"), pkg], check=True)
     for sub in ("passes", "codegen"):
         os.symlink(os.path.join(src, sub), os.path.join(pkg, "fxlowbit", sub))
     os.symlink(os.path.join(src, "tests"), os.path.join(pkg, "tests"))
+    return pkg
+
+
+def _layout(rev: str, where: str) -> tuple[str, str]:
+    """(PYTHONPATH, compile_time.py) of commit ``rev``, checked out under ``where``: the package
+    as pyproject.toml maps it (fxlowbit/, with passes/ and codegen/ as its subpackages)."""
+    src = os.path.join(where, "src")
+    if git("worktree", "add", "--detach", src, rev) is None:
+        raise SystemExit(f"cannot check out {rev}")
+    pkg = _package(src, where)
     script = os.path.join(src, "benchmarks", "compile_time.py")
     if not os.path.exists(script):  # a base older than the benchmark: this checkout's runs it
         script = os.path.join(ROOT, "benchmarks", "compile_time.py")
@@ -51,13 +59,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = _layout(args.base, os.path.join(tmp, "base"))
-        versions = {"base": base, "head": (None, here)}
+        # this checkout's package as copied now (not the editable install: edits made while the
+        # runs go on do not reach them; passes/ and codegen/ are linked, so leave those alone)
+        versions = {"base": base, "head": (_package(ROOT, os.path.join(tmp, "head")), here)}
         caches = {v: os.path.join(tmp, f"cache_{v}") for v in versions}
         print("| model | inductor ms | setting | base ms (x inductor) | head ms (x inductor) | first s |")
         print("| --- | ---: | --- | ---: | ---: | ---: |")
         try:
             for model in args.models.split(","):
-                ind = _spawn(model, "inductor", STEPS, caches["head"]).get("steady_ms", float("nan"))
+                ind_run = _spawn(model, "inductor", STEPS, caches["head"], here, versions["head"][0])
+                ind = ind_run.get("steady_ms", float("nan"))
                 for setting in SETTINGS:
                     got = {
                         v: _spawn(model, setting, STEPS, caches[v], s, pp) for v, (pp, s) in versions.items()
