@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="the earlier commit")
     ap.add_argument("--models", default="gpt2,llama,resnet")
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps per run (below 11: no probe, no re-plan)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     here = os.path.join(ROOT, "benchmarks", "compile_time.py")
@@ -67,11 +68,12 @@ def main() -> None:
         print("| --- | ---: | --- | ---: | ---: | ---: |")
         try:
             for model in args.models.split(","):
-                ind_run = _spawn(model, "inductor", STEPS, caches["head"], here, versions["head"][0])
+                ind_run = _spawn(model, "inductor", args.steps, caches["head"], here, versions["head"][0])
                 ind = ind_run.get("steady_ms", float("nan"))
                 for setting in SETTINGS:
                     got = {
-                        v: _spawn(model, setting, STEPS, caches[v], s, pp) for v, (pp, s) in versions.items()
+                        v: _spawn(model, setting, args.steps, caches[v], s, pp)
+                        for v, (pp, s) in versions.items()
                     }
                     row = {"model": model, "setting": setting, "inductor_ms": ind,
                            **{f"{v}_ms": r.get("steady_ms") for v, r in got.items()},
@@ -85,7 +87,7 @@ def main() -> None:
         finally:
             git("worktree", "remove", "--force", os.path.join(tmp, "base", "src"))
     meta = {"base": args.base, "head": git_commit(short=True), "command": " ".join(sys.argv),
-            "machine": "CPU, 1 torch thread per run"}  # fmt: skip
+            "steps": args.steps, "machine": "CPU, 1 torch thread per run"}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})
 
 

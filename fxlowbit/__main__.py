@@ -31,7 +31,17 @@ __all__ = ["main", "demo", "format_table", "parse_args"]
 
 def format_table(results: Sequence[Result]) -> str:
     """Markdown table, one row per run."""
-    head = ["model", "run", "saved MB", "reduction", "train loss", "eval loss", "test acc", "ms/step"]
+    head = [
+        "model",
+        "run",
+        "saved MB",
+        "reduction",
+        "train loss",
+        "eval loss",
+        "test acc",
+        "ms/step",
+        "first step s",
+    ]
     rows = [head, ["---"] * len(head)]
     for r in results:
         rows.append(
@@ -44,6 +54,7 @@ def format_table(results: Sequence[Result]) -> str:
                 f"{r.eval_loss:.3f}",
                 "-" if r.test_acc is None else f"{100 * r.test_acc:.1f}%",
                 f"{r.step_ms:.1f}",
+                f"{r.first_s:.1f}",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -134,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\n{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}, "
         f"total {time.perf_counter() - start:.0f} s; saved MB walked from loss.grad_fn at step 1, "
-        f"ms/step after {args.warmup} warm-up steps.\n"
+        f"ms/step after {args.warmup} warm-up steps; first step s: compile and run of step 0.\n"
         "inductor: plain torch.compile; uncompressed: the lowbit pipeline with compression off; "
         "budgetF: the cost-model planner keeping saved activations within F of their size; "
         f"lowbitN: every compressible saved activation in N bits (inner={args.inner})."

@@ -50,6 +50,7 @@ class Result:
     steps: int
     losses: list[float] = dataclasses.field(repr=False)
     reduction: float | None = None  # uncompressed saved bytes / these saved bytes
+    first_s: float = 0.0  # the first step: compile (Dynamo, fxlowbit's passes, Inductor) and run
 
 
 def gpt_task(
@@ -203,5 +204,6 @@ def train(
         test_acc=metrics.get("test_acc"),
         step_ms=1000 * statistics.fmean(timed),
         steps=steps,
+        first_s=times[0],
         losses=losses,
     )

@@ -8,7 +8,17 @@ import sys
 
 from fxlowbit.__main__ import parse_args
 
-COLUMNS = ["model", "run", "saved MB", "reduction", "train loss", "eval loss", "test acc", "ms/step"]
+COLUMNS = [
+    "model",
+    "run",
+    "saved MB",
+    "reduction",
+    "train loss",
+    "eval loss",
+    "test acc",
+    "ms/step",
+    "first step s",
+]
 RUNS = ["uncompressed", "budget0.1", "lowbit4", "lowbit2"]  # --quick: inner="eager", so the baseline is
 # the lowbit pipeline with compression off
 
@@ -56,6 +66,8 @@ def test_quick_demo_table(tmp_path):
         assert saved["budget0.1"] < saved["lowbit4"]
         assert all(float(r["reduction"].rstrip("x")) > 2 for r in low)
         assert all(float(r["ms/step"]) > 0 for r in (base, *low))
+        # the first step compiles: it takes longer than a steady one
+        assert all(float(r["first step s"]) * 1e3 > float(r["ms/step"]) for r in (base, *low))
     assert all(table["gpt", run]["test acc"] == "-" for run in RUNS)
     assert all(table["mlp", run]["test acc"].endswith("%") for run in RUNS)
     assert float(table["gpt", "lowbit4"]["train loss"]) < 3.5  # learned something (ln 128 = 4.85)
@@ -63,3 +75,4 @@ def test_quick_demo_table(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [(r["model"], r["run"]) for r in results] == [(r[0], r[1]) for r in rows]
     assert all(len(r["losses"]) == r["steps"] for r in results)
+    assert all(r["first_s"] > 0 for r in results)
