@@ -33,12 +33,13 @@ def test_demo_is_the_default_command():
     assert (args.command, args.model, args.bits, args.inner) == (
         "demo",
         ["gpt", "mlp"],
-        [4, 2],
+        [4],
         "inductor",
     )
     assert args.budget == [0.1]
     quick = parse_args(["--quick", "--bits", "4"])
     assert (quick.command, quick.inner, quick.bits, quick.dim) == ("demo", "eager", [4], 64)
+    assert parse_args(["--quick"]).bits == [4, 2]
 
 
 def test_quick_demo_table(tmp_path):
