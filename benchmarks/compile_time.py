@@ -38,6 +38,28 @@ SETTINGS = {
 MODELS = ("tinygpt", "gpt2", "llama", "mixtral", "t5", "resnet")
 
 
+def task(model: str, batches: int):
+    """(make_model, loss(compiled, i)): a seeded builder of ``model`` and the loss of its step ``i``
+    on ``batches`` fixed batches, cycled (also benchmarks/lockstep.py's models)."""
+    import torch
+
+    if model == "tinygpt":
+        from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+
+        data = list(char_batches(stdlib_text(), 8, 64, batches, seed=0))
+
+        def make_tinygpt():
+            torch.manual_seed(0)
+            return TinyGPT()
+
+        return make_tinygpt, lambda m, i: m(*data[i % batches])
+    sys.path.insert(0, ROOT)
+    from tests import _models
+
+    inputs = [_models.batch(model, i) for i in range(batches)]
+    return (lambda: _models.build(model)), lambda m, i: _models.loss_of(m(**inputs[i % batches]))
+
+
 def _one(model: str, setting: str, steps: int) -> dict:
     """One run in this process: ``steps`` training steps; prints nothing, returns the figures."""
     import torch
@@ -45,25 +67,11 @@ def _one(model: str, setting: str, steps: int) -> dict:
     torch.set_num_threads(1)
     import fxlowbit
 
-    sys.path.insert(0, ROOT)
-    if model == "tinygpt":
-        from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+    make, loss_of = task(model, steps)
+    net = make()
 
-        torch.manual_seed(0)
-        net = TinyGPT()
-        data = list(char_batches(stdlib_text(), 8, 64, steps, seed=0))
-
-        def loss(i):
-            x, y = data[i]
-            return compiled(x, y)
-    else:
-        from tests import _models
-
-        net = _models.build(model)
-        inputs = [_models.batch(model, i) for i in range(steps)]
-
-        def loss(i):
-            return _models.loss_of(compiled(**inputs[i]))
+    def loss(i):
+        return loss_of(compiled, i)
 
     options = SETTINGS[setting]
     # the torch.compile() call counts with the first step: Inductor's imports its compiler there

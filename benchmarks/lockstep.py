@@ -24,23 +24,10 @@ import sys
 import time
 
 import torch
-from _common import ROOT, meta, quartiles, time_ms, write_json  # benchmarks/ is the script's directory
+from _common import meta, quartiles, time_ms, write_json  # benchmarks/ is the script's directory
+from compile_time import task
 
 import fxlowbit
-
-
-def _task(model: str, batches: int):
-    """(make_model, loss_of_batch(model, i)) with ``batches`` fixed batches cycled by step."""
-    if model == "tinygpt":
-        from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
-
-        data = list(char_batches(stdlib_text(), 8, 64, batches, seed=0))
-        return TinyGPT, lambda m, i: m(*data[i % batches])
-    sys.path.insert(0, ROOT)
-    from tests import _models
-
-    inputs = [_models.batch(model, i) for i in range(batches)]
-    return (lambda: _models.build(model)), lambda m, i: _models.loss_of(m(**inputs[i % batches]))
 
 
 def _row(spec: str) -> tuple[str, dict | None]:
@@ -81,14 +68,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    make, loss_of = _task(args.model, 16)
+    make, loss_of = task(args.model, 16)
     rows = dict(_row(s) for s in args.rows)
     if "inductor" not in rows:
         raise SystemExit("--rows: an 'inductor' row is the reference; add it")
     steps, first, counters = {}, {}, {}
     for name, options in rows.items():  # no resets between rows: the rows compiled before still run
         before = dict(fxlowbit.counters)
-        torch.manual_seed(0)
         net = make()
         if options is not None and args.budget is not None:
             options = rows[name] = {**options, "memory_budget": args.budget}
