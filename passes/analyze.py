@@ -36,8 +36,14 @@ def _root(node: fx.Node) -> fx.Node:
     return node
 
 
-def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) -> list[Use]:
-    """Backward uses of ``node``, looking through transparent ops to their consumers."""
+def _uses(
+    node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True, forward: frozenset = frozenset()
+) -> list[Use]:
+    """Backward uses of ``node``, looking through transparent ops to their consumers. ``forward``:
+    (name, target) of the forward graph's ops; a backward op found there is a forward op the
+    partition recomputes in the backward (min-cut copies it under its joint-graph name): when no
+    role is known for it, the use is EXACT (a noisy input would change the recomputed forward
+    value), not unknown."""
     seen = set() if seen is None else seen
     out: list[Use] = []
     for user in node.users:
@@ -52,9 +58,12 @@ def _uses(node: fx.Node, seen: set[fx.Node] | None = None, direct: bool = True) 
         role = _ops.role(target, index, user.args) if user.op == "call_function" else None
         if role == _ops.TRANSPARENT:
             if index == 0:  # the viewed/copied tensor (for cat: its list of inputs)
-                out.extend(_uses(user, seen, direct=direct and target in _ops.IDENTITIES))
+                out.extend(_uses(user, seen, direct=direct and target in _ops.IDENTITIES, forward=forward))
                 continue
             role = None
+        if role is None and (user.name, target) in forward:
+            out.append(Use(f"{_name(target)} (a recomputed forward op)", _ops.EXACT, None, direct))
+            continue
         scalar = user.args[1 - index] if role == _ops.COMPARE else None
         out.append(Use(_name(target), role, scalar, direct))
     return out
@@ -213,6 +222,7 @@ def run(
     hints: dict = sizes.all_hints(fw, bw)
     saved_names = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node)}
     pinned = _pinned_shares(outputs[num_fwd_outputs:])
+    forward = frozenset((n.name, n.target) for n in fw.graph.nodes if n.op == "call_function")
     for node in outputs[num_fwd_outputs:]:
         if not isinstance(node, fx.Node):
             continue
@@ -234,7 +244,7 @@ def run(
                 numel=numel,
                 nbytes=nbytes,
                 nbytes_hint=int(nbytes.subs(hints)),
-                uses=tuple(_uses(placeholder)) if placeholder is not None else (),
+                uses=tuple(_uses(placeholder, forward=forward)) if placeholder is not None else (),
                 input_alias=root.op == "placeholder" and root.name not in activations,
                 data_input=root.op == "placeholder" and root.name in data,
                 # a checkpoint policy's MUST_SAVE (user's or the partitioner's) is never replayed

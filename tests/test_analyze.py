@@ -142,3 +142,37 @@ def test_the_flop_count_includes_the_projects_own_linear_ops():
     ops = ("lowbit_linear", "sparse24_linear", "sparse24_linear_bwd", "linear_ce_fwd_grad", "sampled_linear")
     for op in ops:
         assert flops.formula(getattr(torch.ops.fxlowbit, op)) is not None, op
+
+
+def _recomputing_pair(bw_name: str):
+    """A forward saving ``mm`` for a backward that applies amax to it, the backward's node named
+    ``bw_name``: "amax" is how min-cut names a forward op it recomputes in the backward (the
+    joint graph's node, copied), "amax_1" a backward op of the same target (not a copy)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    aten = torch.ops.aten
+
+    def forward(x, w):
+        mm = aten.mm.default(x, w)
+        return aten.amax.default(mm, [-1], True).sum(), mm
+
+    fw = make_fx(forward)(torch.randn(8, 4), torch.randn(4, 16))
+    assert [n.name for n in fw.graph.find_nodes(op="output")[0].args[0]][1] == "mm"
+    g = torch.fx.Graph()
+    mm, _ = g.placeholder("mm"), g.placeholder("tangents_1")
+    node = g.create_node("call_function", aten.amax.default, (mm, [-1], True), name=bw_name)
+    g.output((node,))
+    return fw, torch.fx.GraphModule({}, g)
+
+
+def test_a_forward_op_recomputed_in_the_backward_keeps_its_input_exact_without_warning():
+    """min-cut recomputes forward ops such as attention or amax in the backward: their saved inputs
+    stay exact (a noisy input would change the recomputed forward value) as a known EXACT use,
+    without the "not known to tolerate" warning an unknown backward op gets."""
+    fw, bw = _recomputing_pair("amax")
+    (saved,) = [s for s in analyze.run(fw, bw, 1).saved if s.name == "mm"]
+    assert [(u.op, u.role) for u in saved.uses] == [("aten.amax.default (a recomputed forward op)", "exact")]
+    # the control: the same op, but the backward's own (not a copy of the forward's): unknown
+    fw, bw = _recomputing_pair("amax_1")
+    (saved,) = [s for s in analyze.run(fw, bw, 1).saved if s.name == "mm"]
+    assert {(u.op, u.role) for u in saved.uses} == {("aten.amax.default", None)}
