@@ -228,6 +228,32 @@ def test_no_probes_without_calibration_or_with_a_fixed_rule():
         assert fxlowbit.counters["probes"] == fxlowbit.counters["plan_variants"] == 0
 
 
+def test_a_plan_that_keeps_everything_within_budget_runs_no_probes(monkeypatch):
+    """A plan that stores every saved tensor as it is and meets its budget (a GPT at 0.1 under
+    min-cut's pair) adds no time and no variance: no form a probe could measure would better it, so
+    no probe runs (counted), while a plan with a lossy or timed form is still probed."""
+    from fxlowbit.examples import TinyGPT, char_batches, stdlib_text
+
+    called = []
+    real = calibrate.probe_sensitivity
+    monkeypatch.setattr(calibrate, "probe_sensitivity", lambda *a, **k: called.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = TinyGPT(dim=64)
+    options = {"memory_budget": 0.1, "inner": "eager", "seed": 0}
+    compiled = torch.compile(model, backend="lowbit", options=options)
+    for x, y in char_batches(stdlib_text(), 8, 64, 12, seed=0):  # past step 10, where the first probe is due
+        compiled(x, y).backward()
+    (plan,) = fxlowbit.last_plans()
+    assert {d.form for d in plan.decisions} == {"keep"} and plan.bytes_after <= plan.budget
+    c = fxlowbit.counters
+    assert c["probes_not_needed"] == 1 and c["probes"] == 0 and not called
+    # the control: a budget the plan meets only with lossy or replayed forms is probed
+    fxlowbit.reset()
+    torch._dynamo.reset()
+    _train({"inner": "eager", "calibrate_every": 1, "memory_budget": 0.1, "seed": 0}, steps=3, hidden=64)
+    assert fxlowbit.counters["probes_not_needed"] == 0 and fxlowbit.counters["probes"] >= 1
+
+
 def test_a_failing_probe_never_costs_the_step(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")
