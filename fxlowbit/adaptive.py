@@ -57,8 +57,9 @@ class Adaptive:
     first at ``min(10, calibrate_every)``) a probe measures each saved tensor's sensitivity
     (:mod:`fxlowbit.calibrate`), the planner re-plans with it, and a changed plan switches to
     another compiled variant of the same graph: one already compiled, a new one while fewer than
-    ``max_variants`` exist, else the current one stays (recompiles are bounded). ``gm`` is compiled
-    here, with ``compile_variant``, as is each new variant (from a copy of ``gm``)."""
+    ``max_variants`` exist, else the current one stays (recompiles are bounded). A plan that keeps
+    every saved tensor as it is within its budget is never probed (:meth:`_settled`). ``gm`` is
+    compiled here, with ``compile_variant``, as is each new variant (from a copy of ``gm``)."""
 
     def __init__(
         self, gm: fx.GraphModule, example_inputs, cfg: LowbitConfig, compile_variant: CompileVariant
