@@ -287,7 +287,10 @@ def test_model_at_default_options(name):
     m = measure_defaults(name, DEFAULTS)
     c = m["counters"]
     assert c.get("fallback_internal_error", 0) == 0 and c.get("probes_disabled", 0) == 0, c
-    assert c.get("probes", 0) >= 1, "the probe at step 10 and its re-plan must happen"
+    # the probe at step 10 and its re-plan, unless every graph's plan keeps all its tensors within
+    # its budget (min-cut's pair, say), which no probe could better (adaptive.Adaptive._settled)
+    probed = c.get("probes", 0) + c.get("probes_not_needed", 0)
+    assert probed >= 1, "the probe at step 10 and its re-plan must happen (or no plan may need one)"
     assert m["reduction"] >= MIN_REDUCTION_DEFAULTS, m
     floor = DEFAULTS_FLOOR_DB[name] or MIN_SQNR_DEFAULTS
     assert m["sqnr_first_db"] >= floor, m
