@@ -6,8 +6,9 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 
 - copy / pointwise: ``dst.copy_(src)`` and a compiled LayerNorm-style ``(x - m) * r * w + b``
   (how recompute runs), fp32 bytes read + written per second;
-- pack / unpack at 2, 4, 8 bits: the quantizer as the backend runs it under Inductor (the traceable
-  pure-torch functions, compiled), fp32 bytes in (pack) / out (unpack) per second;
+- pack / unpack at 2, 4, 8 bits: the quantizer as the backend runs it at default options
+  (``fxlowbit::quantize_pack``: Triton on CUDA, the compiled CPU kernel on a CPU; the unpack the op on
+  CUDA, the traced decode under Inductor on a CPU), fp32 bytes in (pack) / out (unpack) per second;
 - mask: ``pack_mask(x > 0)`` plus ``unpack_mask``, fp32 input bytes per second of both;
 - matmul: TFLOP/s per dtype and GEMM size bucket (one shape per bucket). ``int8`` and
   ``float8_e4m3fn`` time the low-bit GEMMs as ``fxlowbit::lowbit_linear`` runs them, on codes
@@ -22,6 +23,8 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 One function per figure measures it (fxlowbit/profile_bench.py); :func:`measure` runs them in turn.
 
     fxlowbit-profile --out my.json     # 2-core CPU: ~40 s, ~1.5 min with a cold Inductor cache
+    # (35 s at --threads 1 with the pack kernels already compiled, 2026-12-06; a machine's first
+    # run also compiles its three CPU pack kernels, about 16 s each on 2 cores, 2026-12-05)
     python -m fxlowbit.profile --quick --out /tmp/p.json     # ~5 s: small sizes, no compile
     python -m fxlowbit.profile --from-device-check DIR --out fxlowbit/profiles/   # <device>.json
     # ^ a benchmarks/device_check.py folder: this profile plus its kernel and GEMM figures

@@ -169,3 +169,25 @@ def test_cli_quick(tmp_path):
     rows = {ln.split("|")[1].strip() for ln in lines if ln.startswith("|")}
     assert {"figure", "copy", "pointwise", "pack 4-bit / unpack", "matmul TFLOP/s", "float32"} <= rows
     assert str(out) in proc.stdout
+
+
+def test_the_pack_figure_times_the_kernel_the_backend_calls(monkeypatch):
+    """The CPU pack figure is the compiled family ``fxlowbit::quantize_pack`` calls at default
+    options (not a Dynamo compile of the traceable quantizer, which the backend no longer runs);
+    without ``compile`` it is the eager reference, and no family compiles."""
+    import dataclasses
+
+    from fxlowbit import profile_bench as bench
+    from fxlowbit.codegen.kernels import quant_cpu
+
+    monkeypatch.setattr(quant_cpu, "BACKGROUND", False)
+    monkeypatch.setattr(quant_cpu, "IN_PROCESS", True)
+    b = bench.Bench(torch.device("cpu"), {"quant": 1 << 12}, bench.timer(lambda: None, 0.01), compile=True)
+    compiled = quant_cpu.counters["compiled"]
+    pack, unpack = bench.quant_gbps(b, 8)
+    assert pack > 0 and unpack > 0
+    assert quant_cpu.counters["compiled"] > compiled  # the timed calls ran the compiled kernel
+    compiled = quant_cpu.counters["compiled"]
+    pack, unpack = bench.quant_gbps(dataclasses.replace(b, compile=False), 8)
+    assert pack > 0 and unpack > 0
+    assert quant_cpu.counters["compiled"] == compiled
