@@ -44,6 +44,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from . import (
     codegen,  # noqa: F401  (registers the fxlowbit:: ops)
+    hardware,
     passes,
     pipeline,
     planner,
@@ -367,6 +368,17 @@ def activation_inputs(gm: fx.GraphModule, example_inputs, grad: bool = True) -> 
     return frozenset(out)
 
 
+def _note_profile_machine(profile: HardwareProfile) -> None:
+    """Log once per process (INFO) when the profile is another machine's: the shipped
+    one is, for nearly every user, and a warning on each run would be noise; explain() and the
+    reports carry the same line."""
+    line = hardware.machine_mismatch(profile, "cuda" if profile.kind == "cuda" else "cpu")
+    key = ("profile_machine", line)  # a dict profile is parsed again on every compile
+    if line is not None and key not in STATE.warned:
+        STATE.warned.add(key)
+        log.info(line)
+
+
 def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """torch.compile backend entry point (``backend="lowbit"``): the pipeline's Dynamo-graph steps
     (:data:`fxlowbit.pipeline.DYNAMO_STEPS`), then AOTAutograd with :class:`LowbitPartitioner`.
@@ -376,6 +388,7 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     compile_mode = mode
     cfg = LowbitConfig.from_options(options)
     profile = load_profile(cfg.profile)  # once per compile: every step and re-plan shares it
+    _note_profile_machine(profile)
     activations = activation_inputs(gm, example_inputs), activation_inputs(gm, example_inputs, grad=False)
     dynamo = pipeline.Context(cfg, profile, label=f"graph{len(STATE.records)}", gm=gm)
     keys = pipeline.run(pipeline.DYNAMO_STEPS, dynamo).sampling_keys

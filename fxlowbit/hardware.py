@@ -7,6 +7,7 @@ schema check, the per-process cache and the shipped defaults (fxlowbit/profiles/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from .state import STATE
 
-__all__ = ["HardwareProfile", "load_profile", "BUCKETS", "bucket"]
+__all__ = ["HardwareProfile", "load_profile", "BUCKETS", "bucket", "machine_mismatch"]
 
 # GEMM size buckets by FLOPs (2*M*N*K) of one call: small GEMMs lose to launch and quantization
 # overheads, so throughput is measured per bucket.
@@ -227,6 +228,50 @@ def _check_tflops(tables: Any) -> None:
         bad = {k: v for k, v in table.items() if not _positive(v)}
         if bad:
             raise ValueError(f"{where}: TFLOP/s must be finite and > 0, got {bad}")
+
+
+@functools.cache
+def _this_cpu() -> str | None:
+    import torch
+
+    from .profile_bench import machine
+
+    return machine(torch.device("cpu"))["cpu_model"]
+
+
+def machine_mismatch(profile: HardwareProfile, device_type: str = "cpu") -> str | None:
+    """One line when ``profile`` was measured on another processor than this process trains on
+    (the GPU model on CUDA; on a CPU its model, or another torch thread count), else None: the
+    planner's time estimates, and the choices it makes from them, are then that machine's. On this
+    2-core AMD EPYC at 1 thread the shipped CPU profile (an Intel Xeon at 2 threads) puts an fp32
+    GEMM at 0.35 TFLOP/s where it runs at 0.08-0.10 (``fxlowbit-profile --threads 1``,
+    2026-12-06). A profile without a machine record (a hand-made one) is taken as meant."""
+    import torch
+
+    theirs = profile.meta.get("machine") if isinstance(profile.meta, Mapping) else None
+    if not isinstance(theirs, Mapping):
+        return None
+    threads = profile.meta.get("threads")
+    gpu = device_type == "cuda" and torch.cuda.is_available()
+    mine: str | None
+    if gpu:
+        mine, model = torch.cuda.get_device_name(), theirs.get("gpu")
+        differs = bool(model) and model != mine
+        there, here = f"{model}", f"{mine}"
+    else:
+        mine, model = _this_cpu(), theirs.get("cpu_model")
+        n = torch.get_num_threads()
+        differs = (bool(model) and bool(mine) and model != mine) or (_number(threads) and threads != n)
+        there = f"{model or 'a CPU'} at {threads} thread(s)" if _number(threads) else f"{model}"
+        here = f"{mine or 'this CPU'} at {n} thread(s)"
+    if not differs:
+        return None
+    hint = " --device cuda" if gpu else f" --threads {torch.get_num_threads()}"
+    return (
+        f"fxlowbit: time estimates come from a profile of {there}; this process runs on {here}, so "
+        f"est. times and the choices made from them may be off: `fxlowbit-profile{hint} --out my.json` "
+        "measures this machine (then options profile='my.json')"
+    )
 
 
 def _default_name() -> str:

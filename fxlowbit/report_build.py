@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import forms, planner, record
+from . import forms, hardware, planner, record
 from .codegen.dtypes import SHORT_NAMES
 from .config import LowbitConfig
 from .frontier import budget_frontier
@@ -43,8 +43,13 @@ def last_report() -> Report:
 
 def from_records(records: list, frontier: bool = True) -> Report:
     entries = [_entry(r, frontier) for r in records]
-    note = "" if entries else "no graph compiled with lowbit needed a backward (nothing is saved)"
-    return Report(entries, note=note, sampling=sampling_rows())
+    notes = [] if entries else ["no graph compiled with lowbit needed a backward (nothing is saved)"]
+    profiles = {id(r.profile): r.profile for r in records if r.profile is not None}
+    for p in profiles.values():  # est. ms are this profile's machine's: say so when it is not this one
+        line = hardware.machine_mismatch(p, "cuda" if p.kind == "cuda" else "cpu")
+        if line is not None:
+            notes.append(line.removeprefix("fxlowbit: "))
+    return Report(entries, note="\n".join(notes), sampling=sampling_rows())
 
 
 def sampling_rows() -> list[dict[str, Any]]:

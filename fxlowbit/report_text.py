@@ -138,8 +138,8 @@ def render(report, width: int = 100, use_rich: bool = False) -> str:
     if use_rich:
         return _render_rich(report, width)
     lines = _wrap(summary_line(report), width, "  ")
-    if report.note:
-        lines += _wrap(report.note, width)
+    for note in filter(None, report.note.split("\n")):
+        lines += _wrap(note, width, "  ")
     for e in report.entries:
         lines += [""] + _wrap(graph_header(e), width, "  ")
         shown = [r for r in e.rows if r.bytes_before]

@@ -191,3 +191,43 @@ def test_the_pack_figure_times_the_kernel_the_backend_calls(monkeypatch):
     pack, unpack = bench.quant_gbps(dataclasses.replace(b, compile=False), 8)
     assert pack > 0 and unpack > 0
     assert quant_cpu.counters["compiled"] == compiled
+
+
+def _with_machine(cpu_model, threads) -> dict:
+    d = _profile_dict()
+    d["meta"] = {"threads": threads, "machine": {"cpu_model": cpu_model, "gpu": None}}
+    return d
+
+
+def test_a_profile_of_another_machine_is_named_in_the_report_and_logged_once(caplog):
+    """Est. times are the profile's machine's: explain() says so in one line when the profile was
+    measured on another CPU model or at another thread count, and the backend logs it once (INFO);
+    this machine's own profile, and a hand-made one with no machine record, say nothing."""
+    import logging
+
+    import fxlowbit
+    from fxlowbit.hardware import _this_cpu, machine_mismatch
+
+    here, n = _this_cpu(), torch.get_num_threads()
+    assert machine_mismatch(HardwareProfile.from_dict(_with_machine(here, n))) is None
+    assert machine_mismatch(HardwareProfile.from_dict(_profile_dict(meta={}))) is None
+    other = machine_mismatch(HardwareProfile.from_dict(_with_machine("Some Other CPU", n)))
+    assert other is not None and "Some Other CPU" in other and f"--threads {n}" in other
+    threads = machine_mismatch(HardwareProfile.from_dict(_with_machine(here, n + 1)))
+    assert threads is not None and f"at {n + 1} thread(s)" in threads
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    x = torch.randn(128, 64)
+    fxlowbit.reset()
+    with caplog.at_level(logging.INFO, logger="fxlowbit.backend"):
+        report = fxlowbit.explain(
+            mlp, x, inner="eager", memory_budget=0.2, profile=_with_machine("Some Other CPU", n)
+        )
+        fxlowbit.explain(mlp, x, inner="eager", memory_budget=0.2, profile=_with_machine("Some Other CPU", n))
+    assert "time estimates come from a profile of Some Other CPU" in report.note
+    assert "profile of Some Other CPU" in str(report)
+    logged = [r for r in caplog.records if "time estimates come from a profile" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.INFO
+    fxlowbit.reset()
+    report = fxlowbit.explain(mlp, x, inner="eager", memory_budget=0.2, profile=_with_machine(here, n))
+    assert "time estimates" not in report.note
