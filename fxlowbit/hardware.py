@@ -64,6 +64,10 @@ class HardwareProfile:
     # (round to nearest: forward operands, weights), "int8_sr" and "fp8_sr" (stochastic rounding:
     # gradients). Optional: missing figures fall back to pack_gbps[8]
     gemm_quant_gbps: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # what a linear pays, in microseconds a step, for running as ``fxlowbit::lowbit_linear`` (its
+    # forward and backward ops: dispatch and Python) beyond the plain aten calls it replaces; a
+    # low-bit GEMM must save more than this. Optional: 0 (not measured; profiles before 2026-12-06)
+    linear_op_us: float = 0.0
 
     def __post_init__(self) -> None:
         # Schema first: a wrong type or an unknown key must fail here, with the field's name, not
@@ -89,6 +93,8 @@ class HardwareProfile:
         _check_tflops(self.matmul_tflops)
         if not _number(self.launch_us) or not 0 <= self.launch_us < math.inf:
             raise ValueError(f"fxlowbit profile: launch_us must be >= 0, got {self.launch_us!r}")
+        if not _number(self.linear_op_us) or not 0 <= self.linear_op_us < math.inf:
+            raise ValueError(f"fxlowbit profile: linear_op_us must be >= 0, got {self.linear_op_us!r}")
         if not isinstance(self.gemm_quant_gbps, Mapping):
             raise ValueError(f"fxlowbit profile: gemm_quant_gbps must be a mapping: {self.gemm_quant_gbps!r}")
         bad = {k: v for k, v in self.gemm_quant_gbps.items() if k not in _QUANT_KEYS or not _positive(v)}
@@ -150,7 +156,7 @@ class HardwareProfile:
         if not isinstance(d, Mapping):
             raise ValueError(f"fxlowbit profile: expected a JSON object of fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(f for f in fields - set(d) if f not in ("meta", "gemm_quant_gbps"))
+        missing = sorted(f for f in fields - set(d) if f not in ("meta", "gemm_quant_gbps", "linear_op_us"))
         if missing:
             raise ValueError(f"fxlowbit profile: missing field(s) {missing}")
         d = {k: v for k, v in d.items() if k in fields}

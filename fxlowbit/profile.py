@@ -18,7 +18,9 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 - gemm_quant: the row-wise quantizers of low-bit GEMM operands (codegen/kernels/int8_gemm.py), fp32
   bytes in per second: ``int8`` / ``fp8`` round to nearest (forward operands), ``int8_sr`` /
   ``fp8_sr`` round stochastically (gradients, hash noise included);
-- launch: one tiny op, in microseconds.
+- launch: one tiny op, in microseconds;
+- linear op: what a linear pays for running as ``fxlowbit::lowbit_linear`` (its forward and
+  backward ops against the aten calls they replace, on a tiny linear), in microseconds.
 
 One function per figure measures it (fxlowbit/profile_bench.py); :func:`measure` runs them in turn.
 
@@ -107,6 +109,7 @@ def measure(
     # (progress label, the figure's place in the profile, its measurement), in measuring order
     steps: list[tuple[str, tuple, Callable[[], object]]] = [
         ("launch", ("launch_us",), lambda: bench.launch_us(b)),
+        ("linear op", ("linear_op_us",), lambda: bench.linear_op_us(b)),
         ("copy", ("copy_gbps",), lambda: bench.copy_gbps(b)),
         ("pointwise", ("pointwise_gbps",), lambda: bench.pointwise_gbps(b)),
         *((f"quant {n}-bit", ("quant", n), lambda n=n: bench.quant_gbps(b, n)) for n in BITS),
@@ -185,6 +188,7 @@ def _profile(dev: torch.device, figures: dict[str, Any], meta: dict) -> Hardware
         launch_us=sig(figures["launch_us"]),
         meta=meta,
         gemm_quant_gbps={k: sig(v) for k, v in figures["gemm_quant_gbps"].items()},
+        linear_op_us=sig(figures.get("linear_op_us", 0.0)),
     )
 
 
@@ -221,6 +225,7 @@ def format_table(profile: HardwareProfile) -> str:
     for key, v in profile.gemm_quant_gbps.items():
         lines.append(row(f"GEMM operand quant {key}", f"{v:.4g}", "gemm_quant"))
     lines.append(row("launch (us)", f"{profile.launch_us:.3g}"))
+    lines.append(row("lowbit_linear op call (us)", f"{profile.linear_op_us:.3g}"))
     lines += ["", f"| matmul TFLOP/s | {' | '.join(names)} |", "| --- |" + " ---: |" * len(names)]
     for dtype, table in profile.matmul_tflops.items():
         cells = [f"{table[n]:.4g}" if n in table else "-" for n in names]

@@ -30,6 +30,7 @@ __all__ = [
     "quant_gbps",
     "mask_gbps",
     "gemm_quant_gbps",
+    "linear_op_us",
     "matmul_tflops",
     "machine",
     "version",
@@ -172,6 +173,36 @@ def gemm_quant_gbps(b: Bench, key: str) -> float:
         fmt = "e5m2" if key.endswith("_sr") else "e4m3"
         fn = lambda: int8_gemm.quantize_fp8(x, fmt, noise())  # noqa: E731
     return x.nbytes / b.time_it(fn) / 1e9
+
+
+def linear_op_us(b: Bench) -> float:
+    """Microseconds a linear pays for running as ``fxlowbit::lowbit_linear``: its forward op and
+    its backward op (as a compiled graph calls them, no autograd around them) against the aten calls
+    they replace (``F.linear``; ``mm``, ``mm`` and ``sum`` in the backward), every GEMM plain, on a
+    (512, 256) x (256, 256) linear (the size where "auto" weighs int8 on a CPU): the difference is
+    the ops' dispatch, Python and copies. Never below 0."""
+    import torch.nn.functional as F
+
+    m, n = 512, 256
+    x, w, g = (
+        torch.randn(m, n, device=b.device),
+        torch.randn(n, n, device=b.device),
+        torch.randn(m, n, device=b.device),
+    )
+    bias = torch.randn(n, device=b.device)
+    empty_q, empty_s = x.new_empty((0,), dtype=torch.int8), x.new_empty((0,))
+    ops = torch.ops.fxlowbit
+
+    def op() -> None:
+        ops.lowbit_linear(x, w, bias, "fp32", "fp32", "fp32", 0, -1)
+        ops.lowbit_linear_backward(g, x, empty_q, empty_s, w, "fp32", "fp32", "fp32", 0, -1, True, True, True)
+
+    def plain() -> None:
+        F.linear(x, w, bias)
+        g.mm(w), g.t().mm(x), g.sum(0)
+
+    with torch.no_grad():
+        return max(0.0, (b.time_it(op) - b.time_it(plain)) * 1e6)
 
 
 def _gemm(dtype: str, m: int, n: int, k: int, device: torch.device) -> Callable[[], object]:

@@ -62,14 +62,26 @@ def formats_for(
     # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
     shapes = ((m, n, k, False), (m, k, n, True), (n, k, m, True))
     formats, reasons = [], []
+    saved = 0.0  # est. seconds the low-bit GEMMs "auto" chose save against plain ones
     for want, (rows, cols, red, grad) in zip(requested, shapes, strict=True):
         if want == "auto":
             c = gemm_choice(rows, cols, red, dname, profile, capability, gradient=grad)
             formats.append(c.fmt)
             reasons.append(f"auto: {c.reason}")
+            saved += c.plain_s - c.lowbit_s[c.fmt] if c.fmt in LOWBIT else 0.0
         else:
             formats.append(plain if want == "off" else want)
             reasons.append("gemm_filter / gemm option" if want != "off" else "off by option")
+    call = profile.linear_op_us * 1e-6
+    if formats[0] in LOWBIT:  # the backward decodes the forward's saved copy of x, (m, k), to fp32
+        call += 4 * m * k / (profile.unpack_gbps[8] * 1e9)
+    auto_low = [w == "auto" and f in LOWBIT for f, w in zip(formats, requested, strict=True)]
+    forced_low = any(f in LOWBIT and not a for f, a in zip(formats, auto_low, strict=True))
+    if saved and saved <= call and not forced_low:
+        # the op's own cost (its calls; decoding the saved x) eats what the low-bit GEMMs save
+        why = f"auto: low-bit GEMMs save est. {saved * 1e3:.3g} ms, the op costs {call * 1e3:.3g} ms"
+        reasons = [why if a else r for a, r in zip(auto_low, reasons, strict=True)]
+        formats = [plain if a else f for a, f in zip(auto_low, formats, strict=True)]
     return tuple(formats), tuple(reasons)  # type: ignore[return-value]
 
 

@@ -333,3 +333,39 @@ def test_a_replacement_failing_half_way_leaves_the_graph_as_it_was():
         linears.replace(gm.graph, node, x, w, None, torch.float32, build)
     assert gm.graph.python_code("self").src == before
     gm.graph.lint()
+
+
+def test_a_linear_stays_plain_when_the_op_costs_more_than_its_low_bit_gemms_save():
+    """Under "auto", a linear goes through ``fxlowbit::lowbit_linear`` only when its low-bit GEMMs
+    save more than the op costs: the profile's ``linear_op_us`` (its calls, measured by
+    ``fxlowbit-profile``) plus decoding the forward's saved x for the backward. On a 2-core AMD EPYC
+    at 1 thread (2026-12-06) the op cost 125-400 us a linear and forced int8 on TinyGPT's linears
+    stepped at 1.82x Inductor's. Forced formats are left as asked."""
+    from fxlowbit.passes.lowbit_gemm import formats_for
+
+    mnk, auto, a100 = (131072, 4096, 16384), ("auto",) * 3, (8, 0)
+    free, _ = formats_for(auto, mnk, torch.bfloat16, _profile(), a100)
+    assert "int8" in free  # control: the op costs nothing in this profile
+    saved = 0.0
+    for rows, cols, red, grad in ((131072, 4096, 16384, False), (131072, 16384, 4096, True),
+                                  (4096, 16384, 131072, True)):  # fmt: skip
+        c = cm.gemm_choice(rows, cols, red, "bfloat16", _profile(), a100, gradient=grad)
+        saved += c.plain_s - c.lowbit_s.get(c.fmt, c.plain_s)
+    assert saved > 0
+    dear, reasons = formats_for(auto, mnk, torch.bfloat16, _profile(linear_op_us=2e6 * saved), a100)
+    assert dear == ("bf16",) * 3 and all("the op costs" in r for r in reasons), reasons
+    cheap, _ = formats_for(auto, mnk, torch.bfloat16, _profile(linear_op_us=1e-3), a100)
+    assert cheap == free
+    forced, _ = formats_for(("int8", "auto", "auto"), mnk, torch.bfloat16, _profile(linear_op_us=1e9), a100)
+    assert forced == ("int8", *free[1:])  # a forced format pays for the op anyway: "auto" keeps its picks
+
+
+def test_linear_op_us_is_checked_and_round_trips():
+    assert _profile(linear_op_us=12.5).linear_op_us == 12.5
+    p = _profile(linear_op_us=12.5)
+    assert cm.HardwareProfile.from_dict(p.to_dict()) == p
+    d = p.to_dict()
+    del d["linear_op_us"]
+    assert cm.HardwareProfile.from_dict(d).linear_op_us == 0.0  # older profiles: not measured
+    with pytest.raises(ValueError, match="linear_op_us must be >= 0"):
+        _profile(linear_op_us=-1.0)
