@@ -65,8 +65,9 @@ class HardwareProfile:
     # gradients). Optional: missing figures fall back to pack_gbps[8]
     gemm_quant_gbps: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # what a linear pays, in microseconds a step, for running as ``fxlowbit::lowbit_linear`` (its
-    # forward and backward ops: dispatch and Python) beyond the plain aten calls it replaces; a
-    # low-bit GEMM must save more than this. Optional: 0 (not measured; profiles before 2026-12-06)
+    # forward and backward ops: dispatch, Python, copies) beyond the plain aten calls it replaces;
+    # its low-bit GEMMs must save more (passes/lowbit_gemm.formats_for). Optional: 0, not measured
+    # (profiles before 2026-12-06, the shipped ones among them)
     linear_op_us: float = 0.0
 
     def __post_init__(self) -> None:

@@ -20,7 +20,8 @@ summary table. Each figure is the median of several timed repeats after warm-up:
   ``fp8_sr`` round stochastically (gradients, hash noise included);
 - launch: one tiny op, in microseconds;
 - linear op: what a linear pays for running as ``fxlowbit::lowbit_linear`` (its forward and
-  backward ops against the aten calls they replace, on a tiny linear), in microseconds.
+  backward ops against the aten calls they replace, every GEMM plain, on a 512x256x256 linear), in
+  microseconds; ``gemm="auto"`` weighs it against what the low-bit GEMMs save.
 
 One function per figure measures it (fxlowbit/profile_bench.py); :func:`measure` runs them in turn.
 
