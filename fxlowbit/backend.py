@@ -372,7 +372,7 @@ def _note_profile_machine(profile: HardwareProfile) -> None:
     """Log once per process (INFO) when the profile is another machine's: the shipped
     one is, for nearly every user, and a warning on each run would be noise; explain() and the
     reports carry the same line."""
-    line = hardware.machine_mismatch(profile, "cuda" if profile.kind == "cuda" else "cpu")
+    line = hardware.machine_mismatch(profile)
     key = ("profile_machine", line)  # a dict profile is parsed again on every compile
     if line is not None and key not in STATE.warned:
         STATE.warned.add(key)

@@ -246,9 +246,9 @@ def _this_cpu() -> str | None:
     return machine(torch.device("cpu"))["cpu_model"]
 
 
-def machine_mismatch(profile: HardwareProfile, device_type: str = "cpu") -> str | None:
+def machine_mismatch(profile: HardwareProfile) -> str | None:
     """One line when ``profile`` was measured on another processor than this process trains on
-    (the GPU model on CUDA; on a CPU its model, or another torch thread count), else None: the
+    (a CUDA profile: the GPU model; a CPU one: its model, or another torch thread count), else None: the
     planner's time estimates, and the choices it makes from them, are then that machine's. On this
     2-core AMD EPYC at 1 thread the shipped CPU profile (an Intel Xeon at 2 threads) puts an fp32
     GEMM at 0.35 TFLOP/s where it runs at 0.08-0.10 (``fxlowbit-profile --threads 1``,
@@ -259,21 +259,21 @@ def machine_mismatch(profile: HardwareProfile, device_type: str = "cpu") -> str 
     if not isinstance(theirs, Mapping):
         return None
     threads = profile.meta.get("threads")
-    gpu = device_type == "cuda" and torch.cuda.is_available()
+    gpu = profile.kind == "cuda" and torch.cuda.is_available()
     mine: str | None
+    n = torch.get_num_threads()
     if gpu:
         mine, model = torch.cuda.get_device_name(), theirs.get("gpu")
         differs = bool(model) and model != mine
         there, here = f"{model}", f"{mine}"
     else:
         mine, model = _this_cpu(), theirs.get("cpu_model")
-        n = torch.get_num_threads()
         differs = (bool(model) and bool(mine) and model != mine) or (_number(threads) and threads != n)
         there = f"{model or 'a CPU'} at {threads} thread(s)" if _number(threads) else f"{model}"
         here = f"{mine or 'this CPU'} at {n} thread(s)"
     if not differs:
         return None
-    hint = " --device cuda" if gpu else f" --threads {torch.get_num_threads()}"
+    hint = " --device cuda" if gpu else f" --threads {n}"
     return (
         f"fxlowbit: time estimates come from a profile of {there}; this process runs on {here}, so "
         f"est. times and the choices made from them may be off: `fxlowbit-profile{hint} --out my.json` "

@@ -121,9 +121,7 @@ def quant_gbps(b: Bench, bits: int) -> tuple[float, float]:
     x = b.rand(b.sizes["quant"])
     stream = rng.reserved_stream(1, 12345)  # 0 is validate.py's
     on_cpu = b.device.type == "cpu"
-    with contextlib.ExitStack() as stack:
-        if on_cpu and not b.compile:
-            stack.enter_context(ops.reference_kernels())
+    with ops.reference_kernels() if on_cpu and not b.compile else contextlib.nullcontext():
 
         def pack():
             return torch.ops.fxlowbit.quantize_pack(x, bits, GROUP_SIZE, stream)

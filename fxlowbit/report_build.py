@@ -44,11 +44,9 @@ def last_report() -> Report:
 def from_records(records: list, frontier: bool = True) -> Report:
     entries = [_entry(r, frontier) for r in records]
     notes = [] if entries else ["no graph compiled with lowbit needed a backward (nothing is saved)"]
-    profiles = {id(r.profile): r.profile for r in records if r.profile is not None}
-    for p in profiles.values():  # est. ms are this profile's machine's: say so when it is not this one
-        line = hardware.machine_mismatch(p, "cuda" if p.kind == "cuda" else "cpu")
-        if line is not None:
-            notes.append(line.removeprefix("fxlowbit: "))
+    # est. ms are the profile's machine's: say so, once, when that is not this one
+    lines = (hardware.machine_mismatch(r.profile) for r in records if r.profile is not None)
+    notes += dict.fromkeys(line.removeprefix("fxlowbit: ") for line in lines if line is not None)
     return Report(entries, note="\n".join(notes), sampling=sampling_rows())
 
 
