@@ -1,5 +1,7 @@
-"""Training-step speed with sampled backward GEMMs (issue 18): Inductor against lowbit at default
-options, with ``sampling=True``, and with ``memory_budget=0.1`` and ``sampling=True``.
+"""Training-step speed against Inductor: lowbit at default options, with sampled backward GEMMs
+(issue 18: ``sampling=True``, alone and with ``memory_budget=0.1``), and with INT8 GEMMs forced
+(``gemm=("int8", "int8", "off")``, SwitchBack's forward and grad-input; ``gemm="int8"``, all three;
+``gemm="int8"`` with ``memory_budget=0.1``). ``--rows`` picks rows.
 
 A Llama-style and a GPT-2-style model from small `transformers` configs (random init, no
 downloads, dropout 0), trained with AdamW on character tokens (ASCII codes) of Python
@@ -54,6 +56,9 @@ ROWS = {  # name: backend options (None: backend="inductor")
     "lowbit defaults": {},
     "lowbit sampling": {"sampling": True},
     "lowbit budget0.1 + sampling": {"memory_budget": 0.1, "sampling": True},
+    "lowbit int8 fwd+gi": {"gemm": ("int8", "int8", "off")},
+    "lowbit int8": {"gemm": "int8"},
+    "lowbit int8 + budget0.1": {"gemm": "int8", "memory_budget": 0.1},
 }
 
 

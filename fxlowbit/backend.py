@@ -182,12 +182,30 @@ class LowbitPartitioner(CustomPartitionerFn):
             fw, bw, before, fallback = self._partition(gm, joint_inputs, **kwargs)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self.after = (fw, bw)
+        rec = record.add(self, before, (fw, bw), fallback)
+        # reports and the journal keep the graphs with their fxlowbit ops (the GEMM column reads them)
+        self.after = (rec.graphs[record.PARTS[1]], rec.graphs[record.PARTS[3]]) if rec else (fw, bw)
+        self._lower_linears(fw, bw)
         _last_graphs.append((fw, bw))
-        record.add(self, before, (fw, bw), fallback)
         if self.journal is not None:
             self._write_journal(before, fallback, counters - counts, caught)
         return fw, bw
+
+    def _lower_linears(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
+        """Trace the lowbit_linear ops' bodies into the pair Inductor compiles, where our code is traced
+        in (passes/lower_linears.py); a failure leaves them ops, with one warning (``strict`` raises)."""
+        if not self.cfg.inline_kernels("cpu"):
+            return
+        try:
+            passes.lower_linears.run((fw, bw), counters)
+        except Exception as err:
+            if self.cfg.strict:
+                raise
+            counters["lower_linears_failed"] += 1
+            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            warnings.warn(
+                f"fxlowbit: lowering the low-bit linears failed ({why}); they run as ops", stacklevel=3
+            )
 
     def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:

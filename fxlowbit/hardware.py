@@ -62,11 +62,14 @@ class HardwareProfile:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # versions, date, host
     # row-wise quantizers of low-bit GEMM operands, fp32 bytes in per second: "int8" and "fp8"
     # (round to nearest: forward operands, weights), "int8_sr" and "fp8_sr" (stochastic rounding:
-    # gradients). Optional: missing figures fall back to pack_gbps[8]
+    # gradients). Optional: missing figures fall back to pack_gbps[8]. fxlowbit-profile times the
+    # int8 ones on a CPU compiled, as the lowered CPU path runs them (passes/lower_linears.py);
+    # profiles measured before 2026-12-06, the shipped CPU one among them, timed them eagerly
     gemm_quant_gbps: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # what a linear pays, in microseconds a step, for running as ``fxlowbit::lowbit_linear`` (its
     # forward and backward ops: dispatch, Python, copies) beyond the plain aten calls it replaces;
-    # its low-bit GEMMs must save more (passes/lowbit_gemm.formats_for). Optional: 0, not measured
+    # its low-bit GEMMs must save more (passes/lowbit_gemm.formats_for), unless the op is lowered
+    # into the compiled graphs (the CPU path: passes/lower_linears.py). Optional: 0, not measured
     # (profiles before 2026-12-06, the shipped ones among them)
     linear_op_us: float = 0.0
 

@@ -160,17 +160,27 @@ def mask_gbps(b: Bench) -> float:
 
 def gemm_quant_gbps(b: Bench, key: str) -> float:
     """The row-wise quantizer of a low-bit GEMM operand (``int8`` / ``fp8`` round to nearest,
-    ``*_sr`` stochastically, hash noise included): fp32 bytes in per second."""
+    ``*_sr`` stochastically, hash noise included): fp32 bytes in per second. On a CPU the int8
+    quantizer runs as the default path runs it, traced into the graph and compiled by Inductor
+    (passes/lower_linears.py), through ``torch.compile`` (without ``compile``: eagerly, as
+    ``kernels="ops"`` runs it); fp8, and every quantizer on CUDA, run eagerly inside the op."""
     # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
     x = b.rand(b.sizes["gemm_quant"]).view(-1, HIDDEN)
     seed = torch.tensor(12345, dtype=torch.int64, device=b.device)
-    noise = (lambda: int8_gemm.rowwise_noise(seed, *x.shape)) if key.endswith("_sr") else (lambda: None)
+    sr = key.endswith("_sr")
     if key.startswith("int8"):
-        fn = lambda: int8_gemm.quantize_int8_rowwise(x, noise())  # noqa: E731
+
+        def quant(x, seed):
+            return int8_gemm.quantize_int8_rowwise(x, int8_gemm.rowwise_noise(seed, *x.shape) if sr else None)
+
+        fn = b.jit(quant) if b.device.type == "cpu" else quant
     else:
-        fmt = "e5m2" if key.endswith("_sr") else "e4m3"
-        fn = lambda: int8_gemm.quantize_fp8(x, fmt, noise())  # noqa: E731
-    return x.nbytes / b.time_it(fn) / 1e9
+        fmt = "e5m2" if sr else "e4m3"
+
+        def fn(x, seed):
+            return int8_gemm.quantize_fp8(x, fmt, int8_gemm.rowwise_noise(seed, *x.shape) if sr else None)
+
+    return x.nbytes / b.time_it(lambda: fn(x, seed)) / 1e9
 
 
 def linear_op_us(b: Bench) -> float:

@@ -5,6 +5,7 @@ from . import (
     linear_ce,
     linears,
     lowbit_gemm,
+    lower_linears,
     recompute,
     rewrite_saved,
     sampling,
@@ -22,4 +23,5 @@ __all__ = [
     "analyze",
     "recompute",
     "rewrite_saved",
+    "lower_linears",
 ]

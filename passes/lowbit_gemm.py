@@ -54,9 +54,13 @@ def formats_for(
     dtype: torch.dtype,
     profile: HardwareProfile,
     capability: tuple[int, int] | None,
+    *,
+    lowered: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     """(formats, reasons) of a linear's (forward, grad-input, grad-weight) GEMMs from the requested
-    config values ("auto" asks the cost model; "off" is the plain dtype's name)."""
+    config values ("auto" asks the cost model; "off" is the plain dtype's name). ``lowered``: the
+    op's body is traced into the compiled graphs (passes/lower_linears.py), so the profile's
+    ``linear_op_us`` (the opaque op pair's calls) is not paid."""
     m, n, k = mnk
     plain, dname = plain_format(dtype), str(dtype).removeprefix("torch.")
     # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
@@ -72,7 +76,7 @@ def formats_for(
         else:
             formats.append(plain if want == "off" else want)
             reasons.append("gemm_filter / gemm option" if want != "off" else "off by option")
-    call = profile.linear_op_us * 1e-6
+    call = 0.0 if lowered else profile.linear_op_us * 1e-6
     if formats[0] in LOWBIT:  # the backward decodes the forward's saved copy of x, (m, k), to fp32
         call += 4 * m * k / (profile.unpack_gbps[8] * 1e9)
     auto_low = [w == "auto" and f in LOWBIT for f, w in zip(formats, requested, strict=True)]
@@ -119,7 +123,10 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     assert xv is not None and wv is not None and yv is not None  # _unsupported checked them
     name = linears.module_name(node)
     mnk = linears.mnk(xv, wv)
-    formats, reasons = formats_for(cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device))
+    lowered = cfg.inline_kernels(yv.device.type) and not cfg.gemm_hadamard  # passes/lower_linears.py
+    formats, reasons = formats_for(
+        cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device), lowered=lowered
+    )
     low = formats[0] in LOWBIT
     hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
     decision = LinearFormats(node.name, name, mnk, formats, reasons, hadamard)

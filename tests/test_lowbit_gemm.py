@@ -358,6 +358,11 @@ def test_a_linear_stays_plain_when_the_op_costs_more_than_its_low_bit_gemms_save
     assert cheap == free
     forced, _ = formats_for(("int8", "auto", "auto"), mnk, torch.bfloat16, _profile(linear_op_us=1e9), a100)
     assert forced == ("int8", *free[1:])  # a forced format pays for the op anyway: "auto" keeps its picks
+    # lowered into the compiled graphs (the CPU path, passes/lower_linears.py): no op call to pay
+    lowered, _ = formats_for(
+        auto, mnk, torch.bfloat16, _profile(linear_op_us=2e6 * saved), a100, lowered=True
+    )
+    assert lowered == free
 
 
 def test_linear_op_us_is_checked_and_round_trips():

@@ -96,9 +96,10 @@ def quantize_int8_rowwise(
     v = _rows(x, "quantize_int8_rowwise")
     u = _noise(noise, v.shape)
     scale = v.abs().amax(1) / 127.0 if v.shape[1] else v.new_zeros(v.shape[0])
-    v = v / torch.where(scale > 0, scale, 1.0)[:, None]  # a new tensor: in place from here
-    v = v.round_() if u is None else v.add_(u).floor_()
-    return v.clamp_(-127, 127).nan_to_num_(0.0).to(torch.int8, memory_format=torch.contiguous_format), scale
+    v = v / torch.where(scale > 0, scale, 1.0)[:, None]
+    # out of place: the CPU path traces this into the graphs Inductor compiles (passes/lower_linears.py)
+    v = torch.round(v) if u is None else torch.floor(v + u)
+    return v.clamp(-127, 127).nan_to_num(0.0).to(torch.int8, memory_format=torch.contiguous_format), scale
 
 
 def dequantize_int8_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

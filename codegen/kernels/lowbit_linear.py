@@ -36,7 +36,18 @@ from .int8_gemm import (
     rowwise_noise,
 )
 
-__all__ = ["lowbit_linear", "lowbit_matmul", "LOWBIT", "PLAIN", "FORMATS", "plain_format", "HADAMARD"]
+__all__ = [
+    "lowbit_linear",
+    "lowbit_matmul",
+    "forward",
+    "backward",
+    "draws_seed",
+    "LOWBIT",
+    "PLAIN",
+    "FORMATS",
+    "plain_format",
+    "HADAMARD",
+]
 
 LOWBIT = ("int8", "fp8")
 PLAIN = {name: dtype for dtype, name in FLOAT_NAMES.items()}  # "fp32" -> torch.float32, ...
@@ -79,9 +90,35 @@ def _check(x, w, bias, fwd, gi, gw, hadamard) -> None:
         raise ValueError(f"fxlowbit lowbit_linear: K={x.shape[1]} is not a multiple of hadamard={hadamard}")
 
 
-def _quantize(t: torch.Tensor, fmt: str, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("fxlowbit::quantize_int8_sr", mutates_args=())
+def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 (R, C), scales fp32 (R,)) of ``x`` (R, C) rounded stochastically with
+    ``rowwise_noise(seed)``: a gradient operand's quantizer as the lowered CPU backward calls it
+    (passes/lower_linears.py), one compiled kernel per (C, dtype) reused by every graph
+    (codegen/kernels/quant_cpu.py), so Inductor never generates C++ for the noise hash (the
+    traced hash took minutes of Inductor's code generation). Same bits as the reference."""
+    from .. import ops
+
+    if x.device.type == "cpu" and ops.CPU_COMPILED:
+        from . import quant_cpu
+
+        return quant_cpu.quantize_int8_sr(x, seed)
+    return quantize_int8_rowwise(x, rowwise_noise(seed, *x.shape))
+
+
+@quantize_int8_sr.register_fake
+def _(x, seed):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _quantize(
+    t: torch.Tensor, fmt: str, seed: torch.Tensor | None, sr_op: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise codes and scales of ``t`` (R, C); ``seed``: stochastic rounding (a gradient
-    operand: fp8 e5m2), None: round to nearest (fp8 e4m3)."""
+    operand: fp8 e5m2), None: round to nearest (fp8 e4m3). ``sr_op``: int8 stochastic rounding
+    through ``fxlowbit::quantize_int8_sr`` (same bits)."""
+    if sr_op and seed is not None and fmt == "int8":
+        return torch.ops.fxlowbit.quantize_int8_sr(t, seed)
     noise = rowwise_noise(seed, *t.shape) if seed is not None else None
     if fmt == "int8":
         return quantize_int8_rowwise(t, noise)
@@ -97,15 +134,17 @@ def lowbit_matmul(
     out_dtype: torch.dtype | None = None,
     a_seed: torch.Tensor | None = None,
     b_seed: torch.Tensor | None = None,
+    sr_op: bool = False,
 ) -> torch.Tensor:
     """``a (M, K) @ b (N, K)^T (+ bias)`` in ``fmt``: plain (``F.linear`` in a's dtype), or both
     operands quantized row-wise along K (``*_seed``: stochastic rounding of that operand) and
-    multiplied by :func:`.int8_gemm.int8_mm` / :func:`.int8_gemm.fp8_mm`."""
+    multiplied by :func:`.int8_gemm.int8_mm` / :func:`.int8_gemm.fp8_mm` (``sr_op``: see
+    :func:`_quantize`)."""
     out_dtype = out_dtype or a.dtype
     if fmt not in LOWBIT:
         return F.linear(a.to(out_dtype), b.to(out_dtype), bias).to(out_dtype)
-    aq, sa = _quantize(a, fmt, a_seed)
-    bq, sb = _quantize(b, fmt, b_seed)
+    aq, sa = _quantize(a, fmt, a_seed, sr_op)
+    bq, sb = _quantize(b, fmt, b_seed, sr_op)
     mm = int8_mm if fmt == "int8" else fp8_mm
     return mm(aq, bq, sa, sb, bias, out_dtype)
 
@@ -130,6 +169,14 @@ def lowbit_linear_op(
     """(y (M, N), saved codes of x (M, K) int8/uint8 or (0,), row scales (M,) fp32 or (0,)) of
     ``x (M, K) @ w (N, K)^T + bias`` with the forward in ``fwd_fmt`` (see the module docstring)."""
     _check(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard)
+    return forward(x, w, bias, fwd_fmt, hadamard)
+
+
+def forward(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, fwd_fmt: str, hadamard: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of ``fxlowbit::lowbit_linear`` (arguments checked): pure torch, also what the CPU
+    path traces into the forward graph in the op's place (passes/lower_linears.py)."""
     if fwd_fmt not in LOWBIT:
         empty = x.new_empty((0,))
         return F.linear(x, w, bias), empty.to(torch.int8), empty.float()
@@ -168,16 +215,41 @@ def lowbit_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), dw (N, K), db (N,)) for ``grad`` (M, N); each (0,) when not needed. ``x``: the
     saved input with a plain forward (None otherwise, then ``xq``/``xs`` hold its saved copy)."""
-    seed = None
-    if stream >= 0 and (gi_fmt in LOWBIT or gw_fmt in LOWBIT):
-        seed = rng.draw_seed(stream, grad.device)
+    seed = rng.draw_seed(stream, grad.device) if draws_seed(gi_fmt, gw_fmt, stream) else None
+    return backward(grad, x, xq, xs, w, seed, fwd_fmt, gi_fmt, gw_fmt, hadamard, need_dx, need_dw, need_db)
+
+
+def draws_seed(gi_fmt: str, gw_fmt: str, stream: int) -> bool:
+    """Whether the backward rounds stochastically: it then draws one seed of ``stream`` a call."""
+    return stream >= 0 and (gi_fmt in LOWBIT or gw_fmt in LOWBIT)
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor | None,
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    seed: torch.Tensor | None,
+    fwd_fmt: str,
+    gi_fmt: str,
+    gw_fmt: str,
+    hadamard: int,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    sr_op: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of ``fxlowbit::lowbit_linear_backward`` given its ``seed`` (None: round to nearest):
+    pure torch, also what the CPU path traces into the backward graph (passes/lower_linears.py;
+    ``sr_op``: its stochastic int8 rounding stays one opaque op, see :func:`_quantize`)."""
     dx, dw, db = (grad.new_empty((0,)) for _ in range(3))  # distinct tensors: outputs may not alias
     if need_dx:  # dx = dy (M, N) @ w^T(K, N)^T: reduction over N
-        dx = lowbit_matmul(grad, w.t(), gi_fmt, out_dtype=grad.dtype, a_seed=seed)
+        dx = lowbit_matmul(grad, w.t(), gi_fmt, out_dtype=grad.dtype, a_seed=seed, sr_op=sr_op)
     if need_dw:  # dw = dy^T (N, M) @ x^T (K, M)^T: reduction over the tokens
         xhat = x if x is not None else _dequantize(xq, xs, fwd_fmt, hadamard, grad.dtype)
         gw_seed = seed + 1 if seed is not None else None  # a stream unrelated to grad-input's noise
-        dw = lowbit_matmul(grad.t(), xhat.t(), gw_fmt, out_dtype=w.dtype, a_seed=gw_seed)
+        dw = lowbit_matmul(grad.t(), xhat.t(), gw_fmt, out_dtype=w.dtype, a_seed=gw_seed, sr_op=sr_op)
     if need_db:
         db = grad.sum(0)
     return dx, dw, db

@@ -1,4 +1,6 @@
-"""CPU pack and decode for the ops path: one AOTInductor kernel per family, compiled once per machine.
+"""CPU pack and decode for the ops path, and the stochastic int8 rounding of a low-bit GEMM's
+gradient operand (``fxlowbit::quantize_int8_sr``, family ``int8sr``: one per row length and dtype,
+rows symbolic): one AOTInductor kernel per family, compiled once per machine.
 
 Why. Tracing the pure-torch references into every graph (``kernels="inline"``) lets Inductor fuse
 them with producers and consumers, but it then generates C++ for the whole quantizer once per saved
@@ -46,9 +48,19 @@ from pathlib import Path
 import torch
 
 from ... import state
+from . import int8_gemm as I8
 from . import quant as Q
 
-__all__ = ["quantize_pack", "dequantize_unpack", "counters", "families", "clear", "wait", "BACKGROUND"]
+__all__ = [
+    "quantize_pack",
+    "dequantize_unpack",
+    "quantize_int8_sr",
+    "counters",
+    "families",
+    "clear",
+    "wait",
+    "BACKGROUND",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +138,14 @@ def _decode_finite(
     return (Q.decode_groups(codes.view(n, -1), meta.view(n, 2), bits, specials=False).reshape(-1).to(dtype),)
 
 
+def _int8_rows_sr(flat: torch.Tensor, seed: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.int8_gemm.quantize_int8_rowwise` of ``flat`` viewed as (rows, ``cols``), rounded
+    stochastically with :func:`.int8_gemm.rowwise_noise` of ``seed``: a low-bit GEMM's gradient
+    operand (codegen/kernels/lowbit_linear.py)."""
+    x = flat.view(-1, cols)
+    return I8.quantize_int8_rowwise(x, I8.rowwise_noise(seed, x.shape[0], cols))
+
+
 def _package_dir() -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -138,7 +158,7 @@ def _version() -> str:
     kernels."""
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
-    sources = get_hash_for_files((str(Q.__file__), __file__))
+    sources = get_hash_for_files((str(Q.__file__), str(I8.__file__), __file__))
     return hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:16]
 
 
@@ -180,7 +200,7 @@ class _Family:
 
         a, b = _example(self.key)
         groups, n = Dim("groups", min=2), _EXAMPLE_GROUPS
-        if self.key[0] == "pack":
+        if self.key[0] in ("pack", "int8sr"):
             dynamic = {"a": {0: (a.numel() // n) * groups}, "b": None}
         else:
             dynamic = {"a": {0: (a.numel() // n) * groups}, "b": {0: (b.numel() // n) * groups}}
@@ -253,7 +273,7 @@ def _example(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = getattr(torch, dtype_name)
     x = torch.linspace(-1, 1, _EXAMPLE_GROUPS * group_size).to(dtype)
     seed = torch.tensor(1, dtype=torch.int64)
-    if op == "pack":
+    if op in ("pack", "int8sr"):
         return x, seed
     noise = Q.hash_uniform(seed, _EXAMPLE_GROUPS, group_size)
     codes, meta = Q.quantize_pack_reference(x, bits, group_size, noise)
@@ -265,8 +285,7 @@ def _main(argv: list[str]) -> None:
     bits, group size, dtype, torch threads) into its package for the parent process."""
     *key, threads = json.loads(argv[0])
     torch.set_num_threads(threads)
-    body = _pack_finite if key[0] == "pack" else _decode_finite
-    fn = _family(key[0], body, key[1], key[2], getattr(torch, key[3]))
+    fn = _family(key[0], _BODIES[key[0]], key[1], key[2], getattr(torch, key[3]))
     assert fn is not None
     fn.compile()
 
@@ -276,7 +295,7 @@ def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dt
     key = (op, bits, group_size, str(dtype).removeprefix("torch."))
     fn = _families.get(key)
     if fn is None and key not in _broken:
-        consts = (bits, group_size) if op == "pack" else (bits, dtype)
+        consts = {"pack": (bits, group_size), "int8sr": (group_size,)}.get(op, (bits, dtype))
         fn = _families[key] = _Family(key, body, consts)
     return fn
 
@@ -302,6 +321,8 @@ def _run(fn: _Family | None, args: tuple):
     counters["compiled" if out is not None else "pending"] += 1
     return out
 
+
+_BODIES: dict[str, Callable] = {"pack": _pack_finite, "decode": _decode_finite, "int8sr": _int8_rows_sr}
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
@@ -355,3 +376,16 @@ def dequantize_unpack(
             return out
     counters["reference"] += 1
     return Q.dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), dtype, stride)
+
+
+def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.int8_gemm.quantize_int8_rowwise` of ``x`` (rows, cols) with
+    ``rowwise_noise(seed)``, same bits: one family per (cols, dtype), rows symbolic."""
+    rows, cols = x.shape
+    if rows > 1 and cols > 0 and _compilable(x.dtype) and seed.dim() == 0 and seed.dtype == torch.int64:
+        fn = _family("int8sr", _int8_rows_sr, 8, cols, x.dtype)
+        out = _run(fn, (x.detach().contiguous().view(-1), seed))
+        if out is not None:
+            return out[0], out[1]
+    counters["reference"] += 1
+    return I8.quantize_int8_rowwise(x, I8.rowwise_noise(seed, rows, cols))

@@ -244,3 +244,29 @@ def test_sync_compiles_inside_a_compiled_graph(tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "FXLOWBIT_CPU_COMPILE": "sync"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_int8_stochastic_rounding_family_same_bits_odd_rows_dtypes_non_contiguous_non_finite():
+    """``quantize_int8_sr`` (a low-bit GEMM's gradient operand, passes/lower_linears.py): the bits of
+    int8_gemm.quantize_int8_rowwise with rowwise_noise, one family per (columns, dtype) whatever the
+    rows; rows with NaN or Inf come back as the reference's; a single row takes the reference."""
+    from fxlowbit.codegen.kernels import int8_gemm as I8
+
+    calls = C.counters["compiled"]
+    for rows, dtype in ((300, torch.float32), (17, torch.float32), (5, torch.bfloat16)):
+        x = (torch.randn(rows, 2 * 96, generator=torch.Generator().manual_seed(rows)) * 5)[:, ::2].to(dtype)
+        x[1, 7], x[2, 3] = float("nan"), float("inf")
+        got = C.quantize_int8_sr(x, SEED)
+        want = I8.quantize_int8_rowwise(x, I8.rowwise_noise(SEED, rows, 96))
+        assert torch.equal(got[0], want[0])
+        assert torch.isclose(got[1], want[1], rtol=0, atol=0, equal_nan=True).all()
+    assert C.counters["compiled"] - calls == 3
+    assert {f for f in C.families() if f[0] == "int8sr"} >= {
+        ("int8sr", 8, 96, "float32"),
+        ("int8sr", 8, 96, "bfloat16"),
+    }
+    one, ref = torch.randn(1, 96), C.counters["reference"]
+    assert torch.equal(
+        C.quantize_int8_sr(one, SEED)[0], I8.quantize_int8_rowwise(one, I8.rowwise_noise(SEED, 1, 96))[0]
+    )
+    assert C.counters["reference"] == ref + 1
