@@ -239,6 +239,13 @@ def _choose(
             f"fxlowbit: memory budget of {budget} saved bytes cannot be met: the smallest plan "
             f"stores {least} bytes; using it"
         )
+        over = sum(it[k].variance for it, k in zip(items, pick, strict=True))
+        if over > max_ratio:  # never silent: the smallest forms can wreck the gradient
+            msg += (
+                f", at an est. gradient variance ratio of {over:.3g} > max_variance_ratio={max_ratio:g} "
+                f"(expect degraded training; within the limit the smallest plan stores "
+                f"{_least_bytes_within(items, max_ratio)} bytes)"
+            )
         return pick, math.inf, msg
     if ratio <= max_ratio:
         return pick, 1.0, "ok"

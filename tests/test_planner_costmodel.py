@@ -295,6 +295,10 @@ def test_infeasible_budget_warns_once_and_uses_the_smallest_plan():
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1, msgs
     assert f"budget of 2 saved bytes cannot be met: the smallest plan stores {smallest} bytes" in msgs[0]
+    # the smallest forms' variance is named when it exceeds the limit (and not when it does not)
+    assert "> max_variance_ratio=0.05 (expect degraded training" in msgs[0]
+    loose = LowbitConfig(memory_budget=2, max_variance_ratio=1e9)
+    assert planner.decide(records, loose, profile=CPU, gemms=GEMMS, warn=False).status.endswith("; using it")
     for plan in plans:
         assert plan.bytes_after == smallest and plan.status == msgs[0]
         for s, d in zip(records, plan.decisions, strict=True):
