@@ -144,7 +144,17 @@ def run_model(model_name: str, a, train, held) -> list[dict]:
     gen_train = examples.char_batches(train, a.batch, a.seq, a.steps + 1, seed=0)
     batches = [x for x, _ in gen_train]  # the model shifts labels = inputs itself
     eval_batches = [x for x, _ in examples.char_batches(held, a.batch, a.seq, a.eval_batches, seed=1)]
-    rows = [Row(label, opts, model_name, a, batches) for label, opts in ROWS.items() if label in a.rows]
+    rows = [
+        Row(
+            label,
+            opts if opts is None or not a.profile else {**opts, "profile": a.profile},
+            model_name,
+            a,
+            batches,
+        )
+        for label, opts in ROWS.items()
+        if label in a.rows
+    ]
     lin = linears(rows[0].model)
     tokens = a.batch * a.seq
     t_start = time.perf_counter()
@@ -271,6 +281,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke check: Llama, 1 layer, 8 steps (2-4 min)")
+    ap.add_argument(
+        "--profile", default=None, help="hardware profile JSON for every lowbit row (default: shipped)"
+    )
     ap.add_argument("--note", default=None, help="a remark stored in the JSON's meta")
     ap.add_argument("--out", default=None, help="JSON path; the .md table is written next to it")
     ap.add_argument("--table", default=None, help="write the .md table of this result JSON and stop")

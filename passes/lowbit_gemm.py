@@ -56,19 +56,24 @@ def formats_for(
     capability: tuple[int, int] | None,
     *,
     lowered: bool = False,
+    plain_forward: str | None = None,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     """(formats, reasons) of a linear's (forward, grad-input, grad-weight) GEMMs from the requested
     config values ("auto" asks the cost model; "off" is the plain dtype's name). ``lowered``: the
     op's body is traced into the compiled graphs (passes/lower_linears.py), so the profile's
-    ``linear_op_us`` (the opaque op pair's calls) is not paid."""
+    ``linear_op_us`` (the opaque op pair's calls) is not paid. ``plain_forward``: why an "auto"
+    forward GEMM must stay plain (see :func:`forward_blocked`)."""
     m, n, k = mnk
     plain, dname = plain_format(dtype), str(dtype).removeprefix("torch.")
     # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
     shapes = ((m, n, k, False), (m, k, n, True), (n, k, m, True))
     formats, reasons = [], []
     saved = 0.0  # est. seconds the low-bit GEMMs "auto" chose save against plain ones
-    for want, (rows, cols, red, grad) in zip(requested, shapes, strict=True):
-        if want == "auto":
+    for i, (want, (rows, cols, red, grad)) in enumerate(zip(requested, shapes, strict=True)):
+        if want == "auto" and i == 0 and plain_forward:
+            formats.append(plain)
+            reasons.append(f"auto: {plain_forward}")
+        elif want == "auto":
             c = gemm_choice(rows, cols, red, dname, profile, capability, gradient=grad)
             formats.append(c.fmt)
             reasons.append(f"auto: {c.reason}")
@@ -87,6 +92,23 @@ def formats_for(
         reasons = [why if a else r for a, r in zip(auto_low, reasons, strict=True)]
         formats = [plain if a else f for a, f in zip(auto_low, formats, strict=True)]
     return tuple(formats), tuple(reasons)  # type: ignore[return-value]
+
+
+# bytes a low-bit forward saves of x per fp32 byte: int8/fp8 codes plus a fp32 scale per row (K >= 64)
+LOWBIT_X_FRACTION = 0.27
+
+
+def forward_blocked(cfg: LowbitConfig) -> str | None:
+    """Why "auto" must keep forward GEMMs plain under ``cfg``, else None: a memory budget the user
+    set as a fraction below :data:`LOWBIT_X_FRACTION`. A low-bit forward saves only its int8/fp8
+    copy of x, which no saved-tensor form compresses further, so such a budget could not be met and
+    the planner would fall back to its smallest, high-variance plan (measured: a 4-layer Llama with
+    int8 GEMMs under ``memory_budget=0.1`` ended 23% above Inductor's held-out loss). A budget from
+    ``mode`` yields to the variance limit instead, so it blocks nothing."""
+    b = cfg.memory_budget
+    if isinstance(b, float) and b < LOWBIT_X_FRACTION:
+        return f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of x a low-bit forward saves uncompressibly"
+    return None
 
 
 def run(
@@ -125,8 +147,9 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     mnk = linears.mnk(xv, wv)
     lowered = cfg.inline_kernels(yv.device.type) and not cfg.gemm_hadamard  # passes/lower_linears.py
     formats, reasons = formats_for(
-        cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device), lowered=lowered
-    )
+        cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device), lowered=lowered,
+        plain_forward=forward_blocked(cfg),
+    )  # fmt: skip
     low = formats[0] in LOWBIT
     hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
     decision = LinearFormats(node.name, name, mnk, formats, reasons, hadamard)
