@@ -107,7 +107,10 @@ def forward_blocked(cfg: LowbitConfig) -> str | None:
     ``mode`` yields to the variance limit instead, so it blocks nothing."""
     b = cfg.memory_budget
     if isinstance(b, float) and b < LOWBIT_X_FRACTION:
-        return f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of x a low-bit forward saves uncompressibly"
+        return (
+            f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of x a low-bit forward saves "
+            "uncompressibly"
+        )
     return None
 
 
