@@ -56,23 +56,23 @@ def formats_for(
     capability: tuple[int, int] | None,
     *,
     lowered: bool = False,
-    plain_forward: str | None = None,
+    keep_plain: str | None = None,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     """(formats, reasons) of a linear's (forward, grad-input, grad-weight) GEMMs from the requested
     config values ("auto" asks the cost model; "off" is the plain dtype's name). ``lowered``: the
     op's body is traced into the compiled graphs (passes/lower_linears.py), so the profile's
-    ``linear_op_us`` (the opaque op pair's calls) is not paid. ``plain_forward``: why an "auto"
-    forward GEMM must stay plain (see :func:`forward_blocked`)."""
+    ``linear_op_us`` (the opaque op pair's calls) is not paid. ``keep_plain``: why "auto" must keep
+    every GEMM plain (see :func:`lowbit_blocked`)."""
     m, n, k = mnk
     plain, dname = plain_format(dtype), str(dtype).removeprefix("torch.")
     # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
     shapes = ((m, n, k, False), (m, k, n, True), (n, k, m, True))
     formats, reasons = [], []
     saved = 0.0  # est. seconds the low-bit GEMMs "auto" chose save against plain ones
-    for i, (want, (rows, cols, red, grad)) in enumerate(zip(requested, shapes, strict=True)):
-        if want == "auto" and i == 0 and plain_forward:
+    for want, (rows, cols, red, grad) in zip(requested, shapes, strict=True):
+        if want == "auto" and keep_plain:
             formats.append(plain)
-            reasons.append(f"auto: {plain_forward}")
+            reasons.append(f"auto: {keep_plain}")
         elif want == "auto":
             c = gemm_choice(rows, cols, red, dname, profile, capability, gradient=grad)
             formats.append(c.fmt)
@@ -98,18 +98,20 @@ def formats_for(
 LOWBIT_X_FRACTION = 0.27
 
 
-def forward_blocked(cfg: LowbitConfig) -> str | None:
-    """Why "auto" must keep forward GEMMs plain under ``cfg``, else None: a memory budget the user
-    set as a fraction below :data:`LOWBIT_X_FRACTION`. A low-bit forward saves only its int8/fp8
-    copy of x, which no saved-tensor form compresses further, so such a budget could not be met and
-    the planner would fall back to its smallest, high-variance plan (measured: a 4-layer Llama with
-    int8 GEMMs under ``memory_budget=0.1`` ended 23% above Inductor's held-out loss). A budget from
+def lowbit_blocked(cfg: LowbitConfig) -> str | None:
+    """Why "auto" must keep every GEMM plain under ``cfg``, else None: a memory budget the user set
+    as a fraction below :data:`LOWBIT_X_FRACTION`. A low-bit linear saves its input for the op's
+    backward either as the forward's int8/fp8 copy or as it is, and the planner compresses neither,
+    so such a budget could not be met and the planner fell back to its smallest, high-variance plan
+    (measured, issue 18's Llama planned from this machine's profile under ``memory_budget=0.1``:
+    held-out loss 1.23x Inductor's with int8 everywhere, 1.23x with plain forwards, which saved
+    2.5x fewer bytes instead of 5.7x; the fp32 linears' plan: 10.1x at 1.007x). A budget from
     ``mode`` yields to the variance limit instead, so it blocks nothing."""
     b = cfg.memory_budget
     if isinstance(b, float) and b < LOWBIT_X_FRACTION:
         return (
-            f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of x a low-bit forward saves "
-            "uncompressibly"
+            f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of its input a low-bit linear "
+            "saves uncompressed"
         )
     return None
 
@@ -151,7 +153,7 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     lowered = cfg.inline_kernels(yv.device.type) and not cfg.gemm_hadamard  # passes/lower_linears.py
     formats, reasons = formats_for(
         cfg.gemm_formats(name), mnk, yv.dtype, prof, _capability(yv.device), lowered=lowered,
-        plain_forward=forward_blocked(cfg),
+        keep_plain=lowbit_blocked(cfg),
     )  # fmt: skip
     low = formats[0] in LOWBIT
     hadamard = cfg.gemm_hadamard if low and mnk[2] % max(cfg.gemm_hadamard, 1) == 0 else 0
