@@ -10,6 +10,10 @@ to the GPU would be a pageable host-to-device copy, which waits for the queued w
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from .. import state
@@ -74,3 +78,27 @@ def draw_seed(stream: int, device: torch.device) -> torch.Tensor:
         gen = _on_device(stream, device)
         return torch.randint(0, 2**62, (), generator=gen, dtype=torch.int64, device=device)
     return torch.randint(0, 2**62, (), generator=generator(stream), dtype=torch.int64).to(device)
+
+
+@contextlib.contextmanager
+def fork() -> Iterator[None]:
+    """Within: draws leave every stream where it was. The first-batch check and the probes replay
+    the graphs (their low-bit GEMMs and 2:4 linears draw seeds); the noise training draws must not
+    depend on them, or a second process whose cache hit skips the check would draw other noise than
+    the process that compiled it. A stream first used within starts again from its seed."""
+    with _lock:
+        cpu = {k: g.get_state() for k, g in _generators.items()}
+        dev = {k: g.get_state() for k, g in _device_generators.items()}
+    try:
+        yield
+    finally:
+        with _lock:
+            tables: tuple[tuple[dict[Any, torch.Generator], dict[Any, torch.Tensor]], ...] = (
+                (_generators, cpu),
+                (_device_generators, dev),
+            )
+            for table, states in tables:
+                for k in [k for k in table if k not in states]:
+                    del table[k]
+                for k, st in states.items():
+                    table[k].set_state(st)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from . import calibrate, forms, planner, validate
+from .codegen import rng
 from .codegen.kernels import sampling_state
 from .config import LowbitConfig
 from .plan import Plan
@@ -89,7 +90,7 @@ class Adaptive:
             counters["prior_checks_kept"] += 1
         elif self.partitioner.probed and torch.is_grad_enabled():
             try:  # the first batch checks the prior's plan before the first step trains on it
-                with torch.random.fork_rng(devices=_devices(example_inputs)):
+                with torch.random.fork_rng(devices=_devices(example_inputs)), rng.fork():
                     with sampling_state.exact():  # replays need the exact gradient
                         if self._check_prior(list(example_inputs)):
                             self.partitioner.keep_prior_check()
@@ -162,7 +163,7 @@ class Adaptive:
                 try:
                     # probes replay the forward (dropout included): leave the user's RNG untouched
                     boxed = len(args) == 1 and isinstance(args[0], list)  # boxed calling convention
-                    with torch.random.fork_rng(devices=_devices(args)):
+                    with torch.random.fork_rng(devices=_devices(args)), rng.fork():
                         with sampling_state.exact():  # replays need the exact gradient
                             self._calibrate(list(args[0] if boxed else args), due)
                 except Exception as err:  # a probe must never cost the user's step

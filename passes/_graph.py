@@ -151,7 +151,8 @@ class NodeBuilder:
         node = self.graph.call_function(target, args, kwargs)
         self.added.append(node)
         if self.fake_mode is not None:
-            vals = fx.node.map_arg((args, kwargs), value)
+            # recorded values as they are (a tuple-valued op's too, for its getitem)
+            vals = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("example_value", n.meta.get("val")))
             with self.fake_mode:
                 node.meta["example_value"] = target(*vals[0], **vals[1])
         node.meta.update(self.meta)

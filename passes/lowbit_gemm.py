@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections import Counter
 
 import torch
 import torch.fx as fx
 
-from ..codegen.kernels.lowbit_linear import LOWBIT, lowbit_linear, plain_format
+from ..codegen.kernels.lowbit_linear import LOWBIT, plain_format
 from ..config import GEMM_ROLES, LowbitConfig
 from ..costmodel import HardwareProfile, gemm_choice, load_profile
 from . import linears
@@ -163,7 +164,11 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
         log.debug("lowbit_gemm: %s (%s) stays plain: %s", node.name, name, "; ".join(reasons))
         return decision
     args = (*formats, hadamard, stream)
-    linears.replace(graph, node, x, w, b, yv.dtype, lambda add, x, w, b: add(lowbit_linear, x, w, b, *args))
+    op = torch.ops.fxlowbit.lowbit_linear.default  # the op itself: AOTAutograd's cache keeps the graph
+
+    linears.replace(
+        graph, node, x, w, b, yv.dtype, lambda add, x, w, b: add(operator.getitem, add(op, x, w, b, *args), 0)
+    )
     counters["lowbit_gemm"] += 1
     for role, fmt in zip(GEMM_ROLES, formats, strict=True):
         counters[f"lowbit_gemm_{role}_{fmt}"] += 1

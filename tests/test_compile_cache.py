@@ -222,3 +222,13 @@ def test_a_mincut_partition_comes_back_from_the_cache(tmp_path):
     assert any(row[0] == "partition" for plan in first["plans"] for row in plan)
     assert again["aot_hits"] == 1 and again["aot_misses"] == 0 and again["restored"] == 1
     assert again["plans"] == first["plans"] and again["grad"] == first["grad"]
+
+
+def test_low_bit_gemms_come_back_from_the_cache(tmp_path):
+    """The lowbit_gemm pass calls the op itself in the Dynamo graph (a Python wrapper there made
+    AOTAutograd's cache bypass the graph: every process compiled int8 linears cold): a second
+    process hits, and its lowered INT8 linears give the same gradient bit for bit."""
+    options = {"seed": 3, "gemm": "int8"}
+    first, again = (_run(tmp_path, options) for _ in range(2))
+    assert first["aot_misses"] == 1 and again["aot_hits"] == 1 and again["aot_misses"] == 0
+    assert again["restored"] == 1 and again["grad"] == first["grad"]

@@ -118,3 +118,23 @@ def test_reset_kernels_clears_the_cpu_families_only_when_asked():
     assert ("probe",) in quant_cpu._families
     fxlowbit.reset()
     assert not quant_cpu._families and not quant_cpu.counters
+
+
+def test_rng_fork_leaves_every_stream_where_it_was():
+    """Replays (first-batch check, probes) run under rng.fork(): what they draw never moves the
+    noise training draws; a stream first used inside starts again from its seed afterwards."""
+    used, fresh = rng.new_stream(11), rng.new_stream(12)
+    rng.draw_seed(used, torch.device("cpu"))
+    want_used = rng.draw_seed(used, torch.device("cpu"))  # control: the stream moves outside fork
+    rng.draw_seed(used, torch.device("cpu"))
+    fxlowbit.reset()
+    used, fresh = rng.new_stream(11), rng.new_stream(12)
+    first_fresh = rng.draw_seed(fresh, torch.device("cpu"))
+    fxlowbit.reset()
+    used, fresh = rng.new_stream(11), rng.new_stream(12)
+    rng.draw_seed(used, torch.device("cpu"))
+    with rng.fork():
+        for _ in range(3):
+            rng.draw_seed(used, torch.device("cpu")), rng.draw_seed(fresh, torch.device("cpu"))
+    assert torch.equal(rng.draw_seed(used, torch.device("cpu")), want_used)
+    assert torch.equal(rng.draw_seed(fresh, torch.device("cpu")), first_fresh)

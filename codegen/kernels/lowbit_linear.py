@@ -19,6 +19,8 @@ compile on CPU and CUDA), so Dynamo and AOTAutograd trace it as one forward and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -67,9 +69,9 @@ def plain_format(dtype: torch.dtype) -> str:
 
 
 def _check(x, w, bias, fwd, gi, gw, hadamard) -> None:
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+    if x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(
-            f"fxlowbit lowbit_linear: need x (M, K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}"
+            f"fxlowbit lowbit_linear: need x (..., K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}"
         )
     if x.dtype != w.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(
@@ -86,8 +88,8 @@ def _check(x, w, bias, fwd, gi, gw, hadamard) -> None:
             )
     if hadamard not in HADAMARD:
         raise ValueError(f"fxlowbit lowbit_linear: hadamard={hadamard!r}; valid: {HADAMARD}")
-    if hadamard and x.shape[1] % hadamard:
-        raise ValueError(f"fxlowbit lowbit_linear: K={x.shape[1]} is not a multiple of hadamard={hadamard}")
+    if hadamard and x.shape[-1] % hadamard:
+        raise ValueError(f"fxlowbit lowbit_linear: K={x.shape[-1]} is not a multiple of hadamard={hadamard}")
 
 
 @torch.library.custom_op("fxlowbit::quantize_int8_sr", mutates_args=())
@@ -166,8 +168,10 @@ def lowbit_linear_op(
     hadamard: int,
     stream: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (M, N), saved codes of x (M, K) int8/uint8 or (0,), row scales (M,) fp32 or (0,)) of
-    ``x (M, K) @ w (N, K)^T + bias`` with the forward in ``fwd_fmt`` (see the module docstring)."""
+    """(y (..., N), saved codes of x (M, K) int8/uint8 or (0,), row scales (M,) fp32 or (0,)) of
+    ``x (..., K) @ w (N, K)^T + bias`` with the forward in ``fwd_fmt`` (see the module docstring;
+    M: the product of x's leading sizes). Any rank, so the graph calls the op itself (a Python
+    wrapper in the graph makes AOTAutograd's cache bypass it)."""
     _check(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard)
     return forward(x, w, bias, fwd_fmt, hadamard)
 
@@ -180,21 +184,25 @@ def forward(
     if fwd_fmt not in LOWBIT:
         empty = x.new_empty((0,))
         return F.linear(x, w, bias), empty.to(torch.int8), empty.float()
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     xr, wr = (hadamard_rotate(x, hadamard), hadamard_rotate(w, hadamard)) if hadamard else (x, w)
     xq, xs = _quantize(xr, fwd_fmt, None)
     wq, ws = _quantize(wr, fwd_fmt, None)
     y = (int8_mm if fwd_fmt == "int8" else fp8_mm)(xq, wq, xs, ws, bias, x.dtype)
-    return y, xq.view(_CODES[fwd_fmt]), xs
+    return y.view(*lead, w.shape[0]), xq.view(_CODES[fwd_fmt]), xs
 
 
 @lowbit_linear_op.register_fake
 def _(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream):
     _check(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard)
-    (m, k), n = x.shape, w.shape[0]
-    if fwd_fmt not in LOWBIT:
-        m = k = 0  # nothing but x itself saved
-    codes = x.new_empty((m, k) if m else (0,), dtype=_CODES.get(fwd_fmt, torch.int8))
-    return x.new_empty((x.shape[0], n)), codes, x.new_empty((m,), dtype=torch.float32)
+    k, n = x.shape[-1], w.shape[0]
+    m = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], n))
+    if fwd_fmt not in LOWBIT:  # nothing but x itself saved
+        return y, x.new_empty((0,), dtype=torch.int8), x.new_empty((0,), dtype=torch.float32)
+    codes = x.new_empty((m, k), dtype=_CODES[fwd_fmt])
+    return y, codes, x.new_empty((m,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fxlowbit::lowbit_linear_backward", mutates_args=())
@@ -270,16 +278,20 @@ def _setup_context(ctx, inputs, output) -> None:
     # a low-bit forward saves only its quantized copy of x; a plain one saves x itself
     ctx.save_for_backward(x if fwd_fmt not in LOWBIT else None, xq, xs, w)
     ctx.args = (fwd_fmt, gi_fmt, gw_fmt, hadamard, stream)
+    ctx.x_shape = x.shape
     ctx.mark_non_differentiable(xq, xs)
 
 
 def _backward(ctx, grad_y, _grad_xq, _grad_xs):
     x, xq, xs, w = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    k = w.shape[1]
     dx, dw, db = torch.ops.fxlowbit.lowbit_linear_backward(
-        grad_y, x, xq, xs, w, *ctx.args, need_dx, need_dw, need_db
-    )
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *(None,) * 5)
+        grad_y.reshape(-1, w.shape[0]), None if x is None else x.reshape(-1, k), xq, xs, w, *ctx.args,
+        need_dx, need_dw, need_db,
+    )  # fmt: skip
+    dx = dx.view(ctx.x_shape) if need_dx else None
+    return (dx, dw if need_dw else None, db if need_db else None, *(None,) * 5)
 
 
 lowbit_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -287,7 +299,7 @@ lowbit_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 @register_flop_formula(torch.ops.fxlowbit.lowbit_linear)
 def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * x_shape[0] * w_shape[0] * x_shape[1]
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
 
 
 @register_flop_formula(torch.ops.fxlowbit.lowbit_linear_backward)
@@ -312,7 +324,4 @@ def lowbit_linear(
         >>> y = lowbit_linear(x, w, None, "int8", "int8", "fp32")
         >>> y.sum().backward()
     """
-    y, _, _ = torch.ops.fxlowbit.lowbit_linear(
-        x.reshape(-1, x.shape[-1]), w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream
-    )
-    return y.view(*x.shape[:-1], w.shape[0])
+    return torch.ops.fxlowbit.lowbit_linear(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream)[0]
