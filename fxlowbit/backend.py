@@ -57,6 +57,7 @@ from .config import LowbitConfig
 from .costmodel import HardwareProfile, load_profile
 from .plan import Plan
 from .state import STATE
+from .step import one_line
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,8 @@ class LowbitPartitioner(CustomPartitionerFn):
             if self.cfg.strict:
                 raise
             counters["lower_linears_failed"] += 1
-            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            warnings.warn(
-                f"fxlowbit: lowering the low-bit linears failed ({why}); they run as ops", stacklevel=3
-            )
+            msg = f"fxlowbit: lowering the low-bit linears failed ({one_line(err)}); they run as ops"
+            warnings.warn(msg, stacklevel=3)
 
     def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         def partition(joint: fx.GraphModule, inputs: Sequence[object]) -> tuple[fx.GraphModule, ...]:
@@ -239,7 +238,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         except Exception as err:  # never lose the user's training step to a bug of ours
             if self.cfg.strict:
                 raise
-            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"  # one line, no graph dump
+            why = one_line(err)
             warnings.warn(
                 f"fxlowbit: internal error while compressing saved tensors ({why}); "
                 "this graph runs uncompressed",

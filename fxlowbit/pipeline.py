@@ -43,7 +43,7 @@ from .codegen import rng
 from .codegen.kernels import sampling_state
 from .config import LowbitConfig
 from .state import STATE
-from .step import Context, Step, apply, run
+from .step import Context, Step, apply, one_line, run
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ def _weigh_mincut(ctx: Context) -> None:
         if cfg.strict:
             raise
         ctx.counters["mincut_failed"] += 1
-        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        msg = f"fxlowbit: min-cut's re-partition failed ({why}); the default partition's plan is kept"
+        msg = (
+            f"fxlowbit: min-cut's re-partition failed ({one_line(err)}); the default partition's plan is kept"
+        )
         warnings.warn(msg, stacklevel=4)
 
 

@@ -25,7 +25,7 @@ from .state import STATE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "Step", "apply", "run"]
+__all__ = ["Context", "Step", "apply", "run", "one_line"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,6 +129,12 @@ def _without_val(gm: fx.GraphModule) -> list[str]:
     return out
 
 
+def one_line(err: BaseException) -> str:
+    """``err`` as the one line a warning quotes: its type and its message's first line (no graph
+    dump)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def apply(step: Step, ctx: Context) -> bool:
     """Apply ``step`` to ``ctx`` if it is switched on and applies; True if it ran."""
     if not ctx.cfg.enabled(step.name) or not step.when(ctx):
@@ -143,8 +149,7 @@ def apply(step: Step, ctx: Context) -> bool:
             raise
         ctx.counters[step.error_counter] += 1
         what = "probes disabled for this graph" if step.name == "probes" else f"{step.name} pass failed"
-        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        warnings.warn(f"fxlowbit: {what} ({why}); {step.contained}", stacklevel=4)
+        warnings.warn(f"fxlowbit: {what} ({one_line(err)}); {step.contained}", stacklevel=4)
         return False
     finally:
         ctx.timings[step.name] = ctx.timings.get(step.name, 0.0) + time.perf_counter() - t0

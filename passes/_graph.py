@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Iterator
+from typing import Any
 
 import sympy
 import torch
@@ -15,6 +16,7 @@ from ._ops import IDENTITIES
 
 __all__ = [
     "value",
+    "recorded",
     "size_hint",
     "fake",
     "call",
@@ -27,12 +29,18 @@ __all__ = [
 ]
 
 
+def recorded(node: fx.Node) -> Any:
+    """What a node was recorded to produce, as recorded: ``meta["example_value"]`` on Dynamo
+    graphs, ``meta["val"]`` on AOTAutograd's (a tensor, a SymInt, a tuple of them), else None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def value(node) -> torch.Tensor | None:
-    """The tensor a node was recorded to produce: ``meta["example_value"]`` on Dynamo graphs,
-    ``meta["val"]`` on AOTAutograd's; None for a non-node, a non-tensor value or none recorded."""
+    """The tensor a node was recorded to produce (:func:`recorded`); None for a non-node, a
+    non-tensor value or none recorded."""
     if not isinstance(node, fx.Node):
         return None
-    v = node.meta.get("example_value", node.meta.get("val"))
+    v = recorded(node)
     return v if isinstance(v, torch.Tensor) else None
 
 
@@ -151,8 +159,7 @@ class NodeBuilder:
         node = self.graph.call_function(target, args, kwargs)
         self.added.append(node)
         if self.fake_mode is not None:
-            # recorded values as they are (a tuple-valued op's too, for its getitem)
-            vals = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("example_value", n.meta.get("val")))
+            vals = fx.node.map_arg((args, kwargs), recorded)  # a tuple-valued op's too, for its getitem
             with self.fake_mode:
                 node.meta["example_value"] = target(*vals[0], **vals[1])
         node.meta.update(self.meta)

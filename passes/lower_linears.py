@@ -40,6 +40,7 @@ __all__ = ["run", "lowerable"]
 
 _FWD = torch.ops.fxlowbit.lowbit_linear.default
 _BWD = torch.ops.fxlowbit.lowbit_linear_backward.default
+_SEED = torch.ops.fxlowbit.draw_seed.default
 
 
 def lowerable(node: fx.Node) -> str | None:
@@ -83,7 +84,6 @@ def _backward(graph: fx.Graph, node: fx.Node):
         raise
 
 
-_SEED = torch.ops.fxlowbit.draw_seed.default
 _LOWER = {_FWD: _forward, _BWD: _backward}
 
 

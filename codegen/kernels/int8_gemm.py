@@ -40,6 +40,7 @@ __all__ = [
     "FP8",
     "MAX_K",
     "quantize_int8_rowwise",
+    "quantize_int8_sr_reference",
     "dequantize_int8_rowwise",
     "quantize_fp8",
     "dequantize_fp8",
@@ -100,6 +101,12 @@ def quantize_int8_rowwise(
     # out of place: the CPU path traces this into the graphs Inductor compiles (passes/lower_linears.py)
     v = torch.round(v) if u is None else torch.floor(v + u)
     return v.clamp(-127, 127).nan_to_num(0.0).to(torch.int8, memory_format=torch.contiguous_format), scale
+
+
+def quantize_int8_sr_reference(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8_rowwise` of ``x`` (R, C) rounded stochastically with
+    :func:`rowwise_noise` of ``seed``: a gradient operand's int8 quantizer."""
+    return quantize_int8_rowwise(x, rowwise_noise(seed, *x.shape))
 
 
 def dequantize_int8_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

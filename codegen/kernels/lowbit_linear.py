@@ -35,6 +35,7 @@ from .int8_gemm import (
     int8_mm,
     quantize_fp8,
     quantize_int8_rowwise,
+    quantize_int8_sr_reference,
     rowwise_noise,
 )
 
@@ -105,7 +106,7 @@ def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor,
         from . import quant_cpu
 
         return quant_cpu.quantize_int8_sr(x, seed)
-    return quantize_int8_rowwise(x, rowwise_noise(seed, *x.shape))
+    return quantize_int8_sr_reference(x, seed)
 
 
 @quantize_int8_sr.register_fake

@@ -142,8 +142,7 @@ def _int8_rows_sr(flat: torch.Tensor, seed: torch.Tensor, cols: int) -> tuple[to
     """:func:`.int8_gemm.quantize_int8_rowwise` of ``flat`` viewed as (rows, ``cols``), rounded
     stochastically with :func:`.int8_gemm.rowwise_noise` of ``seed``: a low-bit GEMM's gradient
     operand (codegen/kernels/lowbit_linear.py)."""
-    x = flat.view(-1, cols)
-    return I8.quantize_int8_rowwise(x, I8.rowwise_noise(seed, x.shape[0], cols))
+    return I8.quantize_int8_sr_reference(flat.view(-1, cols), seed)
 
 
 def _package_dir() -> Path:
@@ -388,4 +387,4 @@ def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor,
         if out is not None:
             return out[0], out[1]
     counters["reference"] += 1
-    return I8.quantize_int8_rowwise(x, I8.rowwise_noise(seed, rows, cols))
+    return I8.quantize_int8_sr_reference(x, seed)
