@@ -22,7 +22,6 @@ import torch.fx as fx
 
 from ..codegen import rng
 from ..codegen.kernels import sparse24_mask as _masks
-from ..codegen.kernels.sparse24_linear import sparse24_linear
 from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_seed)
 from ..config import LowbitConfig
 from . import linears
@@ -71,7 +70,8 @@ def _consider(graph, node, cfg: LowbitConfig, stream: int, counters: Counter) ->
     def build(add, x, w, b):
         mask = add(torch.ops.fxlowbit.sparse24_mask.default, w, key, cfg.sparsity_refresh, dense_after)
         seed = add(torch.ops.fxlowbit.draw_seed.default, x, stream)
-        return add(sparse24_linear, x, w, b, mask, seed, True, True)
+        # the op itself (any rank), not a Python wrapper: AOTAutograd's cache keeps the graph
+        return add(torch.ops.fxlowbit.sparse24_linear.default, x, w, b, mask, seed, True, True)
 
     linears.replace(graph, node, x, w, b, yv.dtype, build)
     counters["sparse24"] += 1

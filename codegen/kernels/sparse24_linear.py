@@ -12,6 +12,7 @@ else, or if that raises, on the masked dense weight (``torch.where(m, w, 0)``).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -95,10 +96,10 @@ def _rows_cols_24(mask: torch.Tensor) -> tuple[bool, bool]:
 
 def _check_linear(x, w, bias, mask) -> None:
     check_weight(w, "sparse24_linear")
-    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(
-            f"fxlowbit sparse24_linear: x must be (tokens, {w.shape[1]}) for w {tuple(w.shape)}, "
-            f"got {tuple(x.shape)}"
+            f"fxlowbit sparse24_linear: x's last size must equal w's in-features: x must be "
+            f"(..., {w.shape[1]}) for w {tuple(w.shape)}, got {tuple(x.shape)}"
         )
     if mask.shape != w.shape or mask.dtype != torch.bool:
         raise ValueError(
@@ -121,17 +122,20 @@ def sparse24_linear_op(
     mvue: bool,
     masked_grad: bool,
 ) -> torch.Tensor:
-    """``x (w*mask)^T + bias`` for 2-D ``x`` (``seed``, ``mvue``, ``masked_grad``: the backward's)."""
+    """``x (w*mask)^T + bias`` for ``x`` (..., in) (``seed``, ``mvue``, ``masked_grad``: the
+    backward's). Any rank, so the sparsity pass calls the op itself: a Python wrapper in the graph
+    makes AOTAutograd's cache bypass it."""
     _check_linear(x, w, bias, mask)
     if mvue and seed is None:
         raise ValueError("fxlowbit sparse24_linear: mvue=True needs a seed")
-    return _sparse_linear(x, masked_weight(w, mask), bias, _rows_cols_24(mask)[0])
+    y = _sparse_linear(x.reshape(-1, x.shape[-1]), masked_weight(w, mask), bias, _rows_cols_24(mask)[0])
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 @sparse24_linear_op.register_fake
 def _(x, w, bias, mask, seed, mvue, masked_grad):
     _check_linear(x, w, bias, mask)
-    return x.new_empty((x.shape[0], w.shape[0]))
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 @torch.library.custom_op("fxlowbit::sparse24_linear_bwd", mutates_args=())
@@ -185,9 +189,11 @@ def _backward(ctx, g):
     mvue, masked_grad, has_bias = ctx.args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw, db = torch.ops.fxlowbit.sparse24_linear_bwd(
-        g, x, w, mask, seed, mvue, masked_grad, need_x, need_w, need_b and has_bias
-    )
-    return (dx if need_x else None, dw if need_w else None, db if need_b and has_bias else None) + (None,) * 4
+        g.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1]), w, mask, seed, mvue, masked_grad,
+        need_x, need_w, need_b and has_bias,
+    )  # fmt: skip
+    dx = dx.view(x.shape) if need_x else None
+    return (dx, dw if need_w else None, db if need_b and has_bias else None) + (None,) * 4
 
 
 sparse24_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -195,7 +201,7 @@ sparse24_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 @register_flop_formula(torch.ops.fxlowbit.sparse24_linear)
 def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * x_shape[0] * w_shape[0] * w_shape[1]  # dense-equivalent FLOPs
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # dense-equivalent FLOPs
 
 
 @register_flop_formula(torch.ops.fxlowbit.sparse24_linear_bwd)
@@ -227,12 +233,5 @@ def sparse24_linear(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
     elif seed is not None and not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
-    if x.dim() < 1 or x.shape[-1] != w.shape[-1]:
-        raise ValueError(
-            f"fxlowbit sparse24_linear: x's last size must equal w's in-features; "
-            f"got x {tuple(x.shape)}, w {tuple(w.shape)}"
-        )
-    x2 = x.reshape(-1, x.shape[-1])
-    _check_linear(x2, w, bias, mask)
-    y = torch.ops.fxlowbit.sparse24_linear(x2, w, bias, mask, seed, mvue, masked_grad)
-    return y.view(*x.shape[:-1], w.shape[0])
+    _check_linear(x, w, bias, mask)
+    return torch.ops.fxlowbit.sparse24_linear(x, w, bias, mask, seed, mvue, masked_grad)

@@ -357,8 +357,9 @@ def test_linear_compiles_without_graph_breaks():
         assert torch.equal(eager, comp)
 
 
-def test_linear_op_registration_passes_opcheck():
-    x, w, b, m, g = _case()
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["2d", "3d"])
+def test_linear_op_registration_passes_opcheck(lead):
+    x, w, b, m, g = _case(lead=lead)  # the op takes x of any rank (the sparsity pass calls it)
     args = (
         x.detach().requires_grad_(),
         w.detach().requires_grad_(),
