@@ -79,6 +79,9 @@ _GEMMS = {
     torch.ops.aten.bmm.default,
     torch.ops.aten.baddbmm.default,
     torch.ops.aten.convolution.default,
+    # the ``sampling`` option's linear: forward F.linear (only its backward samples), so the
+    # backward may rebuild its output from its input, which that backward keeps anyway
+    torch.ops.fxlowbit.sampled_linear_keyed.default,
 }
 
 

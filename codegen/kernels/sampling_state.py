@@ -39,6 +39,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ... import state as _state
 from . import sampled_backward as _sb
@@ -243,3 +244,15 @@ def _backward(ctx, grad):
 
 
 sampled_linear_keyed.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed)
+def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+@register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed_backward)
+def _bwd_flops(grad_shape, x_shape, w_shape, seed, key, x_colmajor, need_input, need_weight, need_bias,
+               out_shape=None, **kwargs) -> int:  # fmt: skip
+    """The dense count: what the backward costs at keep ratio 1 (the registry counts what ran)."""
+    return 2 * math.prod(grad_shape[:-1]) * w_shape[0] * w_shape[1] * (int(need_input) + int(need_weight))
