@@ -16,7 +16,9 @@ seed comes from an ``fxlowbit::draw_seed`` node in its place, one draw per call 
 it). Runs after the plan's rewrites, on the pair Inductor compiles, when ``kernels`` traces our
 code into the graphs (:meth:`fxlowbit.config.LowbitConfig.inline_kernels`). Left as ops: FP8
 formats, Hadamard rotation, symbolic sizes, and any node whose outputs are not read by
-``getitem`` (counted as ``lowbit_linear_kept_op``). Counters: ``lowbit_linear_lowered`` per node.
+``getitem`` (counted as ``lowbit_linear_kept_op``). Counters: ``lowbit_linear_lowered`` per node,
+``lowbit_linear_cse`` per inlined node merged with an identical one (linears reading one input
+quantize it once and save one copy).
 """
 
 from __future__ import annotations
@@ -87,26 +89,78 @@ def _backward(graph: fx.Graph, node: fx.Node):
 _LOWER = {_FWD: _forward, _BWD: _backward}
 
 
+def _pure(node: fx.Node) -> bool:
+    """An aten or prims op CSE may merge: functional, no random numbers."""
+    t = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(t, torch._ops.OpOverload)
+        and t.namespace in ("aten", "prims")
+        and not t._schema.is_mutable
+        and torch.Tag.nondeterministic_seeded not in t.tags
+    )
+
+
+def _frozen(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(a) for a in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _frozen(a)) for k, a in v.items()))
+    hash(v)  # raises TypeError for what cannot be a key
+    return v
+
+
+def _merge_repeats(graph: fx.Graph, new: list[fx.Node]) -> int:
+    """Common-subexpression elimination over the nodes the lowering inlined (``new``, in graph
+    order): linears that read one input (q, k and v; gate and up) quantize it identically, so
+    one quantization remains and the backward receives one saved copy of its codes and scales,
+    where each op saved its own. AOTAutograd ran CSE before partitioning; the inlined bodies came
+    after it. Returns the number of nodes merged."""
+    seen: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in new:
+        if not _pure(node):
+            continue
+        try:
+            key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+        except TypeError:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            merged += 1
+    return merged
+
+
 def run(graphs: tuple[fx.GraphModule, ...], counters: Counter) -> int:
-    """Lower every lowerable node of ``graphs`` in place; returns how many were lowered."""
+    """Lower every lowerable node of ``graphs`` in place, then merge the repeated quantizations
+    (:func:`_merge_repeats`); returns how many nodes were lowered. A failure part-way leaves valid,
+    recompiled graphs: the linears lowered so far, the rest ops."""
     done = 0
     for gm in graphs:
         graph, changed = gm.graph, False
-        for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _LOWER]:
-            why = lowerable(node)
-            if why is not None:
-                counters["lowbit_linear_kept_op"] += 1
-                log.debug("fxlowbit: %s stays an op (%s)", node.name, why)
-                continue
-            with graph.inserting_before(node):
-                outs = _LOWER[node.target](graph, node)
-            for user in list(node.users):
-                user.replace_all_uses_with(outs[user.args[1]])
-                graph.erase_node(user)
-            graph.erase_node(node)
-            counters["lowbit_linear_lowered"] += 1
-            done, changed = done + 1, True
-        if changed:
-            graph.lint()
-            gm.recompile()
+        before = set(graph.nodes)
+        try:
+            for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _LOWER]:
+                why = lowerable(node)
+                if why is not None:
+                    counters["lowbit_linear_kept_op"] += 1
+                    log.debug("fxlowbit: %s stays an op (%s)", node.name, why)
+                    continue
+                with graph.inserting_before(node):
+                    outs = _LOWER[node.target](graph, node)
+                for user in list(node.users):
+                    user.replace_all_uses_with(outs[user.args[1]])
+                    graph.erase_node(user)
+                graph.erase_node(node)
+                counters["lowbit_linear_lowered"] += 1
+                done, changed = done + 1, True
+            if changed:
+                inlined = [n for n in graph.nodes if n not in before]
+                counters["lowbit_linear_cse"] += _merge_repeats(graph, inlined)
+        finally:
+            if changed:
+                graph.lint()
+                gm.recompile()
     return done

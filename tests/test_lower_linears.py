@@ -76,6 +76,61 @@ def test_several_linears_keep_the_ops_gradient_quality_and_reproduce():
         assert sqnr_db(e, g) > 15
 
 
+class _SharedInput(nn.Module):
+    """Three linears reading one input, as q, k and v do."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 48) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def _saved_int8(loss) -> list[torch.Tensor]:
+    """The int8 tensors the backward holds, one per storage (walked from ``loss.grad_fn``)."""
+    seen, out, todo = set(), [], [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for name in dir(fn):
+            if name.startswith("_saved_") or name == "saved_tensors":
+                try:
+                    vals = getattr(fn, name)
+                except RuntimeError:
+                    continue
+                for t in vals if isinstance(vals, tuple) else (vals,):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
+                        out.append(t)
+        todo.extend(f for f, _ in fn.next_functions)
+    return list({t.untyped_storage().data_ptr(): t for t in out}.values())
+
+
+def test_linears_reading_one_input_quantize_it_once_and_save_one_copy():
+    """The three lowered forwards quantize x identically; CSE over the inlined nodes leaves one
+    quantization, so the backward holds one int8 copy of x where the ops held three (3 before the
+    change, walked from ``loss.grad_fn``). The gradients are those of the ops up to the epilogue's
+    summation order (the codes are the same)."""
+    torch.manual_seed(0)
+    model, x = _SharedInput(), torch.randn(128, 64)
+    gemm = ("int8", "off", "off")  # int8 forward only: the backward draws no noise
+    _, ref, _ = _grads(model, x, gemm=gemm, kernels="ops")
+    _, got, c = _grads(model, x, gemm=gemm)
+    assert c["lowbit_linear_lowered"] == 6 and c["lowbit_linear_cse"] > 0
+    assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-5
+    fw, _ = last_graphs()[-1]
+    saved = fw.graph.find_nodes(op="output")[0].args[0]
+    codes = {n for n in saved if isinstance(n, torch.fx.Node) and n.meta["val"].dtype == torch.int8}
+    assert len(codes) == 1, codes  # the three lowbit_linear ops each returned their own
+    torch._dynamo.reset()
+    fxlowbit.reset()
+    f = torch.compile(model, backend="lowbit", options={**NO_PLAN, "gemm": gemm})
+    loss = f(x).square().mean()
+    assert len(_saved_int8(loss)) == 1
+
+
 def test_what_stays_an_op_is_counted_and_still_right():
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 64)), torch.randn(128, 64)
