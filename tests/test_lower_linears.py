@@ -21,6 +21,7 @@ import fxlowbit
 from fxlowbit import passes
 from fxlowbit.backend import counters, last_graphs
 from fxlowbit.examples import sqnr_db
+from fxlowbit.memory import saved_tensors
 
 NO_PLAN = {"passes": {"plan": False}, "calibrate_every": 0, "seed": 3}  # GEMMs only, no probes
 
@@ -89,22 +90,7 @@ class _SharedInput(nn.Module):
 
 def _saved_int8(loss) -> list[torch.Tensor]:
     """The int8 tensors the backward holds, one per storage (walked from ``loss.grad_fn``)."""
-    seen, out, todo = set(), [], [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        for name in dir(fn):
-            if name.startswith("_saved_") or name == "saved_tensors":
-                try:
-                    vals = getattr(fn, name)
-                except RuntimeError:
-                    continue
-                for t in vals if isinstance(vals, tuple) else (vals,):
-                    if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
-                        out.append(t)
-        todo.extend(f for f, _ in fn.next_functions)
+    out = [t for t in saved_tensors(loss) if t.dtype == torch.int8]
     return list({t.untyped_storage().data_ptr(): t for t in out}.values())
 
 
