@@ -90,7 +90,8 @@ _LOWER = {_FWD: _forward, _BWD: _backward}
 
 
 def _pure(node: fx.Node) -> bool:
-    """An aten or prims op CSE may merge: functional, no random numbers."""
+    """An aten or prims op CSE may merge: functional, no random numbers, no uninitialised memory
+    (two ``empty`` results are two buffers, not one value)."""
     t = node.target
     return (
         node.op == "call_function"
@@ -98,6 +99,7 @@ def _pure(node: fx.Node) -> bool:
         and t.namespace in ("aten", "prims")
         and not t._schema.is_mutable
         and torch.Tag.nondeterministic_seeded not in t.tags
+        and "empty" not in t._schema.name
     )
 
 

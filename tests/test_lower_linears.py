@@ -163,3 +163,24 @@ def test_a_failure_leaves_the_ops_with_one_warning(monkeypatch):
     assert max(_rel(r, g) for r, g in zip(ref, got, strict=True)) < 1e-5
     with pytest.raises(Exception, match="boom"):
         _grads(model, x, gemm="int8", strict=True)
+
+
+def test_the_merge_takes_pure_repeats_only():
+    """Identical functional ops merge; uninitialised buffers, random draws and custom ops do not."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    aten = torch.ops.aten
+    nodes = [
+        graph.call_function(aten.abs.default, (x,)),
+        graph.call_function(aten.abs.default, (x,)),  # merges with the first
+        graph.call_function(aten.empty.memory_format, ([0],)),
+        graph.call_function(aten.empty.memory_format, ([0],)),  # two buffers, kept
+        graph.call_function(aten.rand.default, ([2],)),
+        graph.call_function(aten.rand.default, ([2],)),  # two draws, kept
+        graph.call_function(torch.ops.fxlowbit.draw_seed.default, (x, 3)),
+        graph.call_function(torch.ops.fxlowbit.draw_seed.default, (x, 3)),  # custom op, kept
+    ]
+    graph.output(tuple(nodes))
+    assert passes.lower_linears._merge_repeats(graph, nodes) == 1
+    out = graph.find_nodes(op="output")[0].args[0]
+    assert out[0] is out[1] and len(set(out[2:])) == 6
