@@ -13,8 +13,6 @@ are re-exported here.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -25,6 +23,7 @@ from .sampled_backward import (
     backward,
     fake_grads,
     flops,
+    forward_flops,
     keep_probabilities,
     sampled_linear_reference,
 )
@@ -140,9 +139,7 @@ def _backward(ctx, grad):
 sampled_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.fxlowbit.sampled_linear)
-def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+register_flop_formula(torch.ops.fxlowbit.sampled_linear)(forward_flops)
 
 
 def sampled_linear(

@@ -246,13 +246,12 @@ def _backward(ctx, grad):
 sampled_linear_keyed.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed)
-def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed)(_sb.forward_flops)
 
 
 @register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed_backward)
 def _bwd_flops(grad_shape, x_shape, w_shape, seed, key, x_colmajor, need_input, need_weight, need_bias,
                out_shape=None, **kwargs) -> int:  # fmt: skip
-    """The dense count: what the backward costs at keep ratio 1 (the registry counts what ran)."""
-    return 2 * math.prod(grad_shape[:-1]) * w_shape[0] * w_shape[1] * (int(need_input) + int(need_weight))
+    """The dense count: the backward at keep ratio 1 on the GEMMs it runs (the registry counts what ran)."""
+    d_out, d_in = w_shape
+    return int(_sb.flops(math.prod(grad_shape[:-1]), d_in, d_out, need_input, need_weight))

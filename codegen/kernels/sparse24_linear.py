@@ -233,5 +233,4 @@ def sparse24_linear(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
     elif seed is not None and not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
-    _check_linear(x, w, bias, mask)
     return torch.ops.fxlowbit.sparse24_linear(x, w, bias, mask, seed, mvue, masked_grad)
