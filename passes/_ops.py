@@ -182,6 +182,9 @@ _NAMED_ARG_VALUES: dict[str, frozenset[int]] = {
     "aten::_grouped_mm": frozenset((0, 1)),  # (mat_a, mat_b, offs, bias, out_dtype): its backward
     # (grad, x, weight, seed, key, ...): x feeds the kept rows' GEMM and the sampling scores
     "fxlowbit::sampled_linear_keyed_backward": frozenset((0, 1)),
+    # (grad, x, xq, xs, w, ...): x, saved as is, feeds only the grad-weight GEMM; the int8 codes
+    # and scales of a low-bit forward's copy stay exact
+    "fxlowbit::lowbit_linear_backward": frozenset((1,)),
 }
 
 

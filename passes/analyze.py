@@ -19,6 +19,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..gemm_cost import GEMM_TFLOPS_KEY
 from ..records import Gemm, GraphFacts, Recompute, SavedTensor, Use
 from . import _ops, sizes
 from .flops import node_flops
@@ -82,13 +83,36 @@ _GEMMS = {
     # the ``sampling`` option's linear: forward F.linear (only its backward samples), so the
     # backward may rebuild its output from its input, which that backward keeps anyway
     torch.ops.fxlowbit.sampled_linear_keyed.default,
+    # a linear with low-bit GEMMs: its forward is deterministic (round to nearest), so the backward
+    # may rebuild its output (``getitem`` 0 of the op's tuple) from its input
+    torch.ops.fxlowbit.lowbit_linear.default,
 }
+# GEMMs above that return a tuple: replayed through ``getitem`` of their first output
+_TUPLE_GEMMS = {torch.ops.fxlowbit.lowbit_linear.default}
+
+
+def _tuple_gemm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _TUPLE_GEMMS
+
+
+def _value_of(node: fx.Node) -> torch.Tensor:
+    """The tensor ``node`` makes: its value, or a tuple GEMM's first output."""
+    val = node.meta["val"]
+    return val[0] if _tuple_gemm(node) else val
+
+
+def _first_of_tuple_gemm(node: fx.Node) -> bool:
+    """``getitem(op, 0)`` of a GEMM in :data:`_TUPLE_GEMMS`: the linear's output."""
+    src = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+    return isinstance(src, fx.Node) and _tuple_gemm(src) and bool(node.args[1] == 0)
 
 
 def _replayable(node: fx.Node) -> bool:
     """Deterministic pointwise, view or constant-building ops, or a matmul/convolution: ops the
     backward can replay to rebuild a value (the GEMMs are priced by the planner)."""
     target = node.target
+    if _first_of_tuple_gemm(node):
+        return True
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
@@ -113,10 +137,10 @@ def _recompute(
         if n is not node and (n.name in saved or n.op == "placeholder"):
             leaves[n.name] = None
             return True
-        if not isinstance(n.meta.get("val"), torch.Tensor) or not _replayable(n):
+        if not (isinstance(n.meta.get("val"), torch.Tensor) or _tuple_gemm(n)) or not _replayable(n):
             return False
         for a in n.all_input_nodes:
-            if isinstance(a.meta.get("val"), torch.Tensor) and not visit(a):
+            if (isinstance(a.meta.get("val"), torch.Tensor) or _tuple_gemm(a)) and not visit(a):
                 return False
         order.append(n)
         return len(order) <= _MAX_RECOMPUTE_NODES
@@ -127,7 +151,8 @@ def _recompute(
     if len(gemms) > 1:  # one GEMM per replay (the record names it)
         return None
     # Inductor fuses the pointwise part into one kernel: it reads the leaves and writes the result.
-    vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
+    vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]  # (no tuple: leaves
+    # are saved tensors and inputs, and node a tensor)
     tensors = [v for v in vals if isinstance(v, torch.Tensor)]
     moved = sum(sizes.at(sizes.numel(v) * v.dtype.itemsize, hints) for v in tensors)
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)
@@ -136,7 +161,9 @@ def _recompute(
         return Recompute(nodes, names, moved, from_inputs)
     (gemm,) = gemms
     flops = node_flops(gemm, lambda v: sizes.concrete(v, hints)) or 0
-    dtype = str(gemm.meta["val"].dtype).replace("torch.", "")
+    dtype = str(_value_of(gemm).dtype).replace("torch.", "")
+    fwd_fmt = str(gemm.args[3]) if _tuple_gemm(gemm) else ""
+    dtype = GEMM_TFLOPS_KEY.get(fwd_fmt, dtype)  # a low-bit forward: its format's table
     return Recompute(nodes, names, moved, from_inputs, gemm.name, flops, dtype)
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from ..codegen.kernels.lowbit_linear import LOWBIT, plain_format
+from ..codegen.kernels.lowbit_linear import LOWBIT, plain_format, saves_codes
 from ..config import GEMM_ROLES, LowbitConfig
 from ..costmodel import HardwareProfile, gemm_choice, load_profile
 from . import linears
@@ -63,15 +63,15 @@ def formats_for(
     config values ("auto" asks the cost model; "off" is the plain dtype's name). ``lowered``: the
     op's body is traced into the compiled graphs (passes/lower_linears.py), so the profile's
     ``linear_op_us`` (the opaque op pair's calls) is not paid. ``keep_plain``: why "auto" must keep
-    every GEMM plain (see :func:`lowbit_blocked`)."""
+    the grad-weight GEMM plain (see :func:`lowbit_blocked`), so that ``x`` is saved as is."""
     m, n, k = mnk
     plain, dname = plain_format(dtype), str(dtype).removeprefix("torch.")
     # (rows, cols, reduction, first operand a gradient) of y = x w^T, dx = dy w, dw = dy^T x
     shapes = ((m, n, k, False), (m, k, n, True), (n, k, m, True))
     formats, reasons = [], []
     saved = 0.0  # est. seconds the low-bit GEMMs "auto" chose save against plain ones
-    for want, (rows, cols, red, grad) in zip(requested, shapes, strict=True):
-        if want == "auto" and keep_plain:
+    for i, (want, (rows, cols, red, grad)) in enumerate(zip(requested, shapes, strict=True)):
+        if want == "auto" and keep_plain and i == 2:
             formats.append(plain)
             reasons.append(f"auto: {keep_plain}")
         elif want == "auto":
@@ -83,7 +83,7 @@ def formats_for(
             formats.append(plain if want == "off" else want)
             reasons.append("gemm_filter / gemm option" if want != "off" else "off by option")
     call = 0.0 if lowered else profile.linear_op_us * 1e-6
-    if formats[0] in LOWBIT:  # the backward decodes the forward's saved copy of x, (m, k), to fp32
+    if saves_codes(formats[0], formats[2]):  # the backward decodes the saved copy of x, (m, k), to fp32
         call += 4 * m * k / (profile.unpack_gbps[8] * 1e9)
     auto_low = [w == "auto" and f in LOWBIT for f, w in zip(formats, requested, strict=True)]
     forced_low = any(f in LOWBIT and not a for f, a in zip(formats, auto_low, strict=True))
@@ -100,19 +100,19 @@ LOWBIT_X_FRACTION = 0.27
 
 
 def lowbit_blocked(cfg: LowbitConfig) -> str | None:
-    """Why "auto" must keep every GEMM plain under ``cfg``, else None: a memory budget the user set
-    as a fraction below :data:`LOWBIT_X_FRACTION`. A low-bit linear saves its input for the op's
-    backward either as the forward's int8/fp8 copy or as it is, and the planner compresses neither,
-    so such a budget could not be met and the planner fell back to its smallest, high-variance plan
-    (measured, issue 18's Llama planned from this machine's profile under ``memory_budget=0.1``:
-    held-out loss 1.23x Inductor's with int8 everywhere, 1.23x with plain forwards, which saved
-    2.5x fewer bytes instead of 5.7x; the fp32 linears' plan: 10.1x at 1.007x). A budget from
-    ``mode`` yields to the variance limit instead, so it blocks nothing."""
+    """Why "auto" must keep the grad-weight GEMMs plain under ``cfg``, else None: a memory budget the
+    user set as a fraction below :data:`LOWBIT_X_FRACTION`. With a low-bit grad-weight GEMM the
+    backward reads the forward's quantized copy of x, which the planner can neither replay nor
+    compress further, so such a budget could not be met (measured, issue 18's Llama planned from
+    this machine's profile under ``memory_budget=0.1``: held-out loss 1.23x Inductor's with int8
+    everywhere). With it plain, x is saved as is and planned like any tensor (replayed, rounded),
+    while the forward and grad-input GEMMs may still run low-bit (SwitchBack's split). A budget
+    from ``mode`` yields to the variance limit instead, so it blocks nothing."""
     b = cfg.memory_budget
     if isinstance(b, float) and b < LOWBIT_X_FRACTION:
         return (
-            f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of its input a low-bit linear "
-            "saves uncompressed"
+            f"memory_budget={b:g} is below the {LOWBIT_X_FRACTION:g} of its input a low-bit "
+            "grad-weight GEMM keeps as int8 codes"
         )
     return None
 
@@ -173,7 +173,7 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     for role, fmt in zip(GEMM_ROLES, formats, strict=True):
         counters[f"lowbit_gemm_{role}_{fmt}"] += 1
     x_bytes = mnk[0] * mnk[2] * yv.dtype.itemsize
-    saved = mnk[0] * (mnk[2] + 4) if low else x_bytes
+    saved = mnk[0] * (mnk[2] + 4) if saves_codes(formats[0], formats[2]) else x_bytes
     log.debug("lowbit_gemm: %s (%s, M N K %s) -> %s; saved x %d -> %d bytes; %s", node.name, name, mnk,
               "/".join(formats), x_bytes, saved, "; ".join(reasons))  # fmt: skip
     return decision

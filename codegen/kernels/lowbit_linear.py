@@ -5,10 +5,12 @@
 Low-bit GEMMs quantize both operands row-wise along the reduction dim (:mod:`.int8_gemm`):
 forward operands and the weight round to nearest (fp8: e4m3), gradient operands round
 stochastically (fp8: e5m2) with noise from the next seed of random stream ``stream`` (negative:
-round to nearest, deterministic). Memory: with a low-bit forward, its quantized copy of ``x``
-(int8 codes, or e4m3 codes stored as uint8 bits, plus fp32 row scales: about 1/4 of fp32 ``x``) is
-the only copy of ``x`` saved for the backward; the grad-weight GEMM reads it dequantized (and
-requantized along the tokens when it is low-bit itself). With a plain forward ``x`` is saved as is.
+round to nearest, deterministic). Memory: with a low-bit forward and a low-bit grad-weight GEMM,
+the forward's quantized copy of ``x`` (int8 codes, or e4m3 codes stored as uint8 bits, plus fp32
+row scales: about 1/4 of fp32 ``x``) is the only copy of ``x`` saved for the backward; the
+grad-weight GEMM reads it dequantized and requantizes it along the tokens. Otherwise (a plain
+forward, or a plain grad-weight GEMM: SwitchBack's split) ``x`` is saved as is, and the planner may
+replay or compress it like any saved tensor (its one backward use is the grad-weight GEMM).
 ``hadamard`` (0, 32 or 128): the forward GEMM's operands are rotated along K by block Hadamard
 matrices first (:func:`.int8_gemm.hadamard_rotate`); the saved copy is rotated back for the
 grad-weight GEMM.
@@ -45,6 +47,7 @@ __all__ = [
     "forward",
     "backward",
     "draws_seed",
+    "saves_codes",
     "LOWBIT",
     "PLAIN",
     "FORMATS",
@@ -210,8 +213,8 @@ def _(x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream):
 def lowbit_linear_backward(
     grad: torch.Tensor,
     x: torch.Tensor | None,
-    xq: torch.Tensor,
-    xs: torch.Tensor,
+    xq: torch.Tensor | None,
+    xs: torch.Tensor | None,
     w: torch.Tensor,
     fwd_fmt: str,
     gi_fmt: str,
@@ -223,9 +226,15 @@ def lowbit_linear_backward(
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), dw (N, K), db (N,)) for ``grad`` (M, N); each (0,) when not needed. ``x``: the
-    saved input with a plain forward (None otherwise, then ``xq``/``xs`` hold its saved copy)."""
+    saved input (None when :func:`saves_codes`: then ``xq``/``xs`` hold its saved copy, else
+    None)."""
     seed = rng.draw_seed(stream, grad.device) if draws_seed(gi_fmt, gw_fmt, stream) else None
     return backward(grad, x, xq, xs, w, seed, fwd_fmt, gi_fmt, gw_fmt, hadamard, need_dx, need_dw, need_db)
+
+
+def saves_codes(fwd_fmt: str, gw_fmt: str) -> bool:
+    """Whether the backward reads the forward's quantized copy of x (else x itself)."""
+    return fwd_fmt in LOWBIT and gw_fmt in LOWBIT
 
 
 def draws_seed(gi_fmt: str, gw_fmt: str, stream: int) -> bool:
@@ -236,8 +245,8 @@ def draws_seed(gi_fmt: str, gw_fmt: str, stream: int) -> bool:
 def backward(
     grad: torch.Tensor,
     x: torch.Tensor | None,
-    xq: torch.Tensor,
-    xs: torch.Tensor,
+    xq: torch.Tensor | None,
+    xs: torch.Tensor | None,
     w: torch.Tensor,
     seed: torch.Tensor | None,
     fwd_fmt: str,
@@ -256,7 +265,11 @@ def backward(
     if need_dx:  # dx = dy (M, N) @ w^T(K, N)^T: reduction over N
         dx = lowbit_matmul(grad, w.t(), gi_fmt, out_dtype=grad.dtype, a_seed=seed, sr_op=sr_op)
     if need_dw:  # dw = dy^T (N, M) @ x^T (K, M)^T: reduction over the tokens
-        xhat = x if x is not None else _dequantize(xq, xs, fwd_fmt, hadamard, grad.dtype)
+        if x is not None:
+            xhat = x
+        else:  # saves_codes(fwd_fmt, gw_fmt)
+            assert xq is not None and xs is not None
+            xhat = _dequantize(xq, xs, fwd_fmt, hadamard, grad.dtype)
         gw_seed = seed + 1 if seed is not None else None  # a stream unrelated to grad-input's noise
         dw = lowbit_matmul(grad.t(), xhat.t(), gw_fmt, out_dtype=w.dtype, a_seed=gw_seed, sr_op=sr_op)
     if need_db:
@@ -276,8 +289,11 @@ def _(grad, x, xq, xs, w, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream, need_dx, ne
 def _setup_context(ctx, inputs, output) -> None:
     x, w, bias, fwd_fmt, gi_fmt, gw_fmt, hadamard, stream = inputs
     _, xq, xs = output
-    # a low-bit forward saves only its quantized copy of x; a plain one saves x itself
-    ctx.save_for_backward(x if fwd_fmt not in LOWBIT else None, xq, xs, w)
+    # the quantized copy of x when both the forward and the grad-weight GEMM are low-bit, else x
+    if saves_codes(fwd_fmt, gw_fmt):
+        ctx.save_for_backward(None, xq, xs, w)
+    else:
+        ctx.save_for_backward(x, None, None, w)
     ctx.args = (fwd_fmt, gi_fmt, gw_fmt, hadamard, stream)
     ctx.x_shape = x.shape
     ctx.mark_non_differentiable(xq, xs)

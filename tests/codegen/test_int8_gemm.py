@@ -289,6 +289,25 @@ def test_saved_copy_is_the_quantized_one():
     assert sum(t.nbytes for t in saved if t.data_ptr() != w.data_ptr()) == 64 * 128 + 64 * 4
 
 
+@pytest.mark.parametrize(
+    "fmts", [("int8", "int8", "fp32"), ("fp8", "fp32", "fp32"), ("fp32", "fp32", "int8")]
+)
+def test_a_plain_grad_weight_gemm_reads_x_itself(fmts):
+    """SwitchBack's split: when either the forward or the grad-weight GEMM is plain, the op saves x
+    as is (no quantized copy; the planner may replay or round it like any saved tensor), and a plain
+    grad-weight GEMM is exactly dy^T x, whatever the forward ran in. Before, a low-bit forward
+    always saved its int8 copy and dw read it dequantized (about 40 dB from exact)."""
+    x, w = torch.randn(64, 128, requires_grad=True), torch.randn(32, 128, requires_grad=True)
+    y = lowbit_linear(x, w, None, *fmts)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert {t.dtype for t in saved} == {torch.float32}
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    g = torch.randn(64, 32, generator=_gen(5))
+    y.backward(g)
+    if fmts[2] == "fp32":
+        torch.testing.assert_close(w.grad, g.t() @ x.detach(), rtol=1e-5, atol=1e-5)  # fp32 rounding only
+
+
 def test_errors():
     q = torch.zeros(4, 8, dtype=torch.int8)
     s4, s8 = torch.ones(4), torch.ones(8)
