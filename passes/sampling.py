@@ -11,7 +11,7 @@ it becomes ``sampled_linear_keyed(x, w, b, draw_seed(x, stream), key)``: forward
 backward :func:`fxlowbit.codegen.kernels.sampled_linear.backward` at the keep ratios of registry
 entry ``key`` (codegen/kernels/sampling_state.py), which adapt after every backward.
 Counters: ``sampled_linear`` per rewritten linear, ``sampling_declined`` per linear the cost model
-leaves.
+leaves, ``sampling_lowbit_kept`` per linear left because it runs low-bit GEMMs.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def run(
 ) -> list[int]:
     """Rewrite the linears of ``gm`` worth sampling; returns their registry keys."""
     counters = counters if counters is not None else Counter()
+    lowbit = len(gm.graph.find_nodes(op="call_function", target=torch.ops.fxlowbit.lowbit_linear.default))
+    if lowbit:  # their backward GEMMs run low-bit instead (passes/lowbit_gemm.py)
+        counters["sampling_lowbit_kept"] += lowbit
+        log.info("sampling: %d linears run low-bit GEMMs and are not sampled", lowbit)
     return linears.rewrite_each(
         gm,
         lambda node: _consider(gm.graph, node, cfg, profile, stream, counters),
