@@ -45,11 +45,14 @@ class LowbitConfig:
     strict: raise on unsupported constructs and internal errors instead of falling back.
     passes: mapping of pass name -> bool to switch pipeline steps off.
     gemm: format of the linear layers' GEMMs (passes/lowbit_gemm.py, while training): "auto"
-        (default: per GEMM, int8 or fp8 where the hardware profile estimates it at least 10% faster
-        than plain, quantization included; small GEMMs stay plain; fp8 only on CUDA sm89+), "off"
-        (plain), "int8" or "fp8" (forced). A 3-tuple sets the forward, grad-input and grad-weight
-        GEMMs apart, e.g. ``("int8", "int8", "off")`` (SwitchBack). A low-bit forward GEMM's int8/fp8
-        copy of its input is the only copy saved for the backward (about 1/4 of fp32 bytes).
+        (default: the forward and grad-input GEMMs int8 or fp8 where the hardware profile estimates
+        them at least 10% faster than plain, quantization included; small GEMMs stay plain; fp8
+        only on CUDA sm89+; grad-weight GEMMs plain, as SwitchBack's, see
+        ``passes.lowbit_gemm.AUTO_GRAD_WEIGHT``), "off" (plain), "int8" or "fp8" (forced). A
+        3-tuple sets the forward, grad-input and grad-weight GEMMs apart, e.g.
+        ``("int8", "int8", "off")``. With a low-bit forward and grad-weight GEMM, the forward's
+        int8/fp8 copy of the input is the only copy saved for the backward (about 1/4 of fp32
+        bytes); otherwise the input is saved as is, for the planner to replay or round.
     gemm_filter: mapping of module-name glob pattern (``fnmatch``, on dotted paths such as
         ``"blocks.0.fc1"``; functional linears take their enclosing module's path) -> a ``gemm``
         value, overriding ``gemm`` for the linears it matches; the first matching pattern wins.

@@ -202,7 +202,10 @@ def test_auto_follows_the_profile():
     assert _decisions(model, x)[0].formats == ("fp32",) * 3
     fast = _profile(kind="cpu", matmul_tflops={"float32": {"large": 0.3}, "int8": {"large": 30.0}})
     d = _decisions(model, x, profile=fast.to_dict())
-    assert d[0].formats == ("int8",) * 3 and all(r.startswith("auto: int8") for r in d[0].reasons)
+    assert d[0].formats == ("int8", "int8", "fp32") and all(
+        r.startswith("auto: int8") for r in d[0].reasons[:2]
+    )
+    assert d[0].reasons[2] == f"auto: {lowbit_gemm.AUTO_GRAD_WEIGHT}"  # SwitchBack's split
     small = _decisions(model, torch.randn(1, 1024), profile=fast.to_dict())
     assert small[0].formats == ("fp32",) * 3  # few tokens: quantizing the weight dominates
 
@@ -353,7 +356,7 @@ def test_a_linear_stays_plain_when_the_op_costs_more_than_its_low_bit_gemms_save
         saved += c.plain_s - c.lowbit_s.get(c.fmt, c.plain_s)
     assert saved > 0
     dear, reasons = formats_for(auto, mnk, torch.bfloat16, _profile(linear_op_us=2e6 * saved), a100)
-    assert dear == ("bf16",) * 3 and all("the op costs" in r for r in reasons), reasons
+    assert dear == ("bf16",) * 3 and all("the op costs" in r for r in reasons[:2]), reasons
     cheap, _ = formats_for(auto, mnk, torch.bfloat16, _profile(linear_op_us=1e-3), a100)
     assert cheap == free
     forced, _ = formats_for(("int8", "auto", "auto"), mnk, torch.bfloat16, _profile(linear_op_us=1e9), a100)
@@ -376,20 +379,17 @@ def test_linear_op_us_is_checked_and_round_trips():
         _profile(linear_op_us=-1.0)
 
 
-def test_a_tight_user_budget_keeps_auto_grad_weight_gemms_plain():
-    """A low-bit grad-weight GEMM reads the forward's int8 copy of x, which the planner cannot
-    compress: under a user budget below the int8 fraction "auto" keeps that GEMM plain, so x is
-    saved as is and planned like any tensor, while the forward and grad-input GEMMs stay int8
-    (SwitchBack's split); a mode's budget, a byte budget and a forced format are left alone."""
+def test_auto_keeps_grad_weight_gemms_plain_under_any_budget():
+    """ "auto" never picks a low-bit grad-weight GEMM (its int8 noise is outside the variance budget:
+    on issue 18's Llama it left held-out losses up to 1.66x Inductor's), so x is saved as is and
+    planned like any tensor under every budget, while the forward and grad-input GEMMs follow the
+    profile; a forced format is left as asked."""
     model, x = nn.Sequential(nn.Linear(1024, 1024)), torch.randn(256, 1024)
     fast = _profile(kind="cpu", matmul_tflops={"float32": {"large": 0.3}, "int8": {"large": 30.0}}).to_dict()
-    assert _decisions(model, x, profile=fast)[0].formats == ("int8",) * 3  # control: no budget given
-    assert _decisions(model, x, profile=fast, memory_budget=0.5)[0].formats == ("int8",) * 3
-    d = _decisions(model, x, profile=fast, memory_budget=0.1)[0]
-    assert d.formats == ("int8", "int8", "fp32") and "memory_budget=0.1 is below" in d.reasons[2]
-    forced = _decisions(model, x, profile=fast, memory_budget=0.1, gemm=("int8", "auto", "auto"))[0]
-    assert forced.formats == ("int8", "int8", "fp32")
-    assert _decisions(model, x, profile=fast, memory_budget=10**6)[0].formats == ("int8",) * 3  # bytes
+    for budget in (None, 0.5, 0.1, 10**6):
+        assert _decisions(model, x, profile=fast, memory_budget=budget)[0].formats == ("int8", "int8", "fp32")
+    forced = _decisions(model, x, profile=fast, memory_budget=0.1, gemm="int8")[0]
+    assert forced.formats == ("int8",) * 3
 
 
 # ---------------------------------------------------------------- tight budgets: SwitchBack's split
