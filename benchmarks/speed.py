@@ -1,7 +1,8 @@
 """Training-step speed against Inductor: lowbit at default options, with sampled backward GEMMs
 (issue 18: ``sampling=True``, alone and with ``memory_budget=0.1``), and with INT8 GEMMs forced
 (``gemm=("int8", "int8", "off")``, SwitchBack's forward and grad-input; ``gemm="int8"``, all three;
-``gemm="int8"`` with ``memory_budget=0.1``). ``--rows`` picks rows.
+``gemm="int8"`` with ``memory_budget=0.1``). ``--rows`` picks rows; ``--profile`` plans every lowbit row
+from a measured profile; ``--seeds 0,1,2`` runs each lowbit row once per seed (its noise streams).
 
 A Llama-style and a GPT-2-style model from small `transformers` configs (random init, no
 downloads, dropout 0), trained with AdamW on character tokens (ASCII codes) of Python
@@ -55,6 +56,7 @@ ROWS = {  # name: backend options (None: backend="inductor")
     "inductor": None,
     "lowbit defaults": {},
     "lowbit sampling": {"sampling": True},
+    "lowbit budget0.1": {"memory_budget": 0.1},
     "lowbit budget0.1 + sampling": {"memory_budget": 0.1, "sampling": True},
     "lowbit int8 fwd+gi": {"gemm": ("int8", "int8", "off")},
     "lowbit int8": {"gemm": "int8"},
@@ -140,21 +142,29 @@ def heldout_loss(model: nn.Module, batches) -> float:
         return statistics.fmean(float(model(input_ids=x, labels=x).loss) for x in batches)
 
 
+def row_options(a) -> list[tuple[str, dict | None]]:
+    """(label, backend options) of each row: the rows of ``--rows`` in :data:`ROWS`' order, the
+    lowbit ones planned from ``--profile`` and, with ``--seeds``, run once per seed (their noise
+    streams: held-out losses of stochastic rows differ by a few percent from seed to seed)."""
+    out: list[tuple[str, dict | None]] = []
+    for label, opts in ROWS.items():
+        if label not in a.rows:
+            continue
+        if opts is None:
+            out.append((label, None))
+            continue
+        opts = {**opts, "profile": a.profile} if a.profile else dict(opts)
+        if not a.seeds:
+            out.append((label, opts))
+        out += [(f"{label} @seed {k}", {**opts, "seed": k}) for k in a.seeds]
+    return out
+
+
 def run_model(model_name: str, a, train, held) -> list[dict]:
     gen_train = examples.char_batches(train, a.batch, a.seq, a.steps + 1, seed=0)
     batches = [x for x, _ in gen_train]  # the model shifts labels = inputs itself
     eval_batches = [x for x, _ in examples.char_batches(held, a.batch, a.seq, a.eval_batches, seed=1)]
-    rows = [
-        Row(
-            label,
-            opts if opts is None or not a.profile else {**opts, "profile": a.profile},
-            model_name,
-            a,
-            batches,
-        )
-        for label, opts in ROWS.items()
-        if label in a.rows
-    ]
+    rows = [Row(label, opts, model_name, a, batches) for label, opts in row_options(a)]
     lin = linears(rows[0].model)
     tokens = a.batch * a.seq
     t_start = time.perf_counter()
@@ -284,6 +294,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--profile", default=None, help="hardware profile JSON for every lowbit row (default: shipped)"
     )
+    ap.add_argument("--seeds", default="", help="comma-separated seeds: each lowbit row once per seed")
     ap.add_argument("--note", default=None, help="a remark stored in the JSON's meta")
     ap.add_argument("--out", default=None, help="JSON path; the .md table is written next to it")
     ap.add_argument("--table", default=None, help="write the .md table of this result JSON and stop")
@@ -294,6 +305,7 @@ def main(argv=None) -> None:
     if a.quick:
         a.models, a.layers, a.steps, a.timed, a.eval_batches = "llama", 1, 8, 4, 1
     a.rows = [r.strip() for r in a.rows.split(",")]
+    a.seeds = [int(k) for k in a.seeds.split(",") if k.strip()]
     if a.rows[0] != "inductor" or not set(a.rows) <= set(ROWS):
         ap.error(f"--rows must start with inductor and name rows of {list(ROWS)}")
     if not 0 < a.timed < a.steps:
