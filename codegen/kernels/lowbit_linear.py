@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from ...state import STATE
 from .. import rng
 from ..dtypes import FLOAT_NAMES
 from .int8_gemm import (
@@ -227,7 +228,10 @@ def lowbit_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), dw (N, K), db (N,)) for ``grad`` (M, N); each (0,) when not needed. ``x``: the
     saved input (None when :func:`saves_codes`: then ``xq``/``xs`` hold its saved copy, else
-    None)."""
+    None). Within :func:`.sampling_state.exact` (the probes' replays) both gradient GEMMs run
+    plain and draw no seed: the replays measure against the exact gradient."""
+    if STATE.sampling_paused:
+        gi_fmt = gw_fmt = plain_format(grad.dtype)
     seed = rng.draw_seed(stream, grad.device) if draws_seed(gi_fmt, gw_fmt, stream) else None
     return backward(grad, x, xq, xs, w, seed, fwd_fmt, gi_fmt, gw_fmt, hadamard, need_dx, need_dw, need_db)
 

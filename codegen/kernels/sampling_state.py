@@ -155,9 +155,10 @@ def set_budget(keys, share: float) -> None:
 
 @contextlib.contextmanager
 def exact():
-    """Within: sampled linears run their backward exact and leave the registry alone. The probes'
-    replays of a graph (fxlowbit/backend.py) need the exact gradient, and must not move the
-    controller or count as backwards."""
+    """Within: sampled linears run their backward exact and leave the registry alone, and low-bit
+    linears run their gradient GEMMs plain (codegen/kernels/lowbit_linear.py). The probes' replays
+    of a graph (fxlowbit/adaptive.py) need the exact gradient, and must not move the controller or
+    count as backwards."""
     with _state.STATE.lock:
         _state.STATE.sampling_paused.append(True)
     try:

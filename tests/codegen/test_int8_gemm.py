@@ -308,6 +308,32 @@ def test_a_plain_grad_weight_gemm_reads_x_itself(fmts):
         torch.testing.assert_close(w.grad, g.t() @ x.detach(), rtol=1e-5, atol=1e-5)  # fp32 rounding only
 
 
+def test_probe_replays_run_the_gradient_gemms_plain():
+    """Within ``sampling_state.exact()`` (the probes' replays) the backward's GEMMs run plain: the
+    replays measure saved tensors' sensitivities against the exact gradient, not one carrying the
+    int8 GEMMs' own noise (and skip the quantizers: 14.2 s against 16.6-18.9 s for issue 18's
+    Llama's probe step, machine profile, 2026-12-06)."""
+    from fxlowbit.codegen.kernels import sampling_state
+
+    x, w = torch.randn(64, 128, generator=_gen(6)), torch.randn(32, 128, generator=_gen(7))
+    g = torch.randn(64, 32, generator=_gen(8))
+
+    def grads(fmts, seed=0):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        lowbit_linear(xx, ww, None, *fmts, stream=rng.new_stream(seed)).backward(g)
+        return xx.grad, ww.grad
+
+    plain = grads(("int8", "fp32", "fp32"))
+    with sampling_state.exact():
+        probed = [grads(("int8", "int8", "int8"), seed) for seed in (0, 1)]
+    assert torch.equal(probed[0][0], plain[0])  # dx = g w: plain, exactly
+    assert all(torch.equal(a, b) for a, b in zip(*probed, strict=True))  # no noise drawn
+    # dw = g^T x, plain, on the forward's int8 copy of x (what this format pair saves)
+    assert sqnr_db(plain[1], probed[0][1]) >= INT8_FLOOR_DB
+    noisy = grads(("int8", "int8", "int8"))
+    assert not torch.equal(noisy[0], plain[0])  # control: outside, int8 with stochastic rounding
+
+
 def test_errors():
     q = torch.zeros(4, 8, dtype=torch.int8)
     s4, s8 = torch.ones(4), torch.ones(8)
