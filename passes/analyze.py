@@ -151,8 +151,7 @@ def _recompute(
     if len(gemms) > 1:  # one GEMM per replay (the record names it)
         return None
     # Inductor fuses the pointwise part into one kernel: it reads the leaves and writes the result.
-    vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]  # (no tuple: leaves
-    # are saved tensors and inputs, and node a tensor)
+    vals = [node.meta["val"], *(n.meta["val"] for n in seen if n.name in leaves)]
     tensors = [v for v in vals if isinstance(v, torch.Tensor)]
     moved = sum(sizes.at(sizes.numel(v) * v.dtype.itemsize, hints) for v in tensors)
     from_inputs = all(n.op == "placeholder" and n.name not in activations for n in seen if n.name in leaves)

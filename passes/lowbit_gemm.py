@@ -52,16 +52,16 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 AUTO_GRAD_WEIGHT = "grad-weight GEMMs stay plain (their int8 noise is outside the variance budget)"
 """Why "auto" never picks a low-bit grad-weight GEMM (SwitchBack's split: int8 forward and
 grad-input, plain grad-weight; ``gemm``/``gemm_filter`` still force one). Its stochastic rounding
-of the output gradient along the tokens adds variance the planner does not count (the probes
-replay the same GEMMs, so their reference gradient is itself an int8 one), and training showed
-it: issue 18's Llama (benchmarks/speed.py, planned from this machine's 1-thread profile, 150
-steps, seeds 0/1/2, 2026-12-06) ended at held-out losses 1.024x / 1.130x / 1.663x Inductor's
-with "auto" picking int8 for all three GEMMs of most linears (at 2755bd0; 1.023x / 1.150x /
-1.128x at 37f63f1), against 1.021x / 1.004x / 0.989x with ``gemm=("int8", "int8", "off")`` on
-every linear, at 0.70x Inductor's step instead of 0.61x. The grad-input GEMM's int8 noise is not
-counted either; those three seeds gave no sign of it. With the grad-weight GEMM plain the op saves
-``x`` as is, which the planner may replay or round, so tight budgets keep the forward and
-grad-input GEMMs low-bit too."""
+of the output gradient along the tokens adds variance the planner does not count and the probes
+do not measure (their replays run the gradient GEMMs plain), and training showed it: issue 18's
+Llama (benchmarks/speed.py, planned from this machine's 1-thread profile, 150 steps, seeds 0/1/2,
+2026-12-06) ended at held-out losses 1.024x / 1.130x / 1.663x Inductor's with "auto" picking int8
+for all three GEMMs of most linears (at 2755bd0; 1.023x / 1.150x / 1.128x at 37f63f1), against
+1.021x / 1.004x / 0.989x with ``gemm=("int8", "int8", "off")`` on every linear, at 0.70x
+Inductor's step instead of 0.61x. The grad-input GEMM's int8 noise is not counted either; those
+three seeds gave no sign of it. With the grad-weight GEMM plain the op saves ``x`` as is, which
+the planner may replay or round, so tight budgets keep the forward and grad-input GEMMs low-bit
+too."""
 
 
 def formats_for(
