@@ -30,6 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ...state import STATE
 from .. import rng
 from ..dtypes import FLOAT_NAMES
+from . import linear_flops
 from .int8_gemm import (
     dequantize_fp8,
     dequantize_int8_rowwise,
@@ -318,9 +319,7 @@ def _backward(ctx, grad_y, _grad_xq, _grad_xs):
 lowbit_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.fxlowbit.lowbit_linear)
-def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
+register_flop_formula(torch.ops.fxlowbit.lowbit_linear)(linear_flops)
 
 
 @register_flop_formula(torch.ops.fxlowbit.lowbit_linear_backward)

@@ -35,8 +35,6 @@ the keyed op of the ``sampling`` option (:mod:`.sampling_state`); :func:`sampled
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .quant import hash_uniform
@@ -49,7 +47,6 @@ __all__ = [
     "sampled_linear_reference",
     "added_variance",
     "flops",
-    "forward_flops",
 ]
 
 # what the backward writes into ``stats`` (float64, 6 elements), in this order
@@ -289,9 +286,3 @@ def flops(n: int, d_in: int, d_out: int, keep_input: float, keep_weight: float) 
         0.375
     """
     return 2.0 * d_in * d_out * n * (min(float(keep_input), 1.0) + min(float(keep_weight), 1.0))
-
-
-def forward_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of a sampled linear's forward, ``x (..., in) @ w (out, in)^T``: the FLOP formula both
-    sampled ops register (``register_flop_formula`` passes shapes)."""
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]

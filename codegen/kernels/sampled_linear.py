@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from . import linear_flops
 from .sampled_backward import (
     STATS,
     added_variance,
     backward,
     fake_grads,
     flops,
-    forward_flops,
     keep_probabilities,
     sampled_linear_reference,
 )
@@ -139,7 +139,7 @@ def _backward(ctx, grad):
 sampled_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-register_flop_formula(torch.ops.fxlowbit.sampled_linear)(forward_flops)
+register_flop_formula(torch.ops.fxlowbit.sampled_linear)(linear_flops)
 
 
 def sampled_linear(

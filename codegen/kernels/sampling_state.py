@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import state as _state
+from . import linear_flops
 from . import sampled_backward as _sb
 
 __all__ = ["Entry", "new_key", "entries", "set_budget", "KEEP_MIN", "KEEP_START", "PROBE_EVERY"]
@@ -247,7 +248,7 @@ def _backward(ctx, grad):
 sampled_linear_keyed.register_autograd(_backward, setup_context=_setup_context)
 
 
-register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed)(_sb.forward_flops)
+register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed)(linear_flops)
 
 
 @register_flop_formula(torch.ops.fxlowbit.sampled_linear_keyed_backward)

@@ -12,7 +12,6 @@ else, or if that raises, on the masked dense weight (``torch.where(m, w, 0)``).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import state
+from . import linear_flops
 from .sparse24 import check_weight, is_24, masked_weight, mvue24
 
 __all__ = ["sparse24_linear", "sparse24_linear_op", "sparse24_linear_bwd", "SEMI_STRUCTURED"]
@@ -199,9 +199,7 @@ def _backward(ctx, g):
 sparse24_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.fxlowbit.sparse24_linear)
-def _fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # dense-equivalent FLOPs
+register_flop_formula(torch.ops.fxlowbit.sparse24_linear)(linear_flops)  # dense-equivalent FLOPs
 
 
 @register_flop_formula(torch.ops.fxlowbit.sparse24_linear_bwd)
