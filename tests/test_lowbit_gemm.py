@@ -23,6 +23,8 @@ from fxlowbit.examples import sqnr_db
 from fxlowbit.memory import saved_activation_bytes
 from fxlowbit.passes import linears, lowbit_gemm
 
+from ._util import choose_where_possible
+
 EAGER = {"inner": "eager", "passes": {"plan": False}}  # no activation compression: GEMMs only
 
 
@@ -428,14 +430,6 @@ def _flat_grads(model, options, x, steps=1, saved: list | None = None) -> torch.
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def _pick(form: str):
-    def choose(items, budget, t_step, max_ratio, warn=True, soft=False):
-        pick = [next((k for k, c in enumerate(it) if c.form == form), 0) for it in items]
-        return pick, 1.0, f"test: {form} whatever can be"
-
-    return choose
-
-
 def test_a_low_bit_linears_output_replays_through_the_op():
     """The low-bit linear's forward rounds to nearest, so analysis gives its saved output (gate,
     up) a replay through the op, on the input the backward keeps anyway, priced as one GEMM in the
@@ -453,7 +447,7 @@ def test_a_low_bit_linears_output_replays_through_the_op():
     got, ref = {}, {}
     for form, out in (("recompute", got), ("keep", ref)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fxlowbit.planner, "_choose", _pick(form))
+            mp.setattr(fxlowbit.planner, "_choose", choose_where_possible(form))
             out["grad"] = _flat_grads(_gated(), opts, x)
             (plan,) = fxlowbit.last_plans()
             out["replayed"] = {d.name for d in plan.decisions if d.form == "recompute"}

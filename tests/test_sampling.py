@@ -15,7 +15,7 @@ from fxlowbit.costmodel import load_profile
 from fxlowbit.passes.sampling import choose
 from fxlowbit.state import STATE
 
-from ._util import model_graphs
+from ._util import choose_where_possible, model_graphs
 
 N, WIDTH = 4096, 512  # linears this size are worth sampling on the CPU profile; TinyGPT's are not
 SHAPES = {"0": (N, WIDTH, 64), "2": (N, WIDTH, WIDTH), "4": (N, 16, WIDTH)}  # module -> (tokens, out, in)
@@ -173,17 +173,11 @@ def test_a_sampled_linears_output_replays_through_its_gemm():
     torch._dynamo.reset()
     fxlowbit.reset(kernels=False)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fxlowbit.planner, "_choose", _replay_all)
+        mp.setattr(fxlowbit.planner, "_choose", choose_where_possible("recompute"))
         got = _grads(_mlp(), {**opts, "sampling": True}, x, y)
     (plan,) = fxlowbit.last_plans()
     assert {d.name for d in plan.decisions if d.producer == op and d.form == "recompute"} == set(recipes)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
-
-
-def _replay_all(items, budget, t_step, max_ratio, warn=True, soft=False):
-    """A planner choice: replay every tensor that has a replay, keep everything else."""
-    pick = [next((k for k, c in enumerate(it) if c.form == "recompute"), 0) for it in items]
-    return pick, 1.0, "test: replay everything replayable"
 
 
 def test_sampled_gradient_error_stays_within_the_variance_budget():
