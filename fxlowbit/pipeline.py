@@ -47,7 +47,7 @@ from .step import Context, Step, apply, one_line, run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "Step", "STEPS", "DYNAMO_STEPS", "PARTITION_STEPS", "apply", "run"]
+__all__ = ["Context", "Step", "STEPS", "DYNAMO_STEPS", "PARTITION_STEPS", "apply", "run", "keep_before"]
 
 _GEMM_SALT = 0x6A09E667F3BCC909  # the GEMM noise stream's seed differs from the partitioner's
 _SAMPLING_SALT = 0xBB67AE8584CAA73B  # and the sampling draws' from both
@@ -101,9 +101,18 @@ def _saved_views(ctx: Context) -> None:
     passes.saved_views.run(*ctx.pair, num_fwd_outputs=ctx.num_fwd_outputs, counters=ctx.counters)
 
 
+def keep_before(ctx: Context) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Copies of the pair as it is now (once: later calls return the same copies), taken before the
+    first rewrite of the plan: the report's *before* graphs and the probes' pristine pair share them
+    (neither is ever rewritten in place: probes and checks rewrite copies)."""
+    if ctx.before is None:
+        fw, bw = ctx.pair
+        ctx.before = passes._graph.copy_module(fw), passes._graph.copy_module(bw)
+    return ctx.before
+
+
 def _probes(ctx: Context) -> None:
-    fw, bw = ctx.pair
-    ctx.pristine = passes._graph.copy_module(fw), passes._graph.copy_module(bw), ctx.num_fwd_outputs
+    ctx.pristine = (*keep_before(ctx), ctx.num_fwd_outputs)
 
 
 def _analyze(ctx: Context) -> None:
@@ -232,6 +241,7 @@ def _replays_state(bw: fx.GraphModule, base: fx.GraphModule) -> bool:
 
 
 def _recompute(ctx: Context) -> None:
+    keep_before(ctx)
     recipes = {s.name: s.recompute for s in ctx.facts.saved if s.recompute is not None}
     passes.recompute.run(
         *ctx.pair, ctx.planned, recipes, num_fwd_outputs=ctx.num_fwd_outputs, counters=ctx.counters
@@ -239,6 +249,7 @@ def _recompute(ctx: Context) -> None:
 
 
 def _rewrite_saved(ctx: Context) -> None:
+    keep_before(ctx)
     cfg, plan, device = ctx.cfg, ctx.planned, ctx.device_type()
     passes.rewrite_saved.run(
         *ctx.pair,

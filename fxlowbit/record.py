@@ -1,8 +1,9 @@
 """What each compiled graph looked like, for :mod:`fxlowbit.report` and for dumps.
 
 The partition function calls :func:`add` once per compiled graph with the forward and backward
-graphs before (straight from the min-cut partition) and after rewriting (as handed to the inner
-compiler), its plan and its config. Graphs are kept as copies that share the GraphModules'
+graphs before the plan's rewrites (the min-cut partition after saved_views, which re-points saved
+views to their bases losslessly: the names plans and analyses use) and after rewriting (as handed
+to the inner compiler), its plan and its config. Graphs are kept as copies that share the GraphModules'
 attributes (nodes and their metadata are copied, tensors are not). :func:`clear` (called by
 ``fxlowbit.reset()``) forgets them.
 
@@ -15,7 +16,6 @@ backward's is written when it compiles, at the first backward).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from .candidates import canonical_keys
 from .config import LowbitConfig
+from .passes._graph import copy_module
 from .plan import Plan
 from .records import GraphFacts
 from .state import STATE
@@ -93,7 +94,7 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm``'s graph on the same attributes: later rewrites of ``gm`` leave it alone
     (if copying fails, ``gm`` itself: recording must never cost the user's compile)."""
     try:
-        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        return copy_module(gm)
     except Exception as err:
         log.warning("fxlowbit: graph not copied for the report (%s: %s)", type(err).__name__, err)
         return gm

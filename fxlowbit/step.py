@@ -50,6 +50,9 @@ class Context:
     data: frozenset[str] = frozenset()  # forward placeholders: the user's batch
     sensitivity: dict[Any, float] | None = None  # measured, by planner.canonical_keys
     # what the partition steps produce
+    # copies of the pair before the plan's rewrites (after saved_views, a lossless re-pointing): the
+    # report's "before" graphs and the probes' pristine pair, one copy for both (pipeline.keep_before)
+    before: tuple[fx.GraphModule, fx.GraphModule] | None = None
     pristine: tuple[fx.GraphModule, fx.GraphModule, int] | None = None
     facts: Any = None  # passes.analyze.GraphFacts
     plan: Plan | None = None

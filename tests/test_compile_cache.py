@@ -69,6 +69,7 @@ for step in range(int(sys.argv[2])):
     x, y = torch.randn(512, 64, generator=g), torch.randint(0, 10, (512,), generator=g)
     torch.nn.functional.cross_entropy(compiled(x), y).backward()
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+pristine_loads_in_training = pristine_loads  # the report below loads it (its "before" graphs)
 report = fxlowbit.last_report()
 last_graphs = fxlowbit.backend.last_graphs
 print(json.dumps({
@@ -83,7 +84,7 @@ print(json.dumps({
     "probes": fxlowbit.counters["probes"],
     "checks_kept": fxlowbit.counters["prior_checks_kept"],
     "prior_misses": fxlowbit.counters["prior_misses"],
-    "pristine_loads": pristine_loads,
+    "pristine_loads": pristine_loads_in_training,
     "variants": fxlowbit.counters["plan_variants"],
     "plans": [p.signature() for p in fxlowbit.last_plans()],
     "reported": [[r.form for r in e.rows] for e in report.entries],

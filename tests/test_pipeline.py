@@ -53,6 +53,29 @@ def test_each_step_switches_off_and_what_needs_it_does_not_run(off):
     assert bool(fxlowbit.last_plans()) == (off not in ("analyze", "plan"))
 
 
+def test_the_reports_before_graphs_are_the_probes_pristine_pair_taken_before_any_rewrite():
+    """One copy of the pair serves the report's "before" graphs and the probes' replays (the report
+    used to keep its own copies, taken before saved_views: two more graph copies per compile and one
+    more graph pair pickled into the journal); it is taken after saved_views, before the rewrites."""
+    import torch.nn.functional as F
+
+    from ._util import MLP, through_partitioner
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64), torch.arange(64) % 10
+    partitioner, _ = through_partitioner(MLP(hidden=128, dropout=0.0), lambda out: F.cross_entropy(out, y), x)
+    (rec,) = fxlowbit.record.records()
+    fw, bw, _ = partitioner.pristine
+    assert rec.graphs["fw_before"] is fw and rec.graphs["bw_before"] is bw
+    assert fxlowbit.counters["graphs_rewritten"] == 1
+
+    def ops(gm):
+        return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    assert not any("fxlowbit" in t for t in ops(fw) | ops(bw))  # no pack, no decode yet
+    assert any("fxlowbit" in t for t in ops(rec.graphs["fw_after"]))
+
+
 def test_the_profile_is_parsed_once_per_process(monkeypatch):
     """The options' check, the loss fusion, the GEMM choice, the planner and a second compile all
     share one parsed profile (it was read up to three times per compile)."""
