@@ -78,6 +78,8 @@ class Adaptive:
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
         self.unsafe = False  # the last probe found the plan in force far over the variance limit
+        # plan_error's (error, power) by (batch, plan) within one check: a plan measured once per batch
+        self._joint: dict[tuple[int, Any], tuple[float, float]] = {}
         # a plan that stores every tensor as it is within its budget: no probe can better it (every
         # other form adds time or variance), so none runs (TinyGPT under min-cut's pair, Inductor
         # inner, 1 CPU thread: step 10 took 68-70 ms against 24-27 ms for the others, 2026-12-06)
@@ -121,6 +123,7 @@ class Adaptive:
         prior that is wrong for this model (ResNet at default options: 12 dB on the prior). True when
         the prior passed."""
         p, limit = self.partitioner, self.cfg.max_variance_ratio
+        self._joint.clear()
         measured = None if self.plan is None else self._joint_ratio(self.plan, args, math.inf)
         if measured is None or measured <= limit:
             return True
@@ -176,6 +179,7 @@ class Adaptive:
 
     def _calibrate(self, args: list, due: bool) -> None:
         p = self.partitioner
+        self._joint.clear()  # ids of an earlier step's batch may be reused
         if self.pending is not None:
             probe, self.pending = self.pending, None
             g2, _, _ = calibrate.exact_gradient(p.pristine, args)
@@ -228,8 +232,10 @@ class Adaptive:
         changes several-fold between batches); None when the plan rounds nothing."""
         if not planner.lossy(plan):
             return None
-        p = self.partitioner
-        err, power = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
+        p, key = self.partitioner, (id(args), plan.signature())
+        if key not in self._joint:  # the plan in force and the re-plan are often one plan
+            self._joint[key] = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
+        err, power = self._joint[key]
         return err / max(min(var, power), 1e-30)
 
     def _check_in_force(self, args: list, var: float) -> None:

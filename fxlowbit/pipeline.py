@@ -107,8 +107,19 @@ def keep_before(ctx: Context) -> tuple[fx.GraphModule, fx.GraphModule]:
     (neither is ever rewritten in place: probes and checks rewrite copies)."""
     if ctx.before is None:
         fw, bw = ctx.pair
-        ctx.before = passes._graph.copy_module(fw), passes._graph.copy_module(bw)
+        ctx.before = passes._graph.copy_module(fw, lazy=True), passes._graph.copy_module(bw, lazy=True)
     return ctx.before
+
+
+def _before_rewriting(ctx: Context) -> None:
+    """:func:`keep_before` for the rewrite steps: the copies failing costs the report its "before"
+    graphs (and the probes, which need the same copies), never the rewrite."""
+    try:
+        keep_before(ctx)
+    except Exception as err:
+        if ctx.cfg.strict:
+            raise
+        log.warning("fxlowbit: graphs before rewriting not kept for the report (%s)", one_line(err))
 
 
 def _probes(ctx: Context) -> None:
@@ -241,7 +252,7 @@ def _replays_state(bw: fx.GraphModule, base: fx.GraphModule) -> bool:
 
 
 def _recompute(ctx: Context) -> None:
-    keep_before(ctx)
+    _before_rewriting(ctx)
     recipes = {s.name: s.recompute for s in ctx.facts.saved if s.recompute is not None}
     passes.recompute.run(
         *ctx.pair, ctx.planned, recipes, num_fwd_outputs=ctx.num_fwd_outputs, counters=ctx.counters
@@ -249,7 +260,7 @@ def _recompute(ctx: Context) -> None:
 
 
 def _rewrite_saved(ctx: Context) -> None:
-    keep_before(ctx)
+    _before_rewriting(ctx)
     cfg, plan, device = ctx.cfg, ctx.planned, ctx.device_type()
     passes.rewrite_saved.run(
         *ctx.pair,

@@ -94,7 +94,7 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm``'s graph on the same attributes: later rewrites of ``gm`` leave it alone
     (if copying fails, ``gm`` itself: recording must never cost the user's compile)."""
     try:
-        return copy_module(gm)
+        return copy_module(gm, lazy=True)  # its code is generated if a report reads it
     except Exception as err:
         log.warning("fxlowbit: graph not copied for the report (%s: %s)", type(err).__name__, err)
         return gm

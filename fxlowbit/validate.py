@@ -32,8 +32,14 @@ def _check_stream() -> int:
 def plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int = 0) -> tuple[float, float]:
     """(squared error of the plan's gradient against the exact one, squared norm of the exact
     one) on the step ``args``, with the probes' tangents for ``seed``."""
+    with calibrate._transient_source():  # temporary copies: their generated code is not kept
+        return _plan_error(pristine, args, plan, facts, cfg, seed)
+
+
+def _plan_error(pristine, args, plan: Plan, facts, cfg: LowbitConfig, seed: int) -> tuple[float, float]:
     fw0, bw0, n = pristine
-    fw, bw = passes._graph.copy_module(fw0), passes._graph.copy_module(bw0)
+    # lazy copies: the rewrites' recompiles only mark them; their code is generated once, when run
+    fw, bw = passes._graph.copy_module(fw0, lazy=True), passes._graph.copy_module(bw0, lazy=True)
     if cfg.enabled("recompute"):
         recipes = {s.name: s.recompute for s in facts.saved if s.recompute is not None}
         passes.recompute.run(fw, bw, plan, recipes, num_fwd_outputs=n)

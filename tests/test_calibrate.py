@@ -213,6 +213,44 @@ def test_training_probes_and_replans(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*memory budget of")
+def test_a_check_measures_each_plan_once_per_batch(monkeypatch):
+    """The step after a probe measures the plan in force and the re-plan with all their tensors
+    rounded together; when they are one plan it is measured once (each measure copies, rewrites and
+    replays the step eagerly: most of Llama's 157 ms step there, 2026-12-07)."""
+    from fxlowbit import validate
+
+    calls = []  # (batch, plan signature); the batches are kept, so their ids stay theirs
+    real = validate.plan_error
+
+    def spy(pristine, args, plan, *rest, **kwargs):
+        calls.append((args, plan.signature()))
+        return real(pristine, args, plan, *rest, **kwargs)
+
+    monkeypatch.setattr(validate, "plan_error", spy)
+    options = {"inner": "eager", "calibrate_every": 2, "memory_budget": 0.1, "seed": 0, "mincut": False}
+    _train(options, steps=6, hidden=256)
+    assert fxlowbit.counters["probes"] >= 2 and calls
+    keys = [(id(args), sig) for args, sig in calls]
+    assert len(keys) == len(set(keys))
+
+
+def test_a_check_keeps_no_generated_source(compiled_mlp):
+    """A check's graph copies generate their code once, inside the check, and leave none of it in
+    fx's loader (it kept every copy's source for the process's lifetime)."""
+    from torch.fx.graph_module import _loader
+
+    from fxlowbit import validate
+
+    _, _, partitioner, args = compiled_mlp
+    plan, facts, cfg = partitioner.plan, partitioner.facts, partitioner.cfg
+    validate.plan_error(partitioner.pristine, args, plan, facts, cfg)  # the pristine pair's own code
+    kept = len(_loader.eval_cache)
+    err, power = validate.plan_error(partitioner.pristine, args, plan, facts, cfg)
+    assert len(_loader.eval_cache) == kept
+    assert power > 0 and math.isfinite(err)
+
+
+@pytest.mark.filterwarnings("ignore:.*memory budget of")
 def test_compiled_variants_stay_bounded():
     options = {"inner": "eager", "calibrate_every": 1, "memory_budget": 0.1, "seed": 0, "max_variants": 3}
     _train(options, steps=12, hidden=256)

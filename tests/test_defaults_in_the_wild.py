@@ -201,7 +201,7 @@ def test_graphs_with_lifted_constants_are_probed_and_compressed():
 
 
 def test_a_copy_failure_disables_probes_not_compression(monkeypatch):
-    def broken(gm):
+    def broken(gm, lazy=False):
         raise RuntimeError("cannot copy")
 
     monkeypatch.setattr(backend.passes._graph, "copy_module", broken)
