@@ -18,15 +18,21 @@ on the step's real inputs (``torch.no_grad``; the compiled step runs as usual af
    in (:func:`gradient_power`), so the ratio becomes a relative gradient error.
 
 The cost is one eager forward, ``L + 2`` eager backwards (``L`` probed tensors) per probe, every
-``calibrate_every`` steps; :mod:`benchmarks.calibration` measures it against the step time.
+``calibrate_every`` steps; :mod:`benchmarks.calibration` measures it against the step time. Where
+those backwards are costly (:data:`PARTIAL_MIN_S`), each of the ``L`` runs only the part of the
+backward its rounded tensor reaches (:func:`probe_sensitivity`): about half of it on average.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import linecache
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -188,16 +194,125 @@ def _is_comparison(user: fx.Node) -> bool:
     return user.op == "call_function" and getattr(user.target, "overloadpacket", None) in _ops.COMPARISONS
 
 
+@dataclasses.dataclass
+class _Replay:
+    """One probed tensor's noisy backward: ``graph`` (the backward or a copy of it with the same node
+    names), the nodes whose values change (``roots``: placeholders whose values are given, named in
+    ``given``, or nodes computed from exact values, e.g. the normalised form's rounding) and what
+    they reach, run in graph order (``order``)."""
+
+    graph: fx.GraphModule
+    roots: set[str]
+    given: set[str]
+    order: list[fx.Node] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        changed = set(self.roots)
+        for n in self.graph.graph.nodes:
+            if n.op == "output":
+                continue
+            if n.name in changed or any(a.name in changed for a in n.all_input_nodes):
+                changed.add(n.name)
+                if n.name not in self.given:
+                    self.order.append(n)
+
+    @property
+    def partial(self) -> bool:
+        """Whether the changed nodes can run alone: calls of functional ops only (an in-place op
+        would write into a value the other replays read)."""
+        return all(
+            n.op == "call_function"
+            and not (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable)
+            for n in self.order
+        )
+
+    def reads(self) -> set[str]:
+        """Names of the unchanged values this replay reads (the exact run keeps them)."""
+        changed = self.roots | {n.name for n in self.order}
+        (output,) = self.graph.graph.find_nodes(op="output")
+        used = [a for n in (*self.order, output) for a in n.all_input_nodes]
+        return {a.name for a in used if a.name not in changed}
+
+    def run(self, exact: dict[str, object], given: dict[str, torch.Tensor]) -> list:
+        """The backward's outputs with only the changed nodes run; the rest read ``exact``."""
+        env: dict[str, Any] = dict(given)
+
+        def load(a: fx.Node) -> Any:
+            return env[a.name] if a.name in env else exact[a.name]
+
+        for n in self.order:
+            fn: Callable[..., Any] = n.target  # type: ignore[assignment]  # call_function nodes only
+            env[n.name] = fn(*fx.node.map_arg(n.args, load), **fx.node.map_arg(n.kwargs, load))
+        (output,) = self.graph.graph.find_nodes(op="output")
+        return list(fx.node.map_arg(output.args[0], load))
+
+    def run_whole(self, inputs: dict[str, object], given: dict[str, torch.Tensor]) -> list:
+        """The whole graph, run as generated, on ``inputs`` by placeholder name with ``given`` in."""
+        values = {**inputs, **given}
+        return list(self.graph(*(values[p.name] for p in self.graph.graph.find_nodes(op="placeholder"))))
+
+
+def _exact_values(bw: fx.GraphModule, inputs: list, names: set[str]) -> tuple[list, dict[str, object]]:
+    """(the backward's outputs, the values of ``names`` and of the placeholders) from one run of a
+    copy of ``bw`` that also returns those values."""
+    phs = list(bw.graph.find_nodes(op="placeholder"))
+    values: dict[str, object] = {p.name: v for p, v in zip(phs, inputs, strict=True)}
+    extra = [n for n in bw.graph.nodes if n.name in names and n.op not in ("placeholder", "output")]
+    if not extra:
+        return list(bw(*inputs)), values
+    with _transient_source():
+        g = copy_module(bw)
+        (output,) = g.graph.find_nodes(op="output")
+        by_name = {n.name: n for n in g.graph.nodes}
+        outs = list(output.args[0])
+        output.args = (tuple(outs + [by_name[n.name] for n in extra]),)
+        g.recompile()
+        got = list(g(*inputs))
+    values.update({n.name: v for n, v in zip(extra, got[len(outs) :], strict=True)})
+    return got[: len(outs)], values
+
+
+def _rounded(
+    noisy: Callable[[torch.Tensor], torch.Tensor], key: str, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    return {key: noisy(x)}
+
+
+# Partial replays pay a fixed cost (a copy of the backward that also returns the values they read,
+# its code generated: ~25 ms for Llama-tiny's 541 nodes) and Python's dispatch per node they run:
+# on small models that is more than they skip (Llama tiny at defaults, CPU, 2026-12-07: the probe
+# step 31-34 ms with whole replays, 66-67 ms with partial ones; the issue-18 Llama planned with
+# int8 GEMMs, 46 tensors: 15.5 s -> 7.8 s). Probes whose whole replays would take less run whole.
+PARTIAL_MIN_S = 0.25
+
+
 def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> Probe:
-    """Sensitivity of each saved tensor in ``names`` (see the module docstring)."""
-    fw, bw, _ = pristine
+    """Sensitivity of each saved tensor in ``names`` (see the module docstring). Each noisy backward
+    runs only the nodes its rounded value reaches (:class:`_Replay`), reading every other value from
+    one exact run that keeps them: a tensor read by a grad-weight GEMM alone costs that GEMM, one
+    read in layer ``k`` the backward from layer ``k`` down. The gradients are bit for bit those of
+    replaying the whole backward (the same ops on the same values). The exact run keeps the values
+    the replays read until the probe ends: more memory than one backward holds at a time. Probes
+    cheap enough to run whole (:data:`PARTIAL_MIN_S`) or with an in-place op to replay run whole."""
+    fw, bw, n_out = pristine
     fw_nodes = {n.name: n for n in fw.graph.nodes}
-    grad, saved, tangents = exact_gradient(pristine, args, seed)
     placeholders = [p.name for p in bw.graph.find_nodes(op="placeholder")]
     exact = set(placeholders) - set(names)  # never quantized: a standardised form may read them
     gen = torch.Generator().manual_seed(seed + 1)
-    sens: dict[str, float] = {}
+
+    def noisy(v: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(-(-v.numel() // group_size), group_size, generator=gen).to(v.device)
+        codes, meta = quantize_pack_reference(v.detach(), PROBE_BITS, group_size, noise)
+        return dequantize_unpack_reference(codes, meta, PROBE_BITS, group_size, v.shape, v.dtype, v.stride())
+
     with torch.no_grad():
+        start = time.perf_counter()
+        saved = _forward(fw, n_out, list(args))
+        t_forward = time.perf_counter() - start
+        tangents = replay_tangents(bw, seed)
+        inputs = [*saved, *tangents]
+        # per tensor: its replay and the rounded value it is given (drawn when it runs, in order)
+        replays: dict[str, tuple[_Replay, Callable[[], dict[str, torch.Tensor]]]] = {}
         for name in names:
             if name not in placeholders:
                 continue
@@ -205,28 +320,34 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
             x = saved[i]
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
                 continue
-
-            def noisy(v: torch.Tensor) -> torch.Tensor:
-                noise = torch.rand(-(-v.numel() // group_size), group_size, generator=gen).to(v.device)
-                codes, meta = quantize_pack_reference(v.detach(), PROBE_BITS, group_size, noise)
-                return dequantize_unpack_reference(
-                    codes, meta, PROBE_BITS, group_size, v.shape, v.dtype, v.stride()
-                )
-
             normal = normalised_probe(pristine, name, noisy, fw_nodes)
             std = standardised(fw_nodes[name], exact) if normal is None and name in fw_nodes else None
             split = None if normal is not None or std is not None else _value_only(bw, name)
-            if normal is not None:
-                g = flat_gradient(normal(*saved, *tangents))
+            if normal is not None:  # its inserted rounding node reads the exact normalised value
+                (q,) = (n for n in normal.graph.nodes if n.op == "call_function" and n.target is noisy)
+                replays[name] = _Replay(normal, {q.name}, set()), dict
             elif std is not None:  # rounded standardised, rebuilt as the rewrite stores it
                 mean, rstd = (saved[placeholders.index(n.name)] for n in std[1:])
-                xq = noisy((x - mean) * rstd) / rstd + mean
-                g = flat_gradient(bw(*saved[:i], xq, *saved[i + 1 :], *tangents))
+
+                def rebuilt(name=name, x=x, mean=mean, rstd=rstd) -> dict[str, torch.Tensor]:
+                    return {name: noisy((x - mean) * rstd) / rstd + mean}
+
+                replays[name] = _Replay(bw, {name}, {name}), rebuilt
             elif split is not None:  # comparisons keep reading the exact value, as the masks do
-                xq = noisy(x)
-                g = flat_gradient(split(*saved, *tangents, xq))
+                key = f"{name}_noisy"
+                replays[name] = _Replay(split, {key}, {key}), functools.partial(_rounded, noisy, key, x)
             else:
-                g = flat_gradient(bw(*saved[:i], noisy(x), *saved[i + 1 :], *tangents))
+                replays[name] = _Replay(bw, {name}, {name}), functools.partial(_rounded, noisy, name, x)
+        # a backward takes about two forwards: below PARTIAL_MIN_S of whole replays, run them whole
+        worth = len(replays) * 2 * t_forward > PARTIAL_MIN_S
+        partial = worth and all(r.partial for r, _ in replays.values())
+        keep = set().union(*(r.reads() for r, _ in replays.values())) if partial else set()
+        outs, values = _exact_values(bw, inputs, keep)
+        grad = flat_gradient(outs)
+        sens: dict[str, float] = {}
+        for name, (r, given) in replays.items():
+            got = r.run(values, given()) if partial else r.run_whole(values, given())
+            g = flat_gradient(got)
             sens[name] = float(((g - grad) ** 2).sum()) * (2**PROBE_BITS - 1) ** 2
     return Probe(sens, grad)
 
