@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import linecache
 import logging
+import operator
 import time
 from collections.abc import Callable
 from typing import Any
@@ -208,10 +209,19 @@ class _Replay:
 
     def __post_init__(self) -> None:
         changed = set(self.roots)
+
+        def reaches(n: fx.Node) -> bool:
+            if n.name in changed:
+                return True
+            src = n.args[0] if n.target is operator.getitem else None
+            if isinstance(src, fx.Node) and src.name in changed and not src.kwargs:
+                # a piece of a tuple op: only the arguments that piece reads count
+                ignored = _ops.ignored_args(src.target, n.args[1])  # type: ignore[arg-type]
+                return any(j not in ignored and _reads(a, changed) for j, a in enumerate(src.args))
+            return any(a.name in changed for a in n.all_input_nodes)
+
         for n in self.graph.graph.nodes:
-            if n.op == "output":
-                continue
-            if n.name in changed or any(a.name in changed for a in n.all_input_nodes):
+            if n.op != "output" and reaches(n):
                 changed.add(n.name)
                 if n.name not in self.given:
                     self.order.append(n)
@@ -250,6 +260,18 @@ class _Replay:
         """The whole graph, run as generated, on ``inputs`` by placeholder name with ``given`` in."""
         values = {**inputs, **given}
         return list(self.graph(*(values[p.name] for p in self.graph.graph.find_nodes(op="placeholder"))))
+
+
+def _reads(arg: Any, names: set[str]) -> bool:
+    """Whether the node argument ``arg`` (a node, or a list or tuple of them) holds one of ``names``."""
+    found: list[str] = []
+
+    def note(a: fx.Node) -> fx.Node:
+        found.append(a.name)
+        return a
+
+    fx.node.map_arg(arg, note)
+    return any(name in names for name in found)
 
 
 def _exact_values(bw: fx.GraphModule, inputs: list, names: set[str]) -> tuple[list, dict[str, object]]:

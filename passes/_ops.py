@@ -188,14 +188,34 @@ _NAMED_ARG_VALUES: dict[str, frozenset[int]] = {
 }
 
 
+# Outputs of tuple-returning ops that never read some of their arguments, by output index: a
+# probe's replay (fxlowbit.calibrate) does not rerun what a rounded argument cannot reach.
+_OUTPUT_IGNORES: dict[str, dict[int, frozenset[int]]] = {
+    # (grad, x, xq, xs, w, ...) -> (dx, dw, db): dx multiplies the gradient by the weight only
+    "fxlowbit::lowbit_linear_backward": {0: frozenset((1, 2, 3))},
+    # (grad_output, input, weight, ...) -> (grad_input, grad_weight, grad_bias): grad_input is the
+    # transposed convolution of the gradient by the weight
+    "aten::convolution_backward": {0: frozenset((1,))},
+}
+
+
+def _qualified(target) -> str | None:
+    """``namespace::name`` of an op overload or packet, None for anything else."""
+    name = getattr(target, "name", None)
+    return name() if callable(name) else None
+
+
+def ignored_args(target, output: int) -> frozenset[int]:
+    """Positional arguments of ``target`` its tuple output ``output`` never reads."""
+    return _OUTPUT_IGNORES.get(_qualified(target) or "", {}).get(output, frozenset())
+
+
 def role(target, arg_index: int, args) -> str | None:
     """Role of a saved tensor appearing as positional argument ``arg_index`` of ``target``;
     EXACT if the op is known to need it exact, None if the op is not known at all."""
     if target in _ARG_VALUES:
         return VALUE if arg_index in _ARG_VALUES[target] else EXACT
-    named = _NAMED_ARG_VALUES.get(
-        getattr(target, "name", lambda: None)() if callable(getattr(target, "name", None)) else None  # type: ignore[arg-type]  # None is no key
-    )
+    named = _NAMED_ARG_VALUES.get(_qualified(target) or "")
     if named is not None:
         return VALUE if arg_index in named else EXACT
     if getattr(target, "namespace", None) == "fxlowbit":
