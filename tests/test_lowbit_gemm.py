@@ -471,3 +471,22 @@ def test_a_tight_budget_keeps_int8_forwards_and_meets_it_on_the_whole_model():
     assert c["lowbit_linear_lowered"] >= 12 and c["probes"] >= 1  # Inductor's path, probed
     assert nbytes[0] / nbytes[1] >= 8, nbytes
     assert sqnr_db(ref, got) >= 30
+
+
+@pytest.mark.parametrize("gi", ["int8", "off"])
+def test_the_grad_input_reads_neither_x_nor_its_copy(gi):
+    """passes/_ops.ignored_args lets a probe skip the backward below a rounded linear input: it
+    holds only if dx of ``lowbit_linear_backward`` is the same for any x (and int8 copy of it)."""
+    from fxlowbit.passes import _ops
+
+    torch.manual_seed(0)
+    grad, w = torch.randn(24, 40), torch.randn(40, 56)
+    x1, x2 = torch.randn(24, 56), torch.randn(24, 56)
+    op = torch.ops.fxlowbit.lowbit_linear_backward.default
+    fmt = {"off": "float32"}.get(gi, gi)
+
+    def dx(x):
+        return op(grad, x, None, None, w, "int8", fmt, "float32", 0, -1, True, True, False)[0]
+
+    assert torch.equal(dx(x1), dx(x2))
+    assert _ops.ignored_args(op, 0) == {1, 2, 3} and _ops.ignored_args(op, 1) == frozenset()
