@@ -297,6 +297,7 @@ def _exact_values(bw: fx.GraphModule, inputs: list, names: set[str]) -> tuple[li
 def _rounded(
     noisy: Callable[[torch.Tensor], torch.Tensor], key: str, x: torch.Tensor
 ) -> dict[str, torch.Tensor]:
+    """What a replay is given: ``x`` rounded, under placeholder ``key`` (drawn when it runs)."""
     return {key: noisy(x)}
 
 
