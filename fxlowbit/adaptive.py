@@ -25,6 +25,7 @@ from .codegen.kernels import sampling_state
 from .config import LowbitConfig
 from .plan import Plan
 from .state import STATE
+from .step import gc_paused
 
 if TYPE_CHECKING:
     from .backend import LowbitPartitioner
@@ -92,7 +93,7 @@ class Adaptive:
             counters["prior_checks_kept"] += 1
         elif self.partitioner.probed and torch.is_grad_enabled():
             try:  # the first batch checks the prior's plan before the first step trains on it
-                with torch.random.fork_rng(devices=_devices(example_inputs)), rng.fork():
+                with torch.random.fork_rng(devices=_devices(example_inputs)), rng.fork(), gc_paused():
                     with sampling_state.exact():  # replays need the exact gradient
                         if self._check_prior(list(example_inputs)):
                             self.partitioner.keep_prior_check()
@@ -166,7 +167,7 @@ class Adaptive:
                 try:
                     # probes replay the forward (dropout included): leave the user's RNG untouched
                     boxed = len(args) == 1 and isinstance(args[0], list)  # boxed calling convention
-                    with torch.random.fork_rng(devices=_devices(args)), rng.fork():
+                    with torch.random.fork_rng(devices=_devices(args)), rng.fork(), gc_paused():
                         with sampling_state.exact():  # replays need the exact gradient
                             self._calibrate(list(args[0] if boxed else args), due)
                 except Exception as err:  # a probe must never cost the user's step

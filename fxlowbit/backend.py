@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import hashlib
 import importlib
 import logging
@@ -58,7 +57,7 @@ from .config import LowbitConfig
 from .costmodel import HardwareProfile, load_profile
 from .plan import Plan
 from .state import STATE
-from .step import one_line
+from .step import gc_paused, one_line
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         kwargs.pop("compiler", None)
         self.called = True
         counts = Counter(counters)
-        with warnings.catch_warnings(record=True) as caught, _gc_paused():  # caught: kept for cache hits
+        with warnings.catch_warnings(record=True) as caught, gc_paused():  # caught: kept for cache hits
             fw, bw, before, fallback = self._partition(gm, joint_inputs, **kwargs)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -190,7 +189,7 @@ class LowbitPartitioner(CustomPartitionerFn):
         self._lower_linears(fw, bw)
         _last_graphs.append((fw, bw))
         if self.journal is not None:
-            with _gc_paused():
+            with gc_paused():
                 self._write_journal(before, fallback, counters - counts, caught)
         return fw, bw
 
@@ -339,22 +338,6 @@ class LowbitPartitioner(CustomPartitionerFn):
         input ``primals_{i+1}``)."""
         names = {f"primals_{i + 1}" for i in indices}
         return frozenset(p.name for p in fw.graph.find_nodes(op="placeholder") if p.name in names)
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Python's cycle collector off for the partition and the journal: they allocate graph copies
-    by the hundred thousand objects, and the full collections that triggered (each scanning every
-    object of the process: the model, Dynamo's and Inductor's state) took 0.85 s of T5's 4.8 s
-    partition (CPU, 2026-12-07). What they leave is collected after, as usual."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @contextlib.contextmanager
