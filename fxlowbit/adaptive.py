@@ -79,8 +79,9 @@ class Adaptive:
         self.sensitivity: dict[str, float] | None = None
         self.failed = False
         self.unsafe = False  # the last probe found the plan in force far over the variance limit
-        # plan_error's (error, power) by (batch, plan) within one check: a plan measured once per batch
-        self._joint: dict[tuple[int, Any], tuple[float, float]] = {}
+        # plan_error's (error, power) by plan signature on the batch being checked (cleared for each
+        # batch): a plan is measured once per batch
+        self._joint: dict[Any, tuple[float, float]] = {}
         # a plan that stores every tensor as it is within its budget: no probe can better it (every
         # other form adds time or variance), so none runs (TinyGPT under min-cut's pair, Inductor
         # inner, 1 CPU thread: step 10 took 68-70 ms against 24-27 ms for the others, 2026-12-06)
@@ -180,7 +181,7 @@ class Adaptive:
 
     def _calibrate(self, args: list, due: bool) -> None:
         p = self.partitioner
-        self._joint.clear()  # ids of an earlier step's batch may be reused
+        self._joint.clear()  # another batch
         if self.pending is not None:
             probe, self.pending = self.pending, None
             g2, _, _ = calibrate.exact_gradient(p.pristine, args)
@@ -233,7 +234,7 @@ class Adaptive:
         changes several-fold between batches); None when the plan rounds nothing."""
         if not planner.lossy(plan):
             return None
-        p, key = self.partitioner, (id(args), plan.signature())
+        p, key = self.partitioner, plan.signature()
         if key not in self._joint:  # the plan in force and the re-plan are often one plan
             self._joint[key] = validate.plan_error(p.pristine, args, plan, p.facts, self.cfg, seed=self.steps)
         err, power = self._joint[key]

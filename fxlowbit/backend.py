@@ -179,17 +179,17 @@ class LowbitPartitioner(CustomPartitionerFn):
         kwargs.pop("compiler", None)
         self.called = True
         counts = Counter(counters)
-        with warnings.catch_warnings(record=True) as caught, gc_paused():  # caught: kept for cache hits
-            fw, bw, before, fallback = self._partition(gm, joint_inputs, **kwargs)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        rec = record.add(self, before, (fw, bw), fallback)
-        # reports and the journal keep the graphs with their fxlowbit ops (the GEMM column reads them)
-        self.after = (rec.graphs[record.PARTS[1]], rec.graphs[record.PARTS[3]]) if rec else (fw, bw)
-        self._lower_linears(fw, bw)
-        _last_graphs.append((fw, bw))
-        if self.journal is not None:
-            with gc_paused():
+        with gc_paused():  # graph copies by the hundred thousand objects (step.gc_paused)
+            with warnings.catch_warnings(record=True) as caught:  # kept for cache hits, shown below
+                fw, bw, before, fallback = self._partition(gm, joint_inputs, **kwargs)
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            rec = record.add(self, before, (fw, bw), fallback)
+            # reports and the journal keep the graphs with their fxlowbit ops (the GEMM column reads them)
+            self.after = (rec.graphs[record.PARTS[1]], rec.graphs[record.PARTS[3]]) if rec else (fw, bw)
+            self._lower_linears(fw, bw)
+            _last_graphs.append((fw, bw))
+            if self.journal is not None:
                 self._write_journal(before, fallback, counters - counts, caught)
         return fw, bw
 

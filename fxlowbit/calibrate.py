@@ -198,17 +198,17 @@ def _is_comparison(user: fx.Node) -> bool:
 @dataclasses.dataclass
 class _Replay:
     """One probed tensor's noisy backward: ``graph`` (the backward or a copy of it with the same node
-    names), the nodes whose values change (``roots``: placeholders whose values are given, named in
-    ``given``, or nodes computed from exact values, e.g. the normalised form's rounding) and what
-    they reach, run in graph order (``order``)."""
+    names), the nodes whose values change (``roots``: placeholders, whose values a replay is given,
+    or nodes computed from exact values, e.g. the normalised form's rounding) and what they reach,
+    run in graph order (``order``)."""
 
     graph: fx.GraphModule
     roots: set[str]
-    given: set[str]
     order: list[fx.Node] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         changed = set(self.roots)
+        given = {p.name for p in self.graph.graph.find_nodes(op="placeholder")} & self.roots
 
         def reaches(n: fx.Node) -> bool:
             if n.name in changed:
@@ -223,7 +223,7 @@ class _Replay:
         for n in self.graph.graph.nodes:
             if n.op != "output" and reaches(n):
                 changed.add(n.name)
-                if n.name not in self.given:
+                if n.name not in given:
                     self.order.append(n)
 
     @property
@@ -305,7 +305,7 @@ def _rounded(
 # its code generated: ~25 ms for Llama-tiny's 541 nodes) and Python's dispatch per node they run:
 # on small models that is more than they skip (Llama tiny at defaults, CPU, 2026-12-07: the probe
 # step 31-34 ms with whole replays, 66-67 ms with partial ones; the issue-18 Llama planned with
-# int8 GEMMs, 46 tensors: 15.5 s -> 7.8 s). Probes whose whole replays would take less run whole.
+# int8 GEMMs, 46 tensors: 14.5 s -> 7.8 s). Probes whose whole replays would take less run whole.
 PARTIAL_MIN_S = 0.25
 
 
@@ -348,19 +348,19 @@ def probe_sensitivity(pristine, args, names, group_size: int, seed: int = 0) -> 
             split = None if normal is not None or std is not None else _value_only(bw, name)
             if normal is not None:  # its inserted rounding node reads the exact normalised value
                 (q,) = (n for n in normal.graph.nodes if n.op == "call_function" and n.target is noisy)
-                replays[name] = _Replay(normal, {q.name}, set()), dict
+                replays[name] = _Replay(normal, {q.name}), dict
             elif std is not None:  # rounded standardised, rebuilt as the rewrite stores it
                 mean, rstd = (saved[placeholders.index(n.name)] for n in std[1:])
 
                 def rebuilt(name=name, x=x, mean=mean, rstd=rstd) -> dict[str, torch.Tensor]:
                     return {name: noisy((x - mean) * rstd) / rstd + mean}
 
-                replays[name] = _Replay(bw, {name}, {name}), rebuilt
+                replays[name] = _Replay(bw, {name}), rebuilt
             elif split is not None:  # comparisons keep reading the exact value, as the masks do
                 key = f"{name}_noisy"
-                replays[name] = _Replay(split, {key}, {key}), functools.partial(_rounded, noisy, key, x)
+                replays[name] = _Replay(split, {key}), functools.partial(_rounded, noisy, key, x)
             else:
-                replays[name] = _Replay(bw, {name}, {name}), functools.partial(_rounded, noisy, name, x)
+                replays[name] = _Replay(bw, {name}), functools.partial(_rounded, noisy, name, x)
         # a backward takes about two forwards: below PARTIAL_MIN_S of whole replays, run them whole
         worth = len(replays) * 2 * t_forward > PARTIAL_MIN_S
         partial = worth and all(r.partial for r, _ in replays.values())

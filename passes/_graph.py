@@ -62,8 +62,8 @@ def copy_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule:
     ``lazy``: the copy generates its Python code when first called or read (torch's
     ``_LazyGraphModule``, as Dynamo's graphs do), not here and not on each ``recompile()`` of a
     rewrite; about 70% of a copy's cost (Llama's pair: 18 of 25 ms, CPU, 2026-12-07). A caller that
-    must own the generated source (``calibrate._transient_source``) forces it with
-    ``_LazyGraphModule.force_recompile``."""
+    scopes the generated source (``calibrate._transient_source``) runs the copy inside that scope,
+    as ``validate.plan_error`` does."""
     graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
     graph._codegen = gm.graph._codegen
     out = graph.graph_copy(gm.graph, {})
