@@ -161,19 +161,36 @@ def mask_gbps(b: Bench) -> float:
 def gemm_quant_gbps(b: Bench, key: str) -> float:
     """The row-wise quantizer of a low-bit GEMM operand (``int8`` / ``fp8`` round to nearest,
     ``*_sr`` stochastically, hash noise included): fp32 bytes in per second. On a CPU the int8
-    quantizer runs as the default path runs it, traced into the graph and compiled by Inductor
-    (passes/lower_linears.py), through ``torch.compile`` (without ``compile``: eagerly, as
+    quantizers run as the default path runs them: the ops ``fxlowbit::quantize_int8`` and
+    ``quantize_int8_sr``, which the lowered graphs call (passes/lower_linears.py), on their compiled
+    CPU family (its compile waited for first; without ``compile``: the eager reference, as
     ``kernels="ops"`` runs it); fp8, and every quantizer on CUDA, run eagerly inside the op."""
+    from fxlowbit.codegen import ops
+    from fxlowbit.codegen.kernels import quant_cpu
+
     # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
     x = b.rand(b.sizes["gemm_quant"]).view(-1, HIDDEN)
     seed = torch.tensor(12345, dtype=torch.int64, device=b.device)
     sr = key.endswith("_sr")
+    on_cpu = b.device.type == "cpu"
+    if key.startswith("int8") and on_cpu:
+
+        def fn(x, seed):
+            if sr:
+                return torch.ops.fxlowbit.quantize_int8_sr(x, seed)
+            return torch.ops.fxlowbit.quantize_int8(x)
+
+        with ops.reference_kernels() if not b.compile else contextlib.nullcontext():
+            if b.compile:
+                for _ in range(2):  # the first call starts the family's compile, the second loads it
+                    fn(x, seed)
+                    quant_cpu.wait()
+            return x.nbytes / b.time_it(lambda: fn(x, seed)) / 1e9
     if key.startswith("int8"):
 
-        def quant(x, seed):
+        def fn(x, seed):
             return int8_gemm.quantize_int8_rowwise(x, int8_gemm.rowwise_noise(seed, *x.shape) if sr else None)
 
-        fn = b.jit(quant) if b.device.type == "cpu" else quant
     else:
         fmt = "e5m2" if sr else "e4m3"
 

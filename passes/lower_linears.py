@@ -1,7 +1,13 @@
 """Lowering (CPU path): each ``fxlowbit::lowbit_linear`` / ``lowbit_linear_backward`` node of the
 partitioned graphs -> its pure-torch body traced in (:func:`fxlowbit.codegen.kernels.lowbit_linear.
-forward` / ``backward``), so Inductor fuses the operands' quantization into their producers and the
-scale epilogue into the consumers, and calls ``aten._int_mm`` for the int8 GEMM itself.
+forward` / ``backward``), so Inductor fuses the scale epilogue into the consumers and calls
+``aten._int_mm`` for the int8 GEMM itself. The operands' int8 quantizers stay ops
+(``fxlowbit::quantize_int8`` and ``quantize_int8_sr``), each one compiled kernel per row length
+and dtype that every graph reuses (codegen/kernels/quant_cpu.py): traced in, Inductor fused them
+into their producers and compiled C++ for each such pair. TinyGPT with int8 linears (2-core AMD
+EPYC, 1 thread, empty Inductor cache, 2026-12-07): first step 22.2-25.8 s traced (4 runs) against
+18.4-18.5 s through the ops (2 runs; Inductor's 14.1-14.9 s), steady step 15.1-17.5 ms against
+17.2-17.4 ms (Inductor's 18.6-19.0 ms).
 
 Why: as opaque ops, a linear's quantization and epilogue ran eagerly, pass by pass, and the
 dispatch and copies around them cost more than the int8 GEMM saved on small and medium layers.
@@ -65,7 +71,8 @@ def lowerable(node: fx.Node) -> str | None:
 
 def _forward(graph: fx.Graph, node: fx.Node):
     x, w, bias, fwd_fmt, _gi, _gw, hadamard, _stream = node.args
-    return inline(graph, ll.forward, [x, w, bias, fwd_fmt, hadamard])
+    # the quantizers stay ops (one compiled kernel per row length, whatever produced the rows)
+    return inline(graph, ll.forward, [x, w, bias, fwd_fmt, hadamard, True])
 
 
 def _backward(graph: fx.Graph, node: fx.Node):
@@ -76,7 +83,8 @@ def _backward(graph: fx.Graph, node: fx.Node):
         g: Any = value(grad)  # a FakeTensor
         with g.fake_mode:
             seed.meta["val"] = _SEED(g, stream)
-    # the gradients' stochastic rounding stays one op (its compiled kernel is shared by every graph)
+    # the quantizers stay ops, the gradients' stochastic rounding too (compiled kernels shared by
+    # every graph)
     args = [grad, x, xq, xs, w, seed, fwd, gi, gw, hadamard, need_dx, need_dw, need_db, True]
     try:
         return inline(graph, ll.backward, args)
@@ -89,10 +97,16 @@ def _backward(graph: fx.Graph, node: fx.Node):
 _LOWER = {_FWD: _forward, _BWD: _backward}
 
 
+_QUANTIZE = torch.ops.fxlowbit.quantize_int8.default
+
+
 def _pure(node: fx.Node) -> bool:
-    """An aten or prims op CSE may merge: functional, no random numbers, no uninitialised memory
-    (two ``empty`` results are two buffers, not one value)."""
+    """An op CSE may merge: an aten or prims op that is functional, draws no random numbers and
+    leaves no memory uninitialised (two ``empty`` results are two buffers, not one value), the
+    round-to-nearest int8 quantizer (a function of its input), or ``getitem`` (of a merged tuple)."""
     t = node.target
+    if t is _QUANTIZE or t is operator.getitem:
+        return node.op == "call_function"
     return (
         node.op == "call_function"
         and isinstance(t, torch._ops.OpOverload)

@@ -13,6 +13,8 @@ op path, within 3 dB).
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -168,7 +170,8 @@ def test_a_failure_leaves_the_ops_with_one_warning(monkeypatch):
 
 
 def test_the_merge_takes_pure_repeats_only():
-    """Identical functional ops merge; uninitialised buffers, random draws and custom ops do not."""
+    """Identical functional ops merge, the round-to-nearest quantizer and the getitems of merged
+    tuples too; uninitialised buffers, random draws and other custom ops do not."""
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     aten = torch.ops.aten
@@ -182,7 +185,11 @@ def test_the_merge_takes_pure_repeats_only():
         graph.call_function(torch.ops.fxlowbit.draw_seed.default, (x, 3)),
         graph.call_function(torch.ops.fxlowbit.draw_seed.default, (x, 3)),  # custom op, kept
     ]
-    graph.output(tuple(nodes))
-    assert passes.lower_linears._merge_repeats(graph, nodes) == 1
+    q1 = graph.call_function(torch.ops.fxlowbit.quantize_int8.default, (x,))
+    q2 = graph.call_function(torch.ops.fxlowbit.quantize_int8.default, (x,))  # merges with q1
+    codes = [graph.call_function(operator.getitem, (q, 0)) for q in (q1, q2)]  # then these merge
+    graph.output((*nodes, *codes))
+    assert passes.lower_linears._merge_repeats(graph, [*nodes, q1, q2, *codes]) == 3
     out = graph.find_nodes(op="output")[0].args[0]
-    assert out[0] is out[1] and len(set(out[2:])) == 6
+    assert out[0] is out[1] and len(set(out[2:8])) == 6
+    assert out[8] is out[9] and out[8].args[0] is q1

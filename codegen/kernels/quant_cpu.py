@@ -1,6 +1,7 @@
-"""CPU pack and decode for the ops path, and the stochastic int8 rounding of a low-bit GEMM's
-gradient operand (``fxlowbit::quantize_int8_sr``, family ``int8sr``: one per row length and dtype,
-rows symbolic): one AOTInductor kernel per family, compiled once per machine.
+"""CPU pack and decode for the ops path, and the row-wise int8 quantizers of low-bit GEMM operands
+(``fxlowbit::quantize_int8``, family ``int8rn``: forward operands and weights, rounded to nearest;
+``fxlowbit::quantize_int8_sr``, family ``int8sr``: gradients, rounded stochastically; one family per
+row length and dtype, rows symbolic): one AOTInductor kernel per family, compiled once per machine.
 
 Why. Tracing the pure-torch references into every graph (``kernels="inline"``) lets Inductor fuse
 them with producers and consumers, but it then generates C++ for the whole quantizer once per saved
@@ -54,6 +55,7 @@ from . import quant as Q
 __all__ = [
     "quantize_pack",
     "dequantize_unpack",
+    "quantize_int8_rn",
     "quantize_int8_sr",
     "counters",
     "families",
@@ -145,6 +147,12 @@ def _int8_rows_sr(flat: torch.Tensor, seed: torch.Tensor, cols: int) -> tuple[to
     return I8.quantize_int8_sr_reference(flat.view(-1, cols), seed)
 
 
+def _int8_rows_rn(flat: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.int8_gemm.quantize_int8_rowwise` of ``flat`` viewed as (rows, ``cols``), rounded to
+    nearest: a low-bit GEMM's forward operand or weight (codegen/kernels/lowbit_linear.py)."""
+    return I8.quantize_int8_rowwise(flat.view(-1, cols))
+
+
 def _package_dir() -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -168,8 +176,8 @@ class _Body(torch.nn.Module):
         super().__init__()
         self.body, self.consts = body, consts
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor):
-        return self.body(a, b, *self.consts)
+    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None):
+        return self.body(a, *self.consts) if b is None else self.body(a, b, *self.consts)
 
 
 class _Family:
@@ -197,15 +205,17 @@ class _Family:
         """Export and compile the package (here: the child, or on first use with ``sync``)."""
         from torch.export import Dim, export
 
-        a, b = _example(self.key)
+        args = _example(self.key)
         groups, n = Dim("groups", min=2), _EXAMPLE_GROUPS
+        a = args[0]
+        dynamic: dict = {"a": {0: (a.numel() // n) * groups}}
         if self.key[0] in ("pack", "int8sr"):
-            dynamic = {"a": {0: (a.numel() // n) * groups}, "b": None}
-        else:
-            dynamic = {"a": {0: (a.numel() // n) * groups}, "b": {0: (b.numel() // n) * groups}}
+            dynamic["b"] = None  # the seed
+        elif self.key[0] == "decode":
+            dynamic["b"] = {0: (args[1].numel() // n) * groups}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
-            program = export(self.module, (a, b), dynamic_shapes=dynamic)
+            program = export(self.module, args, dynamic_shapes=dynamic)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.stem}.{os.getpid()}.tmp.pt2")
         try:
@@ -265,13 +275,15 @@ def _lowest_priority() -> None:
 _EXAMPLE_GROUPS = 4
 
 
-def _example(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _example(key: tuple) -> tuple[torch.Tensor, ...]:
     """Inputs of family ``key`` (:data:`_EXAMPLE_GROUPS` groups) to export it with: the program
     depends on the dtypes and the symbolic number of groups only."""
     op, bits, group_size, dtype_name = key
     dtype = getattr(torch, dtype_name)
     x = torch.linspace(-1, 1, _EXAMPLE_GROUPS * group_size).to(dtype)
     seed = torch.tensor(1, dtype=torch.int64)
+    if op == "int8rn":
+        return (x,)
     if op in ("pack", "int8sr"):
         return x, seed
     noise = Q.hash_uniform(seed, _EXAMPLE_GROUPS, group_size)
@@ -294,8 +306,8 @@ def _family(op: str, body: Callable, bits: int, group_size: int, dtype: torch.dt
     key = (op, bits, group_size, str(dtype).removeprefix("torch."))
     fn = _families.get(key)
     if fn is None and key not in _broken:
-        consts = {"pack": (bits, group_size), "int8sr": (group_size,)}.get(op, (bits, dtype))
-        fn = _families[key] = _Family(key, body, consts)
+        consts = {"pack": (bits, group_size), "int8sr": (group_size,), "int8rn": (group_size,)}
+        fn = _families[key] = _Family(key, body, consts.get(op, (bits, dtype)))
     return fn
 
 
@@ -321,7 +333,9 @@ def _run(fn: _Family | None, args: tuple):
     return out
 
 
-_BODIES: dict[str, Callable] = {"pack": _pack_finite, "decode": _decode_finite, "int8sr": _int8_rows_sr}
+_BODIES: dict[str, Callable] = {
+    "pack": _pack_finite, "decode": _decode_finite, "int8sr": _int8_rows_sr, "int8rn": _int8_rows_rn,
+}  # fmt: skip
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
@@ -388,3 +402,16 @@ def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor,
             return out[0], out[1]
     counters["reference"] += 1
     return I8.quantize_int8_sr_reference(x, seed)
+
+
+def quantize_int8_rn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.int8_gemm.quantize_int8_rowwise` of ``x`` (rows, cols) rounded to nearest, same bits:
+    one family per (cols, dtype), rows symbolic."""
+    rows, cols = x.shape
+    if rows > 1 and cols > 0 and _compilable(x.dtype):
+        fn = _family("int8rn", _int8_rows_rn, 8, cols, x.dtype)
+        out = _run(fn, (x.detach().contiguous().view(-1),))
+        if out is not None:
+            return out[0], out[1]
+    counters["reference"] += 1
+    return I8.quantize_int8_rowwise(x)

@@ -270,3 +270,32 @@ def test_int8_stochastic_rounding_family_same_bits_odd_rows_dtypes_non_contiguou
         C.quantize_int8_sr(one, SEED)[0], I8.quantize_int8_rowwise(one, I8.rowwise_noise(SEED, 1, 96))[0]
     )
     assert C.counters["reference"] == ref + 1
+
+
+def test_int8_round_to_nearest_family_same_bits_odd_rows_dtypes_non_contiguous_non_finite():
+    """``quantize_int8`` (a low-bit GEMM's forward operand or weight, passes/lower_linears.py): the
+    bits of int8_gemm.quantize_int8_rowwise without noise, one family per (columns, dtype) whatever
+    the rows, NaN and Inf rows included (the body is the reference); a single row takes the
+    reference. The op ``fxlowbit::quantize_int8`` gives the same bits on a strided weight view."""
+    from fxlowbit.codegen.kernels import int8_gemm as I8
+
+    calls = C.counters["compiled"]
+    for rows, dtype in ((300, torch.float32), (17, torch.float32), (5, torch.bfloat16), (3, torch.float16)):
+        x = (torch.randn(rows, 2 * 80, generator=torch.Generator().manual_seed(rows)) * 5)[:, ::2].to(dtype)
+        x[1, 7], x[2, 3] = float("nan"), float("inf")
+        got = C.quantize_int8_rn(x)
+        want = I8.quantize_int8_rowwise(x)
+        assert torch.equal(got[0], want[0])
+        assert torch.isclose(got[1], want[1], rtol=0, atol=0, equal_nan=True).all()
+    assert C.counters["compiled"] - calls == 4
+    assert {f for f in C.families() if f[0] == "int8rn"} >= {
+        ("int8rn", 8, 80, "float32"),
+        ("int8rn", 8, 80, "bfloat16"),
+        ("int8rn", 8, 80, "float16"),
+    }
+    one, ref = torch.randn(1, 80), C.counters["reference"]
+    assert torch.equal(C.quantize_int8_rn(one)[0], I8.quantize_int8_rowwise(one)[0])
+    assert C.counters["reference"] == ref + 1
+    w = torch.randn(80, 48)  # a weight read transposed, as the grad-input GEMM reads it
+    got, want = torch.ops.fxlowbit.quantize_int8(w.t()), I8.quantize_int8_rowwise(w.t())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
