@@ -267,10 +267,12 @@ class LowbitPartitioner(CustomPartitionerFn):
         entry["warnings"] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
         try:
             # apart, as a hit loads them on first use: the pristine pair (probes, checks) and the
-            # graphs reports show; their "before" pair is mostly the pristine one (pickled once)
+            # graphs reports show; their "before" pair is mostly the pristine one, and an "after"
+            # graph no rewrite touched is its "before" graph (record.add): each pickled once
             pristine = _dumps({"pristine": self._pristine})
             shared = self._pristine is not None and all(map(operator.is_, before, self._pristine[:2]))
-            shown = _dumps({"before": None if shared else before, "after": self.after})
+            after = [None if a is b else a for a, b in zip(self.after or (None, None), before, strict=True)]
+            shown = _dumps({"before": None if shared else before, "after": tuple(after)})
             data = pickle.dumps((_dumps(entry), pristine, shown))
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.journal.with_suffix(f".{os.getpid()}.tmp")
@@ -305,7 +307,8 @@ class LowbitPartitioner(CustomPartitionerFn):
             e = _loads(shown)
             before = e["before"] if e["before"] is not None else self.pristine
             assert before is not None  # pickled as the pristine pair
-            parts = (before[0], e["after"][0], before[1], e["after"][1])
+            after = [a if a is not None else b for a, b in zip(e["after"], before[:2], strict=True)]
+            parts = (before[0], after[0], before[1], after[1])
             return dict(zip(record.PARTS, parts, strict=True))
 
         graphs = record.LazyGraphs(load)

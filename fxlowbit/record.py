@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from .candidates import canonical_keys
 from .config import LowbitConfig
-from .passes._graph import copy_module
+from .passes._graph import copy_module, same_graph
 from .plan import Plan
 from .records import GraphFacts
 from .state import STATE
@@ -128,8 +128,9 @@ def _add(partitioner, before, after, fallback: str | None) -> GraphRecord:
         sens = {name: sens[k] for name, k in keys.items() if k in sens}
     if isinstance(before, LazyGraphs):
         graphs: Mapping[str, fx.GraphModule] = before
-    else:
-        graphs = dict(zip(PARTS, (before[0], snapshot(after[0]), before[1], snapshot(after[1])), strict=True))
+    else:  # a graph no rewrite touched is its before copy (no second copy, nor a second pickle)
+        fw, bw = (b if same_graph(a, b) else snapshot(a) for a, b in zip(after, before, strict=True))
+        graphs = dict(zip(PARTS, (before[0], fw, before[1], bw), strict=True))
     rec = GraphRecord(
         index=len(_records),
         graphs=graphs,

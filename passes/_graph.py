@@ -72,6 +72,23 @@ def copy_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule:
     return cls(gm, graph, gm.__class__.__name__)
 
 
+def same_graph(a: fx.GraphModule, b: fx.GraphModule) -> bool:
+    """Whether ``a`` and ``b`` hold the same nodes in the same order: names, ops, targets and
+    arguments (a :func:`copy_module` copy that no rewrite touched since). Reads the graphs only: a
+    lazy copy generates no code for it."""
+    na, nb = a.graph.nodes, b.graph.nodes
+    if len(na) != len(nb):
+        return False
+    return all(
+        x.name == y.name
+        and x.op == y.op
+        and x.target == y.target
+        and repr(x.args) == repr(y.args)
+        and repr(x.kwargs) == repr(y.kwargs)
+        for x, y in zip(na, nb, strict=True)
+    )
+
+
 def fake(fn, *args):
     """Run ``fn`` on the FakeTensor values of node arguments to get the new node's meta["val"]."""
     vals = fx.node.map_arg(list(args), lambda a: a.meta["val"])

@@ -76,6 +76,46 @@ def test_the_reports_before_graphs_are_the_probes_pristine_pair_taken_before_any
     assert any("fxlowbit" in t for t in ops(rec.graphs["fw_after"]))
 
 
+@pytest.mark.parametrize("budget", [1.0, 0.1], ids=["exact", "rounded"])
+def test_a_graph_no_rewrite_touched_is_recorded_and_journaled_once(tmp_path, budget):
+    """An exact plan rewrites nothing: its "after" graphs are the "before" copies themselves, in the
+    report and in the journal a cache hit loads (T5's journal pickled its 1.9 MB pair twice, 0.32 s
+    each, CPU, 2026-12-07). A plan that rounds keeps its own after graphs, in both."""
+    import pickle
+    from collections import Counter
+
+    import torch.nn.functional as F
+
+    from fxlowbit import backend
+
+    from ._util import MLP, through_partitioner
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64), torch.arange(64) % 10
+    loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    partitioner, _ = through_partitioner(MLP(hidden=128, dropout=0.0), loss, x, memory_budget=budget)
+    (rec,) = fxlowbit.record.records()
+    g = rec.graphs
+    untouched = budget == 1.0
+    assert fxlowbit.counters["graphs_rewritten"] == 1
+    assert (g["fw_after"] is g["fw_before"] and g["bw_after"] is g["bw_before"]) == untouched
+    same = fxlowbit.passes._graph.same_graph
+    assert (same(g["fw_after"], g["fw_before"]) and same(g["bw_after"], g["bw_before"])) == untouched
+    partitioner.journal = tmp_path / "journal"
+    partitioner._write_journal((g["fw_before"], g["bw_before"]), None, Counter(), [])
+    _, _, shown = pickle.loads(partitioner.journal.read_bytes())
+    kept = backend._loads(shown)
+    assert kept["before"] is None  # the pristine pair's, pickled once with it
+    assert (kept["after"] == (None, None)) == untouched
+    hit = backend.LowbitPartitioner(partitioner.cfg, seed=0)
+    hit.journal = partitioner.journal
+    assert hit.restore()
+    loaded = fxlowbit.record.records()[-1].graphs
+    for part in fxlowbit.record.PARTS:
+        assert [n.name for n in loaded[part].graph.nodes] == [n.name for n in g[part].graph.nodes]
+    assert (loaded["fw_after"] is loaded["fw_before"]) == untouched
+
+
 def test_the_profile_is_parsed_once_per_process(monkeypatch):
     """The options' check, the loss fusion, the GEMM choice, the planner and a second compile all
     share one parsed profile (it was read up to three times per compile)."""
