@@ -106,6 +106,22 @@ def pointwise_gbps(b: Bench) -> float:
     return 2 * x.nbytes / b.time_it(lambda: fn(x, m, r, w, bias)) / 1e9
 
 
+@contextlib.contextmanager
+def _cpu_family(b: Bench, call: Callable[[], object]):
+    """Within: a CPU op that runs a compiled kernel family (codegen/kernels/quant_cpu.py) runs it as
+    the default path does, ``call`` having started its compile and loaded it; without ``compile``,
+    the eager reference runs instead (as ``kernels="ops"`` runs it)."""
+    from fxlowbit.codegen import ops
+    from fxlowbit.codegen.kernels import quant_cpu
+
+    with ops.reference_kernels() if not b.compile else contextlib.nullcontext():
+        if b.compile:
+            for _ in range(2):  # the first call starts the family's compile, the second loads it
+                call()
+                quant_cpu.wait()
+        yield
+
+
 def quant_gbps(b: Bench, bits: int) -> tuple[float, float]:
     """The quantizer at ``bits`` as the backend runs it at default options: (pack: fp32 bytes in
     per second, unpack: fp32 bytes out per second).
@@ -115,21 +131,16 @@ def quant_gbps(b: Bench, bits: int) -> tuple[float, float]:
     reference). The unpack is the op on CUDA and, on a CPU, the traceable decode under
     ``torch.compile``, as the hybrid path traces it into the backward (there it fuses into its
     consumer, so this standalone figure is an upper bound on its cost)."""
-    from fxlowbit.codegen import ops, rng
-    from fxlowbit.codegen.kernels import quant_cpu
+    from fxlowbit.codegen import rng
 
     x = b.rand(b.sizes["quant"])
     stream = rng.reserved_stream(1, 12345)  # 0 is validate.py's
     on_cpu = b.device.type == "cpu"
-    with ops.reference_kernels() if on_cpu and not b.compile else contextlib.nullcontext():
 
-        def pack():
-            return torch.ops.fxlowbit.quantize_pack(x, bits, GROUP_SIZE, stream)
+    def pack():
+        return torch.ops.fxlowbit.quantize_pack(x, bits, GROUP_SIZE, stream)
 
-        if on_cpu and b.compile:
-            for _ in range(2):  # the first call starts the family's compile, the second loads it
-                pack()
-                quant_cpu.wait()
+    with _cpu_family(b, pack) if on_cpu else contextlib.nullcontext():
         codes, qmeta = pack()
         t_pack = b.time_it(pack)
         if on_cpu:
@@ -165,8 +176,6 @@ def gemm_quant_gbps(b: Bench, key: str) -> float:
     ``quantize_int8_sr``, which the lowered graphs call (passes/lower_linears.py), on their compiled
     CPU family (its compile waited for first; without ``compile``: the eager reference, as
     ``kernels="ops"`` runs it); fp8, and every quantizer on CUDA, run eagerly inside the op."""
-    from fxlowbit.codegen import ops
-    from fxlowbit.codegen.kernels import quant_cpu
 
     # a (rows, HIDDEN) operand; stochastic rounding draws its hash noise from a seed
     x = b.rand(b.sizes["gemm_quant"]).view(-1, HIDDEN)
@@ -180,11 +189,7 @@ def gemm_quant_gbps(b: Bench, key: str) -> float:
                 return torch.ops.fxlowbit.quantize_int8_sr(x, seed)
             return torch.ops.fxlowbit.quantize_int8(x)
 
-        with ops.reference_kernels() if not b.compile else contextlib.nullcontext():
-            if b.compile:
-                for _ in range(2):  # the first call starts the family's compile, the second loads it
-                    fn(x, seed)
-                    quant_cpu.wait()
+        with _cpu_family(b, lambda: fn(x, seed)):
             return x.nbytes / b.time_it(lambda: fn(x, seed)) / 1e9
     if key.startswith("int8"):
 

@@ -391,27 +391,31 @@ def dequantize_unpack(
     return Q.dequantize_unpack_reference(codes, meta, bits, group_size, list(shape), dtype, stride)
 
 
-def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`.int8_gemm.quantize_int8_rowwise` of ``x`` (rows, cols) with
-    ``rowwise_noise(seed)``, same bits: one family per (cols, dtype), rows symbolic."""
+def _int8_rows(
+    op: str, x: torch.Tensor, extra: tuple, reference: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Family ``op`` (an int8 row-wise quantizer, one per (cols, dtype)) on ``x`` (rows, cols) and
+    ``extra``; ``reference()`` for a single row, an empty row or a dtype no family compiles, and
+    while the family compiles."""
     rows, cols = x.shape
-    if rows > 1 and cols > 0 and _compilable(x.dtype) and seed.dim() == 0 and seed.dtype == torch.int64:
-        fn = _family("int8sr", _int8_rows_sr, 8, cols, x.dtype)
-        out = _run(fn, (x.detach().contiguous().view(-1), seed))
+    if rows > 1 and cols > 0 and _compilable(x.dtype):
+        out = _run(_family(op, _BODIES[op], 8, cols, x.dtype), (x.detach().contiguous().view(-1), *extra))
         if out is not None:
             return out[0], out[1]
     counters["reference"] += 1
-    return I8.quantize_int8_sr_reference(x, seed)
+    return reference()
+
+
+def quantize_int8_sr(x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.int8_gemm.quantize_int8_rowwise` of ``x`` (rows, cols) with
+    ``rowwise_noise(seed)``, same bits: one family per (cols, dtype), rows symbolic."""
+    if seed.dim() != 0 or seed.dtype != torch.int64:  # the family takes a 0-dim int64 seed
+        counters["reference"] += 1
+        return I8.quantize_int8_sr_reference(x, seed)
+    return _int8_rows("int8sr", x, (seed,), lambda: I8.quantize_int8_sr_reference(x, seed))
 
 
 def quantize_int8_rn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.int8_gemm.quantize_int8_rowwise` of ``x`` (rows, cols) rounded to nearest, same bits:
     one family per (cols, dtype), rows symbolic."""
-    rows, cols = x.shape
-    if rows > 1 and cols > 0 and _compilable(x.dtype):
-        fn = _family("int8rn", _int8_rows_rn, 8, cols, x.dtype)
-        out = _run(fn, (x.detach().contiguous().view(-1),))
-        if out is not None:
-            return out[0], out[1]
-    counters["reference"] += 1
-    return I8.quantize_int8_rowwise(x)
+    return _int8_rows("int8rn", x, (), lambda: I8.quantize_int8_rowwise(x))
