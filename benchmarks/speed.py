@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 import fxlowbit
-from fxlowbit import examples
+from fxlowbit import examples, hardware
 from fxlowbit.state import STATE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke check: Llama, 1 layer, 8 steps (2-4 min)")
     ap.add_argument(
-        "--profile", default=None, help="hardware profile JSON for every lowbit row (default: shipped)"
+        "--profile",
+        default=None,
+        help="hardware profile JSON for every lowbit row (default: profile=None, i.e. this machine's "
+        "profile if `fxlowbit-profile --save` kept one, else the shipped one; the JSON's meta says which)",
     )
     ap.add_argument("--seeds", default="", help="comma-separated seeds: each lowbit row once per seed")
     ap.add_argument("--note", default=None, help="a remark stored in the JSON's meta")
@@ -321,6 +324,7 @@ def main(argv=None) -> None:
     meta = _common.meta(a, "lockstep rows, one process", ["benchmarks/speed.py", *(argv or sys.argv[1:])])
     # where the package was imported from (an editable install can map fxlowbit.passes elsewhere)
     meta["package_files"] = [m.__file__ for m in (fxlowbit, fxlowbit.passes, fxlowbit.codegen)]
+    meta["profile"] = a.profile or hardware.default_source()  # at --threads, as the rows plan
     data = examples.stdlib_text()
     split = int(0.9 * data.numel())
     train, held = data[:split], data[split:]

@@ -1,7 +1,7 @@
 """The ``fxlowbit`` command (also ``python -m fxlowbit``): ``demo``, ``profile`` and ``explain``.
 
     fxlowbit demo --quick                                   # train small models with and without lowbit
-    fxlowbit profile --quick --out my.json                  # measure this machine for the cost model
+    fxlowbit profile --save                                 # measure this machine; the defaults then use it
     fxlowbit explain fxlowbit.examples:MLP --input "x=float32[64,64]"     # what lowbit does to a model
 
 ``explain MODULE:FACTORY`` imports ``MODULE`` (a dotted module name, found from the current
@@ -28,7 +28,8 @@ EPILOG = """\
 examples:
   fxlowbit demo --quick                       # ~30 s: TinyGPT and an MLP, with and without lowbit
   fxlowbit demo --help                        # the demo's own flags
-  fxlowbit profile --quick --out my.json      # then torch.compile(..., options={"profile": "my.json"})
+  fxlowbit profile --save                     # ~1 min: the default options then plan with it
+  fxlowbit profile --quick --out my.json      # ~5 s, rough: options={"profile": "my.json"}
   fxlowbit explain fxlowbit.examples:MLP --input "x=float32[64,64]"
   fxlowbit explain fxlowbit.examples:TinyGPT --arg dim=64 \\
       --input "int64[4,64]:vocab=128" --input "int64[4,64]:vocab=128" --budget 0.1

@@ -17,7 +17,15 @@ from typing import Any
 
 from .state import STATE
 
-__all__ = ["HardwareProfile", "load_profile", "BUCKETS", "bucket", "machine_mismatch"]
+__all__ = [
+    "HardwareProfile",
+    "load_profile",
+    "BUCKETS",
+    "bucket",
+    "machine_mismatch",
+    "saved_profile_path",
+    "default_source",
+]
 
 # GEMM size buckets by FLOPs (2*M*N*K) of one call: small GEMMs lose to launch and quantization
 # overheads, so throughput is measured per bucket.
@@ -279,14 +287,58 @@ def machine_mismatch(profile: HardwareProfile) -> str | None:
     hint = " --device cuda" if gpu else f" --threads {n}"
     return (
         f"fxlowbit: time estimates come from a profile of {there}; this process runs on {here}, so "
-        f"est. times and the choices made from them may be off: `fxlowbit-profile{hint} --out my.json` "
-        "measures this machine (then options profile='my.json')"
+        f"est. times and the choices made from them may be off: `fxlowbit-profile{hint} --save` "
+        "measures this machine once, and the default options plan with it from then on"
     )
 
 
-def _default_name() -> str:
-    """The shipped profile for this process: "h100" on any CUDA device (the only GPU profile shipped;
-    another GPU should measure its own, ``python -m fxlowbit.profile --device cuda``), else "cpu"."""
+PROFILE_DIR_ENV = "FXLOWBIT_PROFILE_DIR"
+"""Environment variable naming the folder of profiles saved by ``fxlowbit-profile --save`` (default
+``$XDG_CACHE_HOME/fxlowbit/profiles``, else ``~/.cache/fxlowbit/profiles``)."""
+
+
+def saved_profiles_dir() -> Path:
+    """The folder ``fxlowbit-profile --save`` writes to and the defaults read from."""
+    env = os.environ.get(PROFILE_DIR_ENV)
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "fxlowbit" / "profiles"
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split()) or "unknown"
+
+
+def saved_profile_path(kind: str | None = None, threads: int | None = None) -> Path:
+    """Where this machine's own profile is saved: one file per GPU model (``kind="cuda"``) or per
+    CPU model and torch thread count (``kind="cpu"``, the thread count as now when None), since a
+    CPU's GEMM rates scale with the threads. ``kind`` None: the device this process trains on."""
     import torch
 
+    kind = kind or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return saved_profiles_dir() / f"cuda-{_slug(torch.cuda.get_device_name())}.json"
+    n = torch.get_num_threads() if threads is None else threads
+    return saved_profiles_dir() / f"cpu-{_slug(_this_cpu() or '')}-{n}t.json"
+
+
+def _default_name() -> str:
+    """The profile ``profile=None`` means for this process: the one ``fxlowbit-profile --save``
+    measured on this machine (this CPU model at this thread count, or this GPU model), when there
+    is one; else the shipped one, "h100" on any CUDA device (the only GPU profile shipped), else
+    "cpu" (measured on another machine: :func:`machine_mismatch` says so)."""
+    import torch
+
+    saved = saved_profile_path()
+    if saved.is_file():
+        return str(saved)
     return "h100" if torch.cuda.is_available() else "cpu"
+
+
+def default_source() -> str:
+    """One line naming the profile ``profile=None`` loads in this process, and why."""
+    name = _default_name()
+    if name in ("cpu", "h100"):
+        return f"the shipped {name!r} profile (no profile of this machine saved at {saved_profile_path()})"
+    return f"this machine's profile, saved at {name}"

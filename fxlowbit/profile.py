@@ -25,6 +25,7 @@ summary table. Each figure is the median of several timed repeats after warm-up:
 
 One function per figure measures it (fxlowbit/profile_bench.py); :func:`measure` runs them in turn.
 
+    fxlowbit-profile --save            # this machine's profile, which the default options then use
     fxlowbit-profile --out my.json     # 2-core CPU: ~40 s, ~1.5 min with a cold Inductor cache
     # (35 s at --threads 1 with the pack kernels already compiled, 2026-12-06; a machine's first
     # run also compiles its three CPU pack kernels, about 16 s each on 2 cores, 2026-12-05)
@@ -47,6 +48,7 @@ from typing import Any
 
 import torch
 
+from fxlowbit import hardware
 from fxlowbit import profile_bench as bench
 from fxlowbit.codegen.kernels.quant import BITS
 from fxlowbit.costmodel import BUCKETS, HardwareProfile
@@ -241,7 +243,13 @@ def format_table(profile: HardwareProfile) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fxlowbit-profile", description=__doc__.split("\n")[0].strip("`: "))
-    p.add_argument("--out", required=True, help="JSON file to write the profile to (or a folder)")
+    p.add_argument("--out", help="JSON file to write the profile to (or a folder, with --from-device-check)")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also keep it as this machine's profile, which the default options (profile=None) then "
+        f"plan with (folder: ${hardware.PROFILE_DIR_ENV} or ~/.cache/fxlowbit/profiles)",
+    )
     p.add_argument("--from-device-check", metavar="DIR", help="merge a device-check folder")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -255,7 +263,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="compile pointwise/quant/mask with Inductor (default: yes unless --quick)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.out and not args.save:
+        p.error("say where the profile goes: --out FILE, --save, or both")
+    if args.save and (args.quick or args.from_device_check):
+        p.error(
+            "--save keeps the profile the default options plan with on this machine: measure it "
+            "in full here (not --quick, not --from-device-check)"
+        )
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,9 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = measure(args.device, args.quick, args.threads, not args.no_progress, args.compile)
     meta = {**profile.meta, "command": shlex.join(["python", "-m", "fxlowbit.profile", *argv])}
     profile = dataclasses.replace(profile, meta=meta)
-    profile.save(args.out)
     print(format_table(profile))
-    print(f"\nwrote {args.out}")
+    if args.out:
+        profile.save(args.out)
+        print(f"\nwrote {args.out}")
+    if args.save:
+        path = hardware.saved_profile_path(args.device, profile.meta.get("threads"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        profile.save(tmp)
+        tmp.replace(path)  # a process reading the folder never sees half a file
+        threads = "" if args.device == "cuda" else f" at {profile.meta.get('threads')} torch thread(s)"
+        print(f"\nsaved {path}: the default options plan with it on this machine{threads}")
     return 0
 
 

@@ -47,6 +47,8 @@ def from_records(records: list, frontier: bool = True) -> Report:
     # est. ms are the profile's machine's: say so, once, when that is not this one
     lines = (hardware.machine_mismatch(r.profile) for r in records if r.profile is not None)
     notes += dict.fromkeys(line.removeprefix("fxlowbit: ") for line in lines if line is not None)
+    if any(r.cfg.profile is None for r in records):  # which file profile=None meant
+        notes.append(f"profile: {hardware.default_source()}")
     return Report(entries, note="\n".join(notes), sampling=sampling_rows())
 
 

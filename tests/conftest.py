@@ -1,9 +1,14 @@
 """Test set-up: Triton kernels run in the interpreter on machines without a GPU; one thread per
-torch op keeps timings steady on small CI machines."""
+torch op keeps timings steady on small CI machines; the default options plan with the shipped
+profile, whatever ``fxlowbit-profile --save`` kept on this machine (tests that want a saved one
+write it to this empty folder)."""
 
 import os
+import tempfile
 
 import torch
+
+os.environ["FXLOWBIT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="fxlowbit-test-profiles-")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

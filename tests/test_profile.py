@@ -147,7 +147,11 @@ def test_measure_rejects_missing_device():
 
 def test_cli_arguments():
     with pytest.raises(SystemExit):
-        parse_args([])  # --out is required
+        parse_args([])  # --out or --save is required
+    for wrong in (["--save", "--quick"], ["--save", "--from-device-check", "d"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)  # the defaults' profile is measured in full
+    assert parse_args(["--save"]).save and parse_args(["--save"]).out is None
     args = parse_args(["--out", "p.json", "--device", "cpu", "--quick", "--threads", "3", "--no-compile"])
     got = (args.out, args.device, args.quick, args.threads, args.compile)
     assert got == ("p.json", "cpu", True, 3, False)
@@ -231,3 +235,65 @@ def test_a_profile_of_another_machine_is_named_in_the_report_and_logged_once(cap
     fxlowbit.reset()
     report = fxlowbit.explain(mlp, x, inner="eager", memory_budget=0.2, profile=_with_machine(here, n))
     assert "time estimates" not in report.note
+
+
+def _machine_profile(threads: int, **figures) -> dict:
+    """The shipped CPU profile's figures, ``figures`` replaced, recorded as measured on this CPU."""
+    from fxlowbit.hardware import _this_cpu
+
+    d = load_profile("cpu").to_dict()
+    d.update(figures)
+    d["meta"] = {**d["meta"], "threads": threads, "machine": {"cpu_model": _this_cpu(), "gpu": None}}
+    return d
+
+
+# 1-thread figures of a 2-core AMD EPYC (benchmarks/results/profile_amd_epyc_t1_quant_ops_cpu.json,
+# 2026-12-07): int8 GEMMs 7-8x fp32's, the row quantizers compiled; the shipped profile's keep fp32
+AMD_T1 = {
+    "matmul_tflops": {
+        "float32": {"tiny": 0.09756, "small": 0.1122, "medium": 0.1127, "large": 0.1121},
+        "int8": {"tiny": 0.07655, "small": 0.6712, "medium": 0.8354, "large": 0.9177},
+    },
+    "gemm_quant_gbps": {"int8": 3.852, "int8_sr": 3.364},
+}
+
+
+def test_a_saved_profile_of_this_machine_is_what_the_defaults_plan_with(tmp_path, monkeypatch):
+    """``fxlowbit-profile --save`` keeps the profile where ``profile=None`` finds it, one file per
+    CPU model and thread count: the default options then plan with it (here: INT8 GEMMs, which the
+    shipped profile does not pick for these shapes), the report names it, and no machine-mismatch
+    line is left; at another thread count, or once removed, the shipped profile is back."""
+    import fxlowbit
+    from fxlowbit import hardware
+    from fxlowbit import profile as cli
+    from fxlowbit.backend import counters
+
+    monkeypatch.setenv(hardware.PROFILE_DIR_ENV, str(tmp_path))
+    n = torch.get_num_threads()
+    path = hardware.saved_profile_path()
+    assert path.parent == tmp_path and path.name.startswith("cpu-") and path.name.endswith(f"-{n}t.json")
+    assert load_profile(None) is load_profile("cpu") and "shipped 'cpu'" in hardware.default_source()
+
+    # the CLI's --save, its measurement replaced by these figures (a full one takes a minute)
+    monkeypatch.setattr(
+        cli, "measure", lambda *a, **k: HardwareProfile.from_dict(_machine_profile(n, **AMD_T1))
+    )
+    assert cli.main(["--save", "--threads", str(n), "--no-progress"]) == 0
+    assert path.is_file() and not list(tmp_path.glob("*.tmp"))
+    saved = load_profile(None)
+    assert saved.matmul_tflops["int8"]["small"] == 0.6712 and str(path) in hardware.default_source()
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    x = torch.randn(1024, 256)
+    report = fxlowbit.explain(mlp, x)
+    assert counters["lowbit_gemm"] == 2, report.to_text(width=200)  # both linears, int8/int8/fp32
+    assert "int8/int8/fp32" in report.to_text(width=400)
+    assert f"this machine's profile, saved at {path}" in report.note
+    assert "time estimates come from a profile" not in report.note
+
+    path.rename(tmp_path / "elsewhere.json")  # gone: the shipped profile, which keeps fp32 here
+    fxlowbit.reset()
+    report = fxlowbit.explain(mlp, x)
+    assert counters["lowbit_gemm"] == 0 and "shipped 'cpu'" in report.note
+    hardware.saved_profile_path(threads=n + 1).write_text(json.dumps(_machine_profile(n + 1, **AMD_T1)))
+    assert load_profile(None) is load_profile("cpu")  # another thread count's figures are not these
