@@ -37,10 +37,11 @@ def _one_thread():
 
 
 @functools.cache
-def _train(model: str, run: str) -> Result:
+def _train(model: str, run: str, sampling: float | None = None) -> Result:
     """One seeded run, shared by the tests (the baselines are needed at every bit width)."""
     task = gpt_task(dim=64, layers=2, batch=16, block=64) if model == "gpt" else digits_task(model)
-    return train(task, run, STEPS[model], inner="eager", seed=0, progress=False)
+    options = {"sampling": sampling} if sampling is not None else None
+    return train(task, run, STEPS[model], inner="eager", seed=0, progress=False, options=options)
 
 
 def _compressed(base: Result, run: Result, min_ratio: float) -> None:
@@ -86,15 +87,41 @@ def test_2_bits_still_trains(model):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
 def test_parity_under_the_planner_at_8x_less_than_fp32(model):
-    """The cost-model planner at ``memory_budget=0.125`` (8x fewer saved bytes than fp32; it probes
-    sensitivities at step 10 and may re-plan): the same parity bounds as uniform 4 bits. Measured
-    (seed 0): MLP 6.1x fewer saved bytes, 91.64% = 91.64%; CNN 7.2x, 96.10% vs 96.38%; TinyGPT
-    8.1x, train loss +0.17%, held-out -0.05%."""
+    """The cost-model planner at ``memory_budget=0.125`` (8x fewer saved bytes than fp32; planned
+    from its prior, as ``compile_run`` turns the probes off): the same parity bounds as uniform 4
+    bits. Measured (seed 0, 2026-12-07): MLP 8.7x fewer saved bytes, CNN 28.9x, TinyGPT 9.0x, each with the
+    uncompressed run's accuracy and losses to the digits shown (91.64%, 96.38%; 2.2753 / 2.4236
+    nats); earlier plans measured MLP 6.1x, CNN 7.2x (96.10%), TinyGPT 8.1x (train loss +0.17%)."""
     base, low = _train(model, "uncompressed"), _train(model, "budget0.125")
     _compressed(base, low, 5.0 if model == "gpt" else 4.0)
     if model == "gpt":
         assert abs(low.train_loss / base.train_loss - 1) <= 0.03, (base.train_loss, low.train_loss)
         assert abs(low.eval_loss / base.eval_loss - 1) <= 0.03, (base.eval_loss, low.eval_loss)
+    else:
+        assert low.test_acc > ACC_FLOOR[model], low.test_acc
+        assert abs(low.test_acc - base.test_acc) <= 0.01, (base.test_acc, low.test_acc)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
+def test_parity_holds_with_half_the_backward_rows_sampled(model):
+    """Issue 18's parity check with sampling on: the planner at ``memory_budget=0.125`` with
+    ``sampling=0.5`` forced on every linear (half the rows of each grad-input and grad-weight GEMM
+    dropped by norm, the kept ones reweighted), the bounds of the tests above. ``sampling=True`` is
+    the default path but samples few of these small linears (the cost model finds the gathers
+    dearer than the rows they skip: 2 of 4 MLP linears, none of TinyGPT's), so the forced ratio is
+    the harsher check. Measured (seed 0, 2026-12-07): MLP 91.09% vs 91.64%, CNN 95.82% vs 96.38%,
+    TinyGPT train loss +1.3%, held-out +0.8%."""
+    from fxlowbit.backend import counters
+
+    base = _train(model, "uncompressed")
+    counters.clear()
+    low = _train(model, "budget0.125", 0.5)
+    assert counters["sampled_linear"] >= (9 if model == "gpt" else 1), dict(counters)  # really sampled
+    _compressed(base, low, 5.0 if model == "gpt" else 4.0)
+    if model == "gpt":
+        assert abs(low.train_loss / base.train_loss - 1) <= 0.03, (base.train_loss, low.train_loss)
+        assert abs(low.eval_loss / base.eval_loss - 1) <= 0.03, (base.eval_loss, low.eval_loss)
+        assert low.train_loss != base.train_loss  # the sampled backward changed the trajectory
     else:
         assert low.test_acc > ACC_FLOOR[model], low.test_acc
         assert abs(low.test_acc - base.test_acc) <= 0.01, (base.test_acc, low.test_acc)
