@@ -418,9 +418,16 @@ def lowbit(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode
     dynamo = pipeline.Context(cfg, profile, label=f"graph{len(STATE.records)}", gm=gm)
     keys = pipeline.run(pipeline.DYNAMO_STEPS, dynamo).sampling_keys
 
-    def compile_variant(graph: fx.GraphModule, inputs, sensitivity: dict[tuple, float] | None = None):
+    def compile_variant(
+        graph: fx.GraphModule,
+        inputs,
+        sensitivity: dict[tuple, float] | None = None,
+        limit: float | None = None,
+    ):
+        # limit: what the probes left the compression of the variance limit (fxlowbit/adaptive.py)
+        planned = cfg if limit is None else dataclasses.replace(cfg, max_variance_ratio=limit)
         partitioner = LowbitPartitioner(
-            cfg, _seed(cfg), sensitivity=sensitivity, activations=activations, profile=profile,
+            planned, _seed(cfg), sensitivity=sensitivity, activations=activations, profile=profile,
             sampling_keys=keys,
         )  # fmt: skip
         return partitioner, compile_graph(graph, inputs, cfg, partitioner, compile_mode)

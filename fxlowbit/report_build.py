@@ -17,6 +17,7 @@ from .config import LowbitConfig
 from .frontier import budget_frontier
 from .plan import Decision, Plan
 from .report import GraphReport, Report, Row
+from .state import STATE
 
 __all__ = ["last_report", "from_records", "reason", "sampling_rows"]
 
@@ -49,7 +50,22 @@ def from_records(records: list, frontier: bool = True) -> Report:
     notes += dict.fromkeys(line.removeprefix("fxlowbit: ") for line in lines if line is not None)
     if any(r.cfg.profile is None for r in records):  # which file profile=None meant
         notes.append(f"profile: {hardware.default_source()}")
+    notes += gemm_noise_notes()
     return Report(entries, note="\n".join(notes), sampling=sampling_rows())
+
+
+def gemm_noise_notes() -> list[str]:
+    """One line per graph with low-bit gradient GEMMs: the noise they were last measured to add
+    (fxlowbit/adaptive.py), or that they were turned plain."""
+    last: dict[int, dict] = {}
+    for check in STATE.gemm_noise:
+        last[check["graph"]] = check
+    lines = []
+    for c in last.values():
+        what = f"the int8/fp8 gradient GEMMs of {c['linears']} linear(s)"
+        share = f"{c['ratio']:.3g} of the {c['unit']} (step {c['step']}, limit {c['limit']:g})"
+        lines.append(f"{what} added {share}: " + ("turned plain" if c["plain"] else "counted in the limit"))
+    return lines
 
 
 def sampling_rows() -> list[dict[str, Any]]:

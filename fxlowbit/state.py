@@ -51,7 +51,10 @@ class RuntimeState:
     mask_modules: dict = dataclasses.field(default_factory=dict)
     # codegen.kernels.sampling_state: key -> sampled linear (keep ratios, last figures)
     sampling: dict = dataclasses.field(default_factory=dict)
-    sampling_paused: list = dataclasses.field(default_factory=list)  # non-empty: sampled backwards exact
+    # non-empty: sampled backwards exact; the last entry: low-bit gradient GEMMs plain too
+    sampling_paused: list = dataclasses.field(default_factory=list)
+    # fxlowbit.adaptive: the low-bit gradient GEMMs' measured noise, one dict per check
+    gemm_noise: list = dataclasses.field(default_factory=list)
     # codegen.kernels.sparse24_linear: weak mask -> (version, 2:4 along rows, along columns)
     mask_checks: WeakTensorKeyDictionary = dataclasses.field(default_factory=WeakTensorKeyDictionary)
     # codegen.kernels.quant_cpu: compiled kernel families, families that failed, their counters
@@ -92,6 +95,7 @@ _MODEL_STATE = (
     "mask_modules",
     "mask_checks",
     "sampling",
+    "gemm_noise",
 )
 _KERNEL_STATE = ("families", "broken_families", "kernel_counters", "profiles")
 

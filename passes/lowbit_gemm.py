@@ -49,17 +49,23 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-AUTO_GRAD_WEIGHT = "grad-weight GEMMs stay plain (their int8 noise is outside the variance budget)"
+AUTO_GRAD_WEIGHT = "grad-weight GEMMs stay plain (SwitchBack's split; int8 ones trained worse)"
 """Why "auto" never picks a low-bit grad-weight GEMM (SwitchBack's split: int8 forward and
 grad-input, plain grad-weight; ``gemm``/``gemm_filter`` still force one). Its stochastic rounding
-of the output gradient along the tokens adds variance the planner does not count and the probes
-do not measure (their replays run the gradient GEMMs plain), and training showed it: issue 18's
+of the output gradient along the tokens adds variance the planner did not count when this rule
+was made (the replays ran the gradient GEMMs plain), and training showed it: issue 18's
 Llama (benchmarks/speed.py, planned from this machine's 1-thread profile, 150 steps, seeds 0/1/2,
 2026-12-06) ended at held-out losses 1.024x / 1.130x / 1.663x Inductor's with "auto" picking int8
 for all three GEMMs of most linears (at 2755bd0; 1.023x / 1.150x / 1.128x at 37f63f1), against
 1.021x / 1.004x / 0.989x with ``gemm=("int8", "int8", "off")`` on every linear, at 0.70x
-Inductor's step instead of 0.61x. The grad-input GEMM's int8 noise is not counted either; those
-three seeds gave no sign of it. With the grad-weight GEMM plain the op saves ``x`` as is, which
+Inductor's step instead of 0.61x. Since then the low-bit gradient GEMMs' noise is measured on
+the first batch and at each probe and counted in ``max_variance_ratio``; over it on its own they
+turn plain (fxlowbit/adaptive.py; that Llama's 29 int8 grad-input GEMMs: 2.1e-4 of the gradient
+power on the first batch, 2026-12-07). That measure does not see the grad-weight GEMMs' damage:
+with ``gemm="int8"`` on the same Llama it read 2.3e-4 on the first batch and 2.5e-4 at step 11,
+well inside 0.05 (the whole gradient's variance; why training still went wrong is not
+established, Adam's per-parameter scaling being one suspect), so the rule stays. With the
+grad-weight GEMM plain the op saves ``x`` as is, which
 the planner may replay or round, so tight budgets keep the forward and grad-input GEMMs low-bit
 too."""
 

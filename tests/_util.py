@@ -98,3 +98,24 @@ def choose_where_possible(form: str):
         return pick, 1.0, f"test: {form} whatever can be"
 
     return choose
+
+
+def machine_profile(threads: int, **figures) -> dict:
+    """The shipped CPU profile's figures, ``figures`` replaced, recorded as measured on this CPU."""
+    from fxlowbit.hardware import _this_cpu, load_profile
+
+    d = load_profile("cpu").to_dict()
+    d.update(figures)
+    d["meta"] = {**d["meta"], "threads": threads, "machine": {"cpu_model": _this_cpu(), "gpu": None}}
+    return d
+
+
+# 1-thread figures of a 2-core AMD EPYC (benchmarks/results/profile_amd_epyc_t1_quant_ops_cpu.json,
+# 2026-12-07): int8 GEMMs 7-8x fp32's, the row quantizers compiled; the shipped profile's keep fp32
+AMD_T1 = {
+    "matmul_tflops": {
+        "float32": {"tiny": 0.09756, "small": 0.1122, "medium": 0.1127, "large": 0.1121},
+        "int8": {"tiny": 0.07655, "small": 0.6712, "medium": 0.8354, "large": 0.9177},
+    },
+    "gemm_quant_gbps": {"int8": 3.852, "int8_sr": 3.364},
+}

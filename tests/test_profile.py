@@ -12,6 +12,8 @@ import torch
 from fxlowbit.costmodel import BUCKETS, HardwareProfile, bucket, load_profile
 from fxlowbit.profile import GEMMS, format_table, measure, parse_args
 
+from ._util import AMD_T1, machine_profile
+
 BUCKET_NAMES = [name for name, _ in BUCKETS]
 
 
@@ -237,27 +239,6 @@ def test_a_profile_of_another_machine_is_named_in_the_report_and_logged_once(cap
     assert "time estimates" not in report.note
 
 
-def _machine_profile(threads: int, **figures) -> dict:
-    """The shipped CPU profile's figures, ``figures`` replaced, recorded as measured on this CPU."""
-    from fxlowbit.hardware import _this_cpu
-
-    d = load_profile("cpu").to_dict()
-    d.update(figures)
-    d["meta"] = {**d["meta"], "threads": threads, "machine": {"cpu_model": _this_cpu(), "gpu": None}}
-    return d
-
-
-# 1-thread figures of a 2-core AMD EPYC (benchmarks/results/profile_amd_epyc_t1_quant_ops_cpu.json,
-# 2026-12-07): int8 GEMMs 7-8x fp32's, the row quantizers compiled; the shipped profile's keep fp32
-AMD_T1 = {
-    "matmul_tflops": {
-        "float32": {"tiny": 0.09756, "small": 0.1122, "medium": 0.1127, "large": 0.1121},
-        "int8": {"tiny": 0.07655, "small": 0.6712, "medium": 0.8354, "large": 0.9177},
-    },
-    "gemm_quant_gbps": {"int8": 3.852, "int8_sr": 3.364},
-}
-
-
 def test_a_saved_profile_of_this_machine_is_what_the_defaults_plan_with(tmp_path, monkeypatch):
     """``fxlowbit-profile --save`` keeps the profile where ``profile=None`` finds it, one file per
     CPU model and thread count: the default options then plan with it (here: INT8 GEMMs, which the
@@ -275,9 +256,8 @@ def test_a_saved_profile_of_this_machine_is_what_the_defaults_plan_with(tmp_path
     assert load_profile(None) is load_profile("cpu") and "shipped 'cpu'" in hardware.default_source()
 
     # the CLI's --save, its measurement replaced by these figures (a full one takes a minute)
-    monkeypatch.setattr(
-        cli, "measure", lambda *a, **k: HardwareProfile.from_dict(_machine_profile(n, **AMD_T1))
-    )
+    measured = HardwareProfile.from_dict(machine_profile(n, **AMD_T1))
+    monkeypatch.setattr(cli, "measure", lambda *a, **k: measured)
     assert cli.main(["--save", "--threads", str(n), "--no-progress"]) == 0
     assert path.is_file() and not list(tmp_path.glob("*.tmp"))
     saved = load_profile(None)
@@ -295,5 +275,5 @@ def test_a_saved_profile_of_this_machine_is_what_the_defaults_plan_with(tmp_path
     fxlowbit.reset()
     report = fxlowbit.explain(mlp, x)
     assert counters["lowbit_gemm"] == 0 and "shipped 'cpu'" in report.note
-    hardware.saved_profile_path(threads=n + 1).write_text(json.dumps(_machine_profile(n + 1, **AMD_T1)))
+    hardware.saved_profile_path(threads=n + 1).write_text(json.dumps(machine_profile(n + 1, **AMD_T1)))
     assert load_profile(None) is load_profile("cpu")  # another thread count's figures are not these

@@ -262,8 +262,9 @@ def lowbit_linear_backward(
     """(dx (M, K), dw (N, K), db (N,)) for ``grad`` (M, N); each (0,) when not needed. ``x``: the
     saved input (None when :func:`saves_codes`: then ``xq``/``xs`` hold its saved copy, else
     None). Within :func:`.sampling_state.exact` (the probes' replays) both gradient GEMMs run
-    plain and draw no seed: the replays measure against the exact gradient."""
-    if STATE.sampling_paused:
+    plain and draw no seed: the replays measure against the exact gradient (``exact(gemms=False)``:
+    as planned, to measure their noise)."""
+    if STATE.sampling_paused and STATE.sampling_paused[-1]:
         gi_fmt = gw_fmt = plain_format(grad.dtype)
     seed = rng.draw_seed(stream, grad.device) if draws_seed(gi_fmt, gw_fmt, stream) else None
     return backward(grad, x, xq, xs, w, seed, fwd_fmt, gi_fmt, gw_fmt, hadamard, need_dx, need_dw, need_db)

@@ -155,13 +155,14 @@ def set_budget(keys, share: float) -> None:
 
 
 @contextlib.contextmanager
-def exact():
+def exact(gemms: bool = True):
     """Within: sampled linears run their backward exact and leave the registry alone, and low-bit
-    linears run their gradient GEMMs plain (codegen/kernels/lowbit_linear.py). The probes' replays
-    of a graph (fxlowbit/adaptive.py) need the exact gradient, and must not move the controller or
-    count as backwards."""
+    linears run their gradient GEMMs plain (codegen/kernels/lowbit_linear.py; ``gemms=False``: as
+    planned, low-bit, which is how the probes measure those GEMMs' noise). The probes' replays of a
+    graph (fxlowbit/adaptive.py) need the exact gradient, and must not move the controller or
+    count as backwards. The innermost context decides."""
     with _state.STATE.lock:
-        _state.STATE.sampling_paused.append(True)
+        _state.STATE.sampling_paused.append(gemms)
     try:
         yield
     finally:
