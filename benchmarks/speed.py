@@ -325,6 +325,10 @@ def main(argv=None) -> None:
     # where the package was imported from (an editable install can map fxlowbit.passes elsewhere)
     meta["package_files"] = [m.__file__ for m in (fxlowbit, fxlowbit.passes, fxlowbit.codegen)]
     meta["profile"] = a.profile or hardware.default_source()  # at --threads, as the rows plan
+    print(f"lowbit rows plan with {meta['profile']}", file=sys.stderr, flush=True)
+    if not a.profile and "shipped" in meta["profile"]:
+        hint = f"fxlowbit-profile --save --threads {a.threads}"
+        print(f"  (`{hint}` first measures this machine's)", file=sys.stderr)
     data = examples.stdlib_text()
     split = int(0.9 * data.numel())
     train, held = data[:split], data[split:]
