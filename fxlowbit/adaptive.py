@@ -123,14 +123,14 @@ class Adaptive:
         # plan_error's (error, power) by plan signature on the batch being checked (cleared for each
         # batch): a plan is measured once per batch
         self._joint: dict[Any, tuple[float, float]] = {}
-        # a plan that stores every tensor as it is within its budget: no probe can better it (every
-        # other form adds time or variance), so none runs (TinyGPT under min-cut's pair, Inductor
-        # inner, 1 CPU thread: step 10 took 68-70 ms against 24-27 ms for the others, 2026-12-06)
         # the low-bit gradient GEMMs' added variance (stochastic rounding of the output gradient),
         # measured on the first batch and at each probe; over the limit, every variant runs them plain
         self.gemm_linears = len(lowbit_gradient_linears(self.source))
         self.gemm_noise: float | None = None
         self.gemms_plain = False
+        # a plan that stores every tensor as it is within its budget: no probe can better it (every
+        # other form adds time or variance), so none runs (TinyGPT under min-cut's pair, Inductor
+        # inner, 1 CPU thread: step 10 took 68-70 ms against 24-27 ms for the others, 2026-12-06)
         self.settled = self._settled()
         if self.settled:
             counters["probes_not_needed"] += 1
@@ -139,19 +139,15 @@ class Adaptive:
             # a cache hit: the process that compiled this plan checked it on its first batch
             counters["prior_checks_kept"] += 1
         elif self.partitioner.probed and torch.is_grad_enabled():
-            try:  # the first batch checks the prior's plan before the first step trains on it
-                with torch.random.fork_rng(devices=_devices(example_inputs)), rng.fork(), gc_paused():
-                    with sampling_state.exact():  # replays need the exact gradient
-                        if self._check_prior(list(example_inputs)):
-                            self.partitioner.keep_prior_check()
-            except Exception as err:
-                if cfg.strict:
-                    raise
-                self.failed = True
-                counters["probes_disabled"] += 1
-                log.warning("fxlowbit: probes disabled for this graph (%s: %s)", type(err).__name__, err)
+            # the first batch checks the prior's plan before the first step trains on it
+            self._guarded(self._check_prior_and_keep, list(example_inputs))
         if self.gemm_linears and self.partitioner.probed and torch.is_grad_enabled() and not self.failed:
             self._guarded(self._check_gemms, list(example_inputs), None, None)
+
+    def _check_prior_and_keep(self, args: list) -> None:
+        """:meth:`_check_prior`, and a passed check kept with the partition (for cache hits)."""
+        if self._check_prior(args):
+            self.partitioner.keep_prior_check()
 
     @property
     def limit(self) -> float:

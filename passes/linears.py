@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from ..codegen.kernels.lowbit_linear import PLAIN
 from ._graph import NodeBuilder, size_hint, value
 
-__all__ = ["LINEAR", "module_name", "linear_args", "example_size", "unsupported", "replace", "rewrite_each"]
+__all__ = [
+    "LINEAR",
+    "module_name",
+    "linear_args",
+    "addmm_args",
+    "example_size",
+    "unsupported",
+    "replace",
+    "rewrite_each",
+]
 
 LINEAR = frozenset({F.linear, torch._C._nn.linear})
 _SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
@@ -52,6 +61,21 @@ def linear_args(node: fx.Node):
         return None
     x, w, b = bound["input"], bound["weight"], bound.get("bias")
     return (x, w, b), (value(x), value(w), value(b), value(node))
+
+
+def addmm_args(node: fx.Node):
+    """``torch.addmm(b, x, w)`` with a 1-D bias and unit alpha/beta (``transformers``' Conv1D, GPT-2's
+    linears: ``w`` is (in, out)) as the linear ``x w^T`` of ``w^T``: ((x, w, b) nodes, their values
+    (x, w^T, b, y)), or None."""
+    if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+        return None
+    if set(node.kwargs) - {"alpha", "beta"}:
+        return None
+    b, x, w = node.args
+    bv, xv, wv, yv = value(b), value(x), value(w), value(node)
+    if bv is None or wv is None or bv.dim() != 1 or wv.dim() != 2:
+        return None
+    return (x, w, b), (xv, wv.t(), bv, yv)
 
 
 def example_size(d) -> int:

@@ -1,4 +1,6 @@
 """Rewrite: linear layers -> ``fxlowbit::lowbit_linear``, each GEMM in the format chosen for it.
+Linears are ``F.linear`` calls and ``torch.addmm(b, x, w)`` with a 1-D bias (``transformers``'
+Conv1D, GPT-2's linears: weight (in, out), run as the linear of its transpose).
 
 Runs on Dynamo's FX graph (torch-level ops) before AOTAutograd, like :mod:`.linear_ce`: there a
 linear is one ``torch._C._nn.linear`` node (``nn.Linear`` and ``F.linear`` alike) carrying its
@@ -131,13 +133,15 @@ def run(
     return linears.rewrite_each(
         gm,
         lambda node: _consider(gm.graph, node, cfg, prof, stream, counters),
+        (*linears.LINEAR, torch.addmm),  # addmm: transformers' Conv1D (GPT-2's linears)
         rewrote=lambda d: any(f in LOWBIT for f in d.formats),  # plain ones are only recorded
     )
 
 
 def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> LinearFormats | None:
     """Choose the formats of one linear node and rewrite it when any is low-bit."""
-    found = linears.linear_args(node)
+    conv1d = node.target is torch.addmm
+    found = linears.addmm_args(node) if conv1d else linears.linear_args(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found
@@ -163,9 +167,11 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     args = (*formats, hadamard, stream)
     op = torch.ops.fxlowbit.lowbit_linear.default  # the op itself: AOTAutograd's cache keeps the graph
 
-    linears.replace(
-        graph, node, x, w, b, yv.dtype, lambda add, x, w, b: add(operator.getitem, add(op, x, w, b, *args), 0)
-    )
+    def build(add, x, w, b):
+        w = add(torch.t, w) if conv1d else w  # Conv1D's (in, out) weight, as a linear's (out, in) view
+        return add(operator.getitem, add(op, x, w, b, *args), 0)
+
+    linears.replace(graph, node, x, w, b, yv.dtype, build)
     counters["lowbit_gemm"] += 1
     for role, fmt in zip(GEMM_ROLES, formats, strict=True):
         counters[f"lowbit_gemm_{role}_{fmt}"] += 1

@@ -28,7 +28,6 @@ from ..codegen.ops import draw_seed  # noqa: F401  (registers fxlowbit::draw_see
 from ..config import LowbitConfig
 from ..costmodel import HardwareProfile
 from . import linears
-from ._graph import value
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +94,9 @@ def run(
     )
 
 
-def _addmm_args(node: fx.Node):
-    """``torch.addmm(b, x, w)`` with a 1-D bias and unit alpha/beta (``transformers``' Conv1D, GPT-2's
-    linears: ``w`` is (in, out)) as the linear ``x w^T`` of ``w^T``: ((x, w, b) nodes, their values
-    (x, w^T, b, y)), or None."""
-    if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
-        return None
-    if set(node.kwargs) - {"alpha", "beta"}:
-        return None
-    b, x, w = node.args
-    bv, xv, wv, yv = value(b), value(x), value(w), value(node)
-    if bv is None or wv is None or bv.dim() != 1 or wv.dim() != 2:
-        return None
-    return (x, w, b), (xv, wv.t(), bv, yv)
-
-
 def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Counter) -> int | None:
     conv1d = node.target is torch.addmm
-    found = _addmm_args(node) if conv1d else linears.linear_args(node)
+    found = linears.addmm_args(node) if conv1d else linears.linear_args(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found

@@ -23,7 +23,7 @@ from fxlowbit.examples import sqnr_db
 from fxlowbit.memory import saved_activation_bytes
 from fxlowbit.passes import linears, lowbit_gemm
 
-from ._util import choose_where_possible
+from ._util import AMD_T1, choose_where_possible, machine_profile
 
 EAGER = {"inner": "eager", "passes": {"plan": False}}  # no activation compression: GEMMs only
 
@@ -490,3 +490,36 @@ def test_the_grad_input_reads_neither_x_nor_its_copy(gi):
 
     assert torch.equal(dx(x1), dx(x2))
     assert _ops.ignored_args(op, 0) == {1, 2, 3} and _ops.ignored_args(op, 1) == frozenset()
+
+
+class _Conv1D(nn.Module):
+    """``transformers``' Conv1D (GPT-2's linears): weight (in, out), ``addmm(b, x2d, w)``."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx**-0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(*x.shape[:-1], -1)
+
+
+def test_conv1d_linears_run_low_bit_gemms():
+    """GPT-2's Conv1D linears (``addmm`` with an (in, out) weight) are linears of the weight's
+    transpose: forced int8 they become ``lowbit_linear`` ops with the accuracy of nn.Linear's
+    (same bounds as :func:`test_inductor_compiles_the_op`), and "auto" picks int8 for them from a
+    profile where it pays, as it does for nn.Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Conv1D(64, 256), nn.GELU(), _Conv1D(256, 64))
+    x = torch.randn(4, 32, 64)
+    ref_out, ref_grads, _ = _run(model, x, gemm="off")
+    out, grads, _ = _run(model, x, gemm="int8")
+    assert counters["lowbit_gemm"] == 2 and sqnr_db(ref_out, out) > 30
+    assert min(sqnr_db(r, g) for r, g in zip(ref_grads, grads, strict=True)) > 20
+    assert grads[0].shape == (64, 256)  # the (in, out) weight's gradient, as the module holds it
+    big = nn.Sequential(_Conv1D(256, 1024), nn.GELU(), _Conv1D(1024, 256))
+    amd = machine_profile(torch.get_num_threads(), **AMD_T1)
+    got = _decisions(big, torch.randn(8, 128, 256), profile=amd)
+    assert [d.formats for d in got] == [("int8", "int8", "fp32")] * 2, got
+    assert [d.mnk for d in got] == [(1024, 1024, 256), (1024, 256, 1024)]
