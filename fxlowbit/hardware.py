@@ -186,8 +186,9 @@ class HardwareProfile:
 
 def load_profile(spec: str | os.PathLike | Mapping | HardwareProfile | None = None) -> HardwareProfile:
     """A profile from a path to a JSON file, a dict, a shipped name (``"cpu"``, ``"h100"``), or
-    ``None`` for the shipped default of the device this process would train on. A file or dict
-    that breaks the schema raises ``ValueError`` naming the field."""
+    ``None``: this machine's own when ``fxlowbit-profile --save`` kept one (:func:`saved_profile_path`),
+    else the shipped default of the device this process would train on. A file or dict that breaks
+    the schema raises ``ValueError`` naming the field."""
     if isinstance(spec, HardwareProfile):
         return spec
     if isinstance(spec, Mapping):
