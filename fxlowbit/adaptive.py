@@ -57,20 +57,12 @@ class CompileVariant(Protocol):
     ) -> tuple[LowbitPartitioner, Callable[..., Any]]: ...
 
 
-_LOWBIT_LINEAR = "fxlowbit::lowbit_linear"
-
-
 def lowbit_gradient_linears(gm: fx.GraphModule) -> list[fx.Node]:
     """The ``fxlowbit::lowbit_linear`` calls of a Dynamo graph whose grad-input or grad-weight GEMM
     is low-bit: their stochastic rounding adds gradient variance (args: x, w, bias, fwd_fmt,
     gi_fmt, gw_fmt, hadamard, stream)."""
-    return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and getattr(n.target, "name", lambda: "")() == _LOWBIT_LINEAR
-        and (n.args[4] in LOWBIT or n.args[5] in LOWBIT)
-    ]
+    calls = gm.graph.find_nodes(op="call_function", target=torch.ops.fxlowbit.lowbit_linear.default)
+    return [n for n in calls if n.args[4] in LOWBIT or n.args[5] in LOWBIT]
 
 
 def plain_gradient_gemms(gm: fx.GraphModule) -> int:
@@ -280,11 +272,10 @@ class Adaptive:
             due = self.steps >= self.first and (self.steps - self.first) % self.cfg.calibrate_every == 0
             # probes replay the forward (dropout included): the user's RNG is left untouched
             boxed = len(args) == 1 and isinstance(args[0], list)  # boxed calling convention
-            flat = list(args[0] if boxed else args)
             if self.settled and due:  # nothing to probe but the gradient GEMMs' noise
-                self._guarded(self._check_gemms, flat, None, None)
+                self._guarded(self._check_gemms, list(args[0] if boxed else args), None, None)
             elif not self.settled and (due or self.pending is not None):
-                self._guarded(self._calibrate, flat, due)
+                self._guarded(self._calibrate, list(args[0] if boxed else args), due)
         return self.current(*args)
 
     def _calibrate(self, args: list, due: bool) -> None:

@@ -57,9 +57,7 @@ def from_records(records: list, frontier: bool = True) -> Report:
 def gemm_noise_notes() -> list[str]:
     """One line per graph with low-bit gradient GEMMs: the noise they were last measured to add
     (fxlowbit/adaptive.py), or that they were turned plain."""
-    last: dict[int, dict] = {}
-    for check in STATE.gemm_noise:
-        last[check["graph"]] = check
+    last = {check["graph"]: check for check in STATE.gemm_noise}  # the last check per graph
     lines = []
     for c in last.values():
         what = f"the int8/fp8 gradient GEMMs of {c['linears']} linear(s)"

@@ -25,6 +25,9 @@ __all__ = [
     "module_name",
     "linear_args",
     "addmm_args",
+    "LINEAR_OR_CONV1D",
+    "args_of",
+    "weight_of",
     "example_size",
     "unsupported",
     "replace",
@@ -76,6 +79,21 @@ def addmm_args(node: fx.Node):
     if bv is None or wv is None or bv.dim() != 1 or wv.dim() != 2:
         return None
     return (x, w, b), (xv, wv.t(), bv, yv)
+
+
+LINEAR_OR_CONV1D = LINEAR | {torch.addmm}
+"""Linear calls and ``torch.addmm`` (``transformers``' Conv1D when :func:`addmm_args` binds)."""
+
+
+def args_of(node: fx.Node):
+    """:func:`linear_args` of a linear call, :func:`addmm_args` of an ``addmm`` (as a linear)."""
+    return addmm_args(node) if node.target is torch.addmm else linear_args(node)
+
+
+def weight_of(add, node: fx.Node, w: fx.Node) -> fx.Node:
+    """The (out, in) weight of the linear ``node`` for a replacement op: ``w`` itself, or for a
+    Conv1D ``addmm`` (weight (in, out)) its transpose, added with ``add``."""
+    return add(torch.t, w) if node.target is torch.addmm else w
 
 
 def example_size(d) -> int:

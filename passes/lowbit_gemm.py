@@ -133,15 +133,14 @@ def run(
     return linears.rewrite_each(
         gm,
         lambda node: _consider(gm.graph, node, cfg, prof, stream, counters),
-        (*linears.LINEAR, torch.addmm),  # addmm: transformers' Conv1D (GPT-2's linears)
+        linears.LINEAR_OR_CONV1D,
         rewrote=lambda d: any(f in LOWBIT for f in d.formats),  # plain ones are only recorded
     )
 
 
 def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Counter) -> LinearFormats | None:
     """Choose the formats of one linear node and rewrite it when any is low-bit."""
-    conv1d = node.target is torch.addmm
-    found = linears.addmm_args(node) if conv1d else linears.linear_args(node)
+    found = linears.args_of(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found
@@ -168,7 +167,7 @@ def _consider(graph, node, cfg: LowbitConfig, prof, stream: int, counters: Count
     op = torch.ops.fxlowbit.lowbit_linear.default  # the op itself: AOTAutograd's cache keeps the graph
 
     def build(add, x, w, b):
-        w = add(torch.t, w) if conv1d else w  # Conv1D's (in, out) weight, as a linear's (out, in) view
+        w = linears.weight_of(add, node, w)
         return add(operator.getitem, add(op, x, w, b, *args), 0)
 
     linears.replace(graph, node, x, w, b, yv.dtype, build)

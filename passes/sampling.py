@@ -90,13 +90,12 @@ def run(
     return linears.rewrite_each(
         gm,
         lambda node: _consider(gm.graph, node, cfg, profile, stream, counters),
-        (*linears.LINEAR, torch.addmm),
+        linears.LINEAR_OR_CONV1D,
     )
 
 
 def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Counter) -> int | None:
-    conv1d = node.target is torch.addmm
-    found = linears.addmm_args(node) if conv1d else linears.linear_args(node)
+    found = linears.args_of(node)
     if found is None:
         return None
     (x, w, b), (xv, wv, bv, yv) = found
@@ -117,7 +116,7 @@ def _consider(graph, node, cfg: LowbitConfig, profile, stream: int, counters: Co
 
     def build(add, x, w, b):
         seed = add(torch.ops.fxlowbit.draw_seed.default, x, stream)
-        w = add(torch.t, w) if conv1d else w  # Conv1D's (in, out) weight, as a linear's (out, in) view
+        w = linears.weight_of(add, node, w)
         return add(torch.ops.fxlowbit.sampled_linear_keyed.default, x, w, b, seed, key)
 
     linears.replace(graph, node, x, w, b, yv.dtype, build)
