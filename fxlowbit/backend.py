@@ -52,7 +52,7 @@ from . import (
     state,
 )
 from .adaptive import Adaptive
-from .codegen import rng
+from .codegen import cpu_batch, rng
 from .config import LowbitConfig
 from .costmodel import HardwareProfile, load_profile
 from .plan import Plan
@@ -463,14 +463,19 @@ def compile_graph(
         )(gm, example_inputs)
 
     from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     patches = dict(list_mode_options(compile_mode)) if compile_mode else {}
     patches["custom_partitioner_fn"] = partitioner
     # FXLOWBIT_DUMP_DIR: also keep and write Inductor's generated code (fxlowbit/record.py)
-    extra = {"inner_compile": record.inner_compile(partitioner)} if record.dump_dir() else {}
+    dump = record.dump_dir() is not None
+    inner = record.inner_compile(partitioner) if dump else compile_fx_inner
+    # the graphs' CPU kernels compile a few units at a time (codegen/cpu_batch.py): the inner
+    # compiler under it for the backward, which compiles at the first backward(), and the whole
+    # call for the forward and what AOTAutograd's cache serves
+    extra = {"inner_compile": cpu_batch.wrap(inner)}
     # AOTAutograd's cache serves a second process (issue 17) unless dumps want Inductor's code
-    cached = torch._functorch.config.enable_autograd_cache and not extra
+    cached = torch._functorch.config.enable_autograd_cache and not dump
     if cached:
         partitioner.journal = _journal_path(partitioner, gm, example_inputs)
     aot = torch._dynamo.utils.counters["aot_autograd"]
@@ -482,7 +487,7 @@ def compile_graph(
         fake = _fake_mode()
         example_inputs = [_static_fake(fake, t) for t in example_inputs]
         context = torch._guards.tracing(torch._guards.TracingContext(fake))
-    with context, torch._functorch.config.patch(enable_autograd_cache=cached):
+    with context, torch._functorch.config.patch(enable_autograd_cache=cached), cpu_batch.batched():
         compiled = compile_fx(gm, example_inputs, config_patches=patches, **extra)
     hit = aot["autograd_cache_hit"] > hits and not partitioner.called  # (inference never partitions)
     if hit and not partitioner.restore():

@@ -47,6 +47,19 @@ def counting_loads(data):
 
 
 fxlowbit.backend._loads = counting_loads
+from torch._inductor import cpp_builder
+
+builds = 0
+build = cpp_builder.CppBuilder.build
+
+
+def counting_build(self):  # compiles to a library (not the header's preprocessing for its hash)
+    global builds
+    builds += self.get_target_file_path().endswith(".so")
+    return build(self)
+
+
+cpp_builder.CppBuilder.build = counting_build
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = MLP(hidden=256, dropout=0.0)
@@ -86,6 +99,8 @@ print(json.dumps({
     "prior_misses": fxlowbit.counters["prior_misses"],
     "pristine_loads": pristine_loads_in_training,
     "variants": fxlowbit.counters["plan_variants"],
+    "cpp_builds": builds,
+    "kernel_units": fxlowbit.counters["cpu_kernel_units"],
     "plans": [p.signature() for p in fxlowbit.last_plans()],
     "reported": [[r.form for r in e.rows] for e in report.entries],
     "graphs": [{k: len(g.graph.nodes) for k, g in d.items()} for d in report.graphs],
@@ -119,6 +134,9 @@ def test_a_second_process_hits_the_cache_and_reproduces_the_first(runs):
     assert first["aot_misses"] == 1 and first["restored"] == 0
     # AOTAutograd's cache served the whole graph: no trace, no partition, no Inductor compile
     assert again["aot_hits"] == 1 and again["aot_misses"] == 0 and again["misses"] == 0
+    # nor a C++ compile: the CPU kernels' units (codegen/cpu_batch.py) come back from the disk cache
+    assert first["kernel_units"] >= 2 and first["cpp_builds"] >= 2  # forward and backward
+    assert again["kernel_units"] == first["kernel_units"] and again["cpp_builds"] == 0
     assert again["restored"] == 1 and again["lost"] == 0  # the plan came back with it
     assert again["plans"] == first["plans"] and again["reported"] == first["reported"] != []
     assert again["graphs"] == first["graphs"]  # the graphs reports show, before and after rewriting
