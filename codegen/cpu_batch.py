@@ -109,7 +109,9 @@ def _split(source: str) -> tuple[list[str], str]:
 
 
 def _binding(i: int, argtypes: list[str]) -> str:
-    args = ", ".join(f"fxlowbit_unit::arg<{t.replace('const ', '')}>(args, {n})" for n, t in enumerate(argtypes))
+    args = ", ".join(
+        f"fxlowbit_unit::arg<{t.replace('const ', '')}>(args, {n})" for n, t in enumerate(argtypes)
+    )
     return (
         f"static PyObject* kernel_{i}_py(PyObject*, PyObject* args) {{\n"
         f"    try {{\n"
@@ -170,7 +172,8 @@ static bool arity(PyObject* args, Py_ssize_t n) {
 """
 
 _BINDING_TAIL = r"""
-static struct PyModuleDef fxlowbit_unit_module = {PyModuleDef_HEAD_INIT, "kernel", NULL, -1, fxlowbit_unit_methods};
+static struct PyModuleDef fxlowbit_unit_module = {
+    PyModuleDef_HEAD_INIT, "kernel", NULL, -1, fxlowbit_unit_methods};
 
 PyMODINIT_FUNC PyInit_kernel(void) {
     const char* addr = std::getenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR");
@@ -325,7 +328,6 @@ def _unit_cache() -> Any:
         cache: dict[str, Callable[[], Any]] = {}
 
     return UnitCodeCache
-
 
 
 def install() -> None:

@@ -40,7 +40,7 @@ COUNT_TYPES = ["const bool*", "int64_t*", "const int64_t"]
 def test_batchable_takes_inductors_shape_only():
     assert cpu_batch.batchable(AXPB) and cpu_batch.batchable(COUNT)
     assert not cpu_batch.batchable(AXPB.replace("#include", "#define X 1\n#include"))
-    assert not cpu_batch.batchable(AXPB + '\n#define LEAK 1\n')  # a macro would reach the next kernel
+    assert not cpu_batch.batchable(AXPB + "\n#define LEAK 1\n")  # a macro would reach the next kernel
     assert not cpu_batch.batchable(AXPB + '\nextern "C" void other() {}\n')
     assert not cpu_batch.batchable(AXPB.replace('extern "C"  void  kernel(', "void kernel("))
     assert not cpu_batch.batchable("static int helper() { return 1; }\n" + AXPB)
