@@ -2,12 +2,12 @@
 
 Why. Inductor's Python wrapper compiles each C++ kernel of a graph on its own: one compiler
 process, one shared library and one Python module per kernel. On this project's 2-core CPU VM
-(torch 2.13, g++ with Inductor's precompiled header, 2026-12-07) that costs 0.39-0.58 s per kernel
-whatever its size (1.4 to 26.7 thousand characters of C++), so the 36 kernels of T5's backward,
-re-partitioned by min-cut, took 15.5 s of compiler time; the same 36 kernels in one translation
-unit compiled in 2.1 s, in two units of 18 in 1.3 s and 1.2 s (``benchmarks/cpu_kernel_units.py``).
-Recompute makes more kernels than Inductor's own partition does (T5: 36 against 16), and this fixed
-cost per kernel was most of what lowbit's first step paid over Inductor's (issue 17).
+(torch 2.13, g++ with Inductor's precompiled header, 2026-12-07) that costs 0.44-0.71 s per kernel
+whatever its size: the 60 distinct kernels of T5's lowbit forward and backward took 32.1 s of
+compiler time one by one, 4.0 s in one translation unit, 2.1 s and 2.5 s in two units
+(``benchmarks/cpu_kernel_units.py``, ``benchmarks/results/cpu_kernel_units_t5_cpu.json``).
+Recompute makes more kernels than Inductor's own partition does (T5's backward: 36 against 16),
+and this fixed cost per kernel was most of what lowbit's first step paid over Inductor's (issue 17).
 
 How. While :func:`batched` is active on a thread (the backend wraps its ``compile_fx`` call and the
 inner compiler, so the backward compiled at the first ``backward()`` and the graphs AOTAutograd's
