@@ -47,7 +47,10 @@ __all__ = ["batched", "install", "enabled", "MIN_PER_UNIT", "combined_source"]
 log = logging.getLogger(__name__)
 
 ENV = "FXLOWBIT_CPU_KERNEL_UNITS"
-MIN_PER_UNIT = 4  # fewer kernels than this per unit leaves a compile thread idle rather than less
+# a unit holds at least this many kernels, leaving compile threads idle rather than splitting
+# further: a compiler run's fixed cost is about seven kernels' worth of code in a unit (T5 above:
+# 0.44 s or more per run against (4.0 - 0.44) / 60 = 0.06 s per kernel in a unit)
+MIN_PER_UNIT = 4
 _PREFIX = re.compile(r'\A(?:\s*#include [^\n]*\n|\s*\n)*\s*extern "C"\s+void\s+kernel\(')
 _DIRECTIVE = re.compile(r"^\s*#\s*(define|undef|include|pragma\s+once)\b", re.M)
 # Thread-scoped and transient: the kernels one generated module registered before its wait() (they
@@ -306,7 +309,8 @@ class _Deferred:
     __slots__ = ("batch", "index", "kernel")
 
     def __init__(self, batch: _Batch, index: int) -> None:
-        self.batch, self.index, self.kernel = batch, index, None
+        self.batch, self.index = batch, index
+        self.kernel: Callable[..., Any] | None = None
 
     def result(self) -> Callable[..., Any]:
         if self.kernel is None:
@@ -335,8 +339,12 @@ def install() -> None:
     unless :func:`batched` is active on the calling thread (or the module holds deferred kernels)."""
     from torch._inductor.async_compile import AsyncCompile
 
-    if getattr(AsyncCompile.cpp_pybinding, "_fxlowbit", False):
-        return
+    with STATE.lock:
+        if not getattr(AsyncCompile.cpp_pybinding, "_fxlowbit", False):
+            _patch(AsyncCompile)
+
+
+def _patch(AsyncCompile: Any) -> None:
     cpp_pybinding, wait = AsyncCompile.cpp_pybinding, AsyncCompile.wait
 
     @functools.wraps(cpp_pybinding)
@@ -365,5 +373,5 @@ def install() -> None:
         return wait(self, scope)
 
     deferring_cpp_pybinding._fxlowbit = True  # type: ignore[attr-defined]
-    AsyncCompile.cpp_pybinding = deferring_cpp_pybinding  # type: ignore[method-assign]
-    AsyncCompile.wait = resolving_wait  # type: ignore[method-assign]
+    AsyncCompile.cpp_pybinding = deferring_cpp_pybinding
+    AsyncCompile.wait = resolving_wait

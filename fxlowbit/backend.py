@@ -470,10 +470,6 @@ def compile_graph(
     # FXLOWBIT_DUMP_DIR: also keep and write Inductor's generated code (fxlowbit/record.py)
     dump = record.dump_dir() is not None
     inner = record.inner_compile(partitioner) if dump else compile_fx_inner
-    # the graphs' CPU kernels compile a few units at a time (codegen/cpu_batch.py): the inner
-    # compiler under it for the backward, which compiles at the first backward(), and the whole
-    # call for the forward and what AOTAutograd's cache serves
-    extra = {"inner_compile": cpu_batch.wrap(inner)}
     # AOTAutograd's cache serves a second process (issue 17) unless dumps want Inductor's code
     cached = torch._functorch.config.enable_autograd_cache and not dump
     if cached:
@@ -487,8 +483,11 @@ def compile_graph(
         fake = _fake_mode()
         example_inputs = [_static_fake(fake, t) for t in example_inputs]
         context = torch._guards.tracing(torch._guards.TracingContext(fake))
+    # the graphs' CPU kernels compile a few units at a time (codegen/cpu_batch.py): the inner
+    # compiler under it for the backward, which compiles at the first backward(), and the whole
+    # call for the forward and for what AOTAutograd's cache serves
     with context, torch._functorch.config.patch(enable_autograd_cache=cached), cpu_batch.batched():
-        compiled = compile_fx(gm, example_inputs, config_patches=patches, **extra)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=cpu_batch.wrap(inner))
     hit = aot["autograd_cache_hit"] > hits and not partitioner.called  # (inference never partitions)
     if hit and not partitioner.restore():
         counters["cache_hits_without_plan"] += 1
