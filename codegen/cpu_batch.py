@@ -79,6 +79,8 @@ def batched() -> Iterator[None]:
         yield
     finally:
         _local.depth -= 1
+        if not _local.depth:  # a module that never reached its wait() leaves no kernels to the next
+            _local.batch = None
 
 
 def wrap(inner_compile: Callable[..., Any]) -> Callable[..., Any]:

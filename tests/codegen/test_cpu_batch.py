@@ -64,6 +64,26 @@ def test_a_unit_calls_each_kernel_with_each_argument_kind():
         deferred[0].result()(x, out, 37)
 
 
+def test_one_compile_thread_compiles_the_unit_in_the_calling_thread():
+    """With one compile thread Inductor compiles synchronously and its wait() waits for nothing:
+    the generated module's wait() still swaps the deferred kernels for compiled ones."""
+    from torch._inductor import config
+    from torch._inductor.async_compile import AsyncCompile
+
+    scope = {}
+    with config.patch(compile_threads=1), cpu_batch.batched():
+        compiler = AsyncCompile()
+        for k in range(5):
+            scope[f"k{k}"] = compiler.cpp_pybinding(AXPB_TYPES, AXPB.replace("1.0f", f"{k + 10}.0f"))
+        assert all(isinstance(v, cpu_batch._Deferred) for v in scope.values())
+        compiler.wait(scope)
+    assert not any(isinstance(v, cpu_batch._Deferred) for v in scope.values())
+    x, out = torch.randn(9), torch.empty(9)
+    scope["k3"](x, out, 9, -1.0)
+    torch.testing.assert_close(out, 13 - x, rtol=0, atol=0)
+    assert fxlowbit.counters["cpu_kernels_batched"] == 5 and fxlowbit.counters["cpu_kernel_units"] == 1
+
+
 def test_a_unit_that_fails_compiles_its_kernels_one_by_one_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_batch, "MIN_PER_UNIT", 100)  # one unit
     batch = cpu_batch._Batch()
