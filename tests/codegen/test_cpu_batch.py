@@ -100,26 +100,33 @@ def test_a_unit_that_fails_compiles_its_kernels_one_by_one_with_one_warning(monk
             bad.result()
 
 
-def _train_tinygpt(steps: int = 2) -> list[torch.Tensor]:
+def _train_tinygpt(dtype: torch.dtype, options: dict, steps: int = 2) -> list[torch.Tensor]:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TinyGPT(layers=1)
-    compiled = torch.compile(model, backend="lowbit", options={"seed": 0})
+    model = TinyGPT(layers=1).to(dtype)
+    compiled = torch.compile(model, backend="lowbit", options={"seed": 0, **options})
     for x, y in char_batches(stdlib_text(), 4, 32, steps, seed=0):
         model.zero_grad()
         compiled(x, y).backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_default_path_gives_the_same_gradients_bit_for_bit(monkeypatch):
-    """The demo's model on the default path (planner, Inductor): its kernels compile in units, and
-    the gradients equal those of one kernel per unit, bit for bit."""
+@pytest.mark.parametrize(
+    "dtype, options",
+    [(torch.float32, {}), (torch.bfloat16, {"memory_budget": 0.1})],
+    ids=["fp32", "bf16-0.1"],
+)
+def test_default_path_gives_the_same_gradients_bit_for_bit(monkeypatch, dtype, options):
+    """The demo's model on the default path (planner, Inductor; in bf16 at a budget that rounds
+    saved tensors): its kernels compile in units, and the gradients equal those of one kernel per
+    unit, bit for bit."""
     monkeypatch.setenv(cpu_batch.ENV, "0")
-    one_by_one = _train_tinygpt()
+    one_by_one = _train_tinygpt(dtype, options)
     assert fxlowbit.counters["cpu_kernels_batched"] == 0
     fxlowbit.reset(kernels=False)
     monkeypatch.setenv(cpu_batch.ENV, "1")
-    units = _train_tinygpt()
+    units = _train_tinygpt(dtype, options)
+    assert fxlowbit.counters["graphs_rewritten"] == 1
     from torch._inductor.async_compile import get_compile_threads
 
     batched, n_units = fxlowbit.counters["cpu_kernels_batched"], fxlowbit.counters["cpu_kernel_units"]
