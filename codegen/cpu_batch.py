@@ -218,32 +218,30 @@ class _Batch:
         self.kernels: list[tuple[list[str], str]] = []
         self.lock = threading.Lock()
         self.units: list[Callable[[], Any]] | None = None  # per unit: loads its module
-        self.where: list[tuple[int, int]] = []  # kernel -> (unit, index in it)
         self.failed: set[int] = set()
 
     def add(self, argtypes: list[str], source: str) -> _Deferred:
         self.kernels.append((list(argtypes), source))
         return _Deferred(self, len(self.kernels) - 1)
 
-    def _start(self) -> None:
-        """Seal this batch (later kernels start another) and submit its units' compiles."""
+    def start(self) -> list[Callable[[], Any]]:
+        """Seal this batch (later kernels start another) and submit its units' compiles, once: kernel
+        ``k`` goes to unit ``k % len(units)``, at index ``k // len(units)``. Returns the units."""
         from torch._inductor.async_compile import AsyncCompile, get_compile_threads
 
-        if getattr(_local, "batch", None) is self:
-            _local.batch = None
-        n = len(self.kernels)
-        threads = max(1, get_compile_threads() or 1)
-        parts = max(1, min(threads, math.ceil(n / MIN_PER_UNIT)))
-        groups = [list(range(p, n, parts)) for p in range(parts)]
-        submit = AsyncCompile.submit if threads > 1 else None
-        self.where = [(0, 0)] * n
-        self.units = []
-        for u, members in enumerate(groups):
-            for j, k in enumerate(members):
-                self.where[k] = (u, j)
-            self.units.append(self._submit([self.kernels[k] for k in members], submit))
-        STATE.counters["cpu_kernels_batched"] += n
-        STATE.counters["cpu_kernel_units"] += parts
+        with self.lock:
+            if self.units is not None:
+                return self.units
+            if getattr(_local, "batch", None) is self:
+                _local.batch = None
+            n = len(self.kernels)
+            threads = max(1, get_compile_threads() or 1)
+            parts = max(1, min(threads, math.ceil(n / MIN_PER_UNIT)))
+            submit = AsyncCompile.submit if threads > 1 else None
+            self.units = [self._submit(self.kernels[u::parts], submit) for u in range(parts)]
+            STATE.counters["cpu_kernels_batched"] += n
+            STATE.counters["cpu_kernel_units"] += parts
+            return self.units
 
     @staticmethod
     def _submit(kernels: list[tuple[list[str], str]], submit: Any) -> Callable[[], Any]:
@@ -259,14 +257,11 @@ class _Batch:
             return functools.partial(_raise, err)
 
     def result(self, k: int) -> Callable[..., Any]:
-        with self.lock:
-            if self.units is None:
-                self._start()
-        assert self.units is not None
-        u, j = self.where[k]
+        units = self.start()
+        u, j = k % len(units), k // len(units)
         if u not in self.failed:  # (a failed unit's loader would compile it again)
             try:
-                return getattr(self.units[u](), f"kernel_{j}")
+                return getattr(units[u](), f"kernel_{j}")
             except Exception as err:
                 self._failed(u, err)
         from torch._inductor.codecache import CppPythonBindingsCodeCache
@@ -367,9 +362,7 @@ def _patch(AsyncCompile: Any) -> None:
         if deferred:
             # submit every unit before waiting on the first (they compile on the pool meanwhile)
             for batch in dict.fromkeys(v.batch for _, v in deferred):
-                with batch.lock:
-                    if batch.units is None:
-                        batch._start()
+                batch.start()
             for k, v in deferred:
                 scope[k] = v.result()
         return wait(self, scope)
